@@ -1,0 +1,42 @@
+//! Subcommands, one file each, each with an `Opts` struct and a `run` function.
+
+pub mod render;
+pub mod validate;
+pub mod vars;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sagectl", version, about = "Stand up a multi-user Sage workspace service on plain Debian machines")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Check an inventory and report every problem in it.
+    Validate(validate::Opts),
+    /// Write every host's desired configuration files into a directory.
+    Render(render::Opts),
+    /// List the variables roles read, with their defaults.
+    Vars(vars::Opts),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate(o) => validate::run(o),
+        Command::Render(o) => render::run(o),
+        Command::Vars(o) => vars::run(o),
+    }
+}
+
+/// Loads an inventory, printing its problems to stderr when it has any.
+pub(crate) fn load(path: &std::path::Path) -> Result<crate::inventory::Inventory, ExitCode> {
+    crate::inventory::Inventory::load(path).map_err(|diags| {
+        eprintln!("{diags}");
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,143 @@
+//! Diagnostics: problems found in a user's files, each with file, line, column, a path such as
+//! `hosts.web1.roles[2]`, a message and an optional hint. Reported all at once, never one by one.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A place in a source file (1-based line and column).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pos {
+    pub file: Arc<str>,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl Pos {
+    /// The start of `file`, for problems that belong to a file as a whole.
+    pub fn file_start(file: &Path) -> Pos {
+        Pos { file: display_path(file).into(), line: 1, col: 1 }
+    }
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.col)
+    }
+}
+
+/// A path shown as given when relative, so messages stay short and stable in tests.
+pub fn display_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// One problem in an input file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub pos: Pos,
+    /// Where in the document: `hosts.web1.roles[2]`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.pos)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one read of the inventory, in the order of the files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl Diagnostics {
+    pub fn push(&mut self, pos: &Pos, path: &str, message: impl Into<String>, hint: Option<String>) {
+        self.0.push(Diagnostic {
+            pos: pos.clone(),
+            path: path.to_string(),
+            message: message.into(),
+            hint,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for d in &self.0 {
+            writeln!(f, "error: {d}")?;
+        }
+        let n = self.0.len();
+        write!(f, "{n} problem{} found", if n == 1 { "" } else { "s" })
+    }
+}
+
+/// The candidate closest to `word` when it is a likely typo of it (for "did you mean" hints).
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// A hint naming the closest candidate, or else listing all of them.
+pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> String {
+    match closest(word, candidates.iter().copied()) {
+        Some(c) => format!("did you mean `{c}`? (expected one of: {})", candidates.join(", ")),
+        None => format!("expected one of: {}", candidates.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_finds_typos_only() {
+        let roles = ["loadbalancer", "static", "database"];
+        assert_eq!(closest("loadbalncer", roles), Some("loadbalancer"));
+        assert_eq!(closest("databse", roles), Some("database"));
+        assert_eq!(closest("mail", roles), None);
+    }
+
+    #[test]
+    fn edit_distance_counts() {
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+}

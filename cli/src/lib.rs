@@ -1,0 +1,15 @@
+//! sagectl: stand up a multi-user Sage workspace service on plain Debian machines.
+//!
+//! The library holds everything; `main` only parses arguments and turns results into an exit
+//! code. Modules: the inventory and its diagnostics, roles as data, rendering, the state
+//! directory (PKI and secrets), and one module per subcommand.
+
+pub mod command;
+pub mod diag;
+pub mod inventory;
+pub mod net;
+pub mod pki;
+pub mod quote;
+pub mod render;
+pub mod roles;
+pub mod yaml;

@@ -1,0 +1,342 @@
+//! Roles as data: `roles/<role>/{tasks,handlers,defaults}/main.yaml` (Ansible's layout) and the
+//! templates they name, embedded in the binary at build time and interpreted here. A role's tasks
+//! are a list of typed actions; this module parses and checks them (unknown keys, missing
+//! templates, notify naming no handler) so a broken role fails the tests, not a deploy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::diag::{Diagnostics, suggest};
+use crate::inventory::Role;
+use crate::yaml::{self, Decoder, Fields, Node, index, join};
+
+mod assets {
+    include!(concat!(env!("OUT_DIR"), "/assets.rs"));
+}
+
+/// An embedded file by its path relative to the workspace (`templates/haproxy.cfg.j2`).
+pub fn asset(path: &str) -> Option<&'static [u8]> {
+    assets::FILES.iter().find(|(p, _)| *p == path).map(|(_, c)| *c)
+}
+
+/// Embedded files under a directory prefix (`static/`), with paths relative to it.
+pub fn assets_under(prefix: &str) -> impl Iterator<Item = (&'static str, &'static [u8])> + '_ {
+    assets::FILES.iter().filter_map(move |(p, c)| p.strip_prefix(prefix).map(|rel| (rel, *c)))
+}
+
+/// Ownership and permissions of a managed path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attrs {
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+/// Certificates and keys from the state directory that a role installs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PkiItem {
+    /// The deployment's CA certificate.
+    CaCert,
+    /// The host's certificate followed by the CA's.
+    HostCert,
+    /// The host's private key.
+    HostKey,
+    /// The host's chain then its key in one file (HAProxy's client certificate).
+    HostPem,
+    /// HAProxy's bundle for the public site: chain then key (the user's own when given).
+    SitePem,
+}
+
+impl PkiItem {
+    const NAMES: [&'static str; 5] = ["ca_cert", "host_cert", "host_key", "host_pem", "site_pem"];
+
+    fn from_name(s: &str) -> Option<PkiItem> {
+        Some(match s {
+            "ca_cert" => PkiItem::CaCert,
+            "host_cert" => PkiItem::HostCert,
+            "host_key" => PkiItem::HostKey,
+            "host_pem" => PkiItem::HostPem,
+            "site_pem" => PkiItem::SitePem,
+            _ => return None,
+        })
+    }
+
+    /// Whether the item is secret (rendered 0600, masked in diffs).
+    pub fn is_secret(self) -> bool {
+        matches!(self, PkiItem::HostKey | PkiItem::HostPem | PkiItem::SitePem)
+    }
+}
+
+/// What a task does. Paths may hold template expressions (`{{ vars.pg_version }}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Debian packages installed with one apt call per host.
+    Apt(Vec<String>),
+    /// A system user (and its group of the same name).
+    User { name: String, home: String },
+    Directory { path: String, attrs: Attrs },
+    /// A file rendered from `templates/<src>`. `secrets` gives the template the generated
+    /// passwords; only such files may contain them. `validate` runs on the uploaded temp file,
+    /// `{path}` standing for it, before it replaces the live one.
+    Template { src: String, dest: String, attrs: Attrs, validate: Option<Vec<String>>, secrets: bool },
+    Pki { item: PkiItem, dest: String, attrs: Attrs },
+    /// The embedded `static/` tree copied under `dest`.
+    StaticFiles { dest: String },
+    /// The sage-agent binary sagectl was built with.
+    AgentBinary { dest: String },
+    /// A PostgreSQL login role with a generated password (one of `pki::SECRET_NAMES`), and a
+    /// database it owns.
+    PostgresDatabase { name: String, owner: String, password_secret: String },
+    Service { name: String, enabled: bool, started: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub name: String,
+    pub action: Action,
+    /// Handlers to run once at the end of the host's run when this task changed something.
+    pub notify: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandlerAction {
+    Restart,
+    Reload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handler {
+    pub name: String,
+    pub service: String,
+    pub action: HandlerAction,
+}
+
+#[derive(Clone, Debug)]
+pub struct RoleDef {
+    pub role: Role,
+    pub tasks: Vec<Task>,
+    pub handlers: Vec<Handler>,
+    /// Variables the role reads, with their defaults.
+    pub defaults: BTreeMap<String, serde_json::Value>,
+}
+
+/// Every role, parsed from the embedded files.
+#[derive(Clone, Debug)]
+pub struct Catalog {
+    pub roles: BTreeMap<Role, RoleDef>,
+}
+
+impl Catalog {
+    /// The roles embedded in this binary. They are checked by the tests, so failing here is a bug.
+    pub fn embedded() -> Result<Catalog, Diagnostics> {
+        let mut d = Decoder::default();
+        let mut roles = BTreeMap::new();
+        for role in std::iter::once(Role::Firewall).chain(Role::DECLARABLE) {
+            roles.insert(role, load_role(&mut d, role));
+        }
+        let cat = Catalog { roles };
+        cat.check(&mut d);
+        if d.diags.is_empty() { Ok(cat) } else { Err(d.diags) }
+    }
+
+    pub fn role(&self, role: Role) -> &RoleDef {
+        &self.roles[&role]
+    }
+
+    /// Every variable some role declares, with its default.
+    pub fn defaults(&self) -> BTreeMap<&str, &serde_json::Value> {
+        self.roles.values().flat_map(|r| r.defaults.iter().map(|(k, v)| (k.as_str(), v))).collect()
+    }
+
+    fn check(&self, d: &mut Decoder) {
+        let mut seen_vars: BTreeMap<&str, Role> = BTreeMap::new();
+        for def in self.roles.values() {
+            let file = format!("roles/{}/tasks/main.yaml", def.role);
+            let pos = crate::diag::Pos::file_start(Path::new(&file));
+            for (k, _) in &def.defaults {
+                if let Some(other) = seen_vars.insert(k, def.role) {
+                    d.diags.push(&pos, k, format!("variable declared by both {other} and {}", def.role), None);
+                }
+            }
+            for (i, t) in def.tasks.iter().enumerate() {
+                for n in &t.notify {
+                    if !def.handlers.iter().any(|h| &h.name == n) {
+                        d.diags.push(&pos, &index("", i), format!("notify names no handler of this role: `{n}`"), None);
+                    }
+                }
+                if let Action::Template { src, .. } = &t.action {
+                    if asset(&format!("templates/{src}")).is_none() {
+                        d.diags.push(&pos, &index("", i), format!("no template `templates/{src}`"), None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn load_node(d: &mut Decoder, path: &str) -> Option<Node> {
+    let bytes = asset(path)?;
+    let text = String::from_utf8_lossy(bytes);
+    match yaml::parse(Path::new(path), &text) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            d.diags.0.extend(e.0);
+            None
+        }
+    }
+}
+
+fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
+    let base = format!("roles/{role}");
+    let mut def = RoleDef { role, tasks: Vec::new(), handlers: Vec::new(), defaults: BTreeMap::new() };
+    if let Some(n) = load_node(d, &format!("{base}/tasks/main.yaml")) {
+        for (i, t) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
+            if let Some(task) = task(d, t, &index("", i)) {
+                def.tasks.push(task);
+            }
+        }
+    }
+    if let Some(n) = load_node(d, &format!("{base}/handlers/main.yaml")) {
+        for (i, h) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
+            if let Some(handler) = handler(d, h, &index("", i)) {
+                def.handlers.push(handler);
+            }
+        }
+    }
+    if let Some(n) = load_node(d, &format!("{base}/defaults/main.yaml")) {
+        for (k, _, v) in d.mapping(&n, "").unwrap_or_default() {
+            def.defaults.insert(k.to_string(), yaml::to_json(v));
+        }
+    }
+    def
+}
+
+const ACTIONS: &[&str] = &["apt", "user", "directory", "template", "pki", "static_files", "agent_binary", "postgres_database", "service"];
+
+fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
+    let mut keys = vec!["name", "notify"];
+    keys.extend_from_slice(ACTIONS);
+    let f = d.fields(node, path, &keys)?;
+    let name = req_string(d, &f, "name")?;
+    let notify = f.get("notify").map(|n| d.strings(n, &f.path_of("notify")).unwrap_or_default().into_iter().map(|(s, _)| s).collect()).unwrap_or_default();
+    let present: Vec<&str> = ACTIONS.iter().copied().filter(|a| f.get(a).is_some()).collect();
+    let [kind] = present[..] else {
+        d.error(node, path, format!("a task needs exactly one action, found {}", present.len()), Some(format!("one of: {}", ACTIONS.join(", "))));
+        return None;
+    };
+    let body = f.get(kind)?;
+    let p = join(path, kind);
+    let action = match kind {
+        "apt" => Action::Apt(d.strings(body, &p)?.into_iter().map(|(s, _)| s).collect()),
+        "user" => {
+            let f = d.fields(body, &p, &["name", "home"])?;
+            Action::User { name: req_string(d, &f, "name")?, home: req_string(d, &f, "home")? }
+        }
+        "directory" => {
+            let f = d.fields(body, &p, &["path", "mode", "owner", "group"])?;
+            Action::Directory { path: req_string(d, &f, "path")?, attrs: attrs(d, &f, 0o755)? }
+        }
+        "template" => {
+            let f = d.fields(body, &p, &["src", "dest", "mode", "owner", "group", "validate", "secrets"])?;
+            let validate = match f.get("validate") {
+                Some(v) => Some(d.strings(v, &f.path_of("validate"))?.into_iter().map(|(s, _)| s).collect()),
+                None => None,
+            };
+            let secrets = match f.get("secrets") {
+                Some(v) => d.bool(v, &f.path_of("secrets"))?,
+                None => false,
+            };
+            let attrs = attrs(d, &f, if secrets { 0o600 } else { 0o644 })?;
+            if secrets && attrs.mode & 0o077 != 0 {
+                d.error(body, &p, "a template with secrets must not be readable by others", Some("use mode 0600 or 0640".into()));
+            }
+            Action::Template { src: req_string(d, &f, "src")?, dest: req_string(d, &f, "dest")?, attrs, validate, secrets }
+        }
+        "pki" => {
+            let f = d.fields(body, &p, &["item", "dest", "mode", "owner", "group"])?;
+            let item_name = req_string(d, &f, "item")?;
+            let Some(item) = PkiItem::from_name(&item_name) else {
+                d.error(body, &f.path_of("item"), format!("unknown pki item `{item_name}`"), Some(suggest(&item_name, &PkiItem::NAMES)));
+                return None;
+            };
+            let attrs = attrs(d, &f, if item.is_secret() { 0o600 } else { 0o644 })?;
+            if item.is_secret() && attrs.mode & 0o077 != 0 {
+                d.error(body, &p, "a private key must not be readable by others", Some("use mode 0600".into()));
+            }
+            Action::Pki { item, dest: req_string(d, &f, "dest")?, attrs }
+        }
+        "static_files" => {
+            let f = d.fields(body, &p, &["dest"])?;
+            Action::StaticFiles { dest: req_string(d, &f, "dest")? }
+        }
+        "agent_binary" => {
+            let f = d.fields(body, &p, &["dest"])?;
+            Action::AgentBinary { dest: req_string(d, &f, "dest")? }
+        }
+        "postgres_database" => {
+            let f = d.fields(body, &p, &["name", "owner", "password_secret"])?;
+            let secret = req_string(d, &f, "password_secret")?;
+            if !crate::pki::SECRET_NAMES.contains(&secret.as_str()) {
+                d.error(body, &f.path_of("password_secret"), format!("unknown secret `{secret}`"), Some(suggest(&secret, &crate::pki::SECRET_NAMES)));
+            }
+            Action::PostgresDatabase { name: req_string(d, &f, "name")?, owner: req_string(d, &f, "owner")?, password_secret: secret }
+        }
+        "service" => {
+            let f = d.fields(body, &p, &["name", "enabled", "started"])?;
+            let enabled = f.get("enabled").map_or(Some(true), |n| d.bool(n, &f.path_of("enabled")))?;
+            let started = f.get("started").map_or(Some(true), |n| d.bool(n, &f.path_of("started")))?;
+            Action::Service { name: req_string(d, &f, "name")?, enabled, started }
+        }
+        _ => unreachable!("ACTIONS lists every arm"),
+    };
+    Some(Task { name, action, notify })
+}
+
+fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
+    let f = d.fields(node, path, &["name", "restart", "reload"])?;
+    let name = req_string(d, &f, "name")?;
+    let (action, key) = match (f.get("restart"), f.get("reload")) {
+        (Some(_), None) => (HandlerAction::Restart, "restart"),
+        (None, Some(_)) => (HandlerAction::Reload, "reload"),
+        _ => {
+            d.error(node, path, "a handler needs exactly one of `restart` or `reload`", None);
+            return None;
+        }
+    };
+    Some(Handler { name, service: req_string(d, &f, key)?, action })
+}
+
+fn req_string(d: &mut Decoder, f: &Fields<'_>, key: &str) -> Option<String> {
+    match f.get(key) {
+        Some(n) => d.string(n, &f.path_of(key)),
+        None => {
+            d.diags.push(&f.pos, &f.path, format!("missing `{key}`"), None);
+            None
+        }
+    }
+}
+
+fn attrs(d: &mut Decoder, f: &Fields<'_>, default_mode: u32) -> Option<Attrs> {
+    let mode = match f.get("mode") {
+        Some(n) => {
+            let s = d.string(n, &f.path_of("mode"))?;
+            match u32::from_str_radix(&s, 8) {
+                Ok(m) if m <= 0o7777 && s.len() == 4 => m,
+                _ => {
+                    d.error(n, &f.path_of("mode"), format!("`{s}` is not a file mode"), Some("write four octal digits in quotes, like \"0644\"".into()));
+                    return None;
+                }
+            }
+        }
+        None => default_mode,
+    };
+    let owner = match f.get("owner") {
+        Some(n) => d.string(n, &f.path_of("owner"))?,
+        None => "root".into(),
+    };
+    let group = match f.get("group") {
+        Some(n) => d.string(n, &f.path_of("group"))?,
+        None => owner.clone(),
+    };
+    Some(Attrs { mode, owner, group })
+}

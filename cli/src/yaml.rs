@@ -1,0 +1,342 @@
+//! A YAML document as a tree of nodes that remember where they stand in their file, and a
+//! decoder that walks such a tree collecting every problem instead of stopping at the first.
+//!
+//! The parser is saphyr (pure Rust, maintained, YAML 1.2); it is confined to this module so the
+//! rest of sagectl sees only `Node`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+
+use crate::diag::{Diagnostics, Pos, display_path, suggest};
+
+/// A YAML value with its position.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub pos: Pos,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Debug)]
+pub enum Kind {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Node>),
+    /// Keys are kept as nodes so messages can point at them.
+    Map(Vec<(Node, Node)>),
+}
+
+impl Kind {
+    fn describe(&self) -> &'static str {
+        match self {
+            Kind::Null => "nothing (null)",
+            Kind::Bool(_) => "a boolean",
+            Kind::Int(_) => "an integer",
+            Kind::Float(_) => "a number",
+            Kind::Str(_) => "a string",
+            Kind::Seq(_) => "a list",
+            Kind::Map(_) => "a mapping",
+        }
+    }
+}
+
+/// Parses `text` (read from `file`) into one node; a syntax error becomes a diagnostic.
+pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostics> {
+    let name: Arc<str> = display_path(file).into();
+    let docs = MarkedYaml::load_from_str(text).map_err(|e| {
+        let m = e.marker();
+        let mut d = Diagnostics::default();
+        let pos = Pos { file: name.clone(), line: m.line(), col: m.col() + 1 };
+        d.push(&pos, "", format!("YAML syntax error: {}", e.info()), Some(
+            "check the indentation and quoting around this line; a duplicate key is an error too".into(),
+        ));
+        d
+    })?;
+    let mut diags = Diagnostics::default();
+    let mut docs = docs.into_iter();
+    let root = match docs.next() {
+        Some(doc) => convert(&name, doc, &mut diags),
+        None => Node { pos: Pos { file: name.clone(), line: 1, col: 1 }, kind: Kind::Null },
+    };
+    if let Some(extra) = docs.next() {
+        let pos = pos_of(&name, &extra);
+        diags.push(&pos, "", "a second YAML document in one file", Some("remove the `---` line: an inventory file holds one document".into()));
+    }
+    if diags.is_empty() { Ok(root) } else { Err(diags) }
+}
+
+fn pos_of(file: &Arc<str>, y: &MarkedYaml<'_>) -> Pos {
+    Pos { file: file.clone(), line: y.span.start.line(), col: y.span.start.col() + 1 }
+}
+
+fn convert(file: &Arc<str>, y: MarkedYaml<'_>, diags: &mut Diagnostics) -> Node {
+    let pos = pos_of(file, &y);
+    let kind = match y.data {
+        YamlData::Value(s) => scalar(s),
+        YamlData::Representation(s, _, _) => Kind::Str(s.into_owned()),
+        YamlData::Sequence(items) => {
+            Kind::Seq(items.into_iter().map(|i| convert(file, i, diags)).collect())
+        }
+        YamlData::Mapping(map) => Kind::Map(
+            map.into_iter()
+                .map(|(k, v)| (convert(file, k, diags), convert(file, v, diags)))
+                .collect(),
+        ),
+        YamlData::Tagged(_, inner) => return convert(file, *inner, diags),
+        YamlData::Alias(_) => {
+            diags.push(&pos, "", "YAML aliases are not supported", Some("write the value out".into()));
+            Kind::Null
+        }
+        YamlData::BadValue => {
+            diags.push(&pos, "", "this value does not match its tag", None);
+            Kind::Null
+        }
+    };
+    Node { pos, kind }
+}
+
+fn scalar(s: Scalar<'_>) -> Kind {
+    match s {
+        Scalar::Null => Kind::Null,
+        Scalar::Boolean(b) => Kind::Bool(b),
+        Scalar::Integer(i) => Kind::Int(i),
+        Scalar::FloatingPoint(f) => Kind::Float(f.into_inner()),
+        Scalar::String(s) => Kind::Str(s.into_owned()),
+    }
+}
+
+/// `a.b` or `a[3]` paths as shown in messages.
+pub fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+}
+
+pub fn index(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+/// Walks nodes, converting them to Rust values and recording every mismatch.
+#[derive(Default)]
+pub struct Decoder {
+    pub diags: Diagnostics,
+}
+
+/// The fields of one mapping, looked up by key; unknown keys were reported when it was made.
+pub struct Fields<'n> {
+    pub pos: Pos,
+    pub path: String,
+    entries: Vec<(&'n str, &'n Node, &'n Node)>,
+}
+
+impl<'n> Fields<'n> {
+    /// The value under `key`, if present.
+    pub fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries.iter().find(|(k, _, _)| *k == key).map(|(_, _, v)| *v)
+    }
+
+    /// The path of a field of this mapping.
+    pub fn path_of(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    /// The key nodes and values, in document order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'n str, &'n Node, &'n Node)> + '_ {
+        self.entries.iter().copied()
+    }
+}
+
+impl Decoder {
+    pub fn error(&mut self, node: &Node, path: &str, message: impl Into<String>, hint: Option<String>) {
+        self.diags.push(&node.pos, path, message, hint);
+    }
+
+    fn expected(&mut self, node: &Node, path: &str, what: &str) {
+        let msg = format!("expected {what}, found {}", node.kind.describe());
+        self.error(node, path, msg, None);
+    }
+
+    /// A mapping whose keys must be among `known`; each unknown key is reported with a hint.
+    /// A null node counts as an empty mapping (`ssh:` with nothing under it).
+    pub fn fields<'n>(&mut self, node: &'n Node, path: &str, known: &[&str]) -> Option<Fields<'n>> {
+        let entries = self.mapping(node, path)?;
+        let mut fields = Fields { pos: node.pos.clone(), path: path.to_string(), entries: Vec::new() };
+        for (k, kn, v) in entries {
+            if known.contains(&k) {
+                fields.entries.push((k, kn, v));
+            } else {
+                let hint = suggest(k, known);
+                self.error(kn, &join(path, k), format!("unknown key `{k}`"), Some(hint));
+            }
+        }
+        Some(fields)
+    }
+
+    /// A mapping with free-form string keys (host names, variables).
+    pub fn mapping<'n>(&mut self, node: &'n Node, path: &str) -> Option<Vec<(&'n str, &'n Node, &'n Node)>> {
+        match &node.kind {
+            Kind::Null => Some(Vec::new()),
+            Kind::Map(entries) => {
+                let mut out = Vec::new();
+                let mut seen = BTreeSet::new();
+                for (k, v) in entries {
+                    match &k.kind {
+                        Kind::Str(s) => {
+                            if seen.insert(s.as_str()) {
+                                out.push((s.as_str(), k, v));
+                            }
+                        }
+                        _ => self.error(k, path, "a key must be a string", Some("quote it".into())),
+                    }
+                }
+                Some(out)
+            }
+            _ => {
+                self.expected(node, path, "a mapping");
+                None
+            }
+        }
+    }
+
+    pub fn seq<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [Node]> {
+        match &node.kind {
+            Kind::Null => Some(&[]),
+            Kind::Seq(items) => Some(items),
+            _ => {
+                self.expected(node, path, "a list");
+                None
+            }
+        }
+    }
+
+    /// A string; integers and booleans are refused so `0644` or `yes` never mean something else.
+    pub fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        match &node.kind {
+            Kind::Str(s) => Some(s.clone()),
+            _ => {
+                self.expected(node, path, "a string");
+                None
+            }
+        }
+    }
+
+    pub fn bool(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match node.kind {
+            Kind::Bool(b) => Some(b),
+            _ => {
+                self.expected(node, path, "true or false");
+                None
+            }
+        }
+    }
+
+    /// An integer within `min..=max`.
+    pub fn int(&mut self, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> {
+        match node.kind {
+            Kind::Int(i) if (min..=max).contains(&i) => Some(i),
+            Kind::Int(i) => {
+                self.error(node, path, format!("{i} is out of range"), Some(format!("use a whole number from {min} to {max}")));
+                None
+            }
+            _ => {
+                self.expected(node, path, "a whole number");
+                None
+            }
+        }
+    }
+
+    /// A list of strings.
+    pub fn strings(&mut self, node: &Node, path: &str) -> Option<Vec<(String, Node)>> {
+        let items = self.seq(node, path)?;
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(s) = self.string(item, &index(path, i)) {
+                out.push((s, item.clone()));
+            }
+        }
+        Some(out)
+    }
+}
+
+/// A node as plain JSON, for variables handed to templates.
+pub fn to_json(node: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match &node.kind {
+        Kind::Null => Value::Null,
+        Kind::Bool(b) => Value::Bool(*b),
+        Kind::Int(i) => Value::from(*i),
+        Kind::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Kind::Str(s) => Value::String(s.clone()),
+        Kind::Seq(items) => Value::Array(items.iter().map(to_json).collect()),
+        Kind::Map(entries) => Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| {
+                    let key = match &k.kind {
+                        Kind::Str(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Node {
+        parse(Path::new("t.yaml"), text).expect("parses")
+    }
+
+    #[test]
+    fn positions_are_one_based() {
+        let n = p("a:\n  b: [1, two]\n");
+        let Kind::Map(m) = &n.kind else { panic!() };
+        let (_, v) = &m[0];
+        let Kind::Map(inner) = &v.kind else { panic!() };
+        let (k, list) = &inner[0];
+        assert_eq!((k.pos.line, k.pos.col), (2, 3));
+        let Kind::Seq(items) = &list.kind else { panic!() };
+        assert_eq!((items[1].pos.line, items[1].pos.col), (2, 11));
+    }
+
+    #[test]
+    fn unknown_keys_all_reported_with_hints() {
+        let n = p("nmae: x\nport: 1\nzzz: 2\n");
+        let mut d = Decoder::default();
+        let f = d.fields(&n, "", &["name", "port"]).unwrap();
+        assert!(f.get("port").is_some());
+        assert_eq!(d.diags.len(), 2);
+        assert_eq!(d.diags.0[0].hint.as_deref(), Some("did you mean `name`? (expected one of: name, port)"));
+        assert_eq!(d.diags.0[1].path, "zzz");
+        assert_eq!(d.diags.0[1].pos.line, 3);
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = parse(Path::new("bad.yaml"), "a: [1, 2\nb: 3\n").unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(e.0[0].message.starts_with("YAML syntax error"));
+        assert_eq!(&*e.0[0].pos.file, "bad.yaml");
+    }
+
+    #[test]
+    fn duplicate_key_is_an_error() {
+        assert!(parse(Path::new("d.yaml"), "a: 1\na: 2\n").is_err());
+    }
+
+    #[test]
+    fn strings_refuse_numbers() {
+        let n = p("mode: 0644\n");
+        let mut d = Decoder::default();
+        let f = d.fields(&n, "", &["mode"]).unwrap();
+        assert_eq!(d.string(f.get("mode").unwrap(), "mode"), None);
+        assert_eq!(d.diags.0[0].message, "expected a string, found an integer");
+    }
+}
