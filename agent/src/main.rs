@@ -10,7 +10,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sage-agent", version, about = "sagectl's agents: worker, backend, logd")]
+#[command(
+    name = "sage-agent",
+    version,
+    about = "sagectl's agents: worker, backend, logd"
+)]
 struct Cli {
     #[command(subcommand)]
     agent: Agent,

@@ -16,7 +16,11 @@ pub struct Pos {
 impl Pos {
     /// The start of `file`, for problems that belong to a file as a whole.
     pub fn file_start(file: &Path) -> Pos {
-        Pos { file: display_path(file).into(), line: 1, col: 1 }
+        Pos {
+            file: display_path(file).into(),
+            line: 1,
+            col: 1,
+        }
     }
 }
 
@@ -60,7 +64,13 @@ impl fmt::Display for Diagnostic {
 pub struct Diagnostics(pub Vec<Diagnostic>);
 
 impl Diagnostics {
-    pub fn push(&mut self, pos: &Pos, path: &str, message: impl Into<String>, hint: Option<String>) {
+    pub fn push(
+        &mut self,
+        pos: &Pos,
+        path: &str,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
         self.0.push(Diagnostic {
             pos: pos.clone(),
             path: path.to_string(),
@@ -99,25 +109,38 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .map(|(_, c)| c)
 }
 
-/// Levenshtein distance over chars.
+/// Edit distance over chars, counting a swap of neighbours as one edit (optimal string
+/// alignment), since `bd` for `db` is the commonest typo.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// A hint naming the closest candidate, or else listing all of them.
-pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> String {
+pub fn suggest(word: &str, candidates: &[&str]) -> String {
     match closest(word, candidates.iter().copied()) {
-        Some(c) => format!("did you mean `{c}`? (expected one of: {})", candidates.join(", ")),
+        Some(c) => format!(
+            "did you mean `{c}`? (expected one of: {})",
+            candidates.join(", ")
+        ),
         None => format!("expected one of: {}", candidates.join(", ")),
     }
 }
@@ -139,5 +162,6 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("same", "same"), 0);
+        assert_eq!(edit_distance("bd", "db"), 1);
     }
 }

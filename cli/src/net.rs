@@ -35,13 +35,18 @@ impl Cidr {
 
     fn mask(&self) -> u128 {
         let host_bits = u32::from(self.bits() - self.prefix);
-        let all = if self.bits() == 32 { u128::from(u32::MAX) } else { u128::MAX };
+        let all = if self.bits() == 32 {
+            u128::from(u32::MAX)
+        } else {
+            u128::MAX
+        };
         all.checked_shl(host_bits).unwrap_or(0) & all
     }
 
     /// Whether `ip` lies in this block.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4() && Self::to_u128(ip) & self.mask() == Self::to_u128(self.addr)
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Self::to_u128(ip) & self.mask() == Self::to_u128(self.addr)
     }
 
     /// Whether the two blocks share any address.
@@ -51,7 +56,9 @@ impl Cidr {
 
     /// The `n`th address of the block, if the block has it.
     pub fn nth(&self, n: u128) -> Option<IpAddr> {
-        let size = 1u128.checked_shl(u32::from(self.bits() - self.prefix)).unwrap_or(u128::MAX);
+        let size = 1u128
+            .checked_shl(u32::from(self.bits() - self.prefix))
+            .unwrap_or(u128::MAX);
         if n >= size {
             return None;
         }
@@ -64,7 +71,13 @@ impl Cidr {
 
     /// The last address (the broadcast address of an IPv4 block).
     pub fn last(&self) -> IpAddr {
-        let v = Self::to_u128(self.addr) | (!self.mask() & if self.bits() == 32 { u128::from(u32::MAX) } else { u128::MAX });
+        let v = Self::to_u128(self.addr)
+            | (!self.mask()
+                & if self.bits() == 32 {
+                    u128::from(u32::MAX)
+                } else {
+                    u128::MAX
+                });
         match self.addr {
             IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
             IpAddr::V6(_) => IpAddr::V6(v.into()),
@@ -153,10 +166,25 @@ mod tests {
 
     #[test]
     fn refuses_bad_blocks() {
-        assert_eq!("10.0.0.1/24".parse::<Cidr>(), Err(CidrError::HostBits("10.0.0.1/24".into(), "10.0.0.0".parse().unwrap())));
-        assert!(matches!("10.0.0.0/33".parse::<Cidr>(), Err(CidrError::Prefix(..))));
-        assert!(matches!("10.0.0/8".parse::<Cidr>(), Err(CidrError::Address(..))));
-        assert!(matches!("10.0.0.0/".parse::<Cidr>(), Err(CidrError::Prefix(..))));
+        assert_eq!(
+            "10.0.0.1/24".parse::<Cidr>(),
+            Err(CidrError::HostBits(
+                "10.0.0.1/24".into(),
+                "10.0.0.0".parse().unwrap()
+            ))
+        );
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Cidr>(),
+            Err(CidrError::Prefix(..))
+        ));
+        assert!(matches!(
+            "10.0.0/8".parse::<Cidr>(),
+            Err(CidrError::Address(..))
+        ));
+        assert!(matches!(
+            "10.0.0.0/".parse::<Cidr>(),
+            Err(CidrError::Prefix(..))
+        ));
     }
 
     #[test]

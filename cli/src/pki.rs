@@ -31,11 +31,17 @@ pub fn role_name(role: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("state directory {path}: {what}")]
     Corrupt { path: PathBuf, what: String },
     #[error("making a certificate for {subject}: {source}")]
-    Cert { subject: String, source: rcgen::Error },
+    Cert {
+        subject: String,
+        source: rcgen::Error,
+    },
 }
 
 /// A secret string: never shown by `Debug` or `Display`.
@@ -69,7 +75,11 @@ pub struct State {
 }
 
 /// Names of the generated secrets, fixed so templates can name them.
-pub const SECRET_NAMES: [&str; 3] = ["postgres_backend_password", "postgres_logd_password", "backend_cookie_key"];
+pub const SECRET_NAMES: [&str; 3] = [
+    "postgres_backend_password",
+    "postgres_logd_password",
+    "backend_cookie_key",
+];
 
 impl State {
     /// `.sagectl/<name>/` beside the inventory file.
@@ -83,7 +93,10 @@ impl State {
     }
 
     pub fn open_at(dir: &Path, name: &str) -> Result<State, PkiError> {
-        let io = |source| PkiError::Io { path: dir.to_path_buf(), source };
+        let io = |source| PkiError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
         std::fs::create_dir_all(dir.join("hosts")).map_err(io)?;
         for d in [dir.to_path_buf(), dir.join("hosts")] {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
@@ -92,12 +105,21 @@ impl State {
         let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
         let (ca_cert_pem, key) = match (read_opt(&cert_path)?, read_opt(&key_path)?) {
             (Some(cert), Some(key)) => {
-                let key = KeyPair::from_pem(&key).map_err(|e| PkiError::Corrupt { path: key_path.clone(), what: format!("unreadable CA key: {e}") })?;
+                let key = KeyPair::from_pem(&key).map_err(|e| PkiError::Corrupt {
+                    path: key_path.clone(),
+                    what: format!("unreadable CA key: {e}"),
+                })?;
                 (cert, key)
             }
             (None, None) => {
-                let key = KeyPair::generate().map_err(|source| PkiError::Cert { subject: "CA".into(), source })?;
-                let cert = params.self_signed(&key).map_err(|source| PkiError::Cert { subject: "CA".into(), source })?;
+                let key = KeyPair::generate().map_err(|source| PkiError::Cert {
+                    subject: "CA".into(),
+                    source,
+                })?;
+                let cert = params.self_signed(&key).map_err(|source| PkiError::Cert {
+                    subject: "CA".into(),
+                    source,
+                })?;
                 write_private(&key_path, key.serialize_pem().as_bytes())?;
                 write_private(&cert_path, cert.pem().as_bytes())?;
                 (cert.pem(), key)
@@ -112,7 +134,11 @@ impl State {
         // The issuer is rebuilt from the same parameters and key: the subject and key identifier
         // it writes into host certificates match the stored CA certificate's.
         let ca = Issuer::new(params, key);
-        Ok(State { dir: dir.to_path_buf(), ca_cert_pem, ca })
+        Ok(State {
+            dir: dir.to_path_buf(),
+            ca_cert_pem,
+            ca,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -132,7 +158,12 @@ impl State {
             dns.push(inv.tls.public_name.clone());
         }
         dns.extend(host.all_roles().map(|r| role_name(r.name())));
-        self.issue(&format!("hosts/{}", host.name), &host.name, dns, vec![host.address])
+        self.issue(
+            &format!("hosts/{}", host.name),
+            &host.name,
+            dns,
+            vec![host.address],
+        )
     }
 
     /// sagectl's own client certificate (role `admin`), for `sagectl logs` and health checks.
@@ -140,28 +171,61 @@ impl State {
         self.issue("admin", "sagectl", vec![role_name("admin")], Vec::new())
     }
 
-    fn issue(&self, stem: &str, cn: &str, dns: Vec<String>, ips: Vec<std::net::IpAddr>) -> Result<Credentials, PkiError> {
-        let (cert_path, key_path, names_path) =
-            (self.dir.join(format!("{stem}.crt")), self.dir.join(format!("{stem}.key")), self.dir.join(format!("{stem}.names")));
-        let names: Vec<String> = dns.iter().cloned().chain(ips.iter().map(ToString::to_string)).collect();
+    fn issue(
+        &self,
+        stem: &str,
+        cn: &str,
+        dns: Vec<String>,
+        ips: Vec<std::net::IpAddr>,
+    ) -> Result<Credentials, PkiError> {
+        let (cert_path, key_path, names_path) = (
+            self.dir.join(format!("{stem}.crt")),
+            self.dir.join(format!("{stem}.key")),
+            self.dir.join(format!("{stem}.names")),
+        );
+        let names: Vec<String> = dns
+            .iter()
+            .cloned()
+            .chain(ips.iter().map(ToString::to_string))
+            .collect();
         let names_line = names.join("\n") + "\n";
-        if let (Some(cert), Some(key), Some(old)) = (read_opt(&cert_path)?, read_opt(&key_path)?, read_opt(&names_path)?) {
+        if let (Some(cert), Some(key), Some(old)) = (
+            read_opt(&cert_path)?,
+            read_opt(&key_path)?,
+            read_opt(&names_path)?,
+        ) {
             if old == names_line {
-                return Ok(Credentials { chain_pem: format!("{cert}{}", self.ca_cert_pem), key_pem: Secret(key) });
+                return Ok(Credentials {
+                    chain_pem: format!("{cert}{}", self.ca_cert_pem),
+                    key_pem: Secret(key),
+                });
             }
         }
-        let err = |source| PkiError::Cert { subject: cn.to_string(), source };
+        let err = |source| PkiError::Cert {
+            subject: cn.to_string(),
+            source,
+        };
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
         dn.push(DnType::OrganizationName, "sagectl");
         params.distinguished_name = dn;
         for d in &dns {
-            params.subject_alt_names.push(SanType::DnsName(d.clone().try_into().map_err(err)?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(d.clone().try_into().map_err(err)?));
         }
-        params.subject_alt_names.extend(ips.into_iter().map(SanType::IpAddress));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params
+            .subject_alt_names
+            .extend(ips.into_iter().map(SanType::IpAddress));
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.serial_number = Some(SerialNumber::from_slice(&random_bytes::<16>()?));
         let now = SystemTime::now();
         params.not_before = (now - Duration::from_secs(3600)).into();
@@ -172,14 +236,20 @@ impl State {
         write_private(&key_path, key.serialize_pem().as_bytes())?;
         write_private(&cert_path, cert.pem().as_bytes())?;
         write_private(&names_path, names_line.as_bytes())?;
-        Ok(Credentials { chain_pem: format!("{}{}", cert.pem(), self.ca_cert_pem), key_pem: Secret(key.serialize_pem()) })
+        Ok(Credentials {
+            chain_pem: format!("{}{}", cert.pem(), self.ca_cert_pem),
+            key_pem: Secret(key.serialize_pem()),
+        })
     }
 
     /// The generated passwords and keys, made on first use.
     pub fn secrets(&self) -> Result<BTreeMap<String, Secret>, PkiError> {
         let path = self.dir.join("secrets.json");
         let mut map: BTreeMap<String, String> = match read_opt(&path)? {
-            Some(text) => serde_json::from_str(&text).map_err(|e| PkiError::Corrupt { path: path.clone(), what: format!("not a JSON object of strings: {e}") })?,
+            Some(text) => serde_json::from_str(&text).map_err(|e| PkiError::Corrupt {
+                path: path.clone(),
+                what: format!("not a JSON object of strings: {e}"),
+            })?,
             None => BTreeMap::new(),
         };
         let mut changed = false;
@@ -204,7 +274,11 @@ fn ca_params(name: &str) -> CertificateParams {
     dn.push(DnType::OrganizationName, "sagectl");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = SystemTime::now();
     params.not_before = (now - Duration::from_secs(3600)).into();
     params.not_after = (now + Duration::from_secs(10 * 365 * 86400)).into();
@@ -215,16 +289,29 @@ fn read_opt(path: &Path) -> Result<Option<String>, PkiError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(PkiError::Io { path: path.to_path_buf(), source }),
+        Err(source) => Err(PkiError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
 /// Writes a 0600 file atomically: a temp file beside it, synced, then renamed over it.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io { path: path.to_path_buf(), source };
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
@@ -233,7 +320,10 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], PkiError> {
     let mut buf = [0u8; N];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|source| PkiError::Io { path: "/dev/urandom".into(), source })?;
+        .map_err(|source| PkiError::Io {
+            path: "/dev/urandom".into(),
+            source,
+        })?;
     Ok(buf)
 }
 

@@ -5,7 +5,9 @@
 /// Quotes one argument for a POSIX shell.
 pub fn quote(arg: &str) -> String {
     let plain = !arg.is_empty()
-        && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
     if plain {
         return arg.to_string();
     }
@@ -16,7 +18,10 @@ pub fn quote(arg: &str) -> String {
 
 /// Joins an argument list into one shell command line.
 pub fn join<S: AsRef<str>>(argv: &[S]) -> String {
-    argv.iter().map(|a| quote(a.as_ref())).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| quote(a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -27,7 +32,11 @@ mod tests {
     /// Runs the quoted line through a real `sh` and returns the arguments it saw.
     fn through_sh(argv: &[&str]) -> Vec<String> {
         let line = format!("printf '%s\\0' {}", join(argv));
-        let out = Command::new("sh").arg("-c").arg(&line).output().expect("sh runs");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .expect("sh runs");
         assert!(out.status.success(), "{line}");
         let text = String::from_utf8(out.stdout).unwrap();
         text.split_terminator('\0').map(String::from).collect()
@@ -35,7 +44,10 @@ mod tests {
 
     #[test]
     fn plain_words_stay_plain() {
-        assert_eq!(join(&["apt-get", "install", "-y", "haproxy"]), "apt-get install -y haproxy");
+        assert_eq!(
+            join(&["apt-get", "install", "-y", "haproxy"]),
+            "apt-get install -y haproxy"
+        );
         assert_eq!(quote(""), "''");
     }
 
@@ -61,6 +73,9 @@ mod tests {
         for c in cases {
             assert_eq!(through_sh(&[c]), vec![c.to_string()], "case {c:?}");
         }
-        assert_eq!(through_sh(&cases), cases.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            through_sh(&cases),
+            cases.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        );
     }
 }

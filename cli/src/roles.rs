@@ -16,12 +16,17 @@ mod assets {
 
 /// An embedded file by its path relative to the workspace (`templates/haproxy.cfg.j2`).
 pub fn asset(path: &str) -> Option<&'static [u8]> {
-    assets::FILES.iter().find(|(p, _)| *p == path).map(|(_, c)| *c)
+    assets::FILES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, c)| *c)
 }
 
 /// Embedded files under a directory prefix (`static/`), with paths relative to it.
 pub fn assets_under(prefix: &str) -> impl Iterator<Item = (&'static str, &'static [u8])> + '_ {
-    assets::FILES.iter().filter_map(move |(p, c)| p.strip_prefix(prefix).map(|rel| (rel, *c)))
+    assets::FILES
+        .iter()
+        .filter_map(move |(p, c)| p.strip_prefix(prefix).map(|rel| (rel, *c)))
 }
 
 /// Ownership and permissions of a managed path.
@@ -73,21 +78,49 @@ pub enum Action {
     /// Debian packages installed with one apt call per host.
     Apt(Vec<String>),
     /// A system user (and its group of the same name).
-    User { name: String, home: String },
-    Directory { path: String, attrs: Attrs },
+    User {
+        name: String,
+        home: String,
+    },
+    Directory {
+        path: String,
+        attrs: Attrs,
+    },
     /// A file rendered from `templates/<src>`. `secrets` gives the template the generated
     /// passwords; only such files may contain them. `validate` runs on the uploaded temp file,
     /// `{path}` standing for it, before it replaces the live one.
-    Template { src: String, dest: String, attrs: Attrs, validate: Option<Vec<String>>, secrets: bool },
-    Pki { item: PkiItem, dest: String, attrs: Attrs },
+    Template {
+        src: String,
+        dest: String,
+        attrs: Attrs,
+        validate: Option<Vec<String>>,
+        secrets: bool,
+    },
+    Pki {
+        item: PkiItem,
+        dest: String,
+        attrs: Attrs,
+    },
     /// The embedded `static/` tree copied under `dest`.
-    StaticFiles { dest: String },
+    StaticFiles {
+        dest: String,
+    },
     /// The sage-agent binary sagectl was built with.
-    AgentBinary { dest: String },
+    AgentBinary {
+        dest: String,
+    },
     /// A PostgreSQL login role with a generated password (one of `pki::SECRET_NAMES`), and a
     /// database it owns.
-    PostgresDatabase { name: String, owner: String, password_secret: String },
-    Service { name: String, enabled: bool, started: bool },
+    PostgresDatabase {
+        name: String,
+        owner: String,
+        password_secret: String,
+    },
+    Service {
+        name: String,
+        enabled: bool,
+        started: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,7 +169,11 @@ impl Catalog {
         }
         let cat = Catalog { roles };
         cat.check(&mut d);
-        if d.diags.is_empty() { Ok(cat) } else { Err(d.diags) }
+        if d.diags.is_empty() {
+            Ok(cat)
+        } else {
+            Err(d.diags)
+        }
     }
 
     pub fn role(&self, role: Role) -> &RoleDef {
@@ -145,7 +182,10 @@ impl Catalog {
 
     /// Every variable some role declares, with its default.
     pub fn defaults(&self) -> BTreeMap<&str, &serde_json::Value> {
-        self.roles.values().flat_map(|r| r.defaults.iter().map(|(k, v)| (k.as_str(), v))).collect()
+        self.roles
+            .values()
+            .flat_map(|r| r.defaults.iter().map(|(k, v)| (k.as_str(), v)))
+            .collect()
     }
 
     fn check(&self, d: &mut Decoder) {
@@ -153,20 +193,35 @@ impl Catalog {
         for def in self.roles.values() {
             let file = format!("roles/{}/tasks/main.yaml", def.role);
             let pos = crate::diag::Pos::file_start(Path::new(&file));
-            for (k, _) in &def.defaults {
+            for k in def.defaults.keys() {
                 if let Some(other) = seen_vars.insert(k, def.role) {
-                    d.diags.push(&pos, k, format!("variable declared by both {other} and {}", def.role), None);
+                    d.diags.push(
+                        &pos,
+                        k,
+                        format!("variable declared by both {other} and {}", def.role),
+                        None,
+                    );
                 }
             }
             for (i, t) in def.tasks.iter().enumerate() {
                 for n in &t.notify {
                     if !def.handlers.iter().any(|h| &h.name == n) {
-                        d.diags.push(&pos, &index("", i), format!("notify names no handler of this role: `{n}`"), None);
+                        d.diags.push(
+                            &pos,
+                            &index("", i),
+                            format!("notify names no handler of this role: `{n}`"),
+                            None,
+                        );
                     }
                 }
                 if let Action::Template { src, .. } = &t.action {
                     if asset(&format!("templates/{src}")).is_none() {
-                        d.diags.push(&pos, &index("", i), format!("no template `templates/{src}`"), None);
+                        d.diags.push(
+                            &pos,
+                            &index("", i),
+                            format!("no template `templates/{src}`"),
+                            None,
+                        );
                     }
                 }
             }
@@ -188,7 +243,12 @@ fn load_node(d: &mut Decoder, path: &str) -> Option<Node> {
 
 fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
     let base = format!("roles/{role}");
-    let mut def = RoleDef { role, tasks: Vec::new(), handlers: Vec::new(), defaults: BTreeMap::new() };
+    let mut def = RoleDef {
+        role,
+        tasks: Vec::new(),
+        handlers: Vec::new(),
+        defaults: BTreeMap::new(),
+    };
     if let Some(n) = load_node(d, &format!("{base}/tasks/main.yaml")) {
         for (i, t) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
             if let Some(task) = task(d, t, &index("", i)) {
@@ -211,17 +271,45 @@ fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
     def
 }
 
-const ACTIONS: &[&str] = &["apt", "user", "directory", "template", "pki", "static_files", "agent_binary", "postgres_database", "service"];
+const ACTIONS: &[&str] = &[
+    "apt",
+    "user",
+    "directory",
+    "template",
+    "pki",
+    "static_files",
+    "agent_binary",
+    "postgres_database",
+    "service",
+];
 
 fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
     let mut keys = vec!["name", "notify"];
     keys.extend_from_slice(ACTIONS);
     let f = d.fields(node, path, &keys)?;
     let name = req_string(d, &f, "name")?;
-    let notify = f.get("notify").map(|n| d.strings(n, &f.path_of("notify")).unwrap_or_default().into_iter().map(|(s, _)| s).collect()).unwrap_or_default();
-    let present: Vec<&str> = ACTIONS.iter().copied().filter(|a| f.get(a).is_some()).collect();
+    let notify = f
+        .get("notify")
+        .map(|n| {
+            d.strings(n, &f.path_of("notify"))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        })
+        .unwrap_or_default();
+    let present: Vec<&str> = ACTIONS
+        .iter()
+        .copied()
+        .filter(|a| f.get(a).is_some())
+        .collect();
     let [kind] = present[..] else {
-        d.error(node, path, format!("a task needs exactly one action, found {}", present.len()), Some(format!("one of: {}", ACTIONS.join(", "))));
+        d.error(
+            node,
+            path,
+            format!("a task needs exactly one action, found {}", present.len()),
+            Some(format!("one of: {}", ACTIONS.join(", "))),
+        );
         return None;
     };
     let body = f.get(kind)?;
@@ -230,16 +318,33 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
         "apt" => Action::Apt(d.strings(body, &p)?.into_iter().map(|(s, _)| s).collect()),
         "user" => {
             let f = d.fields(body, &p, &["name", "home"])?;
-            Action::User { name: req_string(d, &f, "name")?, home: req_string(d, &f, "home")? }
+            Action::User {
+                name: req_string(d, &f, "name")?,
+                home: req_string(d, &f, "home")?,
+            }
         }
         "directory" => {
             let f = d.fields(body, &p, &["path", "mode", "owner", "group"])?;
-            Action::Directory { path: req_string(d, &f, "path")?, attrs: attrs(d, &f, 0o755)? }
+            Action::Directory {
+                path: req_string(d, &f, "path")?,
+                attrs: attrs(d, &f, 0o755)?,
+            }
         }
         "template" => {
-            let f = d.fields(body, &p, &["src", "dest", "mode", "owner", "group", "validate", "secrets"])?;
+            let f = d.fields(
+                body,
+                &p,
+                &[
+                    "src", "dest", "mode", "owner", "group", "validate", "secrets",
+                ],
+            )?;
             let validate = match f.get("validate") {
-                Some(v) => Some(d.strings(v, &f.path_of("validate"))?.into_iter().map(|(s, _)| s).collect()),
+                Some(v) => Some(
+                    d.strings(v, &f.path_of("validate"))?
+                        .into_iter()
+                        .map(|(s, _)| s)
+                        .collect(),
+                ),
                 None => None,
             };
             let secrets = match f.get("secrets") {
@@ -248,48 +353,98 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
             };
             let attrs = attrs(d, &f, if secrets { 0o600 } else { 0o644 })?;
             if secrets && attrs.mode & 0o077 != 0 {
-                d.error(body, &p, "a template with secrets must not be readable by others", Some("use mode 0600 or 0640".into()));
+                d.error(
+                    body,
+                    &p,
+                    "a template with secrets must not be readable by others",
+                    Some("use mode 0600 or 0640".into()),
+                );
             }
-            Action::Template { src: req_string(d, &f, "src")?, dest: req_string(d, &f, "dest")?, attrs, validate, secrets }
+            Action::Template {
+                src: req_string(d, &f, "src")?,
+                dest: req_string(d, &f, "dest")?,
+                attrs,
+                validate,
+                secrets,
+            }
         }
         "pki" => {
             let f = d.fields(body, &p, &["item", "dest", "mode", "owner", "group"])?;
             let item_name = req_string(d, &f, "item")?;
             let Some(item) = PkiItem::from_name(&item_name) else {
-                d.error(body, &f.path_of("item"), format!("unknown pki item `{item_name}`"), Some(suggest(&item_name, &PkiItem::NAMES)));
+                d.error(
+                    body,
+                    &f.path_of("item"),
+                    format!("unknown pki item `{item_name}`"),
+                    Some(suggest(&item_name, &PkiItem::NAMES)),
+                );
                 return None;
             };
             let attrs = attrs(d, &f, if item.is_secret() { 0o600 } else { 0o644 })?;
             if item.is_secret() && attrs.mode & 0o077 != 0 {
-                d.error(body, &p, "a private key must not be readable by others", Some("use mode 0600".into()));
+                d.error(
+                    body,
+                    &p,
+                    "a private key must not be readable by others",
+                    Some("use mode 0600".into()),
+                );
             }
-            Action::Pki { item, dest: req_string(d, &f, "dest")?, attrs }
+            Action::Pki {
+                item,
+                dest: req_string(d, &f, "dest")?,
+                attrs,
+            }
         }
         "static_files" => {
             let f = d.fields(body, &p, &["dest"])?;
-            Action::StaticFiles { dest: req_string(d, &f, "dest")? }
+            Action::StaticFiles {
+                dest: req_string(d, &f, "dest")?,
+            }
         }
         "agent_binary" => {
             let f = d.fields(body, &p, &["dest"])?;
-            Action::AgentBinary { dest: req_string(d, &f, "dest")? }
+            Action::AgentBinary {
+                dest: req_string(d, &f, "dest")?,
+            }
         }
         "postgres_database" => {
             let f = d.fields(body, &p, &["name", "owner", "password_secret"])?;
             let secret = req_string(d, &f, "password_secret")?;
             if !crate::pki::SECRET_NAMES.contains(&secret.as_str()) {
-                d.error(body, &f.path_of("password_secret"), format!("unknown secret `{secret}`"), Some(suggest(&secret, &crate::pki::SECRET_NAMES)));
+                d.error(
+                    body,
+                    &f.path_of("password_secret"),
+                    format!("unknown secret `{secret}`"),
+                    Some(suggest(&secret, &crate::pki::SECRET_NAMES)),
+                );
             }
-            Action::PostgresDatabase { name: req_string(d, &f, "name")?, owner: req_string(d, &f, "owner")?, password_secret: secret }
+            Action::PostgresDatabase {
+                name: req_string(d, &f, "name")?,
+                owner: req_string(d, &f, "owner")?,
+                password_secret: secret,
+            }
         }
         "service" => {
             let f = d.fields(body, &p, &["name", "enabled", "started"])?;
-            let enabled = f.get("enabled").map_or(Some(true), |n| d.bool(n, &f.path_of("enabled")))?;
-            let started = f.get("started").map_or(Some(true), |n| d.bool(n, &f.path_of("started")))?;
-            Action::Service { name: req_string(d, &f, "name")?, enabled, started }
+            let enabled = f
+                .get("enabled")
+                .map_or(Some(true), |n| d.bool(n, &f.path_of("enabled")))?;
+            let started = f
+                .get("started")
+                .map_or(Some(true), |n| d.bool(n, &f.path_of("started")))?;
+            Action::Service {
+                name: req_string(d, &f, "name")?,
+                enabled,
+                started,
+            }
         }
         _ => unreachable!("ACTIONS lists every arm"),
     };
-    Some(Task { name, action, notify })
+    Some(Task {
+        name,
+        action,
+        notify,
+    })
 }
 
 fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
@@ -299,18 +454,28 @@ fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
         (Some(_), None) => (HandlerAction::Restart, "restart"),
         (None, Some(_)) => (HandlerAction::Reload, "reload"),
         _ => {
-            d.error(node, path, "a handler needs exactly one of `restart` or `reload`", None);
+            d.error(
+                node,
+                path,
+                "a handler needs exactly one of `restart` or `reload`",
+                None,
+            );
             return None;
         }
     };
-    Some(Handler { name, service: req_string(d, &f, key)?, action })
+    Some(Handler {
+        name,
+        service: req_string(d, &f, key)?,
+        action,
+    })
 }
 
 fn req_string(d: &mut Decoder, f: &Fields<'_>, key: &str) -> Option<String> {
     match f.get(key) {
         Some(n) => d.string(n, &f.path_of(key)),
         None => {
-            d.diags.push(&f.pos, &f.path, format!("missing `{key}`"), None);
+            d.diags
+                .push(&f.pos, &f.path, format!("missing `{key}`"), None);
             None
         }
     }
@@ -323,7 +488,12 @@ fn attrs(d: &mut Decoder, f: &Fields<'_>, default_mode: u32) -> Option<Attrs> {
             match u32::from_str_radix(&s, 8) {
                 Ok(m) if m <= 0o7777 && s.len() == 4 => m,
                 _ => {
-                    d.error(n, &f.path_of("mode"), format!("`{s}` is not a file mode"), Some("write four octal digits in quotes, like \"0644\"".into()));
+                    d.error(
+                        n,
+                        &f.path_of("mode"),
+                        format!("`{s}` is not a file mode"),
+                        Some("write four octal digits in quotes, like \"0644\"".into()),
+                    );
                     return None;
                 }
             }

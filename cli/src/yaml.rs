@@ -61,17 +61,37 @@ pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostics> {
     let mut docs = docs.into_iter();
     let root = match docs.next() {
         Some(doc) => convert(&name, doc, &mut diags),
-        None => Node { pos: Pos { file: name.clone(), line: 1, col: 1 }, kind: Kind::Null },
+        None => Node {
+            pos: Pos {
+                file: name.clone(),
+                line: 1,
+                col: 1,
+            },
+            kind: Kind::Null,
+        },
     };
     if let Some(extra) = docs.next() {
         let pos = pos_of(&name, &extra);
-        diags.push(&pos, "", "a second YAML document in one file", Some("remove the `---` line: an inventory file holds one document".into()));
+        diags.push(
+            &pos,
+            "",
+            "a second YAML document in one file",
+            Some("remove the `---` line: an inventory file holds one document".into()),
+        );
     }
-    if diags.is_empty() { Ok(root) } else { Err(diags) }
+    if diags.is_empty() {
+        Ok(root)
+    } else {
+        Err(diags)
+    }
 }
 
 fn pos_of(file: &Arc<str>, y: &MarkedYaml<'_>) -> Pos {
-    Pos { file: file.clone(), line: y.span.start.line(), col: y.span.start.col() + 1 }
+    Pos {
+        file: file.clone(),
+        line: y.span.start.line(),
+        col: y.span.start.col() + 1,
+    }
 }
 
 fn convert(file: &Arc<str>, y: MarkedYaml<'_>, diags: &mut Diagnostics) -> Node {
@@ -89,7 +109,12 @@ fn convert(file: &Arc<str>, y: MarkedYaml<'_>, diags: &mut Diagnostics) -> Node 
         ),
         YamlData::Tagged(_, inner) => return convert(file, *inner, diags),
         YamlData::Alias(_) => {
-            diags.push(&pos, "", "YAML aliases are not supported", Some("write the value out".into()));
+            diags.push(
+                &pos,
+                "",
+                "YAML aliases are not supported",
+                Some("write the value out".into()),
+            );
             Kind::Null
         }
         YamlData::BadValue => {
@@ -112,7 +137,11 @@ fn scalar(s: Scalar<'_>) -> Kind {
 
 /// `a.b` or `a[3]` paths as shown in messages.
 pub fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 pub fn index(path: &str, i: usize) -> String {
@@ -135,7 +164,10 @@ pub struct Fields<'n> {
 impl<'n> Fields<'n> {
     /// The value under `key`, if present.
     pub fn get(&self, key: &str) -> Option<&'n Node> {
-        self.entries.iter().find(|(k, _, _)| *k == key).map(|(_, _, v)| *v)
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, _, v)| *v)
     }
 
     /// The path of a field of this mapping.
@@ -150,7 +182,13 @@ impl<'n> Fields<'n> {
 }
 
 impl Decoder {
-    pub fn error(&mut self, node: &Node, path: &str, message: impl Into<String>, hint: Option<String>) {
+    pub fn error(
+        &mut self,
+        node: &Node,
+        path: &str,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
         self.diags.push(&node.pos, path, message, hint);
     }
 
@@ -163,7 +201,11 @@ impl Decoder {
     /// A null node counts as an empty mapping (`ssh:` with nothing under it).
     pub fn fields<'n>(&mut self, node: &'n Node, path: &str, known: &[&str]) -> Option<Fields<'n>> {
         let entries = self.mapping(node, path)?;
-        let mut fields = Fields { pos: node.pos.clone(), path: path.to_string(), entries: Vec::new() };
+        let mut fields = Fields {
+            pos: node.pos.clone(),
+            path: path.to_string(),
+            entries: Vec::new(),
+        };
         for (k, kn, v) in entries {
             if known.contains(&k) {
                 fields.entries.push((k, kn, v));
@@ -176,7 +218,11 @@ impl Decoder {
     }
 
     /// A mapping with free-form string keys (host names, variables).
-    pub fn mapping<'n>(&mut self, node: &'n Node, path: &str) -> Option<Vec<(&'n str, &'n Node, &'n Node)>> {
+    pub fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+    ) -> Option<Vec<(&'n str, &'n Node, &'n Node)>> {
         match &node.kind {
             Kind::Null => Some(Vec::new()),
             Kind::Map(entries) => {
@@ -238,7 +284,12 @@ impl Decoder {
         match node.kind {
             Kind::Int(i) if (min..=max).contains(&i) => Some(i),
             Kind::Int(i) => {
-                self.error(node, path, format!("{i} is out of range"), Some(format!("use a whole number from {min} to {max}")));
+                self.error(
+                    node,
+                    path,
+                    format!("{i} is out of range"),
+                    Some(format!("use a whole number from {min} to {max}")),
+                );
                 None
             }
             _ => {
@@ -302,7 +353,9 @@ mod tests {
         let Kind::Map(inner) = &v.kind else { panic!() };
         let (k, list) = &inner[0];
         assert_eq!((k.pos.line, k.pos.col), (2, 3));
-        let Kind::Seq(items) = &list.kind else { panic!() };
+        let Kind::Seq(items) = &list.kind else {
+            panic!()
+        };
         assert_eq!((items[1].pos.line, items[1].pos.col), (2, 11));
     }
 
@@ -313,7 +366,10 @@ mod tests {
         let f = d.fields(&n, "", &["name", "port"]).unwrap();
         assert!(f.get("port").is_some());
         assert_eq!(d.diags.len(), 2);
-        assert_eq!(d.diags.0[0].hint.as_deref(), Some("did you mean `name`? (expected one of: name, port)"));
+        assert_eq!(
+            d.diags.0[0].hint.as_deref(),
+            Some("did you mean `name`? (expected one of: name, port)")
+        );
         assert_eq!(d.diags.0[1].path, "zzz");
         assert_eq!(d.diags.0[1].pos.line, 3);
     }

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sagectl", version, about = "Stand up a multi-user Sage workspace service on plain Debian machines")]
+#[command(
+    name = "sagectl",
+    version,
+    about = "Stand up a multi-user Sage workspace service on plain Debian machines"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

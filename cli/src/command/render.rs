@@ -33,20 +33,36 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     for h in &o.hosts {
         if inv.host(h).is_none() {
             let names: Vec<&str> = inv.hosts.iter().map(|h| h.name.as_str()).collect();
-            anyhow::bail!("--host {h}: no such host in {}\n  hint: {}", o.inventory.display(), crate::diag::suggest(h, &names));
+            anyhow::bail!(
+                "--host {h}: no such host in {}\n  hint: {}",
+                o.inventory.display(),
+                crate::diag::suggest(h, &names)
+            );
         }
     }
-    let catalog = Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
+    let catalog =
+        Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
     let state = State::open(&inv)?;
     let mut count = 0;
-    for host in inv.hosts.iter().filter(|h| o.hosts.is_empty() || o.hosts.contains(&h.name)) {
+    for host in inv
+        .hosts
+        .iter()
+        .filter(|h| o.hosts.is_empty() || o.hosts.contains(&h.name))
+    {
         let files = host_files(&inv, &catalog, &state, host)?;
         let root = o.out.join(&host.name);
         let mut manifest = String::new();
         for f in &files {
             let rel = f.path.trim_start_matches('/');
             write_file(&root.join(rel), &f.content, f.secret)?;
-            manifest.push_str(&format!("{:04o} {}:{} {}{}\n", f.attrs.mode, f.attrs.owner, f.attrs.group, f.path, if f.secret { " (secret)" } else { "" }));
+            manifest.push_str(&format!(
+                "{:04o} {}:{} {}{}\n",
+                f.attrs.mode,
+                f.attrs.owner,
+                f.attrs.group,
+                f.path,
+                if f.secret { " (secret)" } else { "" }
+            ));
         }
         write_file(&root.join("MANIFEST"), manifest.as_bytes(), false)?;
         count += files.len();
@@ -65,6 +81,7 @@ fn write_file(path: &Path, content: &[u8], secret: bool) -> anyhow::Result<()> {
         .mode(if secret { 0o600 } else { 0o644 })
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(content).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

@@ -22,6 +22,12 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| format!("{r} {n}"))
         .collect();
-    println!("{}: inventory `{}` is valid: {} hosts ({})", o.inventory.display(), inv.name, inv.hosts.len(), roles.join(", "));
+    println!(
+        "{}: inventory `{}` is valid: {} hosts ({})",
+        o.inventory.display(),
+        inv.name,
+        inv.hosts.len(),
+        roles.join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }

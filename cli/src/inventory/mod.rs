@@ -57,7 +57,10 @@ impl Role {
     }
 
     pub fn from_name(s: &str) -> Option<Role> {
-        Role::DECLARABLE.into_iter().chain([Role::Firewall]).find(|r| r.name() == s)
+        Role::DECLARABLE
+            .into_iter()
+            .chain([Role::Firewall])
+            .find(|r| r.name() == s)
     }
 }
 
@@ -95,8 +98,22 @@ pub struct Inventory {
 impl Inventory {
     /// Reads and validates the inventory at `path` with every file it includes.
     pub fn load(path: &Path) -> Result<Inventory, Diagnostics> {
-        let raw = raw::read(path)?;
-        validate::validate(raw)
+        let (raw, diags) = raw::read(path)?;
+        validate::validate(raw, diags).map_err(|mut d| {
+            // Main file first, then included files in name order; by position within each.
+            d.0.sort_by(|a, b| {
+                let key = |x: &crate::diag::Diagnostic| {
+                    (
+                        *x.pos.file != *path.display().to_string(),
+                        x.pos.file.clone(),
+                        x.pos.line,
+                        x.pos.col,
+                    )
+                };
+                key(a).cmp(&key(b))
+            });
+            d
+        })
     }
 
     /// The directory holding the inventory file (relative paths in it start here).
@@ -257,6 +274,8 @@ pub struct Lab {
 impl Lab {
     /// The bridge's address on the local box: the subnet's first address.
     pub fn gateway(&self) -> IpAddr {
-        self.subnet.nth(1).expect("validated subnets hold at least 4 addresses")
+        self.subnet
+            .nth(1)
+            .expect("validated subnets hold at least 4 addresses")
     }
 }

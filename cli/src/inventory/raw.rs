@@ -73,12 +73,15 @@ pub struct RawInventory {
     pub include_dirs: Vec<PathBuf>,
 }
 
-const TOP_KEYS: &[&str] =
-    &["name", "ssh", "tls", "vars", "groups", "hosts", "worker", "backend", "logd", "include", "lab"];
+const TOP_KEYS: &[&str] = &[
+    "name", "ssh", "tls", "vars", "groups", "hosts", "worker", "backend", "logd", "include", "lab",
+];
 const INCLUDED_KEYS: &[&str] = &["hosts", "groups"];
 
-/// Reads `path` and everything it includes.
-pub fn read(path: &Path) -> Result<RawInventory, Diagnostics> {
+/// Reads `path` and everything it includes. Problems of structure are returned with whatever
+/// could be read, so stage two can report its own problems in the same run; only a main file
+/// that cannot be read or parsed at all gives no inventory.
+pub fn read(path: &Path) -> Result<(RawInventory, Diagnostics), Diagnostics> {
     let root = load_file(path, None)?;
     let mut d = Decoder::default();
     let top = root.pos.clone();
@@ -94,11 +97,17 @@ pub fn read(path: &Path) -> Result<RawInventory, Diagnostics> {
         file: path.to_path_buf(),
         top,
         name: opt_string(&mut d, &f, "name"),
-        ssh: f.get("ssh").map(|n| ssh(&mut d, n, "ssh")).unwrap_or_default(),
+        ssh: f
+            .get("ssh")
+            .map(|n| ssh(&mut d, n, "ssh"))
+            .unwrap_or_default(),
         public_name: None,
         certificate: None,
         key: None,
-        vars: f.get("vars").map(|n| vars(&mut d, n, "vars")).unwrap_or_default(),
+        vars: f
+            .get("vars")
+            .map(|n| vars(&mut d, n, "vars"))
+            .unwrap_or_default(),
         groups: Vec::new(),
         hosts: Vec::new(),
         worker: worker(&mut d, f.get("worker")),
@@ -118,17 +127,25 @@ pub fn read(path: &Path) -> Result<RawInventory, Diagnostics> {
     if let Some(inc) = f.get("include") {
         includes(&mut d, inc, path, &mut inv);
     }
-    if d.diags.is_empty() { Ok(inv) } else { Err(d.diags) }
+    Ok((inv, d.diags))
 }
 
 fn load_file(path: &Path, from: Option<(&Pos, &str)>) -> Result<Node, Diagnostics> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let mut d = Diagnostics::default();
         match from {
-            Some((pos, p)) => d.push(pos, p, format!("cannot read included file {}: {e}", display_path(path)), Some(
-                "include paths are relative to the file that includes them".into(),
-            )),
-            None => d.push(&Pos::file_start(path), "", format!("cannot read inventory: {e}"), None),
+            Some((pos, p)) => d.push(
+                pos,
+                p,
+                format!("cannot read included file {}: {e}", display_path(path)),
+                Some("include paths are relative to the file that includes them".into()),
+            ),
+            None => d.push(
+                &Pos::file_start(path),
+                "",
+                format!("cannot read inventory: {e}"),
+                None,
+            ),
         }
         d
     })?;
@@ -146,8 +163,17 @@ fn hosts_and_groups(d: &mut Decoder, f: &Fields<'_>, file: &Path, inv: &mut RawI
         for (name, key, node) in d.mapping(groups, "groups").unwrap_or_default() {
             let path = join("groups", name);
             let members = d.strings(node, &path).unwrap_or_default();
-            let members = members.into_iter().map(|(v, n)| Sp { v, pos: n.pos }).collect();
-            inv.groups.push((Sp { v: name.to_string(), pos: key.pos.clone() }, members));
+            let members = members
+                .into_iter()
+                .map(|(v, n)| Sp { v, pos: n.pos })
+                .collect();
+            inv.groups.push((
+                Sp {
+                    v: name.to_string(),
+                    pos: key.pos.clone(),
+                },
+                members,
+            ));
         }
     }
 }
@@ -166,7 +192,12 @@ fn includes(d: &mut Decoder, node: &Node, main: &Path, inv: &mut RawInventory) {
             match yaml_files_in(&target) {
                 Ok(files) => files,
                 Err(e) => {
-                    d.error(&n, &path, format!("cannot list directory {}: {e}", display_path(&target)), None);
+                    d.error(
+                        &n,
+                        &path,
+                        format!("cannot list directory {}: {e}", display_path(&target)),
+                        None,
+                    );
                     continue;
                 }
             }
@@ -203,7 +234,10 @@ fn yaml_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 fn host(d: &mut Decoder, name: &str, key: &Node, node: &Node, file: &Path) -> RawHost {
     let path = join("hosts", name);
     let mut h = RawHost {
-        name: Sp { v: name.to_string(), pos: key.pos.clone() },
+        name: Sp {
+            v: name.to_string(),
+            pos: key.pos.clone(),
+        },
         file: file.to_path_buf(),
         address: None,
         roles: Vec::new(),
@@ -214,7 +248,10 @@ fn host(d: &mut Decoder, name: &str, key: &Node, node: &Node, file: &Path) -> Ra
         h.address = opt_string(d, &f, "address");
         if let Some(r) = f.get("roles") {
             let roles = d.strings(r, &f.path_of("roles")).unwrap_or_default();
-            h.roles = roles.into_iter().map(|(v, n)| Sp { v, pos: n.pos }).collect();
+            h.roles = roles
+                .into_iter()
+                .map(|(v, n)| Sp { v, pos: n.pos })
+                .collect();
         }
         if let Some(v) = f.get("vars") {
             h.vars = vars(d, v, &f.path_of("vars"));
@@ -232,7 +269,10 @@ fn ssh(d: &mut Decoder, node: &Node, path: &str) -> RawSsh {
         s.user = opt_string(d, &f, "user");
         s.identity_file = opt_string(d, &f, "identity_file");
         if let Some(n) = f.get("port") {
-            s.port = d.int(n, &f.path_of("port"), 1, 65535).map(|v| Sp { v, pos: n.pos.clone() });
+            s.port = d.int(n, &f.path_of("port"), 1, 65535).map(|v| Sp {
+                v,
+                pos: n.pos.clone(),
+            });
         }
     }
     s
@@ -242,19 +282,40 @@ fn vars(d: &mut Decoder, node: &Node, path: &str) -> Vars {
     d.mapping(node, path)
         .unwrap_or_default()
         .into_iter()
-        .map(|(k, kn, v)| (Sp { v: k.to_string(), pos: kn.pos.clone() }, yaml::to_json(v)))
+        .map(|(k, kn, v)| {
+            (
+                Sp {
+                    v: k.to_string(),
+                    pos: kn.pos.clone(),
+                },
+                yaml::to_json(v),
+            )
+        })
         .collect()
 }
 
 fn opt_string(d: &mut Decoder, f: &Fields<'_>, key: &str) -> Option<Sp<String>> {
     let n = f.get(key)?;
-    d.string(n, &f.path_of(key)).map(|v| Sp { v, pos: n.pos.clone() })
+    d.string(n, &f.path_of(key)).map(|v| Sp {
+        v,
+        pos: n.pos.clone(),
+    })
 }
 
 /// Reads an optional integer field into `slot` (which holds the default).
-fn num<T: TryFrom<i64>>(d: &mut Decoder, f: &Fields<'_>, key: &str, min: i64, max: i64, slot: &mut T) {
+fn num<T: TryFrom<i64>>(
+    d: &mut Decoder,
+    f: &Fields<'_>,
+    key: &str,
+    min: i64,
+    max: i64,
+    slot: &mut T,
+) {
     if let Some(n) = f.get(key) {
-        if let Some(v) = d.int(n, &f.path_of(key), min, max).and_then(|v| T::try_from(v).ok()) {
+        if let Some(v) = d
+            .int(n, &f.path_of(key), min, max)
+            .and_then(|v| T::try_from(v).ok())
+        {
             *slot = v;
         }
     }
@@ -287,13 +348,28 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
             idle_timeout_seconds: 1800,
         },
     };
-    let keys = ["engine", "port", "max_sessions", "uid_min", "uid_max", "backend_timeout_seconds", "limits"];
-    let Some(f) = node.and_then(|n| d.fields(n, "worker", &keys)) else { return w };
+    let keys = [
+        "engine",
+        "port",
+        "max_sessions",
+        "uid_min",
+        "uid_max",
+        "backend_timeout_seconds",
+        "limits",
+    ];
+    let Some(f) = node.and_then(|n| d.fields(n, "worker", &keys)) else {
+        return w;
+    };
     if let Some(n) = f.get("engine") {
         match d.string(n, "worker.engine").as_deref() {
             Some("python3") => w.engine = Engine::Python3,
             Some("sage") => w.engine = Engine::Sage,
-            Some(other) => d.error(n, "worker.engine", format!("unknown engine `{other}`"), Some("use python3 or sage".into())),
+            Some(other) => d.error(
+                n,
+                "worker.engine",
+                format!("unknown engine `{other}`"),
+                Some("use python3 or sage".into()),
+            ),
             None => {}
         }
     }
@@ -301,9 +377,24 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
     num(d, &f, "max_sessions", 1, 100_000, &mut w.max_sessions);
     num(d, &f, "uid_min", 1000, 4_000_000_000, &mut w.uid_min);
     num(d, &f, "uid_max", 1000, 4_000_000_000, &mut w.uid_max);
-    num(d, &f, "backend_timeout_seconds", 5, 86400, &mut w.backend_timeout_seconds);
+    num(
+        d,
+        &f,
+        "backend_timeout_seconds",
+        5,
+        86400,
+        &mut w.backend_timeout_seconds,
+    );
     if let Some(lf) = f.get("limits").and_then(|n| {
-        let keys = ["cpu_seconds", "memory_mb", "processes", "open_files", "file_size_mb", "wall_clock_seconds", "idle_timeout_seconds"];
+        let keys = [
+            "cpu_seconds",
+            "memory_mb",
+            "processes",
+            "open_files",
+            "file_size_mb",
+            "wall_clock_seconds",
+            "idle_timeout_seconds",
+        ];
         d.fields(n, "worker.limits", &keys)
     }) {
         let l = &mut w.limits;
@@ -312,12 +403,31 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
         num(d, &lf, "processes", 1, 1_000_000, &mut l.processes);
         num(d, &lf, "open_files", 16, 1_000_000, &mut l.open_files);
         num(d, &lf, "file_size_mb", 1, BIG, &mut l.file_size_mb);
-        num(d, &lf, "wall_clock_seconds", 1, BIG, &mut l.wall_clock_seconds);
-        num(d, &lf, "idle_timeout_seconds", 1, BIG, &mut l.idle_timeout_seconds);
+        num(
+            d,
+            &lf,
+            "wall_clock_seconds",
+            1,
+            BIG,
+            &mut l.wall_clock_seconds,
+        );
+        num(
+            d,
+            &lf,
+            "idle_timeout_seconds",
+            1,
+            BIG,
+            &mut l.idle_timeout_seconds,
+        );
     }
     if w.uid_min > w.uid_max {
         if let Some(n) = f.get("uid_max") {
-            d.error(n, "worker.uid_max", "uid_max is below uid_min", Some("give a range with uid_min <= uid_max".into()));
+            d.error(
+                n,
+                "worker.uid_max",
+                "uid_max is below uid_min",
+                Some("give a range with uid_min <= uid_max".into()),
+            );
         }
     }
     w
@@ -329,41 +439,103 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
         worker_port: 8444,
         max_sessions: 10000,
         max_bundle_mb: 64,
-        accounts: Accounts { signup: true, max_workspaces: 50, session_days: 14, min_password_length: 10 },
+        accounts: Accounts {
+            signup: true,
+            max_workspaces: 50,
+            session_days: 14,
+            min_password_length: 10,
+        },
     };
-    let keys = ["port", "worker_port", "max_sessions", "max_bundle_mb", "accounts"];
-    let Some(f) = node.and_then(|n| d.fields(n, "backend", &keys)) else { return b };
+    let keys = [
+        "port",
+        "worker_port",
+        "max_sessions",
+        "max_bundle_mb",
+        "accounts",
+    ];
+    let Some(f) = node.and_then(|n| d.fields(n, "backend", &keys)) else {
+        return b;
+    };
     num(d, &f, "port", PORT.0, PORT.1, &mut b.port);
     num(d, &f, "worker_port", PORT.0, PORT.1, &mut b.worker_port);
     num(d, &f, "max_sessions", 1, 10_000_000, &mut b.max_sessions);
     num(d, &f, "max_bundle_mb", 1, 65536, &mut b.max_bundle_mb);
-    let keys = ["signup", "max_workspaces", "session_days", "min_password_length"];
-    if let Some(af) = f.get("accounts").and_then(|n| d.fields(n, "backend.accounts", &keys)) {
+    let keys = [
+        "signup",
+        "max_workspaces",
+        "session_days",
+        "min_password_length",
+    ];
+    if let Some(af) = f
+        .get("accounts")
+        .and_then(|n| d.fields(n, "backend.accounts", &keys))
+    {
         let a = &mut b.accounts;
         flag(d, &af, "signup", &mut a.signup);
-        num(d, &af, "max_workspaces", 1, 1_000_000, &mut a.max_workspaces);
+        num(
+            d,
+            &af,
+            "max_workspaces",
+            1,
+            1_000_000,
+            &mut a.max_workspaces,
+        );
         num(d, &af, "session_days", 1, 3650, &mut a.session_days);
-        num(d, &af, "min_password_length", 8, 1024, &mut a.min_password_length);
+        num(
+            d,
+            &af,
+            "min_password_length",
+            8,
+            1024,
+            &mut a.min_password_length,
+        );
     }
     b
 }
 
 fn logd(d: &mut Decoder, node: Option<&Node>) -> RawLogd {
-    let mut l = RawLogd { port: 7200, http_port: 7201, allow: Vec::new(), retention_days: 30, alerts: Vec::new(), replica: None };
-    let keys = ["port", "http_port", "allow", "retention_days", "alerts", "replica"];
-    let Some(f) = node.and_then(|n| d.fields(n, "logd", &keys)) else { return l };
+    let mut l = RawLogd {
+        port: 7200,
+        http_port: 7201,
+        allow: Vec::new(),
+        retention_days: 30,
+        alerts: Vec::new(),
+        replica: None,
+    };
+    let keys = [
+        "port",
+        "http_port",
+        "allow",
+        "retention_days",
+        "alerts",
+        "replica",
+    ];
+    let Some(f) = node.and_then(|n| d.fields(n, "logd", &keys)) else {
+        return l;
+    };
     num(d, &f, "port", PORT.0, PORT.1, &mut l.port);
     num(d, &f, "http_port", PORT.0, PORT.1, &mut l.http_port);
     num(d, &f, "retention_days", 1, 36500, &mut l.retention_days);
     if let Some(n) = f.get("allow") {
         let items = d.strings(n, "logd.allow").unwrap_or_default();
-        l.allow = items.into_iter().map(|(v, n)| Sp { v, pos: n.pos }).collect();
+        l.allow = items
+            .into_iter()
+            .map(|(v, n)| Sp { v, pos: n.pos })
+            .collect();
     }
     l.replica = opt_string(d, &f, "replica");
     if let Some(n) = f.get("alerts") {
-        for (i, a) in d.seq(n, "logd.alerts").unwrap_or_default().iter().enumerate() {
+        for (i, a) in d
+            .seq(n, "logd.alerts")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
             if let Some(rule) = alert(d, a, &index("logd.alerts", i)) {
-                l.alerts.push(Sp { v: rule, pos: a.pos.clone() });
+                l.alerts.push(Sp {
+                    v: rule,
+                    pos: a.pos.clone(),
+                });
             }
         }
     }
@@ -373,7 +545,17 @@ fn logd(d: &mut Decoder, node: Option<&Node>) -> RawLogd {
 const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 
 fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
-    let keys = ["name", "level", "target", "message", "host", "count", "window_seconds", "command", "webhook"];
+    let keys = [
+        "name",
+        "level",
+        "target",
+        "message",
+        "host",
+        "count",
+        "window_seconds",
+        "command",
+        "webhook",
+    ];
     let f = d.fields(node, path, &keys)?;
     let before = d.diags.len();
     let name = match opt_string(d, &f, "name") {
@@ -386,7 +568,12 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
     let level = opt_string(d, &f, "level").map_or("error".to_string(), |l| l.v);
     if !LEVELS.contains(&level.as_str()) {
         let n = f.get("level").unwrap_or(node);
-        d.error(n, &f.path_of("level"), format!("unknown level `{level}`"), Some(crate::diag::suggest(&level, LEVELS)));
+        d.error(
+            n,
+            &f.path_of("level"),
+            format!("unknown level `{level}`"),
+            Some(crate::diag::suggest(&level, LEVELS)),
+        );
     }
     let mut rule = AlertRule {
         name,
@@ -399,30 +586,60 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
         action: AlertAction::Command(Vec::new()),
     };
     num(d, &f, "count", 1, 1_000_000_000, &mut rule.count);
-    num(d, &f, "window_seconds", 1, 86400 * 31, &mut rule.window_seconds);
+    num(
+        d,
+        &f,
+        "window_seconds",
+        1,
+        86400 * 31,
+        &mut rule.window_seconds,
+    );
     match (f.get("command"), f.get("webhook")) {
         (Some(c), None) => {
-            let argv: Vec<String> = d.strings(c, &f.path_of("command")).unwrap_or_default().into_iter().map(|(s, _)| s).collect();
+            let argv: Vec<String> = d
+                .strings(c, &f.path_of("command"))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
             if argv.is_empty() {
-                d.error(c, &f.path_of("command"), "the command is empty", Some("give the program and its arguments as a list".into()));
+                d.error(
+                    c,
+                    &f.path_of("command"),
+                    "the command is empty",
+                    Some("give the program and its arguments as a list".into()),
+                );
             }
             rule.action = AlertAction::Command(argv);
         }
         (None, Some(w)) => {
             let url = d.string(w, &f.path_of("webhook")).unwrap_or_default();
             if !(url.starts_with("https://") || url.starts_with("http://")) {
-                d.error(w, &f.path_of("webhook"), format!("`{url}` is not an http(s) URL"), None);
+                d.error(
+                    w,
+                    &f.path_of("webhook"),
+                    format!("`{url}` is not an http(s) URL"),
+                    None,
+                );
             }
             rule.action = AlertAction::Webhook(url);
         }
-        _ => d.error(node, path, "an alert rule needs exactly one action", Some("give either `command: [program, args...]` or `webhook: https://...`".into())),
+        _ => d.error(
+            node,
+            path,
+            "an alert rule needs exactly one action",
+            Some("give either `command: [program, args...]` or `webhook: https://...`".into()),
+        ),
     }
     (d.diags.len() == before).then_some(rule)
 }
 
 fn lab(d: &mut Decoder, node: &Node) -> Option<RawLab> {
     let f = d.fields(node, "lab", &["subnet", "suite"])?;
-    let subnet = opt_string(d, &f, "subnet").unwrap_or(Sp { v: "10.77.0.0/24".into(), pos: node.pos.clone() });
+    let subnet = opt_string(d, &f, "subnet").unwrap_or(Sp {
+        v: "10.77.0.0/24".into(),
+        pos: node.pos.clone(),
+    });
     let suite = opt_string(d, &f, "suite").map_or("bookworm".to_string(), |s| s.v);
     Some(RawLab { subnet, suite })
 }

@@ -18,7 +18,13 @@ struct V<'a> {
 }
 
 impl V<'_> {
-    fn err(&mut self, pos: &Pos, path: &str, msg: impl Into<String>, hint: impl Into<Option<String>>) {
+    fn err(
+        &mut self,
+        pos: &Pos,
+        path: &str,
+        msg: impl Into<String>,
+        hint: impl Into<Option<String>>,
+    ) {
         self.diags.push(pos, path, msg, hint.into());
     }
 }
@@ -29,30 +35,50 @@ pub fn is_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
 
 const LABEL_HINT: &str = "use lowercase letters, digits and '-' (at most 63, not at either end)";
 
-pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
+/// Checks `raw`, adding to the problems stage one found (`diags`).
+pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diagnostics> {
     let catalog = Catalog::embedded()?;
-    let mut v = V { diags: Diagnostics::default(), known_vars: catalog.defaults() };
+    let stage_one_clean = diags.is_empty();
+    let mut v = V {
+        diags,
+        known_vars: catalog.defaults(),
+    };
 
     let name = match &raw.name {
         Some(n) if is_label(&n.v) => n.v.clone(),
         Some(n) => {
-            v.err(&n.pos, "name", format!("`{}` is not a valid inventory name", n.v), LABEL_HINT.to_string());
+            v.err(
+                &n.pos,
+                "name",
+                format!("`{}` is not a valid inventory name", n.v),
+                LABEL_HINT.to_string(),
+            );
             String::new()
         }
         None => {
-            v.err(&raw.top, "name", "the inventory has no `name`", "add `name: mysite`; it names the state directory .sagectl/<name>/".to_string());
+            v.err(
+                &raw.top,
+                "name",
+                "the inventory has no `name`",
+                "add `name: mysite`; it names the state directory .sagectl/<name>/".to_string(),
+            );
             String::new()
         }
     };
 
-    let defaults = Ssh { user: "root".into(), port: 22, identity_file: None };
+    let defaults = Ssh {
+        user: "root".into(),
+        port: 22,
+        identity_file: None,
+    };
     let ssh = merge_ssh(&defaults, &raw.ssh);
     let vars = check_vars(&mut v, &raw.vars, "vars");
 
@@ -63,44 +89,88 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
     for h in &raw.hosts {
         let path = join("hosts", &h.name.v);
         if !is_label(&h.name.v) {
-            v.err(&h.name.pos, &path, format!("`{}` is not a valid host name", h.name.v), LABEL_HINT.to_string());
+            v.err(
+                &h.name.pos,
+                &path,
+                format!("`{}` is not a valid host name", h.name.v),
+                LABEL_HINT.to_string(),
+            );
         }
         if !names.insert(h.name.v.clone()) {
-            v.err(&h.name.pos, &path, format!("host `{}` is declared twice", h.name.v), "host names are unique across the inventory and its includes".to_string());
+            v.err(
+                &h.name.pos,
+                &path,
+                format!("host `{}` is declared twice", h.name.v),
+                "host names are unique across the inventory and its includes".to_string(),
+            );
         }
         let address = match &h.address {
             None => {
-                v.err(&h.name.pos, &path, "the host has no `address`", "add `address: 10.0.0.5` (an IP address)".to_string());
+                v.err(
+                    &h.name.pos,
+                    &path,
+                    "the host has no `address`",
+                    "add `address: 10.0.0.5` (an IP address)".to_string(),
+                );
                 None
             }
-            Some(a) => match a.v.parse::<IpAddr>() {
-                Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
-                    v.err(&a.pos, &join(&path, "address"), format!("`{ip}` cannot be a host's address"), None);
-                    None
-                }
-                Ok(ip) => {
-                    if let Some(other) = addresses.insert(ip, h.name.v.clone()) {
-                        v.err(&a.pos, &join(&path, "address"), format!("address {ip} is already used by host `{other}`"), None);
+            Some(a) => {
+                match a.v.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                        v.err(
+                            &a.pos,
+                            &join(&path, "address"),
+                            format!("`{ip}` cannot be a host's address"),
+                            None,
+                        );
+                        None
                     }
-                    Some(ip)
+                    Ok(ip) => {
+                        if let Some(other) = addresses.insert(ip, h.name.v.clone()) {
+                            v.err(
+                                &a.pos,
+                                &join(&path, "address"),
+                                format!("address {ip} is already used by host `{other}`"),
+                                None,
+                            );
+                        }
+                        Some(ip)
+                    }
+                    Err(_) => {
+                        v.err(&a.pos, &join(&path, "address"), format!("`{}` is not an IP address", a.v), "write an IPv4 or IPv6 address such as 10.0.0.5; names are not resolved".to_string());
+                        None
+                    }
                 }
-                Err(_) => {
-                    v.err(&a.pos, &join(&path, "address"), format!("`{}` is not an IP address", a.v), "write an IPv4 or IPv6 address such as 10.0.0.5; names are not resolved".to_string());
-                    None
-                }
-            },
+            }
         };
         let mut roles = Vec::new();
         if h.roles.is_empty() {
-            v.err(&h.name.pos, &join(&path, "roles"), "the host has no roles", Some(format!("give at least one of: {}", role_names().join(", "))));
+            v.err(
+                &h.name.pos,
+                &join(&path, "roles"),
+                "the host has no roles",
+                Some(format!("give at least one of: {}", role_names().join(", "))),
+            );
         }
         for (i, r) in h.roles.iter().enumerate() {
             let rp = index(&join(&path, "roles"), i);
             match Role::from_name(&r.v) {
-                Some(Role::Firewall) => v.err(&r.pos, &rp, "`firewall` is applied to every host and is not listed", "remove it".to_string()),
-                Some(role) if roles.contains(&role) => v.err(&r.pos, &rp, format!("role `{role}` is listed twice"), None),
+                Some(Role::Firewall) => v.err(
+                    &r.pos,
+                    &rp,
+                    "`firewall` is applied to every host and is not listed",
+                    "remove it".to_string(),
+                ),
+                Some(role) if roles.contains(&role) => {
+                    v.err(&r.pos, &rp, format!("role `{role}` is listed twice"), None)
+                }
                 Some(role) => roles.push(role),
-                None => v.err(&r.pos, &rp, format!("unknown role `{}`", r.v), Some(suggest(&r.v, &role_names()))),
+                None => v.err(
+                    &r.pos,
+                    &rp,
+                    format!("unknown role `{}`", r.v),
+                    Some(suggest(&r.v, &role_names())),
+                ),
             }
         }
         roles.sort();
@@ -111,39 +181,93 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
             host_ssh.identity_file = Some(resolve(dir, &f.v));
         }
         if let Some(ip) = address {
-            hosts.push(Host { name: h.name.v.clone(), address: ip, roles, vars: host_vars, ssh: host_ssh, pos: h.name.pos.clone() });
+            hosts.push(Host {
+                name: h.name.v.clone(),
+                address: ip,
+                roles,
+                vars: host_vars,
+                ssh: host_ssh,
+                pos: h.name.pos.clone(),
+            });
         }
     }
-    let hosts_pos = raw.hosts.first().map_or(raw.top.clone(), |h| h.name.pos.clone());
+    let hosts_pos = raw
+        .hosts
+        .first()
+        .map_or(raw.top.clone(), |h| h.name.pos.clone());
     if raw.hosts.is_empty() {
-        v.err(&raw.top, "hosts", "the inventory has no hosts", "add a `hosts:` mapping of name to address and roles".to_string());
+        v.err(
+            &raw.top,
+            "hosts",
+            "the inventory has no hosts",
+            "add a `hosts:` mapping of name to address and roles".to_string(),
+        );
     }
 
     // Rules between roles (only meaningful once every host parsed).
     let count = |role: Role| hosts.iter().filter(|h| h.roles.contains(&role)).count();
-    if !raw.hosts.is_empty() && v.diags.is_empty() {
+    if !raw.hosts.is_empty() && stage_one_clean && hosts.len() == raw.hosts.len() {
         match count(Role::Database) {
             1 => {}
-            0 => v.err(&hosts_pos, "hosts", "no host has the `database` role", "exactly one host must run PostgreSQL".to_string()),
+            0 => v.err(
+                &hosts_pos,
+                "hosts",
+                "no host has the `database` role",
+                "exactly one host must run PostgreSQL".to_string(),
+            ),
             n => {
                 for h in hosts.iter().filter(|h| h.has(Role::Database)).skip(1) {
-                    v.err(&h.pos, &join("hosts", &h.name), format!("{n} hosts have the `database` role"), "exactly one host runs PostgreSQL".to_string());
+                    v.err(
+                        &h.pos,
+                        &join("hosts", &h.name),
+                        format!("{n} hosts have the `database` role"),
+                        "exactly one host runs PostgreSQL".to_string(),
+                    );
                 }
             }
         }
         let needs: [(Role, Role, &str); 7] = [
-            (Role::Worker, Role::Backend, "workers take sessions only from backends"),
-            (Role::Backend, Role::Cache, "backends keep sessions in memcached"),
-            (Role::Backend, Role::Loadbalancer, "browsers reach backends through HAProxy"),
-            (Role::Loadbalancer, Role::Backend, "HAProxy sends /api and /sockjs to backends"),
-            (Role::Loadbalancer, Role::Static, "HAProxy sends / and /pub/ to nginx"),
-            (Role::Static, Role::Loadbalancer, "nginx is reached through HAProxy"),
+            (
+                Role::Worker,
+                Role::Backend,
+                "workers take sessions only from backends",
+            ),
+            (
+                Role::Backend,
+                Role::Cache,
+                "backends keep sessions in memcached",
+            ),
+            (
+                Role::Backend,
+                Role::Loadbalancer,
+                "browsers reach backends through HAProxy",
+            ),
+            (
+                Role::Loadbalancer,
+                Role::Backend,
+                "HAProxy sends /api and /sockjs to backends",
+            ),
+            (
+                Role::Loadbalancer,
+                Role::Static,
+                "HAProxy sends / and /pub/ to nginx",
+            ),
+            (
+                Role::Static,
+                Role::Loadbalancer,
+                "nginx is reached through HAProxy",
+            ),
             (Role::Logd, Role::Database, "logd writes to PostgreSQL"),
         ];
         for (has, needs, why) in needs {
             if count(has) > 0 && count(needs) == 0 {
                 let h = hosts.iter().find(|h| h.has(has)).expect("counted");
-                v.err(&h.pos, &join("hosts", &h.name), format!("a `{has}` host needs a `{needs}` host, and there is none"), format!("{why}: give some host the `{needs}` role"));
+                v.err(
+                    &h.pos,
+                    &join("hosts", &h.name),
+                    format!("a `{has}` host needs a `{needs}` host, and there is none"),
+                    format!("{why}: give some host the `{needs}` role"),
+                );
             }
         }
     }
@@ -152,7 +276,12 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
     let public_name = match &raw.public_name {
         Some(n) if is_dns_name(&n.v) => n.v.clone(),
         Some(n) => {
-            v.err(&n.pos, "tls.public_name", format!("`{}` is not a DNS name", n.v), "the name browsers use, such as sagews.example.org".to_string());
+            v.err(
+                &n.pos,
+                "tls.public_name",
+                format!("`{}` is not a DNS name", n.v),
+                "the name browsers use, such as sagews.example.org".to_string(),
+            );
             String::new()
         }
         None => {
@@ -162,20 +291,38 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
             String::new()
         }
     };
-    let dir = raw.file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let dir = raw
+        .file
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
     let mut tls_file = |f: &Option<Sp<String>>, key: &str| -> Option<PathBuf> {
         let f = f.as_ref()?;
         let p = resolve(&dir, &f.v);
         if !p.is_file() {
-            v.err(&f.pos, &join("tls", key), format!("no file at {}", p.display()), "the path is relative to the inventory file".to_string());
+            v.err(
+                &f.pos,
+                &join("tls", key),
+                format!("no file at {}", p.display()),
+                "the path is relative to the inventory file".to_string(),
+            );
         }
         Some(p)
     };
     let certificate = tls_file(&raw.certificate, "certificate");
     let key = tls_file(&raw.key, "key");
     if certificate.is_some() != key.is_some() {
-        let pos = raw.certificate.as_ref().or(raw.key.as_ref()).map_or(raw.top.clone(), |s| s.pos.clone());
-        v.err(&pos, "tls", "give both `certificate` and `key`, or neither", None);
+        let pos = raw
+            .certificate
+            .as_ref()
+            .or(raw.key.as_ref())
+            .map_or(raw.top.clone(), |s| s.pos.clone());
+        v.err(
+            &pos,
+            "tls",
+            "give both `certificate` and `key`, or neither",
+            None,
+        );
     }
 
     // Groups.
@@ -183,9 +330,19 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
     for (g, members) in &raw.groups {
         let path = join("groups", &g.v);
         if !is_label(&g.v) {
-            v.err(&g.pos, &path, format!("`{}` is not a valid group name", g.v), LABEL_HINT.to_string());
+            v.err(
+                &g.pos,
+                &path,
+                format!("`{}` is not a valid group name", g.v),
+                LABEL_HINT.to_string(),
+            );
         } else if names.contains(&g.v) || Role::from_name(&g.v).is_some() {
-            v.err(&g.pos, &path, format!("group `{}` has the name of a host or role", g.v), "rename it, so `--limit` stays unambiguous".to_string());
+            v.err(
+                &g.pos,
+                &path,
+                format!("group `{}` has the name of a host or role", g.v),
+                "rename it, so `--limit` stays unambiguous".to_string(),
+            );
         }
         let mut list = Vec::new();
         for (i, m) in members.iter().enumerate() {
@@ -193,7 +350,12 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
                 list.push(m.v.clone());
             } else {
                 let known: Vec<&str> = names.iter().map(String::as_str).collect();
-                v.err(&m.pos, &index(&path, i), format!("no host named `{}`", m.v), Some(suggest(&m.v, &known)));
+                v.err(
+                    &m.pos,
+                    &index(&path, i),
+                    format!("no host named `{}`", m.v),
+                    Some(suggest(&m.v, &known)),
+                );
             }
         }
         if let Some(prev) = groups.insert(g.v.clone(), list) {
@@ -213,7 +375,11 @@ pub fn validate(raw: RawInventory) -> Result<Inventory, Diagnostics> {
         name,
         file: raw.file,
         ssh,
-        tls: Tls { public_name, certificate, key },
+        tls: Tls {
+            public_name,
+            certificate,
+            key,
+        },
         vars,
         groups,
         hosts,
@@ -244,9 +410,16 @@ fn resolve(dir: &std::path::Path, p: &str) -> PathBuf {
 
 fn merge_ssh(base: &Ssh, o: &RawSsh) -> Ssh {
     Ssh {
-        user: o.user.as_ref().map_or_else(|| base.user.clone(), |u| u.v.clone()),
+        user: o
+            .user
+            .as_ref()
+            .map_or_else(|| base.user.clone(), |u| u.v.clone()),
         port: o.port.as_ref().map_or(base.port, |p| p.v as u16),
-        identity_file: o.identity_file.as_ref().map(|f| PathBuf::from(&f.v)).or_else(|| base.identity_file.clone()),
+        identity_file: o
+            .identity_file
+            .as_ref()
+            .map(|f| PathBuf::from(&f.v))
+            .or_else(|| base.identity_file.clone()),
     }
 }
 
@@ -260,12 +433,22 @@ fn check_vars(v: &mut V<'_>, vars: &Vars, path: &str) -> BTreeMap<String, serde_
                 Some(c) => format!("did you mean `{c}`? `sagectl vars` lists every variable"),
                 None => "no role reads it; `sagectl vars` lists every variable".to_string(),
             };
-            v.err(&k.pos, &join(path, &k.v), format!("unknown variable `{}`", k.v), hint);
+            v.err(
+                &k.pos,
+                &join(path, &k.v),
+                format!("unknown variable `{}`", k.v),
+                hint,
+            );
             continue;
         }
         let default = v.known_vars[k.v.as_str()];
         if std::mem::discriminant(default) != std::mem::discriminant(val) && !default.is_null() {
-            v.err(&k.pos, &join(path, &k.v), format!("`{}` should be {}", k.v, json_kind(default)), Some(format!("its default is {default}")));
+            v.err(
+                &k.pos,
+                &join(path, &k.v),
+                format!("`{}` should be {}", k.v, json_kind(default)),
+                Some(format!("its default is {default}")),
+            );
             continue;
         }
         out.insert(k.v.clone(), val.clone());
@@ -293,11 +476,22 @@ fn check_logd(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> LogdSettings
         match a.v.parse::<Cidr>() {
             Ok(c) => {
                 if let Some(w) = workers.iter().find(|w| c.contains(w.address)) {
-                    v.err(&a.pos, &path, format!("{c} lets worker `{}` ({}) send logs", w.name, w.address), "workers are untrusted and never write to logd: narrow the block".to_string());
+                    v.err(
+                        &a.pos,
+                        &path,
+                        format!("{c} lets worker `{}` ({}) send logs", w.name, w.address),
+                        "workers are untrusted and never write to logd: narrow the block"
+                            .to_string(),
+                    );
                 }
                 allow.push(c);
             }
-            Err(e) => v.err(&a.pos, &path, format!("not a valid address block: {e}"), "write an address (10.0.0.5) or a CIDR block (10.0.0.0/24)".to_string()),
+            Err(e) => v.err(
+                &a.pos,
+                &path,
+                format!("not a valid address block: {e}"),
+                "write an address (10.0.0.5) or a CIDR block (10.0.0.0/24)".to_string(),
+            ),
         }
     }
     let logds: Vec<&Host> = hosts.iter().filter(|h| h.has(Role::Logd)).collect();
@@ -305,29 +499,57 @@ fn check_logd(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> LogdSettings
     match &l.replica {
         Some(r) => match logds.iter().find(|h| h.name == r.v) {
             Some(_) if logds.len() == 2 => replica = Some(r.v.clone()),
-            Some(_) => v.err(&r.pos, "logd.replica", format!("a replica needs exactly two logd hosts, found {}", logds.len()), "give the role `logd` to the primary and to the replica".to_string()),
+            Some(_) => v.err(
+                &r.pos,
+                "logd.replica",
+                format!(
+                    "a replica needs exactly two logd hosts, found {}",
+                    logds.len()
+                ),
+                "give the role `logd` to the primary and to the replica".to_string(),
+            ),
             None => {
                 let known: Vec<&str> = logds.iter().map(|h| h.name.as_str()).collect();
-                v.err(&r.pos, "logd.replica", format!("`{}` is not a host with the logd role", r.v), Some(suggest(&r.v, &known)));
+                v.err(
+                    &r.pos,
+                    "logd.replica",
+                    format!("`{}` is not a host with the logd role", r.v),
+                    Some(suggest(&r.v, &known)),
+                );
             }
         },
         None if logds.len() > 1 => {
             let h = logds[1];
-            v.err(&h.pos, &join("hosts", &h.name), "more than one logd host without `logd.replica`", "name the second logd host in `logd.replica`; at most two logd hosts".to_string());
+            v.err(
+                &h.pos,
+                &join("hosts", &h.name),
+                "more than one logd host without `logd.replica`",
+                "name the second logd host in `logd.replica`; at most two logd hosts".to_string(),
+            );
         }
         None => {}
     }
     for a in &l.alerts {
         if let Some(h) = &a.v.host {
             if !hosts.iter().any(|x| &x.name == h) {
-                v.err(&a.pos, "logd.alerts", format!("alert `{}` names no host `{h}`", a.v.name), None);
+                v.err(
+                    &a.pos,
+                    "logd.alerts",
+                    format!("alert `{}` names no host `{h}`", a.v.name),
+                    None,
+                );
             }
         }
     }
     let mut seen = BTreeSet::new();
     for a in &l.alerts {
         if !seen.insert(&a.v.name) {
-            v.err(&a.pos, "logd.alerts", format!("two alert rules are named `{}`", a.v.name), None);
+            v.err(
+                &a.pos,
+                "logd.alerts",
+                format!("two alert rules are named `{}`", a.v.name),
+                None,
+            );
         }
     }
     LogdSettings {
@@ -345,19 +567,43 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
     let subnet = match l.subnet.v.parse::<Cidr>() {
         Ok(c) if c.addr().is_ipv4() && c.prefix() >= 16 && c.prefix() <= 29 => c,
         Ok(c) => {
-            v.err(&l.subnet.pos, "lab.subnet", format!("{c} cannot be a lab subnet"), "use an IPv4 block from /16 to /29, such as 10.77.0.0/24".to_string());
+            v.err(
+                &l.subnet.pos,
+                "lab.subnet",
+                format!("{c} cannot be a lab subnet"),
+                "use an IPv4 block from /16 to /29, such as 10.77.0.0/24".to_string(),
+            );
             return None;
         }
         Err(e) => {
-            v.err(&l.subnet.pos, "lab.subnet", format!("not a valid subnet: {e}"), None);
+            v.err(
+                &l.subnet.pos,
+                "lab.subnet",
+                format!("not a valid subnet: {e}"),
+                None,
+            );
             return None;
         }
     };
     if !is_label(&l.suite) {
-        v.err(&l.subnet.pos, "lab.suite", format!("`{}` is not a Debian suite name", l.suite), None);
+        v.err(
+            &l.subnet.pos,
+            "lab.suite",
+            format!("`{}` is not a Debian suite name", l.suite),
+            None,
+        );
     }
-    let lab = Lab { subnet, suite: l.suite.clone() };
+    let lab = Lab {
+        subnet,
+        suite: l.suite.clone(),
+    };
     for h in hosts {
+        let pos = raw
+            .hosts
+            .iter()
+            .find(|r| r.name.v == h.name)
+            .and_then(|r| r.address.as_ref())
+            .map_or(&h.pos, |a| &a.pos);
         let bad = if !subnet.contains(h.address) {
             Some("outside the lab subnet")
         } else if h.address == subnet.nth(0).expect("non-empty") || h.address == subnet.last() {
@@ -368,17 +614,34 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
             None
         };
         if let Some(why) = bad {
-            v.err(&h.pos, &join(&join("hosts", &h.name), "address"), format!("{} is {why} ({subnet})", h.address), format!("lab hosts take addresses from {} up", subnet.nth(2).expect("non-empty")));
+            v.err(
+                pos,
+                &join(&join("hosts", &h.name), "address"),
+                format!("{} is {why} ({subnet})", h.address),
+                format!(
+                    "lab hosts take addresses from {} up",
+                    subnet.nth(2).expect("non-empty")
+                ),
+            );
         }
     }
     Some(lab)
 }
 
 /// Two services of one host must not want the same port.
-fn check_ports(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host], vars: &BTreeMap<String, serde_json::Value>) {
+fn check_ports(
+    v: &mut V<'_>,
+    raw: &RawInventory,
+    hosts: &[Host],
+    vars: &BTreeMap<String, serde_json::Value>,
+) {
     for h in hosts {
         let var_port = |name: &str| -> Option<u16> {
-            let val = h.vars.get(name).or_else(|| vars.get(name)).or_else(|| v.known_vars.get(name).copied())?;
+            let val = h
+                .vars
+                .get(name)
+                .or_else(|| vars.get(name))
+                .or_else(|| v.known_vars.get(name).copied())?;
             val.as_u64().and_then(|p| u16::try_from(p).ok())
         };
         let mut ports: Vec<(u16, String)> = vec![(h.ssh.port, "ssh".into())];
@@ -389,8 +652,12 @@ fn check_ports(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host], vars: &BTreeMa
                     ports.push((443, "haproxy https".into()));
                 }
                 Role::Static => ports.extend(var_port("nginx_port").map(|p| (p, "nginx".into()))),
-                Role::Database => ports.extend(var_port("postgres_port").map(|p| (p, "postgresql".into()))),
-                Role::Cache => ports.extend(var_port("memcached_port").map(|p| (p, "memcached".into()))),
+                Role::Database => {
+                    ports.extend(var_port("postgres_port").map(|p| (p, "postgresql".into())))
+                }
+                Role::Cache => {
+                    ports.extend(var_port("memcached_port").map(|p| (p, "memcached".into())))
+                }
                 Role::Worker => ports.push((raw.worker.port, "worker.port".into())),
                 Role::Backend => {
                     ports.push((raw.backend.port, "backend.port".into()));
@@ -406,7 +673,12 @@ fn check_ports(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host], vars: &BTreeMa
         let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
         for (p, who) in &ports {
             if let Some(other) = seen.insert(*p, who) {
-                v.err(&h.pos, &join("hosts", &h.name), format!("port {p} is wanted by both {other} and {who} on this host"), "change one of them in the inventory".to_string());
+                v.err(
+                    &h.pos,
+                    &join("hosts", &h.name),
+                    format!("port {p} is wanted by both {other} and {who} on this host"),
+                    "change one of them in the inventory".to_string(),
+                );
             }
         }
     }

@@ -1,0 +1,134 @@
+//! Helpers shared by the integration tests: paths, running sagectl, scratch copies of
+//! inventories, and running a real tool inside private mount and network namespaces.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// A `sagectl` command (the binary built for these tests).
+pub fn sagectl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sagectl"))
+}
+
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Copies the directory holding an inventory into a fresh temp dir, so state directories
+/// (.sagectl/) made by the test never land in the source tree. Returns the dir and the copy.
+pub fn scratch_inventory(src: &Path) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tree(src.parent().unwrap(), tmp.path());
+    let file = tmp.path().join(src.file_name().unwrap());
+    (tmp, file)
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == ".sagectl" {
+            continue;
+        }
+        let p = e.path();
+        if p.is_dir() {
+            copy_tree(&p, &to.join(&name));
+        } else {
+            std::fs::copy(&p, to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Renders `inventory` into `out`, asserting success.
+pub fn render(inventory: &Path, out: &Path) -> String {
+    let o = sagectl()
+        .arg("render")
+        .arg(inventory)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "render failed:\n{stdout}\n{stderr}");
+    format!("{stdout}{stderr}")
+}
+
+pub fn is_root() -> bool {
+    let o = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim() == "0"
+}
+
+/// Fails with what to do when the test cannot run here: these tests are meant to run (CI
+/// installs the tools and runs as root), never to pass by skipping.
+pub fn require(tool: &str) {
+    assert!(
+        is_root(),
+        "this test needs root (mount and network namespaces); run it as CI does: `sudo .ci/run`"
+    );
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(
+        found,
+        "`{tool}` is not installed; .ci/run installs it (apt-get install ...)"
+    );
+}
+
+/// Runs `argv` in new mount and network namespaces where each `(dir, over)` bind-mounts `dir`
+/// over the system directory `over`, and loopback holds `addresses`. The real tool then reads
+/// the rendered files at their real paths and can bind the host's real addresses.
+pub fn run_isolated(binds: &[(&Path, &str)], addresses: &[String], argv: &[&str]) -> Output {
+    let mut script = String::from("set -e\nip link set lo up\n");
+    for a in addresses {
+        let prefix = if a.contains(':') { 128 } else { 32 };
+        script.push_str(&format!("ip addr add {a}/{prefix} dev lo\n"));
+    }
+    for (i, _) in binds.iter().enumerate() {
+        script.push_str(&format!(
+            "mount --bind \"$BIND_SRC_{i}\" \"$BIND_DST_{i}\"\n"
+        ));
+    }
+    script.push_str("exec \"$@\"\n");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--net", "--", "sh", "-c", &script, "sh"])
+        .args(argv);
+    for (i, (src, dst)) in binds.iter().enumerate() {
+        cmd.env(format!("BIND_SRC_{i}"), src)
+            .env(format!("BIND_DST_{i}"), dst);
+    }
+    cmd.output().unwrap()
+}
+
+/// A copy of the system directory `system` (e.g. /etc/nginx, for mime.types) with the rendered
+/// files of the same directory laid over it.
+pub fn overlay(system: &str, rendered_host: &Path, into: &Path) -> PathBuf {
+    let dst = into.join(system.trim_start_matches('/'));
+    if Path::new(system).is_dir() {
+        copy_tree(Path::new(system), &dst);
+    }
+    let rendered = rendered_host.join(system.trim_start_matches('/'));
+    if rendered.is_dir() {
+        copy_tree(&rendered, &dst);
+    }
+    dst
+}
