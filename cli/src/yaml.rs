@@ -356,7 +356,7 @@ mod tests {
         let Kind::Seq(items) = &list.kind else {
             panic!()
         };
-        assert_eq!((items[1].pos.line, items[1].pos.col), (2, 11));
+        assert_eq!((items[1].pos.line, items[1].pos.col), (2, 10));
     }
 
     #[test]
