@@ -86,6 +86,7 @@ fn secrets_only_in_files_that_need_them() {
         [
             "backend1/etc/sage-agent/backend.json",
             "backend1/etc/sage-agent/host.key",
+            "db/etc/memcached/tls/host.key",
             "db/etc/postgresql/15/main/server.key",
             "lb/etc/haproxy/certs/host.pem",
             "lb/etc/haproxy/certs/site.pem",

@@ -124,6 +124,61 @@ fn nginx_accepts_rendered_config() {
 }
 
 #[test]
+fn memcached_serves_tls_with_client_certificates_only() {
+    require("memcached");
+    require("openssl");
+    let r = rendered(&fixtures().join("loopback.yaml"));
+    let cache = r.inv.with_role(Role::Cache).next().unwrap();
+    let host_out = r.out.join(&cache.name);
+    common::apply_manifest(&host_out);
+    let state = r.dir.join(".sagectl/loopback");
+    let backend = r.inv.with_role(Role::Backend).next().unwrap();
+    let addr = format!("{}:11211", cache.address);
+    // Debian's own wrapper turns memcached.conf into arguments, as memcached.service does.
+    let script = format!(
+        r#"/usr/share/memcached/scripts/systemd-memcached-wrapper /etc/memcached.conf & pid=$!
+for i in $(seq 100); do ss -ltn | grep -q '{addr}' && break; sleep 0.05; done
+echo "== with certificate"
+printf 'stats\r\nquit\r\n' | timeout 5 openssl s_client -quiet -connect {addr} -CAfile {ca} -cert {crt} -key {key} -verify_return_error 2>&1
+echo "== without"
+printf 'stats\r\nquit\r\n' | timeout 5 openssl s_client -quiet -connect {addr} -CAfile {ca} 2>&1
+echo "== plain"
+printf 'stats\r\nquit\r\n' | timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/11211; cat >&3; timeout 1 cat <&3' 2>&1
+kill $pid"#,
+        ca = state.join("ca.crt").display(),
+        crt = state.join(format!("hosts/{}.crt", backend.name)).display(),
+        key = state.join(format!("hosts/{}.key", backend.name)).display(),
+        ip = cache.address,
+    );
+    let o = common::run_as_host(&host_out, &[cache.address.to_string()], &script);
+    let (out, err) = text(&o);
+    let with = out
+        .split("== with certificate")
+        .nth(1)
+        .unwrap()
+        .split("== without")
+        .next()
+        .unwrap();
+    let without = out
+        .split("== without")
+        .nth(1)
+        .unwrap()
+        .split("== plain")
+        .next()
+        .unwrap();
+    let plain = out.split("== plain").nth(1).unwrap();
+    assert!(
+        with.contains("STAT pid") && with.contains("STAT max_connections 4096"),
+        "with a certificate:\n{out}\n{err}"
+    );
+    assert!(
+        !without.contains("STAT pid"),
+        "answered a client without a certificate:\n{without}"
+    );
+    assert!(!plain.contains("STAT pid"), "answered plain text:\n{plain}");
+}
+
+#[test]
 fn nft_accepts_every_hosts_rules() {
     require("nft");
     for path in inventories() {

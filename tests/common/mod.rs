@@ -119,6 +119,41 @@ pub fn run_isolated(binds: &[(&Path, &str)], addresses: &[String], argv: &[&str]
     cmd.output().unwrap()
 }
 
+/// Gives each rendered file of a host the owner, group and mode its MANIFEST says, as
+/// `sagectl up` will on the host.
+pub fn apply_manifest(host_out: &Path) {
+    let manifest = std::fs::read_to_string(host_out.join("MANIFEST")).unwrap();
+    for line in manifest.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let (mode, owner, path) = (w[0], w[1], w[2]);
+        let file = host_out.join(path.trim_start_matches('/'));
+        for (cmd, arg) in [("chown", owner), ("chmod", mode)] {
+            let st = Command::new(cmd).arg(arg).arg(&file).status().unwrap();
+            assert!(st.success(), "{cmd} {arg} {}", file.display());
+        }
+    }
+}
+
+/// Runs `script` (sh) as if on the host whose rendered files are in `host_out`: its /etc laid
+/// over the system's (overlayfs, read-only) in a private mount namespace, in a private network
+/// namespace where loopback holds `addresses`.
+pub fn run_as_host(host_out: &Path, addresses: &[String], script: &str) -> Output {
+    let mut setup = String::from("set -e\nip link set lo up\n");
+    for a in addresses {
+        let prefix = if a.contains(':') { 128 } else { 32 };
+        setup.push_str(&format!(
+            "ip addr add {a}/{prefix} dev lo 2>/dev/null || true\n"
+        ));
+    }
+    setup.push_str("mount -t overlay overlay -o \"lowerdir=$HOST_ETC:/etc\" /etc\nset +e\n");
+    Command::new("unshare")
+        .args(["--mount", "--net", "--", "sh", "-c"])
+        .arg(format!("{setup}{script}"))
+        .env("HOST_ETC", host_out.join("etc"))
+        .output()
+        .unwrap()
+}
+
 /// A copy of the system directory `system` (e.g. /etc/nginx, for mime.types) with the rendered
 /// files of the same directory laid over it.
 pub fn overlay(system: &str, rendered_host: &Path, into: &Path) -> PathBuf {
