@@ -10,6 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -266,9 +267,32 @@ struct Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        // SIGINT is PostgreSQL's fast shutdown: the postmaster ends its children, then itself.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// uid and gid of a system user.
+fn ids(user: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let o = Command::new("id").arg(flag).arg(user).output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    (id("-u"), id("-g"))
 }
 
 fn pg_bin(name: &str) -> PathBuf {
@@ -343,9 +367,12 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     let port = free_port(&ip);
     let p = |f: &str| conf.join(f).display().to_string();
     let c = |k: &str, v: &str| format!("--{k}={v}");
-    let child = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(pg_bin("postgres"))
+    // Started directly as postgres (not through runuser, which would stand between the test
+    // and the postmaster and leave it running when killed).
+    let (uid, gid) = ids("postgres");
+    let child = Command::new(pg_bin("postgres"))
+        .uid(uid)
+        .gid(gid)
         .arg(c("config_file", &p("postgresql.conf")))
         .arg(c("data_directory", &data.display().to_string()))
         .arg(c("hba_file", &p("pg_hba.conf")))
