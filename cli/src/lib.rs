@@ -6,10 +6,13 @@
 
 pub mod command;
 pub mod diag;
+pub mod hostkeys;
 pub mod inventory;
+pub mod lab;
 pub mod net;
 pub mod pki;
 pub mod quote;
 pub mod render;
 pub mod roles;
+pub mod sys;
 pub mod yaml;

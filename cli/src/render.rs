@@ -135,7 +135,7 @@ pub fn context(inv: &Inventory, catalog: &Catalog, host: &Host) -> BTreeMap<&'st
     c.insert("logd", Value::from(Serde(&inv.logd)));
     c.insert("logd_primary", Value::from(Serde(&logd_primary)));
     c.insert("lab", Value::from(Serde(inv.lab.as_ref().map(|l| {
-        serde_json::json!({"subnet": l.subnet.to_string(), "gateway": l.gateway().to_string(), "apt_proxy_port": 3142})
+        serde_json::json!({"subnet": l.subnet.to_string(), "gateway": l.gateway().to_string(), "apt_proxy_port": crate::lab::APT_PROXY_PORT})
     }))));
     c
 }

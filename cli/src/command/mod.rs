@@ -1,5 +1,6 @@
 //! Subcommands, one file each, each with an `Opts` struct and a `run` function.
 
+pub mod lab;
 pub mod render;
 pub mod validate;
 pub mod vars;
@@ -27,6 +28,8 @@ pub enum Command {
     Render(render::Opts),
     /// List the variables roles read, with their defaults.
     Vars(vars::Opts),
+    /// Local lab machines (systemd-nspawn) for an inventory with a `lab:` section.
+    Lab(lab::Opts),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -34,6 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate(o) => validate::run(o),
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),
+        Command::Lab(o) => lab::run(o),
     }
 }
 
