@@ -240,7 +240,7 @@ fn firewall_opens_exactly_the_arrows() {
     let output = w.split("chain output").nth(1).unwrap();
     assert!(output.contains("policy drop"));
     assert!(output.contains("ip daddr 10.77.0.13 tcp dport 8444 accept"));
-    assert!(output.contains("meta skuid 0 ip daddr 10.77.0.1 tcp dport 3142 accept"));
+    assert!(output.contains("meta skuid 0 ip daddr 10.77.0.1 tcp dport 3149 accept"));
     for h in ["db", "backend1", "lb", "logs"] {
         assert!(
             nft(h).contains("policy drop")

@@ -6,11 +6,20 @@ use std::path::PathBuf;
 
 pub struct KnownHosts {
     path: PathBuf,
+    /// Hosts are pinned from parallel connections: one read-modify-write at a time.
+    lock: std::sync::Mutex<()>,
 }
 
 impl KnownHosts {
     pub fn new(path: PathBuf) -> KnownHosts {
-        KnownHosts { path }
+        KnownHosts {
+            path,
+            lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// The pinned key lines of `addr`.
@@ -26,6 +35,7 @@ impl KnownHosts {
 
     /// Replaces every key of `addr` with `lines` (a host deliberately remade).
     pub fn replace(&self, addr: IpAddr, lines: &[String]) -> std::io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let a = addr.to_string();
         let old = std::fs::read_to_string(&self.path).unwrap_or_default();
         let mut out: Vec<String> = old

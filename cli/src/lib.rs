@@ -6,6 +6,7 @@
 
 pub mod command;
 pub mod diag;
+pub mod facts;
 pub mod hostkeys;
 pub mod inventory;
 pub mod lab;
@@ -14,5 +15,6 @@ pub mod pki;
 pub mod quote;
 pub mod render;
 pub mod roles;
+pub mod ssh;
 pub mod sys;
 pub mod yaml;

@@ -3,6 +3,7 @@
 //! deterministic: the same inventory and state give the same bytes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, Value};
@@ -40,6 +41,10 @@ pub enum RenderError {
     },
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(
+        "host {host}: role {role} installs sage-agent, and no sage-agent binary was found\n  hint: build it (`cargo build --release -p sage-agent`; it is looked for beside sagectl) or set SAGECTL_AGENT_BINARY"
+    )]
+    NoAgent { host: String, role: Role },
     #[error("host {host}: reading the site certificate {path}: {source}")]
     SiteCert {
         host: String,
@@ -140,18 +145,95 @@ pub fn context(inv: &Inventory, catalog: &Catalog, host: &Host) -> BTreeMap<&'st
     c
 }
 
-/// Every file `host` should have, in role order then task order.
-pub fn host_files(
+/// What one task wants on a host.
+#[derive(Clone, Debug)]
+pub enum StepKind {
+    /// Debian packages (every apt task of the host is merged into one apt call).
+    Packages(Vec<String>),
+    User {
+        name: String,
+        home: String,
+    },
+    Dir {
+        path: String,
+        attrs: Attrs,
+    },
+    File(DesiredFile),
+    /// The sage-agent binary.
+    Binary {
+        path: String,
+        content: Arc<Vec<u8>>,
+    },
+    Service {
+        name: String,
+        enabled: bool,
+        started: bool,
+    },
+    /// A login role with a password, and a database it owns.
+    Postgres {
+        database: String,
+        owner: String,
+        password: crate::pki::Secret,
+    },
+}
+
+/// One task of one role, rendered for a host.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub role: Role,
+    pub task: String,
+    pub notify: Vec<String>,
+    pub kind: StepKind,
+}
+
+/// A handler of a role, rendered for a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerStep {
+    pub role: Role,
+    pub name: String,
+    pub service: String,
+    pub action: crate::roles::HandlerAction,
+}
+
+impl HandlerStep {
+    /// How a handler is named across roles (and in the host's pending-handlers file).
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.role, self.name)
+    }
+}
+
+/// Every step of `host`, in role order then task order, and its roles' handlers.
+/// `agent` is the sage-agent binary, needed only by hosts with an agent role.
+pub fn host_steps(
     inv: &Inventory,
     catalog: &Catalog,
     state: &State,
     host: &Host,
-) -> Result<Vec<DesiredFile>, RenderError> {
+    agent: Option<&Arc<Vec<u8>>>,
+) -> Result<(Vec<Step>, Vec<HandlerStep>), RenderError> {
     let env = environment();
     let ctx = context(inv, catalog, host);
     let mut out = Vec::new();
+    let mut handlers = Vec::new();
     for role in host.all_roles() {
-        for task in &catalog.role(role).tasks {
+        let def = catalog.role(role);
+        for h in &def.handlers {
+            let service =
+                env.render_str(&h.service, &ctx)
+                    .map_err(|source| RenderError::Template {
+                        host: host.name.clone(),
+                        role,
+                        task: format!("handler {}", h.name),
+                        source,
+                    })?;
+            handlers.push(HandlerStep {
+                role,
+                name: h.name.clone(),
+                service,
+                action: h.action,
+            });
+        }
+        for task in &def.tasks {
             let terr = |source| RenderError::Template {
                 host: host.name.clone(),
                 role,
@@ -159,12 +241,20 @@ pub fn host_files(
                 source,
             };
             let render_str = |s: &str| env.render_str(s, &ctx).map_err(terr);
-            let mut push = |path: String,
-                            attrs: &Attrs,
-                            content: Vec<u8>,
-                            secret: bool,
-                            validate: Option<Vec<String>>| {
-                out.push(DesiredFile {
+            let mut push = |kind: StepKind| {
+                out.push(Step {
+                    role,
+                    task: task.name.clone(),
+                    notify: task.notify.clone(),
+                    kind,
+                });
+            };
+            let file = |path: String,
+                        attrs: &Attrs,
+                        content: Vec<u8>,
+                        secret: bool,
+                        validate: Option<Vec<String>>| {
+                StepKind::File(DesiredFile {
                     path,
                     attrs: attrs.clone(),
                     content,
@@ -173,7 +263,7 @@ pub fn host_files(
                     role,
                     task: task.name.clone(),
                     notify: task.notify.clone(),
-                });
+                })
             };
             match &task.action {
                 Action::Template {
@@ -194,17 +284,23 @@ pub fn host_files(
                         ctx.insert("secrets", Value::from(Serde(&s)));
                     }
                     let text = tmpl.render(&ctx).map_err(terr)?;
-                    push(
+                    push(file(
                         render_str(dest)?,
                         attrs,
                         text.into_bytes(),
                         *secrets,
                         validate.clone(),
-                    );
+                    ));
                 }
                 Action::Pki { item, dest, attrs } => {
                     let content = pki_item(inv, state, host, *item)?;
-                    push(render_str(dest)?, attrs, content, item.is_secret(), None);
+                    push(file(
+                        render_str(dest)?,
+                        attrs,
+                        content,
+                        item.is_secret(),
+                        None,
+                    ));
                 }
                 Action::StaticFiles { dest } => {
                     let dest = render_str(dest)?;
@@ -214,20 +310,89 @@ pub fn host_files(
                         group: "root".into(),
                     };
                     for (rel, content) in assets_under("static/") {
-                        push(
+                        push(file(
                             format!("{}/{rel}", dest.trim_end_matches('/')),
                             &attrs,
                             content.to_vec(),
                             false,
                             None,
-                        );
+                        ));
                     }
                 }
-                _ => {}
+                Action::Apt(pkgs) => {
+                    let pkgs = pkgs
+                        .iter()
+                        .map(|p| render_str(p))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    push(StepKind::Packages(pkgs));
+                }
+                Action::User { name, home } => push(StepKind::User {
+                    name: render_str(name)?,
+                    home: render_str(home)?,
+                }),
+                Action::Directory { path, attrs } => push(StepKind::Dir {
+                    path: render_str(path)?,
+                    attrs: attrs.clone(),
+                }),
+                Action::AgentBinary { dest } => match agent {
+                    Some(content) => push(StepKind::Binary {
+                        path: render_str(dest)?,
+                        content: content.clone(),
+                    }),
+                    None => {
+                        return Err(RenderError::NoAgent {
+                            host: host.name.clone(),
+                            role,
+                        });
+                    }
+                },
+                Action::Service {
+                    name,
+                    enabled,
+                    started,
+                } => push(StepKind::Service {
+                    name: render_str(name)?,
+                    enabled: *enabled,
+                    started: *started,
+                }),
+                Action::PostgresDatabase {
+                    name,
+                    owner,
+                    password_secret,
+                } => {
+                    let secrets = state.secrets()?;
+                    let password = secrets
+                        .get(password_secret)
+                        .cloned()
+                        .expect("catalog checks secret names");
+                    push(StepKind::Postgres {
+                        database: render_str(name)?,
+                        owner: render_str(owner)?,
+                        password,
+                    });
+                }
             }
         }
     }
-    Ok(out)
+    Ok((out, handlers))
+}
+
+/// Every file `host` should have, in role order then task order.
+pub fn host_files(
+    inv: &Inventory,
+    catalog: &Catalog,
+    state: &State,
+    host: &Host,
+) -> Result<Vec<DesiredFile>, RenderError> {
+    let placeholder = Arc::new(Vec::new());
+    let (steps, _) = host_steps(inv, catalog, state, host, Some(&placeholder))?;
+    Ok(steps
+        .into_iter()
+        .filter_map(|s| match s.kind {
+            StepKind::File(f) => Some(f),
+            _ => None,
+        })
+        .collect())
 }
 
 fn pki_item(

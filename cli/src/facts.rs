@@ -1,0 +1,284 @@
+//! Facts: what a host has now, gathered in one round trip. A constant shell script reads what
+//! to look at from stdin (one `KIND argument` per line, so no path is ever pasted into a shell
+//! line) and prints tab-separated lines that a pure parser turns into [`Facts`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The fact-gathering script. It only reads.
+pub const SCRIPT: &str = r#"
+tab=$(printf '\t')
+. /etc/os-release 2>/dev/null
+printf 'os\t%s\t%s\n' "${ID:-unknown}" "${VERSION_ID:-unknown}"
+printf 'mem\t%s\n' "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+printf 'cpus\t%s\n' "$(nproc)"
+pg=no
+while IFS=' ' read -r kind arg; do
+  case "$kind" in
+    P) dpkg-query -W -f='pkg\t${Package}\t${db:Status-Abbrev}\t${Version}\n' "$arg" 2>/dev/null ;;
+    F) if [ -f "$arg" ]; then
+         printf 'file\t%s\t%s\t%s\n' "$arg" "$(sha256sum < "$arg" | cut -d' ' -f1)" "$(stat --printf '%a\t%U\t%G' "$arg")"
+       else printf 'file\t%s\t-\n' "$arg"; fi ;;
+    D) if [ -d "$arg" ]; then printf 'dir\t%s\t%s\n' "$arg" "$(stat --printf '%a\t%U\t%G' "$arg")"
+       else printf 'dir\t%s\t-\n' "$arg"; fi ;;
+    U) printf 'unit\t%s\t%s\t%s\n' "$arg" "$(systemctl is-enabled "$arg" 2>/dev/null | head -n1)" "$(systemctl is-active "$arg" 2>/dev/null | head -n1)" ;;
+    N) printf 'user\t%s\t%s\n' "$arg" "$(getent passwd "$arg" | cut -d: -f3)" ;;
+    Q) pg=yes ;;
+  esac
+done
+if [ -f /var/lib/sagectl/pending-handlers ]; then
+  while IFS= read -r h; do printf 'pending\t%s\n' "$h"; done < /var/lib/sagectl/pending-handlers
+fi
+if [ "$pg" = yes ] && command -v psql >/dev/null 2>&1 && runuser -u postgres -- psql -XAtq -c 'select 1' >/dev/null 2>&1; then
+  runuser -u postgres -- psql -XAtq -F "$tab" -c "select 'pgrole', rolname, coalesce(rolpassword, '') from pg_authid where rolcanlogin"
+  runuser -u postgres -- psql -XAtq -F "$tab" -c "select 'pgdb', datname, pg_get_userbyid(datdba) from pg_database"
+fi
+exit 0
+"#;
+
+/// What to look at on a host.
+#[derive(Clone, Debug, Default)]
+pub struct Query {
+    pub packages: BTreeSet<String>,
+    pub files: BTreeSet<String>,
+    pub dirs: BTreeSet<String>,
+    pub units: BTreeSet<String>,
+    pub users: BTreeSet<String>,
+    pub postgres: bool,
+}
+
+impl Query {
+    /// The script's stdin.
+    pub fn stdin(&self) -> String {
+        let mut s = String::new();
+        let mut add = |k: &str, items: &BTreeSet<String>| {
+            for i in items {
+                s.push_str(&format!("{k} {i}\n"));
+            }
+        };
+        add("P", &self.packages);
+        add("F", &self.files);
+        add("D", &self.dirs);
+        add("U", &self.units);
+        add("N", &self.users);
+        if self.postgres {
+            s.push_str("Q -\n");
+        }
+        s
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileFact {
+    pub sha256: String,
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirFact {
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct UnitFact {
+    /// `enabled`, `disabled`, `static`, ... or empty when systemd does not know the unit.
+    pub enabled: String,
+    /// `active`, `inactive`, `failed`, ...
+    pub active: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub os: (String, String),
+    pub mem_kb: u64,
+    pub cpus: u32,
+    /// Installed packages and their versions.
+    pub packages: BTreeMap<String, String>,
+    /// Files: `None` when missing.
+    pub files: BTreeMap<String, Option<FileFact>>,
+    pub dirs: BTreeMap<String, Option<DirFact>>,
+    pub units: BTreeMap<String, UnitFact>,
+    pub users: BTreeMap<String, Option<u32>>,
+    /// Handlers that an earlier run notified but could not run.
+    pub pending: Vec<String>,
+    /// PostgreSQL login roles and their password verifiers, when PostgreSQL runs.
+    pub pg_roles: Option<BTreeMap<String, String>>,
+    /// Databases and their owners.
+    pub pg_databases: BTreeMap<String, String>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("facts line {line}: {why}: {text:?}")]
+pub struct ParseError {
+    pub line: usize,
+    pub why: &'static str,
+    pub text: String,
+}
+
+fn attrs(fields: &[&str]) -> Option<(u32, String, String)> {
+    match fields {
+        [mode, owner, group] => Some((
+            u32::from_str_radix(mode, 8).ok()?,
+            owner.to_string(),
+            group.to_string(),
+        )),
+        _ => None,
+    }
+}
+
+/// Parses the script's output.
+pub fn parse(out: &str) -> Result<Facts, ParseError> {
+    let mut f = Facts::default();
+    for (i, line) in out.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let w: Vec<&str> = line.split('\t').collect();
+        let err = |why| ParseError {
+            line: i + 1,
+            why,
+            text: line.to_string(),
+        };
+        match w[..] {
+            ["os", id, ver] => f.os = (id.into(), ver.into()),
+            ["mem", kb] => f.mem_kb = kb.parse().map_err(|_| err("bad memory size"))?,
+            ["cpus", n] => f.cpus = n.parse().map_err(|_| err("bad cpu count"))?,
+            ["pkg", name, status, version] => {
+                // "ii" = installed and configured; anything else counts as missing.
+                if status.trim() == "ii" {
+                    f.packages.insert(name.into(), version.into());
+                }
+            }
+            ["file", path, "-"] => {
+                f.files.insert(path.into(), None);
+            }
+            ["file", path, sha, ref rest @ ..] => {
+                let (mode, owner, group) = attrs(rest).ok_or_else(|| err("bad file attributes"))?;
+                f.files.insert(
+                    path.into(),
+                    Some(FileFact {
+                        sha256: sha.into(),
+                        mode,
+                        owner,
+                        group,
+                    }),
+                );
+            }
+            ["dir", path, "-"] => {
+                f.dirs.insert(path.into(), None);
+            }
+            ["dir", path, ref rest @ ..] => {
+                let (mode, owner, group) =
+                    attrs(rest).ok_or_else(|| err("bad directory attributes"))?;
+                f.dirs
+                    .insert(path.into(), Some(DirFact { mode, owner, group }));
+            }
+            ["unit", name, enabled, active] => {
+                f.units.insert(
+                    name.into(),
+                    UnitFact {
+                        enabled: enabled.into(),
+                        active: active.into(),
+                    },
+                );
+            }
+            ["user", name, uid] => {
+                f.users.insert(name.into(), uid.parse().ok());
+            }
+            ["pending", h] => f.pending.push(h.into()),
+            ["pgrole", name, verifier] => {
+                f.pg_roles
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(name.into(), verifier.into());
+            }
+            ["pgdb", name, owner] => {
+                f.pg_roles.get_or_insert_with(BTreeMap::new);
+                f.pg_databases.insert(name.into(), owner.into());
+            }
+            _ => return Err(err("unknown line")),
+        }
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_fresh_host() {
+        let out = "os\tdebian\t12\nmem\t24684436\ncpus\t2\npkg\tnftables\tii \t1.0.6-2+deb12u2\npkg\thaproxy\tun \t\nfile\t/etc/haproxy/haproxy.cfg\t-\ndir\t/etc/haproxy/certs\t-\nunit\thaproxy\t\t\nuser\tpostgres\t\n";
+        let f = parse(out).unwrap();
+        assert_eq!(f.os, ("debian".into(), "12".into()));
+        assert_eq!((f.mem_kb, f.cpus), (24684436, 2));
+        assert_eq!(f.packages.keys().collect::<Vec<_>>(), ["nftables"]);
+        assert_eq!(f.files["/etc/haproxy/haproxy.cfg"], None);
+        assert_eq!(f.dirs["/etc/haproxy/certs"], None);
+        assert_eq!(f.units["haproxy"], UnitFact::default());
+        assert_eq!(f.users["postgres"], None);
+        assert_eq!(f.pg_roles, None);
+    }
+
+    #[test]
+    fn parses_a_converged_host() {
+        let out = "file\t/etc/x.conf\tab12\t640\troot\tpostgres\ndir\t/etc/haproxy/certs\t700\troot\troot\nunit\thaproxy\tenabled\tactive\npending\tloadbalancer:reload haproxy\npgrole\tsagews_backend\tSCRAM-SHA-256$4096:c2FsdA==$a:b\npgdb\tsagews\tsagews_backend\n";
+        let f = parse(out).unwrap();
+        assert_eq!(
+            f.files["/etc/x.conf"],
+            Some(FileFact {
+                sha256: "ab12".into(),
+                mode: 0o640,
+                owner: "root".into(),
+                group: "postgres".into()
+            })
+        );
+        assert_eq!(f.dirs["/etc/haproxy/certs"].as_ref().unwrap().mode, 0o700);
+        assert_eq!(f.units["haproxy"].active, "active");
+        assert_eq!(f.pending, ["loadbalancer:reload haproxy"]);
+        assert!(f.pg_roles.unwrap()["sagews_backend"].starts_with("SCRAM-SHA-256$4096"));
+        assert_eq!(f.pg_databases["sagews"], "sagews_backend");
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        let e = parse("os\tdebian\t12\nwhat is this\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(parse("file\t/x\tsha\t9z9\troot\troot\n").is_err());
+    }
+
+    #[test]
+    fn script_runs_here_and_its_output_parses() {
+        // The real script on this machine: reads stdin, prints lines the parser takes.
+        let q = Query {
+            packages: ["bash".into(), "no-such-package-xyz".into()].into(),
+            files: ["/etc/hostname".into(), "/no/such file".into()].into(),
+            dirs: ["/etc".into()].into(),
+            users: ["root".into()].into(),
+            ..Default::default()
+        };
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", SCRIPT])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(q.stdin().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let f = parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        assert!(f.packages.contains_key("bash") && !f.packages.contains_key("no-such-package-xyz"));
+        assert!(f.files["/etc/hostname"].is_some());
+        assert_eq!(f.files["/no/such file"], None);
+        assert_eq!(f.dirs["/etc"].as_ref().unwrap().owner, "root");
+        assert_eq!(f.users["root"], Some(0));
+        assert!(f.cpus >= 1);
+    }
+}
