@@ -16,5 +16,6 @@ pub mod quote;
 pub mod render;
 pub mod roles;
 pub mod ssh;
+pub mod ssh_config;
 pub mod sys;
 pub mod yaml;

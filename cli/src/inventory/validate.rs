@@ -175,11 +175,41 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
         }
         roles.sort();
         let host_vars = check_vars(&mut v, &h.vars, &join(&path, "vars"));
-        let mut host_ssh = merge_ssh(&ssh, &h.ssh);
-        if let (Some(f), Some(dir)) = (&h.ssh.identity_file, h.file.parent()) {
-            // Relative to the file that declares the host.
-            host_ssh.identity_file = Some(resolve(dir, &f.v));
-        }
+        // The host's own settings, then the inventory's, then ~/.ssh/config, then defaults.
+        // Identity files are relative to the file that names them.
+        let cfg = crate::ssh_config::lookup(&h.name.v);
+        let main_dir = raw.file.parent().unwrap_or(std::path::Path::new("."));
+        let host_dir = h.file.parent().unwrap_or(std::path::Path::new("."));
+        let host_ssh = Ssh {
+            user: h
+                .ssh
+                .user
+                .as_ref()
+                .or(raw.ssh.user.as_ref())
+                .map(|u| u.v.clone())
+                .or(cfg.user)
+                .unwrap_or(ssh.user.clone()),
+            port: h
+                .ssh
+                .port
+                .as_ref()
+                .or(raw.ssh.port.as_ref())
+                .map(|p| p.v as u16)
+                .or(cfg.port)
+                .unwrap_or(ssh.port),
+            identity_file: h
+                .ssh
+                .identity_file
+                .as_ref()
+                .map(|f| resolve(host_dir, &f.v))
+                .or_else(|| {
+                    raw.ssh
+                        .identity_file
+                        .as_ref()
+                        .map(|f| resolve(main_dir, &f.v))
+                })
+                .or(cfg.identity_file),
+        };
         if let Some(ip) = address {
             hosts.push(Host {
                 name: h.name.v.clone(),
