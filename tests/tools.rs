@@ -465,10 +465,13 @@ fn postgres_runs_rendered_config_with_verified_tls() {
         .unwrap();
     std::io::Write::write_all(
         setup.stdin.as_mut().unwrap(),
-        format!("\\set pw '{pw}'\nCREATE ROLE sagews_backend LOGIN PASSWORD :'pw';\nCREATE DATABASE sagews OWNER sagews_backend;\n").as_bytes(),
+        // The password is set from a SCRAM verifier made by sagectl: the server never sees it.
+        format!("\\set pw '{}'\nCREATE ROLE sagews_backend LOGIN PASSWORD :'pw';\nCREATE DATABASE sagews OWNER sagews_backend;\n", sagectl::scram::verifier(pw, b"fixed-test-salt!")).as_bytes(),
     )
     .unwrap();
     assert!(setup.wait().unwrap().success());
+    let o = Command::new("runuser").args(["-u", "postgres", "--", "psql", "-X", "-A", "-t", "-d", &sock, "-c", "select rolpassword from pg_authid where rolname = 'sagews_backend'"]).output().unwrap();
+    assert!(sagectl::scram::matches(text(&o).0.trim(), pw), "the stored verifier checks against the password");
 
     // From the backend's address (127.0.0.1), TLS verified against the deployment's CA.
     let ca = r.dir.join(".sagectl/loopback/ca.crt").display().to_string();

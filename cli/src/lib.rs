@@ -15,6 +15,7 @@ pub mod pki;
 pub mod quote;
 pub mod render;
 pub mod roles;
+pub mod scram;
 pub mod ssh;
 pub mod ssh_config;
 pub mod sys;
