@@ -470,8 +470,26 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     )
     .unwrap();
     assert!(setup.wait().unwrap().success());
-    let o = Command::new("runuser").args(["-u", "postgres", "--", "psql", "-X", "-A", "-t", "-d", &sock, "-c", "select rolpassword from pg_authid where rolname = 'sagews_backend'"]).output().unwrap();
-    assert!(sagectl::scram::matches(text(&o).0.trim(), pw), "the stored verifier checks against the password");
+    let o = Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-X",
+            "-A",
+            "-t",
+            "-d",
+            &sock,
+            "-c",
+            "select rolpassword from pg_authid where rolname = 'sagews_backend'",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        sagectl::scram::matches(text(&o).0.trim(), pw),
+        "the stored verifier checks against the password"
+    );
 
     // From the backend's address (127.0.0.1), TLS verified against the deployment's CA.
     let ca = r.dir.join(".sagectl/loopback/ca.crt").display().to_string();

@@ -28,7 +28,12 @@ enum Agent {
     Backend(AgentOpts),
     /// TLS log server writing to PostgreSQL.
     Logd(AgentOpts),
+    /// List the agents this binary implements (sagectl starts only those).
+    Built,
 }
+
+/// The agents implemented so far; sagectl installs the others' units without starting them.
+const BUILT: &[&str] = &[];
 
 #[derive(clap::Args)]
 struct AgentOpts {
@@ -43,6 +48,12 @@ fn main() -> ExitCode {
         Agent::Worker(o) => ("worker", o),
         Agent::Backend(o) => ("backend", o),
         Agent::Logd(o) => ("logd", o),
+        Agent::Built => {
+            for a in BUILT {
+                println!("{a}");
+            }
+            return ExitCode::SUCCESS;
+        }
     };
     match not_built(name, opts) {
         Ok(()) => ExitCode::SUCCESS,

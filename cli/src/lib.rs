@@ -4,14 +4,17 @@
 //! code. Modules: the inventory and its diagnostics, roles as data, rendering, the state
 //! directory (PKI and secrets), and one module per subcommand.
 
+pub mod apply;
 pub mod command;
 pub mod diag;
 pub mod facts;
+pub mod health;
 pub mod hostkeys;
 pub mod inventory;
 pub mod lab;
 pub mod net;
 pub mod pki;
+pub mod plan;
 pub mod quote;
 pub mod render;
 pub mod roles;
@@ -19,4 +22,5 @@ pub mod scram;
 pub mod ssh;
 pub mod ssh_config;
 pub mod sys;
+pub mod ui;
 pub mod yaml;

@@ -52,6 +52,11 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    #[cfg(test)]
+    pub fn new_for_tests(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
 }
 
 impl fmt::Debug for Secret {

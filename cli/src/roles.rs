@@ -352,12 +352,12 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
                 None => false,
             };
             let attrs = attrs(d, &f, if secrets { 0o600 } else { 0o644 })?;
-            if secrets && attrs.mode & 0o077 != 0 {
+            if secrets && !private_mode_ok(&attrs) {
                 d.error(
                     body,
                     &p,
                     "a template with secrets must not be readable by others",
-                    Some("use mode 0600 or 0640".into()),
+                    Some(PRIVATE_HINT.into()),
                 );
             }
             Action::Template {
@@ -381,12 +381,12 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
                 return None;
             };
             let attrs = attrs(d, &f, if item.is_secret() { 0o600 } else { 0o644 })?;
-            if item.is_secret() && attrs.mode & 0o077 != 0 {
+            if item.is_secret() && !private_mode_ok(&attrs) {
                 d.error(
                     body,
                     &p,
                     "a private key must not be readable by others",
-                    Some("use mode 0600".into()),
+                    Some(PRIVATE_HINT.into()),
                 );
             }
             Action::Pki {
@@ -468,6 +468,13 @@ fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
         service: req_string(d, &f, key)?,
         action,
     })
+}
+
+const PRIVATE_HINT: &str = "use mode 0600, or 0640 with the service's own group";
+
+/// A file holding secrets: nothing for others, and group access only for a service's own group.
+fn private_mode_ok(a: &Attrs) -> bool {
+    a.mode & 0o007 == 0 && (a.mode & 0o070 == 0 || a.group != "root")
 }
 
 fn req_string(d: &mut Decoder, f: &Fields<'_>, key: &str) -> Option<String> {

@@ -11,7 +11,9 @@ fn b64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= chunk.len() {
                 out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
@@ -49,7 +51,13 @@ fn unb64(s: &str) -> Option<Vec<u8>> {
 fn keys(password: &str, salt: &[u8], iterations: u32) -> (Vec<u8>, Vec<u8>) {
     let mut salted = [0u8; 32];
     let iters = NonZeroU32::new(iterations).expect("positive");
-    pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iters, salt, password.as_bytes(), &mut salted);
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        iters,
+        salt,
+        password.as_bytes(),
+        &mut salted,
+    );
     let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
     let client_key = hmac::sign(&key, b"Client Key");
     let stored = digest::digest(&digest::SHA256, client_key.as_ref());
@@ -60,7 +68,12 @@ fn keys(password: &str, salt: &[u8], iterations: u32) -> (Vec<u8>, Vec<u8>) {
 /// A verifier for `password` with `salt`, in PostgreSQL's `rolpassword` format.
 pub fn verifier(password: &str, salt: &[u8]) -> String {
     let (stored, server) = keys(password, salt, ITERATIONS);
-    format!("SCRAM-SHA-256${ITERATIONS}:{}${}:{}", b64(salt), b64(&stored), b64(&server))
+    format!(
+        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
+        b64(salt),
+        b64(&stored),
+        b64(&server)
+    )
 }
 
 /// Whether `stored` (a `rolpassword` value) is a SCRAM verifier of `password`.

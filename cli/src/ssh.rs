@@ -205,8 +205,9 @@ impl Session {
         };
         let config = Arc::new(client::Config {
             inactivity_timeout: Some(Duration::from_secs(600)),
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
+            // A host gone mid-run is noticed within about 15 s.
+            keepalive_interval: Some(Duration::from_secs(5)),
+            keepalive_max: 3,
             nodelay: true,
             ..Default::default()
         });

@@ -2,6 +2,7 @@
 
 pub mod lab;
 pub mod render;
+pub mod up;
 pub mod validate;
 pub mod vars;
 
@@ -22,6 +23,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Converge the inventory's hosts over SSH (lab machines are started first).
+    Up(up::Opts),
     /// Check an inventory and report every problem in it.
     Validate(validate::Opts),
     /// Write every host's desired configuration files into a directory.
@@ -34,6 +37,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Up(o) => up::run(o),
         Command::Validate(o) => validate::run(o),
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),

@@ -271,6 +271,9 @@ impl<'l> Machine<'l> {
             .arg(&root)
             .arg(format!("--machine={}", self.name()))
             .args(["--register=no", "--keep-unit", "--console=passive", "--link-journal=no", "--resolv-conf=off", "--timezone=off"])
+            // The machine owns its network namespace, so it may manage its own firewall
+            // (nspawn grants CAP_NET_ADMIN only for networks it made itself).
+            .arg("--capability=CAP_NET_ADMIN")
             .arg(format!("--network-namespace-path={}", netns.display()))
             .env("SAGECTL_CGROUPS", joined)
             .stdin(Stdio::null())

@@ -1,0 +1,413 @@
+//! Apply: run a host's planned changes over its SSH session, in order, stopping at the first
+//! failure; then its handlers, once each. A handler is recorded on the host (in
+//! /var/lib/sagectl/pending-handlers) before the change that notifies it, so a run that fails
+//! after a change still restarts the service next time (Ansible forgets these).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::plan::{Change, HostPlan, Upload};
+use crate::roles::{Attrs, HandlerAction};
+use crate::ssh::{Output, Session, SshError};
+
+const PENDING: &str = "/var/lib/sagectl/pending-handlers";
+const SHORT: Duration = Duration::from_secs(120);
+const APT: Duration = Duration::from_secs(1800);
+
+/// What applying did on one host.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub ok: usize,
+    pub changed: usize,
+    pub skipped: usize,
+    /// Handlers run (`restart haproxy`), in order.
+    pub handlers: Vec<String>,
+    /// The first failure, which stopped the host.
+    pub error: Option<String>,
+    /// The connection was lost (the host went away mid-run).
+    pub unreachable: bool,
+}
+
+/// Installs packages without letting their maintainer scripts start services: units start from
+/// sagectl's configuration, never from the package defaults (a default nginx on :80, say).
+const APT_SCRIPT: &str = r#"set -e
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod 755 /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold "$@"
+"#;
+
+/// Writes stdin to a new file in a private temp directory beside `$1`, with mode `$2` and owner
+/// `$3`; prints the new file's path.
+const STAGE_SCRIPT: &str = r#"set -e
+dir=$(dirname "$1")
+mkdir -p "$dir"
+tmp=$(mktemp -d "$dir/.sagectl.XXXXXX")
+f="$tmp/$(basename "$1")"
+cat > "$f"
+chown "$3" "$f"
+chmod "$2" "$f"
+printf '%s' "$f"
+"#;
+
+/// Moves the staged file `$2` over `$1`, keeping the old one as `$1.sagectl-prev`.
+const INSTALL_SCRIPT: &str = r#"set -e
+if [ -e "$1" ]; then cp -p "$1" "$1.sagectl-prev"; fi
+mv -f "$2" "$1"
+rmdir "$(dirname "$2")"
+"#;
+
+/// Sets up a login role (from a SCRAM verifier on stdin's first line) and its database.
+const PG_SQL: &str = r#"SELECT format('CREATE ROLE %I LOGIN', :'owner') WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'owner') \gexec
+SELECT format('ALTER ROLE %I LOGIN PASSWORD %L', :'owner', :'verifier') \gexec
+SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'owner') WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db') \gexec
+SELECT format('ALTER DATABASE %I OWNER TO %I', :'db', :'owner') \gexec
+"#;
+
+struct Runner<'a> {
+    s: &'a Session,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl Runner<'_> {
+    async fn run(&self, argv: &[&str], stdin: &[u8], timeout: Duration) -> Result<Output, String> {
+        self.s
+            .run(argv, stdin, timeout)
+            .await
+            .map_err(|e: SshError| {
+                if matches!(e, SshError::Channel { .. } | SshError::Timeout { .. }) {
+                    self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                e.to_string()
+            })
+    }
+
+    /// Runs and requires success, with the command's stderr in the error.
+    async fn must(
+        &self,
+        what: &str,
+        argv: &[&str],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<Output, String> {
+        let o = self.run(argv, stdin, timeout).await?;
+        if o.ok() {
+            Ok(o)
+        } else {
+            Err(format!(
+                "{what} failed (exit {}):\n{}",
+                o.status,
+                indent(&o.tail())
+            ))
+        }
+    }
+
+    async fn attrs(&self, path: &str, a: &Attrs) -> Result<(), String> {
+        let owner = format!("{}:{}", a.owner, a.group);
+        let mode = format!("{:04o}", a.mode);
+        self.must("chown", &["chown", &owner, path], b"", SHORT)
+            .await?;
+        self.must("chmod", &["chmod", &mode, path], b"", SHORT)
+            .await?;
+        Ok(())
+    }
+
+    async fn upload(&self, u: &Upload) -> Result<(), String> {
+        let owner = format!("{}:{}", u.attrs.owner, u.attrs.group);
+        let mode = format!("{:04o}", u.attrs.mode);
+        let staged = self
+            .must(
+                &format!("staging {}", u.path),
+                &["sh", "-c", STAGE_SCRIPT, "sh", &u.path, &mode, &owner],
+                &u.content,
+                SHORT,
+            )
+            .await?;
+        let tmp = staged.stdout_text();
+        if let Some(v) = &u.validate {
+            let argv: Vec<String> = v.iter().map(|a| a.replace("{path}", &tmp)).collect();
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let o = self.run(&argv, b"", SHORT).await?;
+            if !o.ok() {
+                let dir = tmp.rsplit_once('/').map_or(tmp.as_str(), |(d, _)| d);
+                let _ = self.run(&["rm", "-rf", dir], b"", SHORT).await;
+                return Err(format!(
+                    "{} refused the new {} (the live file is unchanged):\n{}",
+                    v[0],
+                    u.path,
+                    indent(&o.tail())
+                ));
+            }
+        }
+        self.must(
+            &format!("installing {}", u.path),
+            &["sh", "-c", INSTALL_SCRIPT, "sh", &u.path, &tmp],
+            b"",
+            SHORT,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn change(&self, c: &Change) -> Result<(), String> {
+        match c {
+            Change::None(_) | Change::Skip(_) => Ok(()),
+            Change::Install(pkgs) => {
+                let mut argv = vec!["sh", "-c", APT_SCRIPT, "sh"];
+                argv.extend(pkgs.iter().map(String::as_str));
+                self.must("apt-get install", &argv, b"", APT)
+                    .await
+                    .map(drop)
+            }
+            Change::User { name, home } => {
+                let argv = [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--home-dir",
+                    home,
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    name,
+                ];
+                self.must(&format!("useradd {name}"), &argv, b"", SHORT)
+                    .await
+                    .map(drop)
+            }
+            Change::MakeDir { path, attrs } => {
+                let mode = format!("{:04o}", attrs.mode);
+                let argv = [
+                    "install",
+                    "-d",
+                    "-m",
+                    &mode,
+                    "-o",
+                    &attrs.owner,
+                    "-g",
+                    &attrs.group,
+                    path,
+                ];
+                self.must(&format!("creating {path}"), &argv, b"", SHORT)
+                    .await
+                    .map(drop)
+            }
+            Change::FixAttrs { path, attrs } => self.attrs(path, attrs).await,
+            Change::Upload(u) => self.upload(u).await,
+            Change::Unit {
+                name,
+                enable,
+                start,
+            } => {
+                if *enable {
+                    self.must(
+                        &format!("systemctl enable {name}"),
+                        &["systemctl", "enable", "--quiet", name],
+                        b"",
+                        SHORT,
+                    )
+                    .await?;
+                }
+                if *start {
+                    self.must(&format!("systemctl start {name}"), &["systemctl", "start", name], b"", SHORT).await.map_err(|e| format!("{e}\n{}", "  hint: `sagectl lab ssh` or ssh to the host, then `journalctl -u NAME`".replace("NAME", name)))?;
+                }
+                Ok(())
+            }
+            Change::Postgres {
+                database,
+                owner,
+                password,
+            } => {
+                let salt: [u8; 16] = random_salt();
+                let verifier = crate::scram::verifier(password.expose(), &salt);
+                // Values travel on stdin as psql variables; %I and %L quote them in SQL.
+                let script = format!(
+                    "\\set owner '{owner}'\n\\set db '{database}'\n\\set verifier '{verifier}'\n{PG_SQL}"
+                );
+                let argv = [
+                    "runuser",
+                    "-u",
+                    "postgres",
+                    "--",
+                    "psql",
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    "postgres",
+                ];
+                self.must(
+                    &format!("setting up {owner} and {database}"),
+                    &argv,
+                    script.as_bytes(),
+                    SHORT,
+                )
+                .await
+                .map(drop)
+            }
+        }
+    }
+}
+
+fn random_salt() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("system randomness");
+    b
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Applies `plan` on `session`, calling `progress` with each step's name.
+pub async fn apply(
+    session: &Session,
+    plan: &HostPlan,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Applied {
+    let r = Runner {
+        s: session,
+        lost: Default::default(),
+    };
+    let mut out = apply_with(&r, plan, progress).await;
+    out.unreachable = r.lost.load(std::sync::atomic::Ordering::Relaxed);
+    out
+}
+
+async fn apply_with(r: &Runner<'_>, plan: &HostPlan, progress: &(dyn Fn(&str) + Sync)) -> Applied {
+    let mut out = Applied::default();
+    // Handler key -> index of the last change that notified it.
+    let mut notified: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &plan.pending {
+        notified.entry(p.clone()).or_insert(0);
+    }
+    let mut started: BTreeMap<String, usize> = BTreeMap::new();
+    let mut daemon_reload = false;
+    for (i, item) in plan.items.iter().enumerate() {
+        match &item.change {
+            Change::None(_) => out.ok += 1,
+            Change::Skip(_) => out.skipped += 1,
+            c => {
+                progress(&format!("{}: {}", item.task, c.describe()));
+                let keys: Vec<String> = item
+                    .notify
+                    .iter()
+                    .map(|n| format!("{}:{n}", item.role))
+                    .collect();
+                if !keys.is_empty() {
+                    let mut argv = vec![
+                        "sh",
+                        "-c",
+                        "mkdir -p /var/lib/sagectl && printf '%s\\n' \"$@\" >> /var/lib/sagectl/pending-handlers",
+                        "sh",
+                    ];
+                    argv.extend(keys.iter().map(String::as_str));
+                    if let Err(e) = r.must("recording handlers", &argv, b"", SHORT).await {
+                        out.error = Some(e);
+                        return out;
+                    }
+                }
+                if matches!(c, Change::Unit { .. }) && daemon_reload {
+                    if let Err(e) = r
+                        .must(
+                            "systemctl daemon-reload",
+                            &["systemctl", "daemon-reload"],
+                            b"",
+                            SHORT,
+                        )
+                        .await
+                    {
+                        out.error = Some(e);
+                        return out;
+                    }
+                    daemon_reload = false;
+                }
+                if let Err(e) = r.change(c).await {
+                    out.error = Some(format!("{} ({}): {e}", item.task, item.role));
+                    return out;
+                }
+                out.changed += 1;
+                for k in keys {
+                    notified.insert(k, i + 1);
+                }
+                match c {
+                    Change::Upload(u) if u.path.starts_with("/etc/systemd/system/") => {
+                        daemon_reload = true
+                    }
+                    Change::Unit {
+                        name, start: true, ..
+                    } => {
+                        started.insert(name.clone(), i + 1);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if notified.is_empty() {
+        return out;
+    }
+    if daemon_reload {
+        if let Err(e) = r
+            .must(
+                "systemctl daemon-reload",
+                &["systemctl", "daemon-reload"],
+                b"",
+                SHORT,
+            )
+            .await
+        {
+            out.error = Some(e);
+            return out;
+        }
+    }
+    // Handlers in the order the roles declare them, each once.
+    for h in &plan.handlers {
+        let Some(&at) = notified.get(&h.key()) else {
+            continue;
+        };
+        if plan.skipped_units.contains(&h.service) {
+            continue; // an agent that is installed but deliberately not running
+        }
+        if started.get(&h.service).is_some_and(|&s| s >= at) {
+            continue; // started after the change: it already runs the new configuration
+        }
+        let verb = match h.action {
+            HandlerAction::Restart => "restart",
+            HandlerAction::Reload => "reload-or-restart",
+        };
+        progress(&format!("handler: {} {}", verb, h.service));
+        if let Err(e) = r
+            .must(
+                &format!("systemctl {verb} {}", h.service),
+                &["systemctl", verb, &h.service],
+                b"",
+                SHORT,
+            )
+            .await
+        {
+            out.error = Some(format!("handler `{}`: {e}", h.name));
+            return out;
+        }
+        out.handlers.push(format!("{verb} {}", h.service));
+    }
+    if let Err(e) = r
+        .must(
+            "clearing pending handlers",
+            &["rm", "-f", PENDING],
+            b"",
+            SHORT,
+        )
+        .await
+    {
+        out.error = Some(e);
+    }
+    out
+}

@@ -1,0 +1,209 @@
+//! Health checks after a run, per role, made where the traffic really comes from: HAProxy from
+//! its own host (301 on :80; the client page on :443 with a certificate that verifies), nginx
+//! through HAProxy, PostgreSQL and memcached from a backend host with that host's credentials.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::inventory::{Host, Inventory, Role};
+use crate::ssh::Session;
+
+/// One check's result, reported on the host whose role it checks.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Check {
+    pub host: String,
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+const PG_SCRIPT: &str = r#"f=$(mktemp)
+trap 'rm -f "$f"' EXIT
+cat > "$f"
+PGPASSFILE="$f" PGCONNECT_TIMEOUT=5 psql "$1" -XAtc "$2"
+"#;
+
+const MEMCACHED_SCRIPT: &str = r#"printf 'stats\r\nquit\r\n' | timeout 5 openssl s_client -quiet -connect "$1" -CAfile /etc/sage-agent/ca.crt -cert /etc/sage-agent/host.crt -key /etc/sage-agent/host.key -verify_return_error 2>&1"#;
+
+async fn retry<F, Fut>(mut f: F) -> Result<String, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn run(s: &Session, argv: &[&str], stdin: &[u8]) -> Result<String, String> {
+    let o = s
+        .run(argv, stdin, Duration::from_secs(30))
+        .await
+        .map_err(|e| e.to_string())?;
+    if o.ok() {
+        Ok(o.stdout_text())
+    } else {
+        Err(o.tail())
+    }
+}
+
+/// Runs every check that applies to `hosts` (those that were converged).
+pub async fn check_all(
+    inv: &Inventory,
+    catalog: &crate::roles::Catalog,
+    hosts: &[&Host],
+    sessions: &BTreeMap<String, Session>,
+    secrets: &BTreeMap<String, crate::pki::Secret>,
+) -> Vec<Check> {
+    let own_cert = inv.tls.certificate.is_some();
+    let mut out = Vec::new();
+    let backend = inv
+        .with_role(Role::Backend)
+        .find(|b| sessions.contains_key(&b.name));
+    for h in hosts {
+        let Some(s) = sessions.get(&h.name) else {
+            continue;
+        };
+        let mut push = |name: &str, r: Result<String, String>| {
+            let (ok, detail) = match r {
+                Ok(d) => (true, d),
+                Err(e) => (false, e),
+            };
+            out.push(Check {
+                host: h.name.clone(),
+                name: name.to_string(),
+                ok,
+                detail,
+            });
+        };
+        let r = run(s, &["nft", "list", "table", "inet", "sagectl"], b"")
+            .await
+            .map(|_| "rules loaded".to_string());
+        push("firewall", r);
+        if h.has(Role::Loadbalancer) {
+            let r = retry(|| async {
+                let o = run(
+                    s,
+                    &[
+                        "curl",
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code} %{redirect_url}",
+                        "http://127.0.0.1/",
+                    ],
+                    b"",
+                )
+                .await?;
+                if o.starts_with("301 https://") {
+                    Ok(format!("port 80 redirects: {o}"))
+                } else {
+                    Err(format!("port 80 answered {o:?}, not a 301 to https"))
+                }
+            })
+            .await;
+            push("haproxy redirect", r);
+            let name = &inv.tls.public_name;
+            let resolve = format!("{name}:443:127.0.0.1");
+            let url = format!("https://{name}/");
+            let r = retry(|| async {
+                let mut argv = vec![
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "5",
+                    "--resolve",
+                    &resolve,
+                ];
+                if !own_cert {
+                    argv.extend(["--cacert", "/etc/haproxy/certs/ca.crt"]);
+                }
+                argv.push(&url);
+                let body = run(s, &argv, b"").await?;
+                if body.contains("Sage workspaces") {
+                    Ok(format!(
+                        "{url} serves the client page (verified certificate, HAProxy -> nginx)"
+                    ))
+                } else {
+                    Err(format!("{url} answered without the client page"))
+                }
+            })
+            .await;
+            push("haproxy https + nginx", r);
+        }
+        if let (Some(b), true) = (backend, h.has(Role::Database) || h.has(Role::Cache)) {
+            let bs = &sessions[&b.name];
+            if h.has(Role::Database) {
+                let vars = crate::render::host_vars(inv, catalog, h);
+                let port = vars
+                    .get("postgres_port")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(5432);
+                let conninfo = format!(
+                    "host={} port={port} dbname=sagews user=sagews_backend sslmode=verify-full sslrootcert=/etc/sage-agent/ca.crt",
+                    h.address
+                );
+                let pgpass = format!(
+                    "*:*:*:*:{}\n",
+                    secrets["postgres_backend_password"].expose()
+                );
+                let r = retry(|| async {
+                    let o = run(
+                        bs,
+                        &[
+                            "sh",
+                            "-c",
+                            PG_SCRIPT,
+                            "sh",
+                            &conninfo,
+                            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+                        ],
+                        pgpass.as_bytes(),
+                    )
+                    .await?;
+                    if o.trim() == "t" {
+                        Ok(format!(
+                            "{} connects with verify-full TLS and its password",
+                            b.name
+                        ))
+                    } else {
+                        Err(format!("unexpected answer {o:?}"))
+                    }
+                })
+                .await;
+                push("postgresql from backend", r);
+            }
+            if h.has(Role::Cache) {
+                let port = crate::render::host_vars(inv, catalog, h)
+                    .get("memcached_port")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(11211);
+                let addr = format!("{}:{port}", h.address);
+                let r = retry(|| async {
+                    let o = run(bs, &["sh", "-c", MEMCACHED_SCRIPT, "sh", &addr], b"").await?;
+                    if o.contains("STAT pid") {
+                        Ok(format!(
+                            "{} gets `stats` over TLS with its certificate",
+                            b.name
+                        ))
+                    } else {
+                        Err(format!(
+                            "no stats from {addr}: {}",
+                            o.lines().last().unwrap_or("")
+                        ))
+                    }
+                })
+                .await;
+                push("memcached from backend", r);
+            }
+        }
+    }
+    out
+}

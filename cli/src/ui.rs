@@ -1,0 +1,74 @@
+//! Progress of a run: one indicatif spinner per host on a terminal, plain `host | message`
+//! lines otherwise (CI logs). Shared by the per-host tasks.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+pub struct Ui {
+    bars: Option<(MultiProgress, BTreeMap<String, ProgressBar>)>,
+    width: usize,
+}
+
+impl Ui {
+    pub fn new(hosts: &[&str]) -> Ui {
+        let width = hosts.iter().map(|h| h.len()).max().unwrap_or(4);
+        if !std::io::stderr().is_terminal() {
+            return Ui { bars: None, width };
+        }
+        let m = MultiProgress::new();
+        let style =
+            ProgressStyle::with_template("{spinner} {prefix:.bold} {elapsed:>4} {wide_msg}")
+                .expect("valid template");
+        let bars = hosts
+            .iter()
+            .map(|h| {
+                let b = m.add(
+                    ProgressBar::new_spinner()
+                        .with_style(style.clone())
+                        .with_prefix(format!("{h:<width$}")),
+                );
+                b.enable_steady_tick(Duration::from_millis(120));
+                (h.to_string(), b)
+            })
+            .collect();
+        Ui {
+            bars: Some((m, bars)),
+            width,
+        }
+    }
+
+    pub fn msg(&self, host: &str, msg: &str) {
+        match &self.bars {
+            Some((_, bars)) => {
+                if let Some(b) = bars.get(host) {
+                    b.set_message(msg.to_string());
+                }
+            }
+            None => eprintln!("{host:<w$} | {msg}", w = self.width),
+        }
+    }
+
+    pub fn done(&self, host: &str, msg: &str) {
+        match &self.bars {
+            Some((_, bars)) => {
+                if let Some(b) = bars.get(host) {
+                    b.finish_with_message(msg.to_string());
+                }
+            }
+            None => eprintln!("{host:<w$} | {msg}", w = self.width),
+        }
+    }
+
+    /// Prints a line above the bars.
+    pub fn println(&self, line: &str) {
+        match &self.bars {
+            Some((m, _)) => {
+                let _ = m.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
