@@ -81,9 +81,9 @@ pub struct Lab<'a> {
 /// The host keys of a machine that was (re)made, or None for one already running.
 type NewKeys = Option<Vec<String>>;
 
-/// Prints a progress line (one renderer for the whole lab; lines, so logs and terminals agree).
+/// Prints a progress line on stderr (stdout stays for results, such as `up --json`).
 pub fn say(msg: impl AsRef<str>) {
-    println!("lab: {}", msg.as_ref());
+    eprintln!("lab: {}", msg.as_ref());
 }
 
 impl<'a> Lab<'a> {

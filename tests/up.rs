@@ -1,0 +1,417 @@
+//! `sagectl up` on real lab machines, as root: a fresh deploy passes every health check; a
+//! second run changes nothing and restarts nothing; a changed variable shows its exact diff
+//! under --check, then changes one file and restarts one service; a broken HAProxy variable is
+//! refused by haproxy -c while the old config keeps serving; a machine gone mid-run is reported
+//! unreachable and converged once back; a changed host key is refused with both fingerprints;
+//! and the quoting helper carries a hostile path over SSH intact.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{require, sagectl, scratch_inventory, text};
+use serde_json::Value;
+
+struct Down(PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
+    }
+}
+
+fn up(inv: &Path, args: &[&str]) -> (Output, Value) {
+    let o = sagectl()
+        .arg("up")
+        .arg(inv)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let recap: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON recap ({e}):\n{}\n{}", text(&o).0, text(&o).1));
+    (o, recap)
+}
+
+fn host<'a>(recap: &'a Value, name: &str) -> &'a Value {
+    recap["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == name)
+        .unwrap_or_else(|| panic!("{name} not in recap"))
+}
+
+fn ssh(inv: &Path, h: &str, argv: &[&str]) -> String {
+    let o = sagectl()
+        .args(["lab", "ssh"])
+        .arg(inv)
+        .arg(h)
+        .arg("--")
+        .args(argv)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ssh {h} {argv:?}: {}", text(&o).1);
+    text(&o).0
+}
+
+/// When each unit last became active (monotonic µs), to tell whether a run restarted it.
+fn started_at(inv: &Path, h: &str, units: &[&str]) -> Vec<String> {
+    units
+        .iter()
+        .map(|u| {
+            let v = ssh(
+                inv,
+                h,
+                &[
+                    "systemctl",
+                    "show",
+                    "-p",
+                    "ActiveEnterTimestampMonotonic",
+                    "--value",
+                    u,
+                ],
+            )
+            .trim()
+            .to_string();
+            assert!(
+                v.parse::<u64>().is_ok_and(|t| t > 0),
+                "{u} on {h} was never active: {v:?}"
+            );
+            v
+        })
+        .collect()
+}
+
+fn set_var(inv: &Path, from: &str, to: &str) {
+    let t = std::fs::read_to_string(inv).unwrap();
+    assert!(t.contains(from), "{from} not in the inventory");
+    std::fs::write(inv, t.replace(from, to)).unwrap();
+}
+
+const ALPHA_UNITS: [&str; 5] = [
+    "haproxy",
+    "nginx",
+    "postgresql@15-main",
+    "memcached",
+    "nftables",
+];
+
+#[test]
+fn converge_lab_hosts() {
+    require("ip");
+    let (_tmp, inv) = scratch_inventory(&common::fixtures().join("up3.yaml"));
+    let _down = Down(inv.clone());
+
+    // A fresh deploy: lab machines are made first, then every infrastructure role is up and healthy.
+    let started = Instant::now();
+    let (o, recap) = up(&inv, &[]);
+    let first = started.elapsed();
+    assert!(
+        o.status.success(),
+        "first up failed:\n{}\n{}",
+        serde_json::to_string_pretty(&recap).unwrap(),
+        text(&o).1
+    );
+    let checks: Vec<String> = host(&recap, "alpha")["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{}={}", c["name"].as_str().unwrap(), c["ok"]))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            "firewall=true",
+            "haproxy redirect=true",
+            "haproxy https + nginx=true",
+            "postgresql from backend=true",
+            "memcached from backend=true"
+        ]
+    );
+    for h in ["bravo", "charlie"] {
+        let notes = host(&recap, h)["notes"].to_string();
+        assert!(
+            notes.contains("is not built yet"),
+            "{h}: agent roles say they were skipped: {notes}"
+        );
+    }
+    eprintln!(
+        "first deploy of 3 lab hosts (machines included): {:.1}s",
+        first.as_secs_f64()
+    );
+
+    // A second run changes nothing and restarts nothing.
+    let before = started_at(&inv, "alpha", &ALPHA_UNITS);
+    let (o, recap) = up(&inv, &[]);
+    assert!(o.status.success());
+    for h in recap["hosts"].as_array().unwrap() {
+        assert_eq!(
+            h["changed"], 0,
+            "{} changed on a second run: {h}",
+            h["host"]
+        );
+        assert_eq!(h["handlers"].as_array().unwrap().len(), 0, "{h}");
+    }
+    assert_eq!(
+        started_at(&inv, "alpha", &ALPHA_UNITS),
+        before,
+        "a no-op run restarted a service"
+    );
+
+    // A changed variable: --check --diff shows exactly that change and changes nothing.
+    set_var(&inv, "memcached_memory_mb: 64", "memcached_memory_mb: 96");
+    let o = sagectl()
+        .arg("up")
+        .arg(&inv)
+        .args(["--check", "--diff"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let diff: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            (l.starts_with('-') || l.starts_with('+'))
+                && !l.starts_with("---")
+                && !l.starts_with("+++")
+        })
+        .collect();
+    assert_eq!(diff, vec!["--m 64", "+-m 96"], "the diff:\n{err}");
+    assert!(
+        err.contains("--- alpha:/etc/memcached.conf (on the host)"),
+        "{err}"
+    );
+    assert!(
+        out.contains("memcached.conf: update /etc/memcached.conf"),
+        "{out}"
+    );
+    assert!(
+        ssh(&inv, "alpha", &["cat", "/etc/memcached.conf"]).contains("-m 64\n"),
+        "--check changed the file"
+    );
+    // ... then up changes that file alone and restarts only memcached.
+    let before = started_at(&inv, "alpha", &ALPHA_UNITS);
+    let (o, recap) = up(&inv, &[]);
+    assert!(o.status.success());
+    assert_eq!(host(&recap, "alpha")["changed"], 1);
+    assert_eq!(
+        host(&recap, "alpha")["handlers"],
+        serde_json::json!(["restart memcached"])
+    );
+    for h in ["bravo", "charlie"] {
+        assert_eq!(host(&recap, h)["changed"], 0);
+    }
+    let after = started_at(&inv, "alpha", &ALPHA_UNITS);
+    for (i, u) in ALPHA_UNITS.iter().enumerate() {
+        assert_eq!(
+            before[i] != after[i],
+            *u == "memcached",
+            "{u}: before {} after {}",
+            before[i],
+            after[i]
+        );
+    }
+
+    // A variable that breaks HAProxy's config: refused by haproxy -c; the old config keeps serving.
+    set_var(
+        &inv,
+        "memcached_memory_mb: 96",
+        "memcached_memory_mb: 96\n  haproxy_tunnel_timeout: \"1fortnight\"",
+    );
+    let (o, recap) = up(&inv, &["--limit", "loadbalancer"]);
+    assert!(!o.status.success());
+    let alpha = host(&recap, "alpha");
+    assert_eq!(alpha["failed"], true);
+    let e = alpha["error"].as_str().unwrap();
+    assert!(
+        e.contains("haproxy refused the new /etc/haproxy/haproxy.cfg")
+            && e.contains("unexpected character 'f' in 'timeout tunnel'"),
+        "{e}"
+    );
+    assert!(
+        ssh(
+            &inv,
+            "alpha",
+            &["grep", "timeout tunnel", "/etc/haproxy/haproxy.cfg"]
+        )
+        .contains("1h")
+    );
+    let page = ssh(
+        &inv,
+        "alpha",
+        &[
+            "curl",
+            "-sS",
+            "--cacert",
+            "/etc/haproxy/certs/ca.crt",
+            "--resolve",
+            "sagews.uptest.test:443:127.0.0.1",
+            "https://sagews.uptest.test/",
+        ],
+    );
+    assert!(
+        page.contains("Sage workspaces"),
+        "HAProxy stopped serving: {page}"
+    );
+    set_var(&inv, "\n  haproxy_tunnel_timeout: \"1fortnight\"", "");
+
+    // A machine that dies mid-run: the others finish, it is unreachable, the exit code says so.
+    let bravo_cgroup = kill_file("uptest-bravo");
+    set_var(&inv, "memcached_memory_mb: 96", "memcached_memory_mb: 80");
+    let child = sagectl()
+        .arg("up")
+        .arg(&inv)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&bravo_cgroup, "1").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let recap: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!o.status.success());
+    assert_eq!(host(&recap, "bravo")["unreachable"], true, "{recap}");
+    for h in ["alpha", "charlie"] {
+        assert_eq!(host(&recap, h)["failed"], false, "{h} must finish: {recap}");
+        assert_eq!(host(&recap, h)["unreachable"], false);
+    }
+    assert_eq!(
+        host(&recap, "alpha")["changed"],
+        1,
+        "alpha finished its change"
+    );
+    // Back (remade by `up`, which brings the lab up first): converged from scratch.
+    let (o, recap) = up(&inv, &[]);
+    assert!(o.status.success(), "after the machine came back: {recap}");
+    assert!(
+        host(&recap, "bravo")["changed"].as_u64().unwrap() > 5,
+        "bravo was converged again: {recap}"
+    );
+
+    // A host key that changed behind our back is refused, naming both fingerprints.
+    ssh(
+        &inv,
+        "charlie",
+        &[
+            "sh",
+            "-c",
+            "rm -f /etc/ssh/ssh_host_* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh",
+        ],
+    );
+    let (o, recap) = up(&inv, &["--limit", "charlie"]);
+    assert!(!o.status.success());
+    let e = host(&recap, "charlie")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("HOST KEY CHANGED for charlie (10.81.0.12): pinned SHA256:")
+            && e.contains(", offered SHA256:"),
+        "{e}"
+    );
+    let offered = e
+        .split("offered ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let pinned = e
+        .split("pinned ")
+        .nth(1)
+        .unwrap()
+        .split(", offered")
+        .next()
+        .unwrap();
+    assert!(
+        !pinned.contains(offered),
+        "the offered key differs from every pinned one: {e}"
+    );
+
+    // Quoting: a file whose path holds every shell metacharacter round-trips over SSH.
+    quoting_round_trip(&inv);
+}
+
+/// The cgroup.kill file of a lab machine (killing it is a power cut).
+fn kill_file(machine: &str) -> PathBuf {
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let p = Path::new(root)
+            .join("sagectl-lab")
+            .join(machine)
+            .join("cgroup.kill");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no cgroup.kill for {machine}");
+}
+
+fn quoting_round_trip(inv: &Path) {
+    use sagectl::ssh::{HostKeyPolicy, Session, Target};
+    let state = inv.parent().unwrap().join(".sagectl/uptest");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let target = Target {
+            host: "alpha".into(),
+            addr: "10.81.0.10:22".parse().unwrap(),
+            user: "root".into(),
+            identity: Some(state.join("lab/id_ed25519")),
+        };
+        let known = std::sync::Arc::new(sagectl::hostkeys::KnownHosts::new(
+            state.join("known_hosts"),
+        ));
+        let s = Session::connect(&target, known, HostKeyPolicy::Strict)
+            .await
+            .unwrap();
+        let dir = "/tmp/q dir 'single' \"double\" $HOME `id` $(id) \\ ; & | * ? [x] ~ # !\nnewline";
+        let path = format!("{dir}/file name.txt");
+        let content = b"content with 'quotes' and $vars\n";
+        let o = s
+            .run(&["mkdir", "-p", dir], b"", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(o.ok(), "{}", o.tail());
+        let o = s
+            .run(
+                &["sh", "-c", "cat > \"$1\"", "sh", &path],
+                content,
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert!(o.ok(), "{}", o.tail());
+        let o = s
+            .run(&["cat", &path], b"", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(o.stdout, content);
+        // The directory really has that name (one entry, not several words).
+        let o = s
+            .run(
+                &[
+                    "find",
+                    "/tmp",
+                    "-maxdepth",
+                    "1",
+                    "-name",
+                    "q dir*",
+                    "-print0",
+                ],
+                b"",
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(o.stdout, format!("{dir}\0").into_bytes());
+        let o = s
+            .run(&["rm", "-rf", dir], b"", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(o.ok());
+        s.close().await;
+    });
+}
