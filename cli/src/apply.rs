@@ -35,8 +35,8 @@ printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
 trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold "$@"
+apt-get update -q -o Acquire::Retries=3
+apt-get install -y -q --no-install-recommends -o Acquire::Retries=3 -o Dpkg::Options::=--force-confold "$@"
 "#;
 
 /// Writes stdin to a new file in a private temp directory beside `$1`, with mode `$2` and owner

@@ -6,31 +6,47 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// The fact-gathering script. It only reads.
 pub const SCRIPT: &str = r#"
+cd /
 tab=$(printf '\t')
 . /etc/os-release 2>/dev/null
 printf 'os\t%s\t%s\n' "${ID:-unknown}" "${VERSION_ID:-unknown}"
 printf 'mem\t%s\n' "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 printf 'cpus\t%s\n' "$(nproc)"
 pg=no
+pkgs=
+units=
 while IFS=' ' read -r kind arg; do
   case "$kind" in
-    P) dpkg-query -W -f='pkg\t${Package}\t${db:Status-Abbrev}\t${Version}\n' "$arg" 2>/dev/null ;;
+    P) pkgs="$pkgs $arg" ;;
     F) if [ -f "$arg" ]; then
          printf 'file\t%s\t%s\t%s\n' "$arg" "$(sha256sum < "$arg" | cut -d' ' -f1)" "$(stat --printf '%a\t%U\t%G' "$arg")"
        else printf 'file\t%s\t-\n' "$arg"; fi ;;
     D) if [ -d "$arg" ]; then printf 'dir\t%s\t%s\n' "$arg" "$(stat --printf '%a\t%U\t%G' "$arg")"
        else printf 'dir\t%s\t-\n' "$arg"; fi ;;
-    U) printf 'unit\t%s\t%s\t%s\n' "$arg" "$(systemctl is-enabled "$arg" 2>/dev/null | head -n1)" "$(systemctl is-active "$arg" 2>/dev/null | head -n1)" ;;
+    U) units="$units $arg" ;;
     N) printf 'user\t%s\t%s\n' "$arg" "$(getent passwd "$arg" | cut -d: -f3)" ;;
     Q) pg=yes ;;
   esac
 done
+# One dpkg-query and one systemctl for all packages and units (names never hold spaces).
+if [ -n "$pkgs" ]; then
+  dpkg-query -W -f='pkg\t${Package}\t${db:Status-Abbrev}\t${Version}\n' $pkgs 2>/dev/null
+fi
+if [ -n "$units" ]; then
+  systemctl show -p UnitFileState -p ActiveState -- $units 2>/dev/null | awk -v names="$units" '
+    BEGIN { n = split(names, a, " "); i = 1 }
+    /^$/ { if (seen) { printf "unit\t%s\t%s\t%s\n", a[i], ufs, act; i++; ufs = ""; act = ""; seen = 0 }; next }
+    /^UnitFileState=/ { ufs = substr($0, 15); seen = 1 }
+    /^ActiveState=/ { act = substr($0, 13); seen = 1 }
+    END { if (seen) printf "unit\t%s\t%s\t%s\n", a[i], ufs, act }'
+fi
 if [ -f /var/lib/sagectl/pending-handlers ]; then
   while IFS= read -r h; do printf 'pending\t%s\n' "$h"; done < /var/lib/sagectl/pending-handlers
 fi
-if [ "$pg" = yes ] && command -v psql >/dev/null 2>&1 && runuser -u postgres -- psql -XAtq -c 'select 1' >/dev/null 2>&1; then
-  runuser -u postgres -- psql -XAtq -F "$tab" -c "select 'pgrole', rolname, coalesce(rolpassword, '') from pg_authid where rolcanlogin"
-  runuser -u postgres -- psql -XAtq -F "$tab" -c "select 'pgdb', datname, pg_get_userbyid(datdba) from pg_database"
+if [ "$pg" = yes ] && command -v psql >/dev/null 2>&1; then
+  runuser -u postgres -- psql -XAtq -F "$tab" \
+    -c "select 'pgrole', rolname, coalesce(rolpassword, '') from pg_authid where rolcanlogin" \
+    -c "select 'pgdb', datname, pg_get_userbyid(datdba) from pg_database" 2>/dev/null
 fi
 exit 0
 "#;
@@ -253,7 +269,12 @@ mod tests {
     fn script_runs_here_and_its_output_parses() {
         // The real script on this machine: reads stdin, prints lines the parser takes.
         let q = Query {
-            packages: ["bash".into(), "no-such-package-xyz".into()].into(),
+            packages: [
+                "bash".into(),
+                "no-such-package-xyz".into(),
+                "coreutils".into(),
+            ]
+            .into(),
             files: ["/etc/hostname".into(), "/no/such file".into()].into(),
             dirs: ["/etc".into()].into(),
             users: ["root".into()].into(),
@@ -274,7 +295,8 @@ mod tests {
             .unwrap();
         let out = child.wait_with_output().unwrap();
         let f = parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
-        assert!(f.packages.contains_key("bash") && !f.packages.contains_key("no-such-package-xyz"));
+        assert!(f.packages.contains_key("bash") && f.packages.contains_key("coreutils"));
+        assert!(!f.packages.contains_key("no-such-package-xyz"));
         assert!(f.files["/etc/hostname"].is_some());
         assert_eq!(f.files["/no/such file"], None);
         assert_eq!(f.dirs["/etc"].as_ref().unwrap().owner, "root");

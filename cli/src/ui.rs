@@ -10,13 +10,27 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 pub struct Ui {
     bars: Option<(MultiProgress, BTreeMap<String, ProgressBar>)>,
     width: usize,
+    silent: bool,
 }
 
 impl Ui {
+    /// Shows nothing (benchmarks, `--quiet`).
+    pub fn silent() -> Ui {
+        Ui {
+            bars: None,
+            width: 0,
+            silent: true,
+        }
+    }
+
     pub fn new(hosts: &[&str]) -> Ui {
         let width = hosts.iter().map(|h| h.len()).max().unwrap_or(4);
         if !std::io::stderr().is_terminal() {
-            return Ui { bars: None, width };
+            return Ui {
+                bars: None,
+                width,
+                silent: false,
+            };
         }
         let m = MultiProgress::new();
         let style =
@@ -37,10 +51,14 @@ impl Ui {
         Ui {
             bars: Some((m, bars)),
             width,
+            silent: false,
         }
     }
 
     pub fn msg(&self, host: &str, msg: &str) {
+        if self.silent {
+            return;
+        }
         match &self.bars {
             Some((_, bars)) => {
                 if let Some(b) = bars.get(host) {
@@ -52,6 +70,9 @@ impl Ui {
     }
 
     pub fn done(&self, host: &str, msg: &str) {
+        if self.silent {
+            return;
+        }
         match &self.bars {
             Some((_, bars)) => {
                 if let Some(b) = bars.get(host) {
@@ -64,6 +85,9 @@ impl Ui {
 
     /// Prints a line above the bars.
     pub fn println(&self, line: &str) {
+        if self.silent {
+            return;
+        }
         match &self.bars {
             Some((m, _)) => {
                 let _ = m.println(line);

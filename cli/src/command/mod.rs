@@ -1,5 +1,6 @@
 //! Subcommands, one file each, each with an `Opts` struct and a `run` function.
 
+pub mod bench;
 pub mod lab;
 pub mod render;
 pub mod up;
@@ -33,6 +34,8 @@ pub enum Command {
     Vars(vars::Opts),
     /// Local lab machines (systemd-nspawn) for an inventory with a `lab:` section.
     Lab(lab::Opts),
+    /// Benchmarks that print figures (`bench up --hosts N`).
+    Bench(bench::Opts),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),
         Command::Lab(o) => lab::run(o),
+        Command::Bench(o) => bench::run(o),
     }
 }
 

@@ -46,6 +46,26 @@ pub struct Opts {
     /// Hosts seen for the first time: pin their key (accept-new) or refuse them (strict).
     #[arg(long, value_enum, default_value = "accept-new")]
     pub host_keys: HostKeyPolicy,
+    /// No progress output; just the recap.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl Opts {
+    /// Options for converging `inventory` with every default.
+    pub fn new(inventory: PathBuf) -> Opts {
+        Opts {
+            inventory,
+            check: false,
+            diff: false,
+            limit: Vec::new(),
+            parallel: 16,
+            json: false,
+            verbose: false,
+            host_keys: HostKeyPolicy::AcceptNew,
+            quiet: false,
+        }
+    }
 }
 
 /// One host's outcome.
@@ -155,6 +175,21 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         Ok(inv) => inv,
         Err(code) => return Ok(code),
     };
+    let (recap, ctx) = execute(inv, o)?;
+    print_recap(&ctx, &recap);
+    Ok(if recap.success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Converges `inv` (lab machines first when it has a `lab:` section) and returns the recap.
+pub fn converge_inventory(inv: Inventory, o: Opts) -> anyhow::Result<Recap> {
+    execute(inv, o).map(|(r, _)| r)
+}
+
+fn execute(inv: Inventory, o: Opts) -> anyhow::Result<(Recap, Arc<Ctx>)> {
     let catalog =
         Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
     let state = State::open(&inv)?;
@@ -190,7 +225,11 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         ),
     };
     let names: Vec<&str> = selected.iter().map(String::as_str).collect();
-    let ui = Ui::new(&names);
+    let ui = if o.quiet {
+        Ui::silent()
+    } else {
+        Ui::new(&names)
+    };
     let known = Arc::new(KnownHosts::new(State::dir_for(&inv).join("known_hosts")));
     let ctx = Arc::new(Ctx {
         inv,
@@ -209,12 +248,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let recap = rt.block_on(run_all(ctx.clone(), selected));
-    print_recap(&ctx, &recap);
-    Ok(if recap.success {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok((recap, ctx))
 }
 
 async fn run_all(ctx: Arc<Ctx>, selected: Vec<String>) -> Recap {

@@ -219,8 +219,10 @@ impl<'l> Machine<'l> {
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )
         .map_err(io("chmod /root/.ssh"))?;
+        // A stalled transfer (apt-cacher-ng can wedge when several machines fetch one new file
+        // at once) times out and is retried instead of hanging the deploy.
         let proxy = format!(
-            "// Written by sagectl lab: the machine's only way to Debian's archive.\nAcquire::http::Proxy \"http://{}:{APT_PROXY_PORT}\";\n",
+            "// Written by sagectl lab: the machine's only way to Debian's archive.\nAcquire::http::Proxy \"http://{}:{APT_PROXY_PORT}\";\nAcquire::http::Timeout \"20\";\nAcquire::Retries \"5\";\n",
             self.lab.settings.gateway()
         );
         write("etc/apt/apt.conf.d/01sagectl-proxy", &proxy, 0o644)?;

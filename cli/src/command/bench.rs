@@ -1,0 +1,103 @@
+//! `sagectl bench up --hosts N`: wall time of a first deploy and of no-op runs of `up` on N lab
+//! machines (one carrying the infrastructure roles, the others workers). Prints figures; asserts
+//! nothing (goals are met here, never in timed tests).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::up;
+use crate::inventory::Inventory;
+
+#[derive(clap::Args)]
+pub struct Opts {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(clap::Subcommand)]
+pub enum What {
+    /// Time `up` on N lab machines.
+    Up {
+        /// How many lab machines.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=250))]
+        hosts: u32,
+        /// How many no-op runs to time after the first deploy.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Keep the machines afterwards (`sagectl lab down` on the printed inventory removes them).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// The generated inventory: host 1 carries every infrastructure role, the rest are workers.
+fn inventory(hosts: u32) -> String {
+    let mut s = String::from(
+        "name: bench\nlab: {subnet: 10.90.0.0/24}\ntls: {public_name: sagews.bench.test}\nvars:\n  admin_cidrs: [\"10.90.0.1/32\"]\n  postgres_shared_buffers: \"64MB\"\n  memcached_memory_mb: 64\nhosts:\n",
+    );
+    s.push_str(
+        "  infra: {address: 10.90.0.10, roles: [database, cache, backend, loadbalancer, static]}\n",
+    );
+    for i in 1..hosts {
+        s.push_str(&format!(
+            "  w{i}: {{address: 10.90.0.{}, roles: [worker]}}\n",
+            10 + i
+        ));
+    }
+    s
+}
+
+pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
+    let What::Up { hosts, runs, keep } = o.what;
+    let dir = PathBuf::from("/var/lib/sagectl/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("bench.yaml");
+    std::fs::write(&file, inventory(hosts)).context("writing the bench inventory")?;
+    let load = || Inventory::load(&file).map_err(|d| anyhow::anyhow!("{d}"));
+    let inv = load()?;
+    let lab = crate::lab::Lab::new(&inv)?;
+    let t = Instant::now();
+    lab.up()?;
+    let lab_secs = t.elapsed().as_secs_f64();
+    let mut opts = up::Opts::new(file.clone());
+    opts.quiet = true;
+    opts.parallel = hosts.max(16);
+    let t = Instant::now();
+    let first = up::converge_inventory(load()?, opts.clone())?;
+    let first_secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        first.success,
+        "the first deploy failed: {}",
+        serde_json::to_string_pretty(&first.hosts).unwrap_or_default()
+    );
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let r = up::converge_inventory(load()?, opts.clone())?;
+        times.push(t.elapsed().as_secs_f64());
+        let changed: usize = r.hosts.iter().map(|h| h.changed).sum();
+        anyhow::ensure!(
+            r.success && changed == 0,
+            "a no-op run changed {changed} things or failed"
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!("hosts: {hosts}");
+    println!("lab up (machines answering SSH): {lab_secs:.2} s");
+    println!("first deploy (up on fresh machines): {first_secs:.1} s");
+    println!(
+        "no-op up, {runs} runs: min {:.3} s, median {median:.3} s, max {:.3} s",
+        times[0],
+        times[times.len() - 1]
+    );
+    if !keep {
+        lab.down()?;
+    } else {
+        println!("machines kept: sagectl lab down {}", file.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
