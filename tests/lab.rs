@@ -77,8 +77,8 @@ fn three_machines_up_checked_over_ssh_then_nothing_left() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "lab up failed:\n{out}\n{err}");
     assert!(
-        out.contains("3 machines up (3 started, 0 already running)"),
-        "{out}"
+        err.contains("3 machines up (3 started, 0 already running)"),
+        "{err}"
     );
 
     let hosts = [
@@ -158,9 +158,9 @@ fn three_machines_up_checked_over_ssh_then_nothing_left() {
     // A second `up` changes nothing; status says running.
     let o = lab(&["up"], &inv);
     assert!(
-        text(&o).0.contains("(0 started, 3 already running)"),
+        text(&o).1.contains("(0 started, 3 already running)"),
         "{}",
-        text(&o).0
+        text(&o).1
     );
     let o = lab(&["status"], &inv);
     assert!(o.status.success());

@@ -1,7 +1,5 @@
 //! `sage-agent`: one binary for the three agents sagectl installs (worker, backend, logd).
-//!
-//! Each agent reads the JSON config file sagectl rendered for it. The agents themselves land with
-//! their own issues; until then each subcommand checks its config file and says it is not built.
+//! Each reads the JSON config file sagectl rendered for it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,39 +31,68 @@ enum Agent {
 }
 
 /// The agents implemented so far; sagectl installs the others' units without starting them.
-const BUILT: &[&str] = &[];
+const BUILT: &[&str] = &["worker"];
 
 #[derive(clap::Args)]
 struct AgentOpts {
     /// The config file sagectl rendered for this agent.
-    #[arg(long, default_value = "/etc/sage-agent/agent.json")]
+    #[arg(long)]
     config: PathBuf,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (name, opts) = match &cli.agent {
-        Agent::Worker(o) => ("worker", o),
-        Agent::Backend(o) => ("backend", o),
-        Agent::Logd(o) => ("logd", o),
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.agent {
         Agent::Built => {
             for a in BUILT {
                 println!("{a}");
             }
             return ExitCode::SUCCESS;
         }
+        Agent::Worker(o) => worker(&o),
+        Agent::Backend(o) => not_built("backend", &o),
+        Agent::Logd(o) => not_built("logd", &o),
     };
-    match not_built(name, opts) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sage-agent {name}: error: {e:#}");
+            eprintln!("sage-agent: error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn not_built(name: &str, opts: &AgentOpts) -> anyhow::Result<()> {
-    std::fs::metadata(&opts.config)
-        .with_context(|| format!("cannot read config file {}", opts.config.display()))?;
+/// Completes on SIGTERM (systemd's stop) or Ctrl-C.
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+fn worker(o: &AgentOpts) -> anyhow::Result<()> {
+    let config = sage_agent::worker::Config::load(&o.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        sage_agent::worker::run(config, listener, shutdown()).await
+    })
+}
+
+fn not_built(name: &str, o: &AgentOpts) -> anyhow::Result<()> {
+    std::fs::metadata(&o.config)
+        .with_context(|| format!("cannot read config file {}", o.config.display()))?;
     anyhow::bail!("the {name} agent is not built yet")
 }

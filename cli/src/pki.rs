@@ -176,7 +176,10 @@ impl State {
         self.issue("admin", "sagectl", vec![role_name("admin")], Vec::new())
     }
 
-    fn issue(
+    /// A certificate named `stem` in the state directory for `cn`, valid for the DNS names
+    /// `dns` (role names included: see [`role_name`]) and the addresses `ips`; remade only when
+    /// those names change.
+    pub fn issue(
         &self,
         stem: &str,
         cn: &str,

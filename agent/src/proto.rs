@@ -1,0 +1,202 @@
+//! The worker's protocol, shared with the backend: what a backend asks of a worker on its
+//! session port, what the worker answers, and how a worker announces itself to backends. Every
+//! message is one JSON frame (`frame`), tagged by `type`; unknown fields are refused.
+
+use serde::{Deserialize, Serialize};
+
+/// Resource limits of a session; a request may lower the worker's, never raise them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub cpu_seconds: u64,
+    pub memory_mb: u64,
+    pub processes: u64,
+    pub open_files: u64,
+    pub file_size_mb: u64,
+    pub wall_clock_seconds: u64,
+    pub idle_timeout_seconds: u64,
+}
+
+impl Limits {
+    /// The stricter of each limit.
+    pub fn min(&self, other: &Limits) -> Limits {
+        Limits {
+            cpu_seconds: self.cpu_seconds.min(other.cpu_seconds),
+            memory_mb: self.memory_mb.min(other.memory_mb),
+            processes: self.processes.min(other.processes),
+            open_files: self.open_files.min(other.open_files),
+            file_size_mb: self.file_size_mb.min(other.file_size_mb),
+            wall_clock_seconds: self.wall_clock_seconds.min(other.wall_clock_seconds),
+            idle_timeout_seconds: self.idle_timeout_seconds.min(other.idle_timeout_seconds),
+        }
+    }
+}
+
+/// Backend → worker, on the worker's session port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Start a session for a workspace: its files from a git bundle (base64) or empty.
+    Open {
+        session: String,
+        #[serde(default)]
+        bundle: Option<String>,
+        #[serde(default)]
+        limits: Option<Limits>,
+    },
+    /// Run code in the session's engine; executes run one after another, in order.
+    Execute {
+        session: String,
+        id: u64,
+        code: String,
+    },
+    /// SIGINT to what the session runs now.
+    Interrupt {
+        session: String,
+    },
+    /// Commit the workspace's changes and return the repository as a git bundle.
+    Save {
+        session: String,
+        message: String,
+    },
+    Close {
+        session: String,
+    },
+    Ping,
+}
+
+/// How an execute ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    /// The code raised; the traceback went to stderr.
+    Error,
+    Interrupted,
+    /// The engine died (a limit, or a signal); the session is closed.
+    Killed,
+}
+
+/// Worker → backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    Opened {
+        session: String,
+        engine: String,
+        ready_ms: u64,
+    },
+    Stdout {
+        session: String,
+        id: u64,
+        data: String,
+    },
+    Stderr {
+        session: String,
+        id: u64,
+        data: String,
+    },
+    Done {
+        session: String,
+        id: u64,
+        status: Status,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    Saved {
+        session: String,
+        bundle: String,
+        changed: bool,
+    },
+    Closed {
+        session: String,
+        reason: String,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        message: String,
+    },
+    Pong {
+        sessions: u32,
+        capacity: u32,
+    },
+}
+
+/// Worker → backend, on the backend's worker port: who the worker is, then heartbeats.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Announce {
+    Register {
+        host: String,
+        address: String,
+        capacity: u32,
+        engines: Vec<String>,
+    },
+    Heartbeat {
+        sessions: u32,
+        load: f64,
+    },
+}
+
+/// Backend → worker, answering an announcement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AnnounceReply {
+    Ack,
+}
+
+/// Session ids name unix users and directories: lowercase letters, digits, '-', at most 48.
+pub fn valid_session_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 48
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r: Request =
+            serde_json::from_str(r#"{"type":"execute","session":"w1","id":3,"code":"1+1"}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::Execute {
+                session: "w1".into(),
+                id: 3,
+                code: "1+1".into()
+            }
+        );
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"type":"execute","session":"w1","id":3,"code":"1","x":1}"#
+            )
+            .is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"type":"format_disk"}"#).is_err());
+        let e = Event::Done {
+            session: "w1".into(),
+            id: 3,
+            status: Status::Ok,
+            message: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"done","session":"w1","id":3,"status":"ok"}"#
+        );
+    }
+
+    #[test]
+    fn session_ids() {
+        assert!(valid_session_id("ws-42"));
+        assert!(!valid_session_id("../etc"));
+        assert!(!valid_session_id("Ws"));
+        assert!(!valid_session_id(""));
+        assert!(!valid_session_id(&"a".repeat(49)));
+    }
+}

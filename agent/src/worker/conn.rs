@@ -1,0 +1,222 @@
+//! One backend connection: TLS handshake (the verifier has already checked the backend role),
+//! then requests in and events out. A frame that is too large, truncated or not a request ends
+//! the connection with one error event; sessions it opened live on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::session::{self, Cmd, Sink};
+use crate::frame::{self, FrameError};
+use crate::proto::{Event, Request, valid_session_id};
+
+const HANDSHAKE: Duration = Duration::from_secs(10);
+const IDLE: Duration = Duration::from_secs(600);
+
+pub async fn serve(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refused at the TLS handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refused: no TLS handshake within {HANDSHAKE:?}");
+            return;
+        }
+    };
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (tx, mut rx) = mpsc::channel::<Event>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            if frame::write(&mut wr, &e).await.is_err() {
+                break;
+            }
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+    });
+    let sink: Sink = Arc::new(tokio::sync::Mutex::new(Some(tx.clone())));
+    let mut deadline = Duration::from_secs(shared.config.first_frame_seconds);
+    loop {
+        // Between frames a backend may be quiet for long; a frame once begun must arrive whole.
+        let body = Duration::from_secs(shared.config.first_frame_seconds);
+        let req: Request =
+            match frame::read_in(&mut rd, shared.config.max_frame_bytes, deadline, body).await {
+                Ok(r) => r,
+                Err(FrameError::Closed) => break,
+                Err(e) => {
+                    shared.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "closing the connection: {e}");
+                    let _ = tx
+                        .send(Event::Error {
+                            session: None,
+                            message: format!("closing the connection: {e}"),
+                        })
+                        .await;
+                    break;
+                }
+            };
+        deadline = IDLE;
+        shared.heard_from_backend();
+        handle(req, &shared, &sink, &tx).await;
+    }
+    // Sessions keep running; their events have nowhere to go until a backend speaks for them.
+    *sink.lock().await = None;
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Sender<Event>) {
+    let err = |session: Option<String>, message: String| Event::Error { session, message };
+    let session_id = match &req {
+        Request::Open { session, .. }
+        | Request::Execute { session, .. }
+        | Request::Interrupt { session }
+        | Request::Save { session, .. }
+        | Request::Close { session } => Some(session.clone()),
+        Request::Ping => None,
+    };
+    if let Some(s) = &session_id {
+        if !valid_session_id(s) {
+            let _ = tx
+                .send(err(
+                    None,
+                    format!(
+                        "invalid session id {s:?}: lowercase letters, digits and '-', at most 48"
+                    ),
+                ))
+                .await;
+            return;
+        }
+    }
+    let existing = session_id
+        .as_ref()
+        .and_then(|s| shared.sessions.lock().unwrap().get(s).cloned());
+    match req {
+        Request::Ping => {
+            let _ = tx
+                .send(Event::Pong {
+                    sessions: shared.session_count(),
+                    capacity: shared.config.max_sessions,
+                })
+                .await;
+        }
+        Request::Open {
+            session,
+            bundle,
+            limits,
+        } => {
+            if existing.is_some() {
+                let _ = tx
+                    .send(err(Some(session), "this session is already open".into()))
+                    .await;
+                return;
+            }
+            if shared.session_count() >= shared.config.max_sessions {
+                let _ = tx
+                    .send(err(
+                        Some(session),
+                        format!(
+                            "the worker is full ({} sessions)",
+                            shared.config.max_sessions
+                        ),
+                    ))
+                    .await;
+                return;
+            }
+            let limits = limits.map_or(shared.config.limits.clone(), |l| {
+                l.min(&shared.config.limits)
+            });
+            // Reserve the name now so a second open races nowhere; creation runs in the background.
+            let (shared, tx, sink) = (shared.clone(), tx.clone(), sink.clone());
+            let session_sink: Sink = Arc::new(tokio::sync::Mutex::new(sink.lock().await.clone()));
+            let placeholder = Arc::new(session::Handle {
+                tx: mpsc::channel(1).0,
+                sink: session_sink.clone(),
+                pid: 0,
+                uid: 0,
+            });
+            shared
+                .sessions
+                .lock()
+                .unwrap()
+                .insert(session.clone(), placeholder);
+            tokio::spawn(async move {
+                match session::open(
+                    shared.clone(),
+                    session.clone(),
+                    bundle,
+                    limits,
+                    session_sink,
+                )
+                .await
+                {
+                    Ok(h) => {
+                        shared.sessions.lock().unwrap().insert(session, Arc::new(h));
+                    }
+                    Err(e) => {
+                        shared.forget(&session);
+                        tracing::warn!(session = %session, "open failed: {e}");
+                        let _ = tx
+                            .send(Event::Error {
+                                session: Some(session),
+                                message: format!("open failed: {e}"),
+                            })
+                            .await;
+                    }
+                }
+            });
+        }
+        other => {
+            let session = session_id.expect("every other request names a session");
+            let Some(h) = existing.filter(|h| h.pid != 0) else {
+                let _ = tx
+                    .send(err(
+                        Some(session),
+                        "no such session on this worker (closed, or not open yet)".into(),
+                    ))
+                    .await;
+                return;
+            };
+            // This connection now speaks for the session.
+            *h.sink.lock().await = sink.lock().await.clone();
+            let cmd = match other {
+                Request::Execute { id, code, .. } => Cmd::Execute { id, code },
+                Request::Save { message, .. } => Cmd::Save { message },
+                Request::Close { .. } => Cmd::Close {
+                    reason: "closed by the backend".into(),
+                },
+                Request::Interrupt { .. } => {
+                    let _ = killpg(Pid::from_raw(h.pid), Signal::SIGINT);
+                    return;
+                }
+                Request::Open { .. } | Request::Ping => unreachable!("handled above"),
+            };
+            if h.tx.send(cmd).await.is_err() {
+                let _ = tx
+                    .send(err(Some(session), "the session is closing".into()))
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+# The engine driver: runs inside the session's python3 (or sage's python) as the workspace's
+# user. Cells arrive on fd 3 ("<length>\n<utf-8 code>"); their output goes to fd 1 and fd 2 as
+# any program's would; after each cell a marker ends both streams and the status goes to fd 4.
+import ast, os, sys, traceback
+
+ctrl = os.fdopen(3, "rb", buffering=0)
+status = os.fdopen(4, "wb", buffering=0)
+marker = os.environ.pop("SAGEWS_MARKER").encode()
+engine = os.environ.pop("SAGEWS_ENGINE", "python3")
+namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+preparse = None
+if engine == "sage":
+    exec("from sage.all import *", namespace)
+    from sage.repl.preparse import preparse_file as preparse
+
+
+def readline():
+    line = b""
+    while not line.endswith(b"\n"):
+        c = ctrl.read(1)
+        if not c:
+            sys.exit(0)
+        line += c
+    return line
+
+
+def readn(n):
+    data = b""
+    while len(data) < n:
+        chunk = ctrl.read(n - len(data))
+        if not chunk:
+            sys.exit(0)
+        data += chunk
+    return data
+
+
+def run(code):
+    try:
+        if preparse is not None:
+            code = preparse(code)
+        tree = ast.parse(code, "<cell>", "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<cell>", "exec"), namespace)
+        if last is not None:
+            value = eval(compile(last, "<cell>", "eval"), namespace)
+            if value is not None:
+                namespace["_"] = value
+                print(repr(value))
+        return "ok"
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", file=sys.stderr)
+        return "interrupted"
+    except SystemExit:
+        return "ok"
+    except BaseException:
+        etype, value, tb = sys.exc_info()
+        traceback.print_exception(etype, value, tb.tb_next)
+        return "error"
+
+
+# Only this process speaks for the session: a child forked by a cell closes the control pipes,
+# and one that leaks out of its cell exits instead of reading the next cell.
+main_pid = os.getpid()
+
+
+def _in_child():
+    for fd in (3, 4):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_in_child)
+status.write(b"ready\n")
+while True:
+    try:
+        n = int(readline())
+        code = readn(n).decode("utf-8", "replace")
+        result = run(code)
+    except KeyboardInterrupt:
+        result = "interrupted"
+    if os.getpid() != main_pid:
+        os._exit(0)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os.write(1, marker)
+    os.write(2, marker)
+    status.write(result.encode() + b"\n")

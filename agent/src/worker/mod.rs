@@ -1,0 +1,344 @@
+//! `sage-agent worker`: runs workspaces' code in sandboxed sessions for backends. Layered as
+//! mini-redis: a listener (TLS 1.3, backend certificates only), a connection per backend
+//! (frames in, events out), shared state (sessions, uids, metrics), and shutdown.
+
+mod conn;
+mod engine;
+mod register;
+pub mod sandbox;
+mod session;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::proto::Limits;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendRef {
+    pub name: String,
+    pub address: String,
+}
+
+/// The worker's configuration (`worker.json`, rendered by sagectl).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub inventory: String,
+    pub host: String,
+    pub listen: SocketAddr,
+    pub tls: TlsPaths,
+    pub engine: String,
+    pub max_sessions: u32,
+    pub uid_min: u32,
+    pub uid_max: u32,
+    pub backend_timeout_seconds: u64,
+    pub limits: Limits,
+    pub backends: Vec<BackendRef>,
+    /// Where homes live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Prometheus metrics over plain HTTP, on a local address.
+    #[serde(default = "default_metrics")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u64,
+    /// A new connection must send its first frame within this many seconds.
+    #[serde(default = "default_first_frame")]
+    pub first_frame_seconds: u64,
+}
+
+fn default_first_frame() -> u64 {
+    10
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sage-worker")
+}
+fn default_metrics() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 7001)))
+}
+fn default_max_frame() -> usize {
+    96 << 20
+}
+fn default_heartbeat() -> u64 {
+    5
+}
+
+impl Config {
+    /// Reads a config file; relative TLS paths are relative to its directory.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut c: Config = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: line {}, column {}: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        anyhow::ensure!(
+            c.uid_min >= 1000 && c.uid_min <= c.uid_max,
+            "{}: uid_min..uid_max must be a range at or above 1000",
+            path.display()
+        );
+        anyhow::ensure!(
+            ["python3", "sage"].contains(&c.engine.as_str()),
+            "{}: engine must be python3 or sage",
+            path.display()
+        );
+        Ok(c)
+    }
+
+    pub fn max_bundle_bytes(&self) -> usize {
+        self.max_frame_bytes / 4 * 3
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions_opened: AtomicU64,
+    pub executes: AtomicU64,
+    pub limit_kills: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub bad_frames: AtomicU64,
+}
+
+/// State shared by every connection and session.
+pub struct Shared {
+    pub config: Config,
+    pub sessions: Mutex<HashMap<String, Arc<session::Handle>>>,
+    uids: Mutex<BTreeSet<u32>>,
+    pub metrics: Metrics,
+    /// When a backend was last heard from (a request, or an answer to a heartbeat).
+    pub last_backend: Mutex<Instant>,
+}
+
+impl Shared {
+    fn new(config: Config) -> Shared {
+        Shared {
+            config,
+            sessions: Mutex::default(),
+            uids: Mutex::default(),
+            metrics: Metrics::default(),
+            last_backend: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn heard_from_backend(&self) {
+        *self.last_backend.lock().unwrap() = Instant::now();
+    }
+
+    /// A free uid of the range (neither used by a session nor by any account on the host).
+    pub fn allocate_uid(&self) -> Option<u32> {
+        let mut used = self.uids.lock().unwrap();
+        let uid = (self.config.uid_min..=self.config.uid_max).find(|u| {
+            !used.contains(u)
+                && nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*u))
+                    .ok()
+                    .flatten()
+                    .is_none()
+        })?;
+        used.insert(uid);
+        Some(uid)
+    }
+
+    pub fn release_uid(&self, uid: u32) {
+        self.uids.lock().unwrap().remove(&uid);
+    }
+
+    pub fn forget(&self, session: &str) {
+        self.sessions.lock().unwrap().remove(session);
+    }
+
+    pub fn session_count(&self) -> u32 {
+        self.sessions.lock().unwrap().len() as u32
+    }
+
+    fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        format!(
+            "# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
+            self.session_count(),
+            g(&m.sessions_opened),
+            g(&m.executes),
+            g(&m.limit_kills),
+            g(&m.refused_connections),
+            g(&m.bad_frames)
+        )
+    }
+
+    /// Closes every session (autostop, shutdown).
+    pub async fn close_all(&self, reason: &str) {
+        let handles: Vec<Arc<session::Handle>> =
+            self.sessions.lock().unwrap().values().cloned().collect();
+        for h in handles {
+            let _ =
+                h.tx.send(session::Cmd::Close {
+                    reason: reason.to_string(),
+                })
+                .await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.session_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Removes workspace users left by an earlier run that did not end cleanly.
+fn clean_stale_accounts(config: &Config) {
+    let Ok(passwd) = std::fs::read_to_string("/etc/passwd") else {
+        return;
+    };
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        let (Some(name), Some(uid), Some(comment)) = (
+            f.first(),
+            f.get(2).and_then(|u| u.parse::<u32>().ok()),
+            f.get(4),
+        ) else {
+            continue;
+        };
+        if (config.uid_min..=config.uid_max).contains(&uid) && *comment == "sagews workspace" {
+            let home = PathBuf::from(f.get(5).copied().unwrap_or(""));
+            let acct = sandbox::Account {
+                name: name.to_string(),
+                uid,
+                gid: uid,
+                home,
+            };
+            match acct.destroy(Duration::from_secs(1)) {
+                Ok(_) => {
+                    tracing::warn!(user = %name, "removed a workspace user left by an earlier run")
+                }
+                Err(e) => {
+                    tracing::error!(user = %name, "could not remove a stale workspace user: {e}")
+                }
+            }
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` completes; then closes every session.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let identity = crate::tls::Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let server = identity.server_config(&["backend"])?;
+    std::fs::create_dir_all(config.state_dir.join("homes"))?;
+    std::fs::set_permissions(
+        config.state_dir.join("homes"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
+    clean_stale_accounts(&config);
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        tracing::info!(
+            "cgroup v2: session limits are rlimits (per-session cgroups are not made yet)"
+        );
+    } else {
+        tracing::info!("no delegated cgroup v2 on this host: session limits are rlimits only");
+    }
+    let shared = Arc::new(Shared::new(config));
+    if let Some(addr) = shared.config.metrics_listen {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                tokio::spawn(metrics(l, shared.clone()));
+            }
+            Err(e) => tracing::warn!("metrics on {addr}: {e}"),
+        }
+    }
+    for b in shared.config.backends.clone() {
+        tokio::spawn(register::announce(shared.clone(), identity.clone(), b));
+    }
+    tokio::spawn(autostop(shared.clone()));
+    tracing::info!(listen = %listener.local_addr()?, engine = %shared.config.engine, "worker ready");
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => {
+                let Ok((tcp, peer)) = r else { continue };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many connections: refused");
+                    continue;
+                };
+                let (acceptor, shared) = (acceptor.clone(), shared.clone());
+                tokio::spawn(async move {
+                    conn::serve(acceptor, tcp, peer, shared).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    tracing::info!("shutting down: closing sessions");
+    shared.close_all("the worker is shutting down").await;
+    Ok(())
+}
+
+/// Closes every session when no backend has been heard from for `backend_timeout_seconds`.
+async fn autostop(shared: Arc<Shared>) {
+    let timeout = Duration::from_secs(shared.config.backend_timeout_seconds);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let silent = shared.last_backend.lock().unwrap().elapsed();
+        if silent > timeout && shared.session_count() > 0 {
+            tracing::warn!(
+                "no backend heard from for {} s: closing every session",
+                silent.as_secs()
+            );
+            shared
+                .close_all(&format!("no backend heard from for {} s", silent.as_secs()))
+                .await;
+        }
+    }
+}
+
+async fn metrics(l: TcpListener, shared: Arc<Shared>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            let body = shared.metrics_text();
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}

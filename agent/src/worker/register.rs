@@ -1,0 +1,61 @@
+//! Announcing the worker to a backend: a TLS connection to the backend's worker port (the
+//! backend must hold the `backend` role), a `register` frame, then a heartbeat with the load
+//! every few seconds, each acknowledged. Reconnects with backoff; every acknowledgement counts as
+//! hearing from a backend (for autostop).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::{BackendRef, Shared};
+use crate::frame;
+use crate::proto::{Announce, AnnounceReply};
+use crate::tls::Identity;
+
+async fn session(shared: &Shared, identity: &Identity, b: &BackendRef) -> anyhow::Result<()> {
+    let cfg = identity.client_config(&["backend"])?;
+    let name = ServerName::try_from(b.name.clone())?;
+    let tcp =
+        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&b.address)).await??;
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await??;
+    let c = &shared.config;
+    let engines = vec![c.engine.clone()];
+    frame::write(
+        &mut s,
+        &Announce::Register {
+            host: c.host.clone(),
+            address: c.listen.to_string(),
+            capacity: c.max_sessions,
+            engines,
+        },
+    )
+    .await?;
+    let AnnounceReply::Ack = frame::read(&mut s, 1 << 16, Duration::from_secs(10)).await?;
+    shared.heard_from_backend();
+    tracing::info!(backend = %b.name, "registered");
+    loop {
+        tokio::time::sleep(Duration::from_secs(c.heartbeat_seconds)).await;
+        let sessions = shared.session_count();
+        let load = f64::from(sessions) / f64::from(c.max_sessions.max(1));
+        frame::write(&mut s, &Announce::Heartbeat { sessions, load }).await?;
+        let AnnounceReply::Ack = frame::read(&mut s, 1 << 16, Duration::from_secs(10)).await?;
+        shared.heard_from_backend();
+    }
+}
+
+pub async fn announce(shared: Arc<Shared>, identity: Identity, b: BackendRef) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if let Err(e) = session(&shared, &identity, &b).await {
+            tracing::debug!(backend = %b.name, "announcing failed: {e:#}");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,343 @@
+//! A session: one workspace on this worker. Its task owns the workspace's unix user and engine
+//! and runs its commands one at a time, in order (executes, saves, close); an interrupt goes
+//! straight to the engine's process group. The session closes itself at its wall-clock limit,
+//! after its idle timeout, or when its engine dies, and always removes its user and processes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use tokio::sync::{Mutex, mpsc};
+
+use super::Shared;
+use super::engine::{Emit, Engine, EngineError, Stream};
+use super::sandbox::{self, Account};
+use crate::proto::{Event, Limits, Status};
+
+pub enum Cmd {
+    Execute { id: u64, code: String },
+    Save { message: String },
+    Close { reason: String },
+}
+
+/// Where a session's events go: the connection that last spoke for it (replaceable).
+pub type Sink = Arc<Mutex<Option<mpsc::Sender<Event>>>>;
+
+pub struct Handle {
+    pub tx: mpsc::Sender<Cmd>,
+    pub sink: Sink,
+    /// The engine's pid (its process group), for interrupts.
+    pub pid: i32,
+    pub uid: u32,
+}
+
+struct ToSink {
+    sink: Sink,
+    session: String,
+    id: u64,
+}
+
+impl Emit for ToSink {
+    async fn emit(&mut self, stream: Stream, data: String) {
+        let (session, id) = (self.session.clone(), self.id);
+        let e = match stream {
+            Stream::Stdout => Event::Stdout { session, id, data },
+            Stream::Stderr => Event::Stderr { session, id, data },
+        };
+        send(&self.sink, e).await;
+    }
+}
+
+async fn send(sink: &Sink, e: Event) {
+    let tx = sink.lock().await.clone();
+    if let Some(tx) = tx {
+        let _ = tx.send(e).await;
+    }
+}
+
+/// Prepares the workspace and starts its engine. On success the session's task runs on.
+pub async fn open(
+    shared: Arc<Shared>,
+    session: String,
+    bundle: Option<String>,
+    limits: Limits,
+    sink: Sink,
+) -> Result<Handle, String> {
+    let started = Instant::now();
+    let uid = shared
+        .allocate_uid()
+        .ok_or("no free workspace uid: the worker is full")?;
+    let homes = shared.config.state_dir.join("homes");
+    let acct = {
+        let (homes, session) = (homes.clone(), session.clone());
+        tokio::task::spawn_blocking(move || Account::create(uid, &homes, &session))
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let acct = match acct {
+        Ok(a) => a,
+        Err(e) => {
+            shared.release_uid(uid);
+            return Err(e.to_string());
+        }
+    };
+    let fail = |acct: Account, shared: Arc<Shared>, why: String| async move {
+        let _ = tokio::task::spawn_blocking(move || acct.destroy(Duration::from_secs(1))).await;
+        shared.release_uid(uid);
+        why
+    };
+    if let Err(e) = checkout(
+        &acct,
+        &limits,
+        bundle.as_deref(),
+        shared.config.max_bundle_bytes(),
+    )
+    .await
+    {
+        return Err(fail(acct, shared, e).await);
+    }
+    let engine = match Engine::start(&acct, &limits, &shared.config.engine).await {
+        Ok(e) => e,
+        Err(e) => return Err(fail(acct, shared, e.to_string()).await),
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let pid = engine.pid;
+    shared
+        .metrics
+        .sessions_opened
+        .fetch_add(1, Ordering::Relaxed);
+    send(
+        &sink,
+        Event::Opened {
+            session: session.clone(),
+            engine: engine.kind.clone(),
+            ready_ms: started.elapsed().as_millis() as u64,
+        },
+    )
+    .await;
+    tokio::spawn(run(shared, session, acct, engine, limits, rx, sink.clone()));
+    Ok(Handle { tx, sink, pid, uid })
+}
+
+/// Runs a git command in the workspace, as its user, in the sandbox; returns stdout.
+async fn git(
+    acct: &Account,
+    limits: &Limits,
+    args: &[&str],
+    max_out: usize,
+) -> Result<Vec<u8>, String> {
+    let mut argv = vec![
+        "-c",
+        "core.hooksPath=/dev/null",
+        "-c",
+        "safe.directory=*",
+        "-c",
+        "init.defaultBranch=main",
+    ];
+    argv.extend_from_slice(args);
+    let mut c = sandbox::command(acct, limits, "git", &argv, Vec::new());
+    let ident = format!("{}@sagews.invalid", acct.name);
+    c.env("GIT_AUTHOR_NAME", &acct.name)
+        .env("GIT_AUTHOR_EMAIL", &ident)
+        .env("GIT_COMMITTER_NAME", &acct.name)
+        .env("GIT_COMMITTER_EMAIL", &ident);
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let o = tokio::time::timeout(Duration::from_secs(120), c.output())
+        .await
+        .map_err(|_| format!("git {} timed out", args[0]))?
+        .map_err(|e| format!("git: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "git {} failed: {}",
+            args[0],
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    if o.stdout.len() > max_out {
+        return Err(format!(
+            "git {} produced {} bytes, over the limit of {max_out}",
+            args[0],
+            o.stdout.len()
+        ));
+    }
+    Ok(o.stdout)
+}
+
+/// The workspace's files: cloned from the bundle the backend sent, or an empty repository.
+async fn checkout(
+    acct: &Account,
+    limits: &Limits,
+    bundle: Option<&str>,
+    max: usize,
+) -> Result<(), String> {
+    let home = acct.home.display().to_string();
+    match bundle {
+        None => git(acct, limits, &["init", "-q", &home], 1 << 20)
+            .await
+            .map(drop),
+        Some(b64) => {
+            if b64.len() / 4 * 3 > max {
+                return Err(format!(
+                    "the bundle is larger than the limit of {max} bytes"
+                ));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("the bundle is not base64: {e}"))?;
+            let path = acct.home.with_extension("bundle");
+            std::fs::write(&path, &bytes).map_err(|e| format!("writing the bundle: {e}"))?;
+            std::os::unix::fs::chown(&path, Some(acct.uid), Some(acct.gid))
+                .map_err(|e| e.to_string())?;
+            let p = path.display().to_string();
+            let r = git(acct, limits, &["clone", "-q", &p, &home], 1 << 20)
+                .await
+                .map_err(|e| format!("not a valid git bundle: {e}"));
+            let _ = std::fs::remove_file(&path);
+            r.map(drop)
+        }
+    }
+}
+
+async fn save(
+    acct: &Account,
+    limits: &Limits,
+    message: &str,
+    max: usize,
+) -> Result<(Vec<u8>, bool), String> {
+    let home = acct.home.display().to_string();
+    git(acct, limits, &["-C", &home, "add", "-A"], 1 << 20).await?;
+    let staged = git(
+        acct,
+        limits,
+        &["-C", &home, "status", "--porcelain"],
+        16 << 20,
+    )
+    .await?;
+    let changed = !staged.is_empty();
+    if changed {
+        git(
+            acct,
+            limits,
+            &["-C", &home, "commit", "-q", "-m", message],
+            1 << 20,
+        )
+        .await?;
+    }
+    let bundle = git(
+        acct,
+        limits,
+        &["-C", &home, "bundle", "create", "-q", "-", "--all"],
+        max,
+    )
+    .await
+    .map_err(|e| {
+        if e.contains("empty bundle") {
+            "nothing to save: the workspace has no commits and no files".to_string()
+        } else {
+            e
+        }
+    })?;
+    Ok((bundle, changed))
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    session: String,
+    acct: Account,
+    mut engine: Engine,
+    limits: Limits,
+    mut rx: mpsc::Receiver<Cmd>,
+    sink: Sink,
+) {
+    let wall = tokio::time::Instant::now() + Duration::from_secs(limits.wall_clock_seconds);
+    let idle = Duration::from_secs(limits.idle_timeout_seconds);
+    let mut idle_at = tokio::time::Instant::now() + idle;
+    let reason = loop {
+        let cmd = tokio::select! {
+            c = rx.recv() => match c { Some(c) => c, None => break "the worker is shutting down".to_string() },
+            _ = tokio::time::sleep_until(wall) => break format!("wall-clock limit reached ({} s)", limits.wall_clock_seconds),
+            _ = tokio::time::sleep_until(idle_at) => break format!("idle for {} s", limits.idle_timeout_seconds),
+        };
+        match cmd {
+            Cmd::Execute { id, code } => {
+                shared.metrics.executes.fetch_add(1, Ordering::Relaxed);
+                let mut to = ToSink {
+                    sink: sink.clone(),
+                    session: session.clone(),
+                    id,
+                };
+                let result = engine.execute(&code, &limits, &mut to).await;
+                match result {
+                    Ok(status) => {
+                        send(
+                            &sink,
+                            Event::Done {
+                                session: session.clone(),
+                                id,
+                                status,
+                                message: None,
+                            },
+                        )
+                        .await
+                    }
+                    Err(EngineError::Died(why)) | Err(EngineError::Start(why)) => {
+                        shared.metrics.limit_kills.fetch_add(1, Ordering::Relaxed);
+                        send(
+                            &sink,
+                            Event::Done {
+                                session: session.clone(),
+                                id,
+                                status: Status::Killed,
+                                message: Some(why.clone()),
+                            },
+                        )
+                        .await;
+                        break why;
+                    }
+                }
+                idle_at = tokio::time::Instant::now() + idle;
+            }
+            Cmd::Save { message } => {
+                match save(&acct, &limits, &message, shared.config.max_bundle_bytes()).await {
+                    Ok((bundle, changed)) => {
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(bundle);
+                        send(
+                            &sink,
+                            Event::Saved {
+                                session: session.clone(),
+                                bundle: b64,
+                                changed,
+                            },
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        send(
+                            &sink,
+                            Event::Error {
+                                session: Some(session.clone()),
+                                message: format!("save failed: {e}"),
+                            },
+                        )
+                        .await
+                    }
+                }
+                idle_at = tokio::time::Instant::now() + idle;
+            }
+            Cmd::Close { reason } => break reason,
+        }
+    };
+    engine.stop().await;
+    shared.forget(&session);
+    let uid = acct.uid;
+    let destroyed = tokio::task::spawn_blocking(move || acct.destroy(Duration::from_secs(2))).await;
+    if let Ok(Err(e)) = &destroyed {
+        tracing::error!(session = %session, "removing the workspace user failed: {e}");
+    }
+    shared.release_uid(uid);
+    tracing::info!(session = %session, reason = %reason, "session closed");
+    send(&sink, Event::Closed { session, reason }).await;
+}

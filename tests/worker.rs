@@ -1,0 +1,571 @@
+//! The worker agent, as root with real processes: sessions (state kept, output streamed and kept
+//! apart, interrupt, save and reopen from the bundle, close removes the user and its processes),
+//! hostile code contained with a clear message while other sessions keep working, connections
+//! refused for the wrong role, no certificate or another CA, and bad frames refused without harm.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sage_agent::frame;
+use sage_agent::proto::{Event, Limits, Request, Status};
+use sage_agent::tls::Identity;
+use sagectl::pki::{State, role_name};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+fn require_root() {
+    let o = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0",
+        "the worker tests need root (they make users): run them as CI does"
+    );
+}
+
+/// Writes a certificate and key from `state` into `dir` as `<name>.crt/.key`, plus `ca.crt`.
+fn creds(state: &State, dir: &Path, name: &str, roles: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut dns = vec![name.to_string()];
+    dns.extend(roles.iter().map(|r| role_name(r)));
+    let c = state
+        .issue(
+            &format!("t-{name}"),
+            name,
+            dns,
+            vec!["127.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+    let (ca, crt, key) = (
+        dir.join("ca.crt"),
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&ca, state.ca_cert_pem()).unwrap();
+    std::fs::write(&crt, &c.chain_pem).unwrap();
+    std::fs::write(&key, c.key_pem.expose()).unwrap();
+    (ca, crt, key)
+}
+
+fn limits() -> Limits {
+    Limits {
+        cpu_seconds: 3,
+        memory_mb: 512,
+        processes: 40,
+        open_files: 64,
+        file_size_mb: 1,
+        wall_clock_seconds: 600,
+        idle_timeout_seconds: 600,
+    }
+}
+
+struct Worker {
+    addr: SocketAddr,
+    tmp: tempfile::TempDir,
+    state: State,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Worker {
+    async fn start(uid_min: u32, limits: Limits, backend_timeout: u64) -> Worker {
+        require_root();
+        let tmp = tempfile::tempdir().unwrap();
+        let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
+        let (ca, crt, key) = creds(&state, &tmp.path().join("worker"), "worker1", &["worker"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = serde_json::json!({
+            "inventory": "wtest", "host": "worker1", "listen": addr.to_string(),
+            "tls": {"ca": ca, "cert": crt, "key": key},
+            "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 20,
+            "backend_timeout_seconds": backend_timeout, "limits": limits, "backends": [],
+            "state_dir": tmp.path().join("state"), "metrics_listen": null, "first_frame_seconds": 2
+        });
+        let path = tmp.path().join("worker.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let config = sage_agent::worker::Config::load(&path).unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sage_agent::worker::run(config, listener, async move {
+            let _ = rx.await;
+        }));
+        Worker {
+            addr,
+            tmp,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn backend_identity(&self, name: &str, roles: &[&str]) -> Identity {
+        let (ca, crt, key) = creds(&self.state, &self.tmp.path().join("clients"), name, roles);
+        Identity::load(&ca, &crt, &key).unwrap()
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.addr, &self.backend_identity("backend1", &["backend"]))
+            .await
+            .expect("a backend is accepted")
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+struct Client {
+    rd: ReadHalf<TlsStream<TcpStream>>,
+    wr: WriteHalf<TlsStream<TcpStream>>,
+}
+
+#[derive(Debug, Default)]
+struct Cell {
+    stdout: String,
+    stderr: String,
+    status: Option<Status>,
+    message: Option<String>,
+    chunks: usize,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, id: &Identity) -> std::io::Result<Client> {
+        let cfg = id.client_config(&["worker"]).unwrap();
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("worker1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
+        // TLS 1.3 reports a refused client certificate on the first read: ping to find out.
+        frame::write(&mut tls, &Request::Ping)
+            .await
+            .map_err(std::io::Error::other)?;
+        let pong: Event = frame::read(&mut tls, 1 << 20, Duration::from_secs(10))
+            .await
+            .map_err(std::io::Error::other)?;
+        assert!(matches!(pong, Event::Pong { .. }), "{pong:?}");
+        let (rd, wr) = tokio::io::split(tls);
+        Ok(Client { rd, wr })
+    }
+
+    async fn send(&mut self, r: Request) {
+        frame::write(&mut self.wr, &r).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Event {
+        frame::read(&mut self.rd, 128 << 20, Duration::from_secs(60))
+            .await
+            .expect("an event")
+    }
+
+    async fn open(&mut self, s: &str, bundle: Option<String>) -> u64 {
+        self.send(Request::Open {
+            session: s.into(),
+            bundle,
+            limits: None,
+        })
+        .await;
+        match self.next().await {
+            Event::Opened {
+                session,
+                ready_ms,
+                engine,
+            } => {
+                assert_eq!((session.as_str(), engine.as_str()), (s, "python3"));
+                ready_ms
+            }
+            e => panic!("open {s}: {e:?}"),
+        }
+    }
+
+    async fn run(&mut self, s: &str, id: u64, code: &str) -> Cell {
+        self.send(Request::Execute {
+            session: s.into(),
+            id,
+            code: code.into(),
+        })
+        .await;
+        self.collect(s, id).await
+    }
+
+    async fn collect(&mut self, s: &str, id: u64) -> Cell {
+        let mut c = Cell::default();
+        loop {
+            match self.next().await {
+                Event::Stdout {
+                    session,
+                    id: i,
+                    data,
+                } if session == s && i == id => {
+                    c.stdout.push_str(&data);
+                    c.chunks += 1;
+                }
+                Event::Stderr {
+                    session,
+                    id: i,
+                    data,
+                } if session == s && i == id => c.stderr.push_str(&data),
+                Event::Done {
+                    session,
+                    id: i,
+                    status,
+                    message,
+                } if session == s && i == id => {
+                    c.status = Some(status);
+                    c.message = message;
+                    return c;
+                }
+                Event::Closed { .. } => {}
+                e => panic!("unexpected while running {s}/{id}: {e:?}"),
+            }
+        }
+    }
+
+    async fn close(&mut self, s: &str) -> String {
+        self.send(Request::Close { session: s.into() }).await;
+        loop {
+            if let Event::Closed { session, reason } = self.next().await {
+                if session == s {
+                    return reason;
+                }
+            }
+        }
+    }
+}
+
+fn user_exists(uid: u32) -> bool {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_lifecycle() {
+    let w = Worker::start(61000, limits(), 600).await;
+    let mut c = w.client().await;
+    let ready = c.open("ws-life", None).await;
+    eprintln!("session ready in {ready} ms");
+    assert!(user_exists(61000), "the workspace has its own unix user");
+
+    let cell = c.run("ws-life", 1, "x = 2").await;
+    assert_eq!((cell.status, cell.stdout.as_str()), (Some(Status::Ok), ""));
+    let cell = c.run("ws-life", 2, "x + 1").await;
+    assert_eq!(
+        (cell.status, cell.stdout.as_str()),
+        (Some(Status::Ok), "3\n"),
+        "the value of a last expression, as a REPL shows it"
+    );
+    let cell = c.run("ws-life", 3, "import sys\nprint('a')\nprint('E1', file=sys.stderr)\nprint('b')\nprint('E2', file=sys.stderr)").await;
+    assert_eq!(
+        (cell.stdout.as_str(), cell.stderr.as_str()),
+        ("a\nb\n", "E1\nE2\n"),
+        "streams kept apart and in order"
+    );
+    let cell = c.run("ws-life", 4, "1/0").await;
+    assert_eq!(cell.status, Some(Status::Error));
+    assert!(cell.stderr.contains("ZeroDivisionError"), "{}", cell.stderr);
+    // Streaming: output arrives before the cell ends.
+    let cell = c
+        .run(
+            "ws-life",
+            5,
+            "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.2)",
+        )
+        .await;
+    assert_eq!(cell.stdout, "0\n1\n2\n");
+    assert!(
+        cell.chunks >= 3,
+        "flushed within 50 ms, so in several chunks: {}",
+        cell.chunks
+    );
+
+    // Executes queue in order; an interrupt stops a loop.
+    c.send(Request::Execute {
+        session: "ws-life".into(),
+        id: 6,
+        code: "while True: pass".into(),
+    })
+    .await;
+    c.send(Request::Execute {
+        session: "ws-life".into(),
+        id: 7,
+        code: "'after'".into(),
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(Request::Interrupt {
+        session: "ws-life".into(),
+    })
+    .await;
+    let cell = c.collect("ws-life", 6).await;
+    assert_eq!(cell.status, Some(Status::Interrupted), "{cell:?}");
+    let cell = c.collect("ws-life", 7).await;
+    assert_eq!(cell.stdout, "'after'\n");
+
+    // Save: a commit made as the user, returned as a bundle; reopened elsewhere with its files.
+    c.run("ws-life", 8, "open('notes.txt', 'w').write('hello')")
+        .await;
+    c.send(Request::Save {
+        session: "ws-life".into(),
+        message: "first".into(),
+    })
+    .await;
+    let bundle = match c.next().await {
+        Event::Saved {
+            bundle, changed, ..
+        } => {
+            assert!(changed);
+            bundle
+        }
+        e => panic!("{e:?}"),
+    };
+    c.send(Request::Save {
+        session: "ws-life".into(),
+        message: "again".into(),
+    })
+    .await;
+    assert!(
+        matches!(c.next().await, Event::Saved { changed: false, .. }),
+        "nothing new: no commit"
+    );
+    let reason = c.close("ws-life").await;
+    assert_eq!(reason, "closed by the backend");
+    assert!(!user_exists(61000), "the user is removed on close");
+    assert!(
+        sage_agent::worker::sandbox::pids_of(61000).is_empty(),
+        "and its processes"
+    );
+
+    c.open("ws-copy", Some(bundle)).await;
+    let cell = c.run("ws-copy", 1, "print(open('notes.txt').read())\nimport subprocess\nprint(subprocess.run(['git','log','--format=%s %an'], capture_output=True, text=True).stdout)").await;
+    assert!(cell.stdout.starts_with("hello\nfirst ws61"), "{cell:?}");
+    c.close("ws-copy").await;
+
+    // A corrupt bundle is refused with a clear error, and leaves no user behind.
+    c.send(Request::Open {
+        session: "ws-bad".into(),
+        bundle: Some("bm90IGEgYnVuZGxl".into()),
+        limits: None,
+    })
+    .await;
+    match c.next().await {
+        Event::Error { message, .. } => {
+            assert!(message.contains("not a valid git bundle"), "{message}")
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(!user_exists(61000) && !user_exists(61001));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_code_is_contained() {
+    let w = Worker::start(62000, limits(), 600).await;
+    let mut c = w.client().await;
+    c.open("victim", None).await;
+    c.run("victim", 1, "open('secret.txt', 'w').write('s3cret')")
+        .await;
+    c.open("attacker", None).await;
+    let home = w.tmp.path().join("state/homes");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("fork bomb", "import os\npids = []\nwhile True:\n    pids.append(os.fork())\n    if pids[-1] == 0:\n        import time; time.sleep(30)".into(), "BlockingIOError"),
+        ("memory bomb", "x = bytearray(8 * 1024**3)".into(), "MemoryError"),
+        ("file over the size limit", "open('big', 'wb').write(b'x' * (2 * 1024 * 1024))".into(), "File too large"),
+        ("thousands of files", "fs = [open('/dev/null') for _ in range(5000)]".into(), "Too many open files"),
+        ("another workspace's home", format!("print(open('{}/victim/secret.txt').read())", home.display()), "PermissionError"),
+        ("a TCP connection", "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=3)".into(), "Network is unreachable"),
+        ("killing the worker", format!("import os, signal\nos.kill({}, signal.SIGKILL)", std::process::id()), "PermissionError"),
+    ];
+    for (i, (what, code, expect)) in cases.iter().enumerate() {
+        let cell = c.run("attacker", 10 + i as u64, code).await;
+        assert_eq!(cell.status, Some(Status::Error), "{what}: {cell:?}");
+        assert!(
+            cell.stderr.contains(expect),
+            "{what}: expected {expect} in {}",
+            cell.stderr
+        );
+        // The victim's session keeps working after each.
+        let ok = c.run("victim", 100 + i as u64, "1 + 1").await;
+        assert_eq!(ok.stdout, "2\n", "after {what}");
+    }
+    // CPU past the limit: the engine is stopped with a clear message; the session ends.
+    let cell = c.run("attacker", 50, "while True: pass").await;
+    assert_eq!(cell.status, Some(Status::Killed), "{cell:?}");
+    assert!(
+        cell.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("CPU time limit reached (3 s of CPU)"),
+        "{cell:?}"
+    );
+    assert!(
+        sage_agent::worker::sandbox::pids_of(62001).is_empty(),
+        "nothing of the attacker is left running"
+    );
+    assert_eq!(
+        c.run("victim", 200, "'still here'").await.stdout,
+        "'still here'\n"
+    );
+    c.close("victim").await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_peers_are_refused_and_bad_frames_are_harmless() {
+    let w = Worker::start(63000, limits(), 600).await;
+    // A certificate of the deployment whose role is not backend.
+    let logd = w.backend_identity("logs1", &["logd"]);
+    assert!(
+        Client::connect(w.addr, &logd).await.is_err(),
+        "a logd certificate is refused"
+    );
+    // A backend certificate from another CA.
+    let other = State::open_at(&w.tmp.path().join("other-pki"), "other").unwrap();
+    let (ca, crt, key) = creds(
+        &other,
+        &w.tmp.path().join("other"),
+        "backend1",
+        &["backend"],
+    );
+    let mut foreign = Identity::load(&ca, &crt, &key).unwrap();
+    foreign.roots = w.backend_identity("backend1", &["backend"]).roots; // trusts the worker, but is not trusted by it
+    assert!(
+        Client::connect(w.addr, &foreign).await.is_err(),
+        "another CA's certificate is refused"
+    );
+    // No certificate at all.
+    sage_agent::tls::init();
+    let roots = w.backend_identity("backend1", &["backend"]).roots;
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(w.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("worker1").unwrap();
+    let refused = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = frame::write(&mut s, &Request::Ping).await;
+            frame::read::<Event, _>(&mut s, 1 << 20, Duration::from_secs(5))
+                .await
+                .is_err()
+        }
+    };
+    assert!(refused, "no client certificate is refused");
+
+    let good = w.backend_identity("backend1", &["backend"]);
+    // Oversized, non-JSON and unknown requests: an error event, then the connection closes.
+    for (what, bytes) in [
+        ("oversized", vec![0x7f, 0xff, 0xff, 0xff]),
+        ("not JSON", [&[0u8, 0, 0, 5][..], b"hello"].concat()),
+        (
+            "unknown request",
+            [&[0u8, 0, 0, 20][..], br#"{"type":"rm_rf_root"}"#].concat(),
+        ),
+    ] {
+        let mut c = Client::connect(w.addr, &good).await.unwrap();
+        c.wr.write_all(&bytes).await.unwrap();
+        c.wr.flush().await.unwrap();
+        match c.next().await {
+            Event::Error { message, .. } => assert!(
+                message.starts_with("closing the connection"),
+                "{what}: {message}"
+            ),
+            e => panic!("{what}: {e:?}"),
+        }
+        assert!(
+            frame::read::<Event, _>(&mut c.rd, 1 << 20, Duration::from_secs(5))
+                .await
+                .is_err(),
+            "{what}: closed after the error"
+        );
+    }
+    // A truncated frame: an error within the frame deadline (2 s here), then the end.
+    let mut c = Client::connect(w.addr, &good).await.unwrap();
+    c.wr.write_all(&[0, 0, 1, 0, b'{']).await.unwrap();
+    c.wr.flush().await.unwrap();
+    let started = Instant::now();
+    let e = c.next_or_end().await;
+    assert!(
+        matches!(&e, Some(Event::Error { message, .. }) if message.contains("no complete frame")),
+        "{e:?}"
+    );
+    assert!(c.next_or_end().await.is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A client that connects and sends nothing is dropped after the first-frame deadline.
+    let cfg = good.client_config(&["worker"]).unwrap();
+    let tcp = TcpStream::connect(w.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("worker1").unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let r = frame::read::<Event, _>(&mut silent, 1 << 20, Duration::from_secs(30)).await;
+    assert!(matches!(r, Ok(Event::Error { .. })), "{r:?}");
+    assert!(
+        frame::read::<Event, _>(&mut silent, 1 << 20, Duration::from_secs(30))
+            .await
+            .is_err()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "dropped after the 2 s deadline, took {:?}",
+        started.elapsed()
+    );
+    // Invalid session names never reach the filesystem.
+    let mut c = w.client().await;
+    c.send(Request::Open {
+        session: "../../etc".into(),
+        bundle: None,
+        limits: None,
+    })
+    .await;
+    assert!(
+        matches!(c.next().await, Event::Error { message, .. } if message.contains("invalid session id"))
+    );
+    // And the worker still serves.
+    c.open("after", None).await;
+    assert_eq!(c.run("after", 1, "6 * 7").await.stdout, "42\n");
+    c.close("after").await;
+    w.stop().await;
+}
+
+impl Client {
+    /// The next event, or None when the worker closed the connection.
+    async fn next_or_end(&mut self) -> Option<Event> {
+        match frame::read(&mut self.rd, 1 << 20, Duration::from_secs(30)).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("connection ended: {e}");
+                None
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_stop_when_no_backend_is_heard_from() {
+    let w = Worker::start(64000, limits(), 3).await;
+    let mut c = w.client().await;
+    c.open("lonely", None).await;
+    let started = Instant::now();
+    let reason = loop {
+        if let Event::Closed { reason, .. } = c.next().await {
+            break reason;
+        }
+    };
+    assert!(reason.starts_with("no backend heard from for"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!user_exists(64000));
+    w.stop().await;
+}
