@@ -25,6 +25,9 @@ PGPASSFILE="$f" PGCONNECT_TIMEOUT=5 psql "$1" -XAtc "$2"
 
 const MEMCACHED_SCRIPT: &str = r#"printf 'stats\r\nquit\r\n' | timeout 5 openssl s_client -quiet -connect "$1" -CAfile /etc/sage-agent/ca.crt -cert /etc/sage-agent/host.crt -key /etc/sage-agent/host.key -verify_return_error 2>&1"#;
 
+/// Workers have python3, not curl: fetch the worker's local metrics page with it.
+const WORKER_METRICS: &str = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7001/metrics', timeout=5).read().decode())";
+
 async fn retry<F, Fut>(mut f: F) -> Result<String, String>
 where
     F: FnMut() -> Fut,
@@ -85,6 +88,18 @@ pub async fn check_all(
             .await
             .map(|_| "rules loaded".to_string());
         push("firewall", r);
+        if h.has(Role::Worker) {
+            let r = retry(|| async {
+                let o = run(s, &["python3", "-c", WORKER_METRICS], b"").await?;
+                if o.contains("sagews_worker_sessions_open") {
+                    Ok("sage-worker runs and serves its metrics".to_string())
+                } else {
+                    Err(format!("no metrics from sage-worker: {o}"))
+                }
+            })
+            .await;
+            push("worker", r);
+        }
         if h.has(Role::Loadbalancer) {
             let r = retry(|| async {
                 let o = run(
