@@ -73,16 +73,40 @@ impl Worker {
         require_root();
         let tmp = tempfile::tempdir().unwrap();
         let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
+        Worker::start_with(
+            uid_min,
+            limits,
+            backend_timeout,
+            tmp,
+            state,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Starts a worker whose config gets `extra`'s fields on top of the test defaults.
+    async fn start_with(
+        uid_min: u32,
+        limits: Limits,
+        backend_timeout: u64,
+        tmp: tempfile::TempDir,
+        state: State,
+        extra: serde_json::Value,
+    ) -> Worker {
+        require_root();
         let (ca, crt, key) = creds(&state, &tmp.path().join("worker"), "worker1", &["worker"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "inventory": "wtest", "host": "worker1", "listen": addr.to_string(),
             "tls": {"ca": ca, "cert": crt, "key": key},
             "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 20,
             "backend_timeout_seconds": backend_timeout, "limits": limits, "backends": [],
             "state_dir": tmp.path().join("state"), "metrics_listen": null, "first_frame_seconds": 2
         });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
         let path = tmp.path().join("worker.json");
         std::fs::write(&path, config.to_string()).unwrap();
         let config = sage_agent::worker::Config::load(&path).unwrap();
@@ -567,5 +591,111 @@ async fn sessions_stop_when_no_backend_is_heard_from() {
     assert!(reason.starts_with("no backend heard from for"), "{reason}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!user_exists(64000));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registers_with_backends_heartbeats_and_serves_metrics() {
+    use sage_agent::proto::{Announce, AnnounceReply};
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
+    // A backend's worker port, as the backend will serve it: TLS, worker certificates only.
+    let (ca, crt, key) = creds(
+        &state,
+        &tmp.path().join("backend"),
+        "backend1",
+        &["backend"],
+    );
+    let backend = Identity::load(&ca, &crt, &key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(backend.server_config(&["worker"]).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (got_tx, mut got) = tokio::sync::mpsc::channel::<Announce>(16);
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        loop {
+            let Ok(a) = frame::read::<Announce, _>(&mut s, 1 << 16, Duration::from_secs(30)).await
+            else {
+                break;
+            };
+            got_tx.send(a).await.unwrap();
+            frame::write(&mut s, &AnnounceReply::Ack).await.unwrap();
+        }
+    });
+    let extra = serde_json::json!({
+        "backends": [{"name": "backend1", "address": backend_addr.to_string()}],
+        "heartbeat_seconds": 1,
+        "metrics_listen": format!("127.0.0.1:{metrics_port}"),
+    });
+    let w = Worker::start_with(65000, limits(), 3, tmp, state, extra).await;
+    match tokio::time::timeout(Duration::from_secs(10), got.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Announce::Register {
+            host,
+            address,
+            capacity,
+            engines,
+        } => {
+            assert_eq!(
+                (host.as_str(), address, capacity, engines),
+                (
+                    "worker1",
+                    w.addr.to_string(),
+                    8,
+                    vec!["python3".to_string()]
+                )
+            );
+        }
+        a => panic!("{a:?}"),
+    }
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), got.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        Announce::Heartbeat { sessions: 0, .. }
+    ));
+    // Acknowledged heartbeats count as hearing from a backend: past the 3 s timeout, the session
+    // is still open (compare sessions_stop_when_no_backend_is_heard_from).
+    let mut c = w.client().await;
+    c.open("kept", None).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut c = w.client().await;
+    assert_eq!(c.run("kept", 1, "'alive'").await.stdout, "'alive'\n");
+    let hb = loop {
+        if let Announce::Heartbeat { sessions, load } = got.recv().await.unwrap() {
+            break (sessions, load);
+        }
+    };
+    assert_eq!(hb, (1, 1.0 / 8.0), "heartbeats carry the load");
+    // Metrics, in Prometheus' text format.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
+        .await
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    for line in [
+        "sagews_worker_sessions_open 1",
+        "sagews_worker_sessions_opened_total 1",
+        "sagews_worker_executes_total 1",
+    ] {
+        assert!(body.contains(line), "{line} not in\n{body}");
+    }
+    c.close("kept").await;
     w.stop().await;
 }
