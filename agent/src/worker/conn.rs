@@ -26,6 +26,8 @@ pub async fn serve(
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) {
+    // Small frames go out at once (Nagle's algorithm would hold each for up to 40 ms).
+    let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -19,6 +19,7 @@ async fn session(shared: &Shared, identity: &Identity, b: &BackendRef) -> anyhow
     let name = ServerName::try_from(b.name.clone())?;
     let tcp =
         tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&b.address)).await??;
+    tcp.set_nodelay(true)?;
     let mut s = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),

@@ -1,0 +1,273 @@
+//! A worker started in this process with a test CA, and a backend-side client for it: shared
+//! by the worker tests and the worker benchmark.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sage_agent::frame;
+use sage_agent::proto::{Event, Limits, Request, Status};
+use sage_agent::tls::Identity;
+use sagectl::pki::{State, role_name};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+pub fn require_root() {
+    let o = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0",
+        "the worker tests need root (they make users): run them as CI does"
+    );
+}
+
+/// Writes a certificate and key from `state` into `dir` as `<name>.crt/.key`, plus `ca.crt`.
+pub fn creds(state: &State, dir: &Path, name: &str, roles: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut dns = vec![name.to_string()];
+    dns.extend(roles.iter().map(|r| role_name(r)));
+    let c = state
+        .issue(
+            &format!("t-{name}"),
+            name,
+            dns,
+            vec!["127.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+    let (ca, crt, key) = (
+        dir.join("ca.crt"),
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&ca, state.ca_cert_pem()).unwrap();
+    std::fs::write(&crt, &c.chain_pem).unwrap();
+    std::fs::write(&key, c.key_pem.expose()).unwrap();
+    (ca, crt, key)
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        cpu_seconds: 3,
+        memory_mb: 512,
+        processes: 40,
+        open_files: 64,
+        file_size_mb: 1,
+        wall_clock_seconds: 600,
+        idle_timeout_seconds: 600,
+    }
+}
+
+pub struct Worker {
+    pub addr: SocketAddr,
+    pub tmp: tempfile::TempDir,
+    pub state: State,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Worker {
+    pub async fn start(uid_min: u32, limits: Limits, backend_timeout: u64) -> Worker {
+        require_root();
+        let tmp = tempfile::tempdir().unwrap();
+        let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
+        Worker::start_with(
+            uid_min,
+            limits,
+            backend_timeout,
+            tmp,
+            state,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Starts a worker whose config gets `extra`'s fields on top of the test defaults.
+    pub async fn start_with(
+        uid_min: u32,
+        limits: Limits,
+        backend_timeout: u64,
+        tmp: tempfile::TempDir,
+        state: State,
+        extra: serde_json::Value,
+    ) -> Worker {
+        require_root();
+        let (ca, crt, key) = creds(&state, &tmp.path().join("worker"), "worker1", &["worker"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = serde_json::json!({
+            "inventory": "wtest", "host": "worker1", "listen": addr.to_string(),
+            "tls": {"ca": ca, "cert": crt, "key": key},
+            "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 20,
+            "backend_timeout_seconds": backend_timeout, "limits": limits, "backends": [],
+            "state_dir": tmp.path().join("state"), "metrics_listen": null, "first_frame_seconds": 2
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let path = tmp.path().join("worker.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let config = sage_agent::worker::Config::load(&path).unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sage_agent::worker::run(config, listener, async move {
+            let _ = rx.await;
+        }));
+        Worker {
+            addr,
+            tmp,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn backend_identity(&self, name: &str, roles: &[&str]) -> Identity {
+        let (ca, crt, key) = creds(&self.state, &self.tmp.path().join("clients"), name, roles);
+        Identity::load(&ca, &crt, &key).unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, &self.backend_identity("backend1", &["backend"]))
+            .await
+            .expect("a backend is accepted")
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+pub struct Client {
+    pub rd: ReadHalf<TlsStream<TcpStream>>,
+    pub wr: WriteHalf<TlsStream<TcpStream>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Cell {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: Option<Status>,
+    pub message: Option<String>,
+    pub chunks: usize,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, id: &Identity) -> std::io::Result<Client> {
+        let cfg = id.client_config(&["worker"]).unwrap();
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from("worker1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
+        // TLS 1.3 reports a refused client certificate on the first read: ping to find out.
+        frame::write(&mut tls, &Request::Ping)
+            .await
+            .map_err(std::io::Error::other)?;
+        let pong: Event = frame::read(&mut tls, 1 << 20, Duration::from_secs(10))
+            .await
+            .map_err(std::io::Error::other)?;
+        assert!(matches!(pong, Event::Pong { .. }), "{pong:?}");
+        let (rd, wr) = tokio::io::split(tls);
+        Ok(Client { rd, wr })
+    }
+
+    pub async fn send(&mut self, r: Request) {
+        frame::write(&mut self.wr, &r).await.unwrap();
+    }
+
+    pub async fn next(&mut self) -> Event {
+        frame::read(&mut self.rd, 128 << 20, Duration::from_secs(60))
+            .await
+            .expect("an event")
+    }
+
+    pub async fn open(&mut self, s: &str, bundle: Option<String>) -> u64 {
+        self.send(Request::Open {
+            session: s.into(),
+            bundle,
+            limits: None,
+        })
+        .await;
+        match self.next().await {
+            Event::Opened {
+                session,
+                ready_ms,
+                engine,
+            } => {
+                assert_eq!((session.as_str(), engine.as_str()), (s, "python3"));
+                ready_ms
+            }
+            e => panic!("open {s}: {e:?}"),
+        }
+    }
+
+    pub async fn run(&mut self, s: &str, id: u64, code: &str) -> Cell {
+        self.send(Request::Execute {
+            session: s.into(),
+            id,
+            code: code.into(),
+        })
+        .await;
+        self.collect(s, id).await
+    }
+
+    pub async fn collect(&mut self, s: &str, id: u64) -> Cell {
+        let mut c = Cell::default();
+        loop {
+            match self.next().await {
+                Event::Stdout {
+                    session,
+                    id: i,
+                    data,
+                } if session == s && i == id => {
+                    c.stdout.push_str(&data);
+                    c.chunks += 1;
+                }
+                Event::Stderr {
+                    session,
+                    id: i,
+                    data,
+                } if session == s && i == id => c.stderr.push_str(&data),
+                Event::Done {
+                    session,
+                    id: i,
+                    status,
+                    message,
+                } if session == s && i == id => {
+                    c.status = Some(status);
+                    c.message = message;
+                    return c;
+                }
+                Event::Closed { .. } => {}
+                e => panic!("unexpected while running {s}/{id}: {e:?}"),
+            }
+        }
+    }
+
+    pub async fn close(&mut self, s: &str) -> String {
+        self.send(Request::Close { session: s.into() }).await;
+        loop {
+            if let Event::Closed { session, reason } = self.next().await {
+                if session == s {
+                    return reason;
+                }
+            }
+        }
+    }
+}
+
+impl Client {
+    /// The next event, or None when the worker closed the connection.
+    pub async fn next_or_end(&mut self) -> Option<Event> {
+        match frame::read(&mut self.rd, 1 << 20, Duration::from_secs(30)).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("connection ended: {e}");
+                None
+            }
+        }
+    }
+}
