@@ -173,8 +173,13 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
                 )
                 .await
                 {
-                    Ok(h) => {
+                    Ok((h, opened)) => {
+                        let sink = h.sink.clone();
                         shared.sessions.lock().unwrap().insert(session, Arc::new(h));
+                        let to = sink.lock().await.clone();
+                        if let Some(to) = to {
+                            let _ = to.send(opened).await;
+                        }
                     }
                     Err(e) => {
                         shared.forget(&session);

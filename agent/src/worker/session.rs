@@ -56,14 +56,16 @@ async fn send(sink: &Sink, e: Event) {
     }
 }
 
-/// Prepares the workspace and starts its engine. On success the session's task runs on.
+/// Prepares the workspace and starts its engine. On success the session's task runs on, and
+/// the caller registers the handle before sending the `opened` event (so a request that answers
+/// it always finds the session).
 pub async fn open(
     shared: Arc<Shared>,
     session: String,
     bundle: Option<String>,
     limits: Limits,
     sink: Sink,
-) -> Result<Handle, String> {
+) -> Result<(Handle, Event), String> {
     let started = Instant::now();
     let uid = shared
         .allocate_uid()
@@ -107,17 +109,13 @@ pub async fn open(
         .metrics
         .sessions_opened
         .fetch_add(1, Ordering::Relaxed);
-    send(
-        &sink,
-        Event::Opened {
-            session: session.clone(),
-            engine: engine.kind.clone(),
-            ready_ms: started.elapsed().as_millis() as u64,
-        },
-    )
-    .await;
+    let opened = Event::Opened {
+        session: session.clone(),
+        engine: engine.kind.clone(),
+        ready_ms: started.elapsed().as_millis() as u64,
+    };
     tokio::spawn(run(shared, session, acct, engine, limits, rx, sink.clone()));
-    Ok(Handle { tx, sink, pid, uid })
+    Ok((Handle { tx, sink, pid, uid }, opened))
 }
 
 /// Runs a git command in the workspace, as its user, in the sandbox; returns stdout.
