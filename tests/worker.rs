@@ -443,3 +443,47 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
     c.close("kept").await;
     w.stop().await;
 }
+
+/// Sage as the engine, when the `sagemath` package is installed (it is large: CI installs it
+/// only with SAGECTL_CI_SAGE=1). Without it the test says it was skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn sage_engine_factors() {
+    let have_sage = std::process::Command::new("sh")
+        .args(["-c", "command -v sage"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !have_sage {
+        eprintln!(
+            "SKIPPED: sagemath is not installed (apt-get install sagemath, or run .ci/run with SAGECTL_CI_SAGE=1)"
+        );
+        return;
+    }
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
+    let mut l = limits();
+    l.cpu_seconds = 300;
+    l.memory_mb = 4096;
+    l.processes = 200;
+    let w = Worker::start_with(
+        67000,
+        l,
+        600,
+        tmp,
+        state,
+        serde_json::json!({"engine": "sage"}),
+    )
+    .await;
+    let mut c = w.client().await;
+    c.open("sage-ws", None).await;
+    let cell = c.run("sage-ws", 1, "factor(2^64+1)").await;
+    assert_eq!(
+        (cell.status, cell.stdout.trim()),
+        (Some(Status::Ok), "274177 * 67280421310721"),
+        "{cell:?}"
+    );
+    c.close("sage-ws").await;
+    w.stop().await;
+}
