@@ -304,6 +304,16 @@ fn pg_bin(name: &str) -> PathBuf {
     dir.join("bin").join(name)
 }
 
+/// psql as the postgres superuser over the unix socket (peer authentication).
+fn as_postgres(sock: &str, sql: &str) -> std::process::Output {
+    Command::new("runuser")
+        .args([
+            "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-d", sock, "-c", sql,
+        ])
+        .output()
+        .unwrap()
+}
+
 fn free_port(ip: &str) -> u16 {
     TcpListener::bind((ip, 0))
         .unwrap()
@@ -419,22 +429,10 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     }
 
     // The settings really come from the rendered file.
-    let o = Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            "psql",
-            "-X",
-            "-A",
-            "-t",
-            "-d",
-            &sock,
-            "-c",
-            "show listen_addresses; show ssl; show password_encryption; show shared_buffers",
-        ])
-        .output()
-        .unwrap();
+    let o = as_postgres(
+        &sock,
+        "show listen_addresses; show ssl; show password_encryption; show shared_buffers",
+    );
     assert_ok(&o, "show settings");
     assert_eq!(
         text(&o).0.split_whitespace().collect::<Vec<_>>(),
@@ -470,22 +468,10 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     )
     .unwrap();
     assert!(setup.wait().unwrap().success());
-    let o = Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            "psql",
-            "-X",
-            "-A",
-            "-t",
-            "-d",
-            &sock,
-            "-c",
-            "select rolpassword from pg_authid where rolname = 'sagews_backend'",
-        ])
-        .output()
-        .unwrap();
+    let o = as_postgres(
+        &sock,
+        "select rolpassword from pg_authid where rolname = 'sagews_backend'",
+    );
     assert!(
         sagectl::scram::matches(text(&o).0.trim(), pw),
         "the stored verifier checks against the password"

@@ -104,6 +104,13 @@ impl Runner<'_> {
         }
     }
 
+    async fn daemon_reload(&self) -> Result<(), String> {
+        let argv = ["systemctl", "daemon-reload"];
+        self.must("systemctl daemon-reload", &argv, b"", SHORT)
+            .await
+            .map(drop)
+    }
+
     async fn attrs(&self, path: &str, a: &Attrs) -> Result<(), String> {
         let owner = format!("{}:{}", a.owner, a.group);
         let mode = format!("{:04o}", a.mode);
@@ -315,15 +322,7 @@ async fn apply_with(r: &Runner<'_>, plan: &HostPlan, progress: &(dyn Fn(&str) + 
                     }
                 }
                 if matches!(c, Change::Unit { .. }) && daemon_reload {
-                    if let Err(e) = r
-                        .must(
-                            "systemctl daemon-reload",
-                            &["systemctl", "daemon-reload"],
-                            b"",
-                            SHORT,
-                        )
-                        .await
-                    {
+                    if let Err(e) = r.daemon_reload().await {
                         out.error = Some(e);
                         return out;
                     }
@@ -355,15 +354,7 @@ async fn apply_with(r: &Runner<'_>, plan: &HostPlan, progress: &(dyn Fn(&str) + 
         return out;
     }
     if daemon_reload {
-        if let Err(e) = r
-            .must(
-                "systemctl daemon-reload",
-                &["systemctl", "daemon-reload"],
-                b"",
-                SHORT,
-            )
-            .await
-        {
+        if let Err(e) = r.daemon_reload().await {
             out.error = Some(e);
             return out;
         }
