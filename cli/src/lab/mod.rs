@@ -321,6 +321,7 @@ fn preflight() -> Result<(), LabError> {
             "installing {} (needed for lab machines)",
             missing.join(" ")
         ));
+        sys::run(&["apt-get", "update", "-q"])?;
         let mut argv = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
         argv.extend(&missing);
         sys::run(&argv)?;
