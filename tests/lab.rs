@@ -67,12 +67,44 @@ fn live_processes(needle: &str) -> Vec<String> {
     out
 }
 
+/// Lab links (bridges `sglab-*`, veths `sgv*`) on this box.
+fn lab_links() -> Vec<String> {
+    let o = Command::new("ip").args(["-br", "link"]).output().unwrap();
+    let mut v: Vec<String> = text(&o)
+        .0
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("sgv") || n.starts_with("sglab-"))
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Lab firewall tables on this box.
+fn lab_tables() -> Vec<String> {
+    let o = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    let mut v: Vec<String> = text(&o)
+        .0
+        .lines()
+        .filter(|l| l.contains("sagectl_lab_"))
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn three_machines_up_checked_over_ssh_then_nothing_left() {
     require("ip");
     let (_tmp, inv) = scratch_inventory(&common::fixtures().join("lab3.yaml"));
     let _down = Down(inv.clone());
 
+    // Other labs may run on this box: what this one leaves must be what was there before.
+    let (links_before, tables_before) = (lab_links(), lab_tables());
     let o = lab(&["up"], &inv);
     let (out, err) = text(&o);
     assert!(o.status.success(), "lab up failed:\n{out}\n{err}");
@@ -185,14 +217,7 @@ fn three_machines_up_checked_over_ssh_then_nothing_left() {
         "{}",
         text(&netns).0
     );
-    let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
-    let links = text(&links).0;
-    assert!(
-        !links
-            .lines()
-            .any(|l| l.starts_with("sgv") || l.starts_with("sglab-")),
-        "{links}"
-    );
+    assert_eq!(lab_links(), links_before, "links left behind");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains("/run/sagectl-lab/labtest"), "{mounts}");
     assert!(!Path::new("/run/sagectl-lab/labtest").exists());
@@ -202,15 +227,7 @@ fn three_machines_up_checked_over_ssh_then_nothing_left() {
             .join("sagectl-lab/labtest-alpha");
         assert!(!d.exists(), "{} left", d.display());
     }
-    let tables = Command::new("nft")
-        .args(["list", "tables"])
-        .output()
-        .unwrap();
-    assert!(
-        !text(&tables).0.contains("sagectl_lab_"),
-        "{}",
-        text(&tables).0
-    );
+    assert_eq!(lab_tables(), tables_before, "firewall tables left behind");
     // Status now says stopped (exit 3: not all running).
     let o = lab(&["status"], &inv);
     assert_eq!(o.status.code(), Some(3));
