@@ -200,3 +200,54 @@ mod tests {
         assert!(!valid_session_id(&"a".repeat(49)));
     }
 }
+
+/// Severity of a log record, least to most severe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One log record as a client sends it. The source address is not in it: logd takes it from
+/// the connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogRecord {
+    /// Unique per record, chosen by the client; a resend after a lost ack is dropped by it.
+    pub id: String,
+    /// Unix time in milliseconds.
+    pub ts_ms: i64,
+    pub host: String,
+    pub level: Level,
+    pub target: String,
+    pub message: String,
+    #[serde(default)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Client → logd.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LogRequest {
+    /// Records to store; answered by `ack` with the same batch number once committed.
+    Records { batch: u64, records: Vec<LogRecord> },
+}
+
+/// logd → client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LogReply {
+    /// The batch is committed: `stored` new records, `duplicates` already there.
+    Ack {
+        batch: u64,
+        stored: u64,
+        duplicates: u64,
+    },
+    Error {
+        message: String,
+    },
+}

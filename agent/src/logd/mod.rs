@@ -1,0 +1,361 @@
+//! `sage-agent logd` (in progress: ingestion only). A TLS 1.3 listener that first checks the
+//! peer's IP address against the allow-list (the address alone: the 2012 server compared the
+//! (address, port) pair and so refused everyone), then requires a certificate of the deployment
+//! with the backend, logd or admin role (never worker). Records are batched into PostgreSQL and
+//! acknowledged only after commit; while the database is away nothing is acknowledged and the
+//! bounded queue pushes back on the senders.
+
+pub mod store;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::frame::{self, FrameError};
+use crate::proto::{LogReply, LogRequest};
+use store::Incoming;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub address: String,
+    pub server_name: String,
+}
+
+/// logd's configuration (`logd.json`, rendered by sagectl).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub inventory: String,
+    pub host: String,
+    pub listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub tls: TlsPaths,
+    pub database: store::DbConfig,
+    /// Addresses and CIDR blocks that may send records.
+    pub allow: Vec<String>,
+    pub batch_size: usize,
+    pub retention_days: u32,
+    pub alerts: serde_json::Value,
+    pub replica: Option<Peer>,
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    #[serde(default = "default_frame_seconds")]
+    pub frame_seconds: u64,
+}
+
+fn default_max_frame() -> usize {
+    16 << 20
+}
+fn default_frame_seconds() -> u64 {
+    10
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut c: Config = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: line {}, column {}: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        for a in &c.allow {
+            anyhow::ensure!(
+                parse_block(a).is_some(),
+                "{}: allow: `{a}` is not an address or CIDR block",
+                path.display()
+            );
+        }
+        anyhow::ensure!(
+            c.batch_size > 0,
+            "{}: batch_size must be positive",
+            path.display()
+        );
+        Ok(c)
+    }
+}
+
+/// An allow-list entry: an address, or a CIDR block.
+fn parse_block(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, p) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+    let ip: IpAddr = a.parse().ok()?;
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match p {
+        Some(p) => p.parse::<u8>().ok().filter(|n| *n <= bits)?,
+        None => bits,
+    };
+    Some((ip, prefix))
+}
+
+fn as_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// Whether `ip` (the peer's address, whatever its port) is on the allow-list.
+pub fn allowed(ip: IpAddr, allow: &[String]) -> bool {
+    allow
+        .iter()
+        .filter_map(|s| parse_block(s))
+        .any(|(net, prefix)| {
+            let bits = if net.is_ipv4() { 32 } else { 128 };
+            if net.is_ipv4() != ip.is_ipv4() {
+                return false;
+            }
+            let shift = u32::from(bits - prefix);
+            as_u128(net).checked_shr(shift).unwrap_or(0)
+                == as_u128(ip).checked_shr(shift).unwrap_or(0)
+        })
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub refused_addresses: AtomicU64,
+    pub refused_handshakes: AtomicU64,
+    pub records_stored: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+/// A client batch waiting for its commit.
+struct Job {
+    records: Vec<Incoming>,
+    done: oneshot::Sender<(u64, u64)>,
+}
+
+/// Runs logd until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Arc<Metrics>> {
+    let identity = crate::tls::Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let server = identity.server_config(&["backend", "logd", "admin"])?;
+    let metrics = Arc::new(Metrics::default());
+    let (jobs, rx) = mpsc::channel::<Job>(64);
+    tokio::spawn(writer(
+        config.database.clone(),
+        identity.roots.clone(),
+        config.batch_size,
+        rx,
+        metrics.clone(),
+    ));
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let config = Arc::new(config);
+    tracing::info!(listen = %listener.local_addr()?, "logd ready");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => {
+                let Ok((tcp, peer)) = r else { continue };
+                if !allowed(peer.ip(), &config.allow) {
+                    metrics.refused_addresses.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "refused: address not on the allow-list");
+                    continue;
+                }
+                let (acceptor, config, jobs, metrics) = (acceptor.clone(), config.clone(), jobs.clone(), metrics.clone());
+                tokio::spawn(serve(acceptor, tcp, peer, config, jobs, metrics));
+            }
+        }
+    }
+    Ok(metrics)
+}
+
+async fn serve(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: Arc<Config>,
+    jobs: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics.refused_handshakes.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refused at the TLS handshake: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    // Acks go out in the order batches came in, each once its commit is done.
+    let (pending_tx, mut pending) = mpsc::channel::<(u64, oneshot::Receiver<(u64, u64)>)>(64);
+    let acker = tokio::spawn(async move {
+        while let Some((batch, rx)) = pending.recv().await {
+            let Ok((stored, duplicates)) = rx.await else {
+                break;
+            };
+            if frame::write(
+                &mut wr,
+                &LogReply::Ack {
+                    batch,
+                    stored,
+                    duplicates,
+                },
+            )
+            .await
+            .is_err()
+            {
+                break;
+            }
+        }
+        wr
+    });
+    let body = Duration::from_secs(config.frame_seconds);
+    let mut idle = body;
+    let mut error = None;
+    loop {
+        match frame::read_in::<LogRequest, _>(&mut rd, config.max_frame_bytes, idle, body).await {
+            Ok(LogRequest::Records { batch, records }) => {
+                idle = Duration::from_secs(3600);
+                let records = records
+                    .into_iter()
+                    .map(|record| Incoming {
+                        record,
+                        source: peer.ip(),
+                    })
+                    .collect();
+                let (done, rx) = oneshot::channel();
+                if jobs.send(Job { records, done }).await.is_err()
+                    || pending_tx.send((batch, rx)).await.is_err()
+                {
+                    break;
+                }
+            }
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                tracing::warn!(%peer, "closing the connection: {e}");
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(pending_tx);
+    if let Ok(mut wr) = acker.await {
+        if let Some(message) = error {
+            let _ = frame::write(
+                &mut wr,
+                &LogReply::Error {
+                    message: format!("closing the connection: {message}"),
+                },
+            )
+            .await;
+        }
+    }
+}
+
+/// Collects jobs into batches of up to `batch_size` records and commits them; retries (without
+/// acknowledging anything) until the database takes them.
+async fn writer(
+    db: store::DbConfig,
+    roots: Arc<rustls::RootCertStore>,
+    batch_size: usize,
+    mut rx: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+) {
+    let mut client = None;
+    let mut backoff = Duration::from_millis(100);
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let mut n = jobs[0].records.len();
+        while n < batch_size {
+            match rx.try_recv() {
+                Ok(j) => {
+                    n += j.records.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let all: Vec<Incoming> = jobs
+            .iter_mut()
+            .flat_map(|j| std::mem::take(&mut j.records))
+            .collect();
+        loop {
+            if client.is_none() {
+                match store::connect(&db, roots.clone()).await {
+                    Ok(mut c) => match store::migrate(&mut c).await {
+                        Ok(()) => {
+                            client = Some(c);
+                            backoff = Duration::from_millis(100);
+                        }
+                        Err(e) => tracing::warn!("database migration failed: {e}"),
+                    },
+                    Err(e) => tracing::warn!("database unreachable: {e}"),
+                }
+            }
+            if let Some(c) = client.as_mut() {
+                match store::write(c, &all).await {
+                    Ok(stored) => {
+                        let total = all.len() as u64;
+                        metrics.records_stored.fetch_add(stored, Ordering::Relaxed);
+                        metrics
+                            .duplicates
+                            .fetch_add(total - stored, Ordering::Relaxed);
+                        // Per-batch counts are not kept apart within one transaction: each job
+                        // learns it is committed, with the transaction's totals.
+                        for j in jobs {
+                            let _ = j.done.send((stored, total - stored));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "writing records failed (will retry, nothing acknowledged): {e}"
+                        );
+                        client = None;
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allowed;
+
+    #[test]
+    fn allow_list_checks_the_address_not_the_port() {
+        let allow = vec!["10.77.0.13".to_string(), "198.51.100.64/26".to_string()];
+        assert!(allowed("10.77.0.13".parse().unwrap(), &allow));
+        assert!(allowed("198.51.100.70".parse().unwrap(), &allow));
+        assert!(!allowed("198.51.100.130".parse().unwrap(), &allow));
+        assert!(!allowed("127.0.0.2".parse().unwrap(), &allow));
+        assert!(!allowed("::1".parse().unwrap(), &allow));
+        assert!(allowed(
+            "fd00::5".parse().unwrap(),
+            &["fd00::/8".to_string()]
+        ));
+    }
+}

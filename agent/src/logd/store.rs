@@ -1,0 +1,125 @@
+//! logd's PostgreSQL side: schema migrations (under an advisory lock, so several logds starting
+//! together do not race), and batches written with one INSERT of arrays per transaction,
+//! duplicates (by record id) dropped by the database.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::proto::LogRecord;
+
+/// Schema versions, applied in order; each runs once.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE records (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    ts timestamptz NOT NULL,
+    received timestamptz NOT NULL DEFAULT now(),
+    host text NOT NULL,
+    source_ip inet NOT NULL,
+    level smallint NOT NULL,
+    target text NOT NULL,
+    message text NOT NULL,
+    fields jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX records_ts ON records (ts);
+"#];
+
+const INSERT: &str = r#"
+INSERT INTO records (id, ts, host, source_ip, level, target, message, fields)
+SELECT id, to_timestamp(ts / 1000.0), host, ip::inet, level, target, message, fields::jsonb
+FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int2[], $6::text[], $7::text[], $8::text[])
+    AS t(id, ts, host, ip, level, target, message, fields)
+ON CONFLICT (id) DO NOTHING
+"#;
+
+/// Connection settings of logd's database.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbConfig {
+    pub host: String,
+    /// The name in the server's certificate (its address works too: certificates carry both).
+    pub server_name: String,
+    pub port: u16,
+    pub name: String,
+    pub user: String,
+    pub password: String,
+}
+
+/// Connects with TLS verified against `roots` (verify-full).
+pub async fn connect(
+    db: &DbConfig,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<Client, tokio_postgres::Error> {
+    let tls_cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_cfg);
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&db.host)
+        .port(db.port)
+        .dbname(&db.name)
+        .user(&db.user)
+        .password(&db.password);
+    cfg.ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let (client, conn) = cfg.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!("database connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies the migrations not applied yet.
+pub async fn migrate(c: &mut Client) -> Result<(), tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(727274)", &[])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY)")
+        .await?;
+    let done: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+        .await?
+        .get(0);
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+        tx.batch_execute(m).await?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// A record with the address it came from.
+pub struct Incoming {
+    pub record: LogRecord,
+    pub source: std::net::IpAddr,
+}
+
+/// Writes `batch` in one transaction; returns how many were new.
+pub async fn write(c: &mut Client, batch: &[Incoming]) -> Result<u64, tokio_postgres::Error> {
+    let col = |f: &dyn Fn(&Incoming) -> String| batch.iter().map(f).collect::<Vec<String>>();
+    let ids = col(&|r| r.record.id.clone());
+    let ts: Vec<i64> = batch.iter().map(|r| r.record.ts_ms).collect();
+    let hosts = col(&|r| r.record.host.clone());
+    let ips = col(&|r| r.source.to_string());
+    let levels: Vec<i16> = batch.iter().map(|r| r.record.level as i16).collect();
+    let targets = col(&|r| r.record.target.clone());
+    let messages = col(&|r| r.record.message.clone());
+    let fields = col(&|r| serde_json::Value::Object(r.record.fields.clone()).to_string());
+    let tx = c.transaction().await?;
+    let n = tx
+        .execute(
+            INSERT,
+            &[
+                &ids, &ts, &hosts, &ips, &levels, &targets, &messages, &fields,
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}

@@ -1,0 +1,265 @@
+//! logd's ingestion against a real PostgreSQL (as root): records arrive with the right fields and
+//! the source address taken from the connection; a resend is dropped by id; an address outside
+//! the allow-list and a worker certificate are refused; bad frames are refused without harm;
+//! while PostgreSQL is down nothing is acknowledged, and once it is back the batch is stored.
+
+#[path = "worker_harness.rs"]
+mod harness;
+#[path = "pg_harness.rs"]
+mod pg;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sage_agent::frame;
+use sage_agent::proto::{Level, LogRecord, LogReply, LogRequest};
+use sage_agent::tls::Identity;
+use sagectl::pki::State;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpSocket;
+
+struct Logd {
+    addr: SocketAddr,
+    tmp: tempfile::TempDir,
+    state: State,
+    pg: pg::Pg,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn start() -> Logd {
+    harness::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = State::open_at(&tmp.path().join("pki"), "ltest").unwrap();
+    let dbc = state
+        .issue(
+            "t-db",
+            "db",
+            vec!["db".into(), sagectl::pki::role_name("database")],
+            vec!["127.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+    let key = dbc.key_pem.expose().to_string();
+    let pg = tokio::task::spawn_blocking(move || pg::Pg::start(&dbc.chain_pem, &key))
+        .await
+        .unwrap();
+    pg.create_db("sagews_logs", "logpw123");
+    let (ca, crt, key) = harness::creds(&state, &tmp.path().join("logd"), "logs1", &["logd"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = serde_json::json!({
+        "inventory": "ltest", "host": "logs1", "listen": addr.to_string(), "http_listen": "127.0.0.1:0",
+        "tls": {"ca": ca, "cert": crt, "key": key},
+        "database": {"host": "127.0.0.1", "server_name": "db", "port": pg.port, "name": "sagews_logs", "user": "sagews_logs", "password": "logpw123"},
+        "allow": ["127.0.0.1"], "batch_size": 5000, "retention_days": 30, "alerts": [], "replica": null,
+        "frame_seconds": 2
+    });
+    let path = tmp.path().join("logd.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let config = sage_agent::logd::Config::load(&path).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(sage_agent::logd::run(config, listener, async move {
+        let _ = rx.await;
+    }));
+    Logd {
+        addr,
+        tmp,
+        state,
+        pg,
+        stop: Some(stop),
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn connect_from(l: &Logd, from: &str, name: &str, roles: &[&str]) -> std::io::Result<Tls> {
+    let (ca, crt, key) = harness::creds(&l.state, &l.tmp.path().join("clients"), name, roles);
+    let id = Identity::load(&ca, &crt, &key).unwrap();
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(format!("{from}:0").parse().unwrap())?;
+    let tcp = sock.connect(l.addr).await?;
+    let cfg = id.client_config(&["logd"]).unwrap();
+    let sn = rustls::pki_types::ServerName::try_from("logs1").unwrap();
+    tokio_rustls::TlsConnector::from(cfg).connect(sn, tcp).await
+}
+
+fn record(i: usize) -> LogRecord {
+    let mut fields = serde_json::Map::new();
+    fields.insert("workspace".into(), serde_json::json!(format!("ws-{i}")));
+    LogRecord {
+        id: format!("rec-{i}"),
+        ts_ms: 1_795_800_000_000 + i as i64,
+        host: "backend1".into(),
+        level: Level::Warn,
+        target: "backend::save".into(),
+        message: format!("saved {i}"),
+        fields,
+    }
+}
+
+async fn send(s: &mut Tls, batch: u64, records: Vec<LogRecord>) -> LogReply {
+    frame::write(s, &LogRequest::Records { batch, records })
+        .await
+        .unwrap();
+    frame::read(s, 1 << 20, Duration::from_secs(30))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_stored_once_with_the_connections_address() {
+    let l = start().await;
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    let reply = send(&mut s, 1, (0..3).map(record).collect()).await;
+    assert_eq!(
+        reply,
+        LogReply::Ack {
+            batch: 1,
+            stored: 3,
+            duplicates: 0
+        }
+    );
+    let row = l.pg.query("sagews_logs", "select id, host, host(source_ip), level, target, message, fields->>'workspace', extract(epoch from ts)::bigint from records where id = 'rec-1'");
+    assert_eq!(
+        row,
+        "rec-1|backend1|127.0.0.1|3|backend::save|saved 1|ws-1|1795800000"
+    );
+    // A resend after a lost ack: dropped by id.
+    let reply = send(&mut s, 2, (0..3).map(record).collect()).await;
+    assert_eq!(
+        reply,
+        LogReply::Ack {
+            batch: 2,
+            stored: 0,
+            duplicates: 3
+        }
+    );
+    assert_eq!(
+        l.pg.query("sagews_logs", "select count(*) from records"),
+        "3"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outsiders_and_workers_are_refused_bad_frames_are_harmless() {
+    let l = start().await;
+    // 127.0.0.2 is not on the allow-list: dropped before TLS.
+    assert!(
+        connect_from(&l, "127.0.0.2", "backend1", &["backend"])
+            .await
+            .is_err(),
+        "an address outside the allow-list"
+    );
+    // Same address, any port: allowed (the 2012 server compared the (address, port) pair).
+    for _ in 0..2 {
+        let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+            .await
+            .unwrap();
+        assert!(matches!(
+            send(&mut s, 1, vec![record(100)]).await,
+            LogReply::Ack { .. }
+        ));
+    }
+    // A worker certificate: refused at the handshake (seen on the first read in TLS 1.3).
+    let refused = match connect_from(&l, "127.0.0.1", "worker1", &["worker"]).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = frame::write(
+                &mut s,
+                &LogRequest::Records {
+                    batch: 1,
+                    records: vec![record(200)],
+                },
+            )
+            .await;
+            frame::read::<LogReply, _>(&mut s, 1 << 20, Duration::from_secs(5))
+                .await
+                .is_err()
+        }
+    };
+    assert!(refused, "a worker certificate is refused");
+    assert_eq!(
+        l.pg.query(
+            "sagews_logs",
+            "select count(*) from records where id = 'rec-200'"
+        ),
+        "0"
+    );
+    // Oversized and non-JSON frames: an error, then the end of that connection.
+    for bytes in [
+        vec![0x7f, 0xff, 0xff, 0xff],
+        [&[0u8, 0, 0, 3][..], b"abc"].concat(),
+    ] {
+        let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+            .await
+            .unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let r: LogReply = frame::read(&mut s, 1 << 20, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&r, LogReply::Error { message } if message.starts_with("closing the connection")),
+            "{r:?}"
+        );
+    }
+    // A client that connects and sends nothing is dropped after the frame deadline (2 s).
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let _ = frame::read::<LogReply, _>(&mut s, 1 << 20, Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(6));
+    // Still serving.
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    assert!(matches!(
+        send(&mut s, 9, vec![record(300)]).await,
+        LogReply::Ack { stored: 1, .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_acknowledged_while_postgres_is_down() {
+    let mut l = start().await;
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    assert!(matches!(
+        send(&mut s, 1, vec![record(1)]).await,
+        LogReply::Ack { stored: 1, .. }
+    ));
+    l.pg.stop();
+    frame::write(
+        &mut s,
+        &LogRequest::Records {
+            batch: 2,
+            records: (2..50).map(record).collect(),
+        },
+    )
+    .await
+    .unwrap();
+    let early = frame::read::<LogReply, _>(&mut s, 1 << 20, Duration::from_secs(3)).await;
+    assert!(
+        early.is_err(),
+        "acknowledged while the database was down: {early:?}"
+    );
+    l.pg.run();
+    let r: LogReply = frame::read(&mut s, 1 << 20, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        LogReply::Ack {
+            batch: 2,
+            stored: 48,
+            duplicates: 0
+        }
+    );
+    assert_eq!(
+        l.pg.query("sagews_logs", "select count(*) from records"),
+        "49"
+    );
+    let _ = l.stop.take();
+}
