@@ -263,3 +263,104 @@ async fn nothing_is_acknowledged_while_postgres_is_down() {
     );
     let _ = l.stop.take();
 }
+
+/// Zero loss: while a client sends 200,000 records, logd is killed with SIGKILL twice and
+/// PostgreSQL restarted once; in the end the table holds exactly 200,000 distinct records.
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_loss_through_crashes_and_a_database_restart() {
+    use sage_agent::logclient::{LogClient, Settings};
+    let mut l = start().await;
+    // A logd of its own in a separate process (this test kills it), on a fixed port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = l.tmp.path().join("logd.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
+    let path2 = l.tmp.path().join("logd-proc.json");
+    std::fs::write(&path2, cfg.to_string()).unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
+            .args(["logd", "--config"])
+            .arg(&path2)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut logd = spawn();
+    let (ca, crt, key) = harness::creds(
+        &l.state,
+        &l.tmp.path().join("clients"),
+        "backend1",
+        &["backend"],
+    );
+    let client = LogClient::start(Settings {
+        address: format!("127.0.0.1:{port}"),
+        server_name: "logs1".into(),
+        identity: Identity::load(&ca, &crt, &key).unwrap(),
+        spool_dir: l.tmp.path().join("spool"),
+        host: "backend1".into(),
+        queue: 10_000,
+        batch: 2_000,
+    })
+    .unwrap();
+    const N: usize = 200_000;
+    let producer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                client.log(
+                    Level::Info,
+                    "test",
+                    &format!("record {i}"),
+                    serde_json::Map::new(),
+                );
+                if i % 2_000 == 1_999 {
+                    tokio::time::sleep(Duration::from_millis(100)).await; // about 20,000 records/s for 10 s
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    logd.kill().unwrap(); // SIGKILL
+    logd.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    logd = spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    l.pg.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    l.pg.run();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    logd.kill().unwrap();
+    logd.wait().unwrap();
+    logd = spawn();
+    producer.await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let count = loop {
+        let n: usize =
+            l.pg.query("sagews_logs", "select count(*) from records")
+                .parse()
+                .unwrap();
+        if n >= N || std::time::Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let distinct: usize =
+        l.pg.query("sagews_logs", "select count(distinct id) from records")
+            .parse()
+            .unwrap();
+    eprintln!(
+        "stored {count} ({distinct} distinct); spilled to disk on the way: {}",
+        client
+            .counters
+            .spilled
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!((count, distinct), (N, N));
+    logd.kill().unwrap();
+    let _ = logd.wait();
+}

@@ -2,6 +2,7 @@
 //! role-checking verifiers (`tls`), the worker's protocol (`proto`). One module tree per agent.
 
 pub mod frame;
+pub mod logclient;
 pub mod logd;
 pub mod proto;
 pub mod tls;
