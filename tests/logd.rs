@@ -27,6 +27,11 @@ struct Logd {
 }
 
 async fn start() -> Logd {
+    start_with(serde_json::json!({})).await
+}
+
+/// A logd whose config gets `extra`'s fields on top of the test defaults.
+async fn start_with(extra: serde_json::Value) -> Logd {
     harness::require_root();
     let tmp = tempfile::tempdir().unwrap();
     let state = State::open_at(&tmp.path().join("pki"), "ltest").unwrap();
@@ -53,6 +58,10 @@ async fn start() -> Logd {
         "allow": ["127.0.0.1"], "batch_size": 5000, "retention_days": 30, "alerts": [], "replica": null,
         "frame_seconds": 2
     });
+    let mut config = config;
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
     let path = tmp.path().join("logd.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let config = sage_agent::logd::Config::load(&path).unwrap();
@@ -363,4 +372,125 @@ async fn zero_loss_through_crashes_and_a_database_restart() {
     assert_eq!((count, distinct), (N, N));
     logd.kill().unwrap();
     let _ = logd.wait();
+}
+
+/// An alert rule fires once per window for a burst, and again in the next window; its command
+/// gets the alert as JSON on stdin.
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_fires_once_per_window() {
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("alerts.jsonl");
+    let script = format!("cat >> {}; echo >> {}", file.display(), file.display());
+    let rule = serde_json::json!([{
+        "name": "db-refused", "level": "error", "target": "backend::db", "message": "database .* refused",
+        "host": null, "count": 3, "window_seconds": 60, "action": {"command": ["sh", "-c", script]}
+    }]);
+    let l = start_with(serde_json::json!({"alerts": rule})).await;
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    let rec = |i: i64, window: i64, msg: &str| LogRecord {
+        id: format!("a-{window}-{i}"),
+        ts_ms: 1_795_800_000_000 + window * 60_000 + i,
+        host: "backend1".into(),
+        level: Level::Error,
+        target: "backend::db".into(),
+        message: msg.into(),
+        fields: Default::default(),
+    };
+    // A burst of 10 in one window (and noise that does not match), then 3 in the next.
+    let mut burst: Vec<LogRecord> = (0..10)
+        .map(|i| rec(i, 0, "database x refused the connection"))
+        .collect();
+    burst.push(rec(50, 0, "all is well"));
+    assert!(matches!(
+        send(&mut s, 1, burst).await,
+        LogReply::Ack { stored: 11, .. }
+    ));
+    // A resend of the same burst counts nothing twice.
+    assert!(matches!(
+        send(
+            &mut s,
+            2,
+            (0..10)
+                .map(|i| rec(i, 0, "database x refused the connection"))
+                .collect()
+        )
+        .await,
+        LogReply::Ack { stored: 0, .. }
+    ));
+    assert!(matches!(
+        send(
+            &mut s,
+            3,
+            (0..3).map(|i| rec(i, 1, "database y refused")).collect()
+        )
+        .await,
+        LogReply::Ack { stored: 3, .. }
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let alerts = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let alerts: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if alerts.len() >= 2 || std::time::Instant::now() > deadline {
+            break alerts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    assert_eq!(
+        (alerts.len(), again),
+        (2, 2),
+        "one alert per window: {alerts:?}"
+    );
+    assert_eq!(alerts[0]["rule"], "db-refused");
+    assert_eq!(alerts[0]["count"], 3);
+    assert_eq!(alerts[1]["last"]["message"], "database y refused");
+}
+
+/// Records past the retention are deleted at start (then periodically); newer ones stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_old_records() {
+    let l =
+        start_with(serde_json::json!({"retention_days": 30, "retention_check_seconds": 1})).await;
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut records: Vec<LogRecord> = (0..20).map(record).collect();
+    for (i, r) in records.iter_mut().enumerate() {
+        r.ts_ms = if i < 12 {
+            now - 40 * 86_400_000
+        } else {
+            now - 86_400_000
+        };
+    }
+    assert!(matches!(
+        send(&mut s, 1, records).await,
+        LogReply::Ack { stored: 20, .. }
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = l.pg.query("sagews_logs", "select count(*) from records");
+        if n == "8" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old records still there: {n} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -5,6 +5,7 @@
 //! acknowledged only after commit; while the database is away nothing is acknowledged and the
 //! bounded queue pushes back on the senders.
 
+pub mod alerts;
 pub mod store;
 
 use std::net::{IpAddr, SocketAddr};
@@ -56,6 +57,13 @@ pub struct Config {
     pub max_frame_bytes: usize,
     #[serde(default = "default_frame_seconds")]
     pub frame_seconds: u64,
+    /// How often old records are deleted.
+    #[serde(default = "default_retention_check")]
+    pub retention_check_seconds: u64,
+}
+
+fn default_retention_check() -> u64 {
+    3600
 }
 
 fn default_max_frame() -> usize {
@@ -95,7 +103,16 @@ impl Config {
             "{}: batch_size must be positive",
             path.display()
         );
+        c.rules()
+            .map_err(|e| anyhow::anyhow!("{}: alerts: {e}", path.display()))?;
         Ok(c)
+    }
+
+    /// The alert rules, checked.
+    pub fn rules(&self) -> Result<alerts::Alerts, String> {
+        let rules: Vec<alerts::Rule> =
+            serde_json::from_value(self.alerts.clone()).map_err(|e| e.to_string())?;
+        alerts::Alerts::new(rules)
     }
 }
 
@@ -158,12 +175,20 @@ pub async fn run(
     let server = identity.server_config(&["backend", "logd", "admin"])?;
     let metrics = Arc::new(Metrics::default());
     let (jobs, rx) = mpsc::channel::<Job>(64);
+    let rules = config.rules().map_err(|e| anyhow::anyhow!("alerts: {e}"))?;
     tokio::spawn(writer(
         config.database.clone(),
         identity.roots.clone(),
         config.batch_size,
         rx,
         metrics.clone(),
+        rules,
+    ));
+    tokio::spawn(retention(
+        config.database.clone(),
+        identity.roots.clone(),
+        config.retention_days,
+        config.retention_check_seconds,
     ));
     let acceptor = tokio_rustls::TlsAcceptor::from(server);
     let config = Arc::new(config);
@@ -280,6 +305,7 @@ async fn writer(
     batch_size: usize,
     mut rx: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
+    mut rules: alerts::Alerts,
 ) {
     let mut client = None;
     let mut backoff = Duration::from_millis(100);
@@ -314,7 +340,19 @@ async fn writer(
             }
             if let Some(c) = client.as_mut() {
                 match store::write(c, &all).await {
-                    Ok(stored) => {
+                    Ok(new_ids) => {
+                        // Alerts look at committed records, each once (not at resent duplicates).
+                        let fresh: Vec<&crate::proto::LogRecord> = all
+                            .iter()
+                            .map(|i| &i.record)
+                            .filter(|r| new_ids.contains(&r.id))
+                            .collect();
+                        for alert in rules.observe(&fresh) {
+                            if let Some(action) = rules.action(&alert.rule).cloned() {
+                                tokio::spawn(alerts::fire(action, alert));
+                            }
+                        }
+                        let stored = new_ids.len() as u64;
                         let total = all.len() as u64;
                         metrics.records_stored.fetch_add(stored, Ordering::Relaxed);
                         metrics
@@ -338,6 +376,30 @@ async fn writer(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Deletes records past the retention, at start and then every `every` seconds.
+async fn retention(db: store::DbConfig, roots: Arc<rustls::RootCertStore>, days: u32, every: u64) {
+    loop {
+        match store::connect(&db, roots.clone()).await {
+            Ok(mut c) => {
+                let r = async {
+                    store::migrate(&mut c).await?;
+                    store::expire(&c, days).await
+                }
+                .await;
+                match r {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!("retention: deleted {n} records older than {days} days")
+                    }
+                    Err(e) => tracing::warn!("retention: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("retention: database unreachable: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(every.max(1))).await;
     }
 }
 

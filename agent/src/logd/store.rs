@@ -31,6 +31,7 @@ SELECT id, to_timestamp(ts / 1000.0), host, ip::inet, level, target, message, fi
 FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int2[], $6::text[], $7::text[], $8::text[])
     AS t(id, ts, host, ip, level, target, message, fields)
 ON CONFLICT (id) DO NOTHING
+RETURNING id
 "#;
 
 /// Connection settings of logd's database.
@@ -100,8 +101,11 @@ pub struct Incoming {
     pub source: std::net::IpAddr,
 }
 
-/// Writes `batch` in one transaction; returns how many were new.
-pub async fn write(c: &mut Client, batch: &[Incoming]) -> Result<u64, tokio_postgres::Error> {
+/// Writes `batch` in one transaction; returns the ids that were new (the rest were there).
+pub async fn write(
+    c: &mut Client,
+    batch: &[Incoming],
+) -> Result<std::collections::HashSet<String>, tokio_postgres::Error> {
     let col = |f: &dyn Fn(&Incoming) -> String| batch.iter().map(f).collect::<Vec<String>>();
     let ids = col(&|r| r.record.id.clone());
     let ts: Vec<i64> = batch.iter().map(|r| r.record.ts_ms).collect();
@@ -112,8 +116,8 @@ pub async fn write(c: &mut Client, batch: &[Incoming]) -> Result<u64, tokio_post
     let messages = col(&|r| r.record.message.clone());
     let fields = col(&|r| serde_json::Value::Object(r.record.fields.clone()).to_string());
     let tx = c.transaction().await?;
-    let n = tx
-        .execute(
+    let rows = tx
+        .query(
             INSERT,
             &[
                 &ids, &ts, &hosts, &ips, &levels, &targets, &messages, &fields,
@@ -121,5 +125,23 @@ pub async fn write(c: &mut Client, batch: &[Incoming]) -> Result<u64, tokio_post
         )
         .await?;
     tx.commit().await?;
-    Ok(n)
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// Deletes records older than `days`, a few thousand rows per transaction so the table stays
+/// usable meanwhile; returns how many went.
+pub async fn expire(c: &Client, days: u32) -> Result<u64, tokio_postgres::Error> {
+    let mut total = 0;
+    loop {
+        let n = c
+            .execute(
+                "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE ts < now() - make_interval(days => $1) LIMIT 5000)",
+                &[&(days as i32)],
+            )
+            .await?;
+        total += n;
+        if n == 0 {
+            return Ok(total);
+        }
+    }
 }
