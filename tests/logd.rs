@@ -81,11 +81,22 @@ async fn start_with(extra: serde_json::Value) -> Logd {
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 async fn connect_from(l: &Logd, from: &str, name: &str, roles: &[&str]) -> std::io::Result<Tls> {
-    let (ca, crt, key) = harness::creds(&l.state, &l.tmp.path().join("clients"), name, roles);
+    connect_to(l.addr, &l.state, l.tmp.path(), from, name, roles).await
+}
+
+async fn connect_to(
+    addr: SocketAddr,
+    state: &State,
+    dir: &std::path::Path,
+    from: &str,
+    name: &str,
+    roles: &[&str],
+) -> std::io::Result<Tls> {
+    let (ca, crt, key) = harness::creds(state, &dir.join("clients"), name, roles);
     let id = Identity::load(&ca, &crt, &key).unwrap();
     let sock = TcpSocket::new_v4()?;
     sock.bind(format!("{from}:0").parse().unwrap())?;
-    let tcp = sock.connect(l.addr).await?;
+    let tcp = sock.connect(addr).await?;
     let cfg = id.client_config(&["logd"]).unwrap();
     let sn = rustls::pki_types::ServerName::try_from("logs1").unwrap();
     tokio_rustls::TlsConnector::from(cfg).connect(sn, tcp).await
@@ -493,4 +504,112 @@ async fn retention_deletes_old_records() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Replication: a second logd (its own database) is stopped while records arrive at the first,
+/// then started again: both end up holding the same set, with no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_catches_up_after_an_outage() {
+    let l = start().await;
+    // The replica: same CA, its own database, in a separate process (stopped with SIGKILL).
+    l.pg.create_db("sagews_replica", "replpw12");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(l.tmp.path().join("logd.json")).unwrap())
+            .unwrap();
+    cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
+    cfg["database"]["name"] = serde_json::json!("sagews_replica");
+    cfg["database"]["user"] = serde_json::json!("sagews_replica");
+    cfg["database"]["password"] = serde_json::json!("replpw12");
+    let replica_cfg = l.tmp.path().join("replica.json");
+    std::fs::write(&replica_cfg, cfg.to_string()).unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
+            .args(["logd", "--config"])
+            .arg(&replica_cfg)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut replica = spawn();
+    // The primary, replicating to it.
+    let mut pcfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(l.tmp.path().join("logd.json")).unwrap())
+            .unwrap();
+    pcfg["replica"] =
+        serde_json::json!({"address": format!("127.0.0.1:{port}"), "server_name": "logs1"});
+    let primary_cfg = l.tmp.path().join("primary.json");
+    std::fs::write(&primary_cfg, pcfg.to_string()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paddr = listener.local_addr().unwrap();
+    tokio::spawn(sage_agent::logd::run(
+        sage_agent::logd::Config::load(&primary_cfg).unwrap(),
+        listener,
+        std::future::pending(),
+    ));
+    let mut s = connect_to(
+        paddr,
+        &l.state,
+        l.tmp.path(),
+        "127.0.0.1",
+        "backend1",
+        &["backend"],
+    )
+    .await
+    .unwrap();
+    let count = |db: &str| {
+        l.pg.query(db, "select count(*) from records")
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    let wait_for = |db: &'static str, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = count(db);
+            if c >= n || std::time::Instant::now() > deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(matches!(
+        send(&mut s, 1, (0..100).map(record).collect()).await,
+        LogReply::Ack { stored: 100, .. }
+    ));
+    assert_eq!(wait_for("sagews_replica", 100), 100);
+    replica.kill().unwrap();
+    replica.wait().unwrap();
+    assert!(matches!(
+        send(&mut s, 2, (100..250).map(record).collect()).await,
+        LogReply::Ack { stored: 150, .. }
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    replica = spawn();
+    assert_eq!(wait_for("sagews_replica", 250), 250);
+    let ids = |db: &str| {
+        l.pg.query(db, "select string_agg(id, ',' order by id) from records")
+    };
+    assert_eq!(
+        ids("sagews_replica"),
+        ids("sagews_logs"),
+        "the same set on both"
+    );
+    assert_eq!(
+        l.pg.query("sagews_replica", "select count(distinct id) from records"),
+        "250"
+    );
+    assert_eq!(
+        l.pg.query(
+            "sagews_replica",
+            "select count(*) from records where host(source_ip) <> '127.0.0.1'"
+        ),
+        "0",
+        "sources kept"
+    );
+    replica.kill().unwrap();
+    let _ = replica.wait();
 }

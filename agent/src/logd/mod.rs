@@ -184,6 +184,9 @@ pub async fn run(
         metrics.clone(),
         rules,
     ));
+    if let Some(peer) = config.replica.clone() {
+        tokio::spawn(replicate(config.database.clone(), identity.clone(), peer));
+    }
     tokio::spawn(retention(
         config.database.clone(),
         identity.roots.clone(),
@@ -230,6 +233,14 @@ async fn serve(
         }
         Err(_) => return,
     };
+    // A peer logd replicating to us may say where a record first came from; nobody else may.
+    let from_logd = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::tls::role_of(c, &["logd".to_string()]))
+        .is_some();
     let (mut rd, mut wr) = tokio::io::split(tls);
     // Acks go out in the order batches came in, each once its commit is done.
     let (pending_tx, mut pending) = mpsc::channel::<(u64, oneshot::Receiver<(u64, u64)>)>(64);
@@ -263,9 +274,17 @@ async fn serve(
                 idle = Duration::from_secs(3600);
                 let records = records
                     .into_iter()
-                    .map(|record| Incoming {
-                        record,
-                        source: peer.ip(),
+                    .map(|mut record| {
+                        let claimed = record
+                            .fields
+                            .remove("_source")
+                            .and_then(|v| v.as_str().and_then(|s| s.parse::<IpAddr>().ok()));
+                        let source = if from_logd {
+                            claimed.unwrap_or(peer.ip())
+                        } else {
+                            peer.ip()
+                        };
+                        Incoming { record, source }
                     })
                     .collect();
                 let (done, rx) = oneshot::channel();
@@ -376,6 +395,54 @@ async fn writer(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Streams committed records to the peer, in commit order (one writer task commits, so `seq`
+/// order is commit order), each batch marked done only once the peer acknowledged it; after an
+/// outage of either side it goes on from the last acknowledged record: no gap, and a resend is
+/// dropped by id.
+async fn replicate(db: store::DbConfig, identity: crate::tls::Identity, peer: Peer) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let r: anyhow::Result<()> = async {
+            let c = store::connect(&db, identity.roots.clone()).await?;
+            let cfg = identity.client_config(&["logd"])?;
+            let tcp =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&peer.address))
+                    .await??;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(peer.server_name.clone())?;
+            let mut s = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+            )
+            .await??;
+            let mut batch = 0u64;
+            loop {
+                let last = store::replicated(&c, &peer.address).await?;
+                let rows = store::since(&c, last, 5000).await?;
+                let Some(&(top, _)) = rows.last() else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                };
+                batch += 1;
+                let records = rows.into_iter().map(|(_, r)| r).collect();
+                frame::write(&mut s, &LogRequest::Records { batch, records }).await?;
+                match frame::read::<LogReply, _>(&mut s, 1 << 20, Duration::from_secs(60)).await? {
+                    LogReply::Ack { batch: b, .. } if b == batch => {
+                        store::set_replicated(&c, &peer.address, top).await?
+                    }
+                    other => anyhow::bail!("unexpected reply from the replica: {other:?}"),
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(peer = %peer.address, "replication paused: {e:#}");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -9,7 +9,8 @@ use tokio_postgres::Client;
 use crate::proto::LogRecord;
 
 /// Schema versions, applied in order; each runs once.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE records (
     seq bigserial PRIMARY KEY,
     id text NOT NULL UNIQUE,
@@ -23,7 +24,11 @@ CREATE TABLE records (
     fields jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX records_ts ON records (ts);
-"#];
+"#,
+    r#"
+CREATE TABLE replication (peer text PRIMARY KEY, last_seq bigint NOT NULL);
+"#,
+];
 
 const INSERT: &str = r#"
 INSERT INTO records (id, ts, host, source_ip, level, target, message, fields)
@@ -144,4 +149,61 @@ pub async fn expire(c: &Client, days: u32) -> Result<u64, tokio_postgres::Error>
             return Ok(total);
         }
     }
+}
+
+/// Committed records after `seq`, oldest first, each with its original source address in
+/// `fields._source` (for a replica, which takes it only from a logd).
+pub async fn since(
+    c: &Client,
+    seq: i64,
+    limit: i64,
+) -> Result<Vec<(i64, LogRecord)>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT seq, id, (extract(epoch from ts) * 1000)::int8, host, host(source_ip), level, target, message, fields::text FROM records WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&seq, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let mut fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(r.get::<_, &str>(8)).unwrap_or_default();
+            fields.insert(
+                "_source".into(),
+                serde_json::Value::String(r.get::<_, String>(4)),
+            );
+            let level = match r.get::<_, i16>(5) {
+                0 => crate::proto::Level::Trace,
+                1 => crate::proto::Level::Debug,
+                2 => crate::proto::Level::Info,
+                3 => crate::proto::Level::Warn,
+                _ => crate::proto::Level::Error,
+            };
+            let rec = LogRecord {
+                id: r.get(1),
+                ts_ms: r.get(2),
+                host: r.get(3),
+                level,
+                target: r.get(6),
+                message: r.get(7),
+                fields,
+            };
+            (r.get::<_, i64>(0), rec)
+        })
+        .collect())
+}
+
+/// The last record (by seq) a peer has acknowledged.
+pub async fn replicated(c: &Client, peer: &str) -> Result<i64, tokio_postgres::Error> {
+    Ok(
+        c.query_opt("SELECT last_seq FROM replication WHERE peer = $1", &[&peer])
+            .await?
+            .map_or(0, |r| r.get(0)),
+    )
+}
+
+pub async fn set_replicated(c: &Client, peer: &str, seq: i64) -> Result<(), tokio_postgres::Error> {
+    c.execute("INSERT INTO replication (peer, last_seq) VALUES ($1, $2) ON CONFLICT (peer) DO UPDATE SET last_seq = $2", &[&peer, &seq]).await?;
+    Ok(())
 }
