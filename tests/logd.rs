@@ -34,7 +34,8 @@ async fn start() -> Logd {
 async fn start_with(extra: serde_json::Value) -> Logd {
     harness::require_root();
     let tmp = tempfile::tempdir().unwrap();
-    let state = State::open_at(&tmp.path().join("pki"), "ltest").unwrap();
+    // Where sagectl keeps the state of an inventory named `ltest` in this directory.
+    let state = State::open_at(&tmp.path().join(".sagectl/ltest"), "ltest").unwrap();
     let dbc = state
         .issue(
             "t-db",
@@ -612,4 +613,135 @@ async fn replica_catches_up_after_an_outage() {
     );
     replica.kill().unwrap();
     let _ = replica.wait();
+}
+
+/// Queries: the HTTPS API answers sagectl's admin certificate only; `sagectl logs`' client
+/// filters by level, host, text and follows with `after`.
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_through_sagectl_logs() {
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let l = start_with(serde_json::json!({"http_listen": format!("127.0.0.1:{http}")})).await;
+    let inv_path = l.tmp.path().join("ltest.yaml");
+    std::fs::write(&inv_path, format!("name: ltest\nhosts:\n  logs1: {{address: 127.0.0.1, roles: [logd, database]}}\nlogd: {{http_port: {http}}}\n")).unwrap();
+    let mut s = connect_from(&l, "127.0.0.1", "backend1", &["backend"])
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mk = |i: usize, host: &str, level: Level, msg: &str| LogRecord {
+        id: format!("q-{i}"),
+        ts_ms: now - 1000 + i as i64,
+        host: host.into(),
+        level,
+        target: "backend".into(),
+        message: msg.into(),
+        fields: Default::default(),
+    };
+    let records = vec![
+        mk(0, "backend1", Level::Info, "signed in"),
+        mk(1, "backend1", Level::Warn, "slow save of ws-7"),
+        mk(2, "backend2", Level::Error, "database refused"),
+        mk(3, "backend2", Level::Debug, "noise"),
+    ];
+    assert!(matches!(
+        send(&mut s, 1, records).await,
+        LogReply::Ack { stored: 4, .. }
+    ));
+    let query = |level: Option<&str>, host: Option<&str>, grep: Option<&str>| {
+        let inv = sagectl::inventory::Inventory::load(&inv_path).unwrap();
+        let o = sagectl::command::logs::Opts {
+            inventory: inv_path.clone(),
+            since: "1h".into(),
+            level: level.map(String::from),
+            host: host.map(String::from),
+            target: None,
+            grep: grep.map(String::from),
+            follow: false,
+            limit: 100,
+        };
+        async move {
+            let c = sagectl::command::logs::Client::new(&inv, &o).unwrap();
+            let rows = c.records(0).await.unwrap();
+            rows.iter()
+                .map(|r| r["message"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        query(None, None, None).await,
+        [
+            "signed in",
+            "slow save of ws-7",
+            "database refused",
+            "noise"
+        ]
+    );
+    assert_eq!(
+        query(Some("warn"), None, None).await,
+        ["slow save of ws-7", "database refused"]
+    );
+    assert_eq!(
+        query(None, Some("backend2"), None).await,
+        ["database refused", "noise"]
+    );
+    assert_eq!(query(None, None, Some("ws-7")).await, ["slow save of ws-7"]);
+    // Follow: after the last seq, only what is new.
+    let inv = sagectl::inventory::Inventory::load(&inv_path).unwrap();
+    let o = sagectl::command::logs::Opts {
+        inventory: inv_path.clone(),
+        since: "1h".into(),
+        level: None,
+        host: None,
+        target: None,
+        grep: None,
+        follow: true,
+        limit: 100,
+    };
+    let c = sagectl::command::logs::Client::new(&inv, &o).unwrap();
+    let last = c.records(0).await.unwrap().last().unwrap()["seq"]
+        .as_i64()
+        .unwrap();
+    assert!(matches!(
+        send(&mut s, 2, vec![mk(9, "backend1", Level::Info, "new one")]).await,
+        LogReply::Ack { .. }
+    ));
+    let new: Vec<String> = c
+        .records(last)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new, ["new one"]);
+    // The query port takes no certificate but the admin's.
+    let (ca, crt, key) = harness::creds(
+        &l.state,
+        &l.tmp.path().join("clients"),
+        "backend1",
+        &["backend"],
+    );
+    let id = Identity::load(&ca, &crt, &key).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .unwrap();
+    let sn = rustls::pki_types::ServerName::try_from("logs1").unwrap();
+    let refused = match tokio_rustls::TlsConnector::from(id.client_config(&["logd"]).unwrap())
+        .connect(sn, tcp)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut t) => {
+            let _ = t.write_all(b"GET /api/records HTTP/1.1\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut t, &mut buf).await;
+            buf.is_empty()
+        }
+    };
+    assert!(refused, "a backend certificate cannot query logs");
 }

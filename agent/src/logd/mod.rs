@@ -6,6 +6,7 @@
 //! bounded queue pushes back on the senders.
 
 pub mod alerts;
+pub mod query;
 pub mod store;
 
 use std::net::{IpAddr, SocketAddr};
@@ -183,6 +184,15 @@ pub async fn run(
         rx,
         metrics.clone(),
         rules,
+    ));
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.http_listen))?;
+    tokio::spawn(query::serve(
+        http,
+        identity.server_config(&["admin"])?,
+        config.database.clone(),
+        identity.roots.clone(),
     ));
     if let Some(peer) = config.replica.clone() {
         tokio::spawn(replicate(config.database.clone(), identity.clone(), peer));

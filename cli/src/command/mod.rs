@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod lab;
+pub mod logs;
 pub mod render;
 pub mod up;
 pub mod validate;
@@ -34,6 +35,8 @@ pub enum Command {
     Vars(vars::Opts),
     /// Local lab machines (systemd-nspawn) for an inventory with a `lab:` section.
     Lab(lab::Opts),
+    /// Records from the deployment's logd (with sagectl's admin certificate).
+    Logs(logs::Opts),
     /// Benchmarks that print figures (`bench up --hosts N`).
     Bench(bench::Opts),
 }
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),
         Command::Lab(o) => lab::run(o),
+        Command::Logs(o) => logs::run(o),
         Command::Bench(o) => bench::run(o),
     }
 }
