@@ -131,13 +131,25 @@ fn converge_lab_hosts() {
             "memcached from backend=true"
         ]
     );
-    // The worker agent runs; logd is not built yet, and the recap says so.
+    // The worker agent runs.
     let checks = host(&recap, "bravo")["checks"].to_string();
     assert!(checks.contains(r#""name":"worker","ok":true"#), "{checks}");
-    let notes = host(&recap, "charlie")["notes"].to_string();
+    // logd runs and answers queries; the run was recorded in it (who, what changed).
+    let checks = host(&recap, "charlie")["checks"].to_string();
+    assert!(checks.contains(r#""name":"logd","ok":true"#), "{checks}");
+    let audit = recap["audit"].as_str().unwrap_or("");
+    assert_eq!(audit, "recorded in logd on charlie", "{recap}");
+    let o = sagectl()
+        .args(["logs"])
+        .arg(&inv)
+        .args(["--since", "10m", "--grep", "ran sagectl up"])
+        .output()
+        .unwrap();
+    let (logs, err) = text(&o);
+    assert!(o.status.success(), "{err}");
     assert!(
-        notes.contains("sage-agent logd is not built yet"),
-        "{notes}"
+        logs.contains("sagectl info  sagectl::up: root ran sagectl up on uptest:"),
+        "{logs}"
     );
     eprintln!(
         "first deploy of 3 lab hosts (machines included): {:.1}s",

@@ -321,3 +321,47 @@ impl LogClient {
         true
     }
 }
+
+/// Sends `records` (after anything already spooled) and waits for logd's acks; on any failure
+/// they go to the spool, to be sent by the next client using the same spool directory. Returns
+/// whether they were delivered now. For short-lived programs such as sagectl.
+pub async fn deliver_or_spool(s: &Settings, records: Vec<LogRecord>) -> std::io::Result<bool> {
+    std::fs::create_dir_all(&s.spool_dir)?;
+    let sent = async {
+        let mut conn = connect(s).await?;
+        let mut next = 0u64;
+        for file in spooled(&s.spool_dir) {
+            let text = std::fs::read_to_string(&file)?;
+            let old: Vec<LogRecord> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            deliver(&mut conn, &old, s.batch, &mut next).await?;
+            std::fs::remove_file(&file)?;
+        }
+        deliver(&mut conn, &records, s.batch, &mut next).await
+    };
+    match tokio::time::timeout(Duration::from_secs(15), sent).await {
+        Ok(Ok(())) => Ok(true),
+        _ => spill(&s.spool_dir, &records).map(|()| false),
+    }
+}
+
+/// A record stamped now, with a fresh unique id.
+pub fn record(
+    host: &str,
+    level: Level,
+    target: &str,
+    message: &str,
+    fields: serde_json::Map<String, serde_json::Value>,
+) -> LogRecord {
+    LogRecord {
+        id: format!("{host}-{}", random_hex()),
+        ts_ms: now_ms(),
+        host: host.to_string(),
+        level,
+        target: target.to_string(),
+        message: message.to_string(),
+        fields,
+    }
+}

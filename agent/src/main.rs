@@ -32,7 +32,7 @@ enum Agent {
 
 /// The agents complete enough for sagectl to start; it installs the others' units without
 /// starting them.
-const BUILT: &[&str] = &["worker"];
+const BUILT: &[&str] = &["worker", "logd"];
 
 #[derive(clap::Args)]
 struct AgentOpts {
@@ -97,8 +97,6 @@ fn worker(o: &AgentOpts) -> anyhow::Result<()> {
     })
 }
 
-/// logd takes and stores records; its queries, alerts, retention and replication are not built
-/// yet, so sagectl does not start it (it is not in BUILT).
 fn logd(o: &AgentOpts) -> anyhow::Result<()> {
     let config = sage_agent::logd::Config::load(&o.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

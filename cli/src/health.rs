@@ -88,6 +88,27 @@ pub async fn check_all(
             .await
             .map(|_| "rules loaded".to_string());
         push("firewall", r);
+        if h.has(Role::Logd) && Some(&h.name) != inv.logd.replica.as_ref() {
+            let r = retry(|| async {
+                let o = crate::command::logs::Opts {
+                    inventory: inv.file.clone(),
+                    since: "1h".into(),
+                    level: None,
+                    host: None,
+                    target: None,
+                    grep: None,
+                    follow: false,
+                    limit: 1,
+                };
+                let c = crate::command::logs::Client::new(inv, &o).map_err(|e| e.to_string())?;
+                c.records(0)
+                    .await
+                    .map(|_| "sage-logd answers queries with sagectl's certificate".to_string())
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await;
+            push("logd", r);
+        }
         if h.has(Role::Worker) {
             let r = retry(|| async {
                 let o = run(s, &["python3", "-c", WORKER_METRICS], b"").await?;

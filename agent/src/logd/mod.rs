@@ -459,6 +459,7 @@ async fn replicate(db: store::DbConfig, identity: crate::tls::Identity, peer: Pe
 /// Deletes records past the retention, at start and then every `every` seconds.
 async fn retention(db: store::DbConfig, roots: Arc<rustls::RootCertStore>, days: u32, every: u64) {
     loop {
+        let mut wait = Duration::from_secs(every.max(1));
         match store::connect(&db, roots.clone()).await {
             Ok(mut c) => {
                 let r = async {
@@ -474,9 +475,13 @@ async fn retention(db: store::DbConfig, roots: Arc<rustls::RootCertStore>, days:
                     Err(e) => tracing::warn!("retention: {e}"),
                 }
             }
-            Err(e) => tracing::warn!("retention: database unreachable: {e}"),
+            Err(e) => {
+                // The database may still be starting: try again soon, not in an hour.
+                tracing::warn!("retention: database unreachable: {e}");
+                wait = wait.min(Duration::from_secs(10));
+            }
         }
-        tokio::time::sleep(Duration::from_secs(every.max(1))).await;
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -114,6 +114,17 @@ pub async fn records(
     Ok(out)
 }
 
+/// The schema may not be there yet if no record has arrived since logd started: migrate first.
+async fn migrated_records(
+    c: &mut tokio_postgres::Client,
+    p: &HashMap<String, String>,
+) -> Result<Vec<Row>, String> {
+    store::migrate(c)
+        .await
+        .map_err(|e| format!("migration: {e}"))?;
+    records(c, p).await
+}
+
 const PAGE: &str = include_str!("page.html");
 
 /// Serves queries until the process ends.
@@ -156,7 +167,7 @@ pub async fn serve(
             let (status, ctype, body) = match (line.split_whitespace().next(), path) {
                 (Some("GET"), "/") => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
                 (Some("GET"), "/api/records") => match store::connect(&db, roots).await {
-                    Ok(c) => match records(&c, &params(query)).await {
+                    Ok(mut c) => match migrated_records(&mut c, &params(query)).await {
                         Ok(rows) => (
                             "200 OK",
                             "application/json",

@@ -93,6 +93,8 @@ pub struct Recap {
     pub success: bool,
     pub seconds: f64,
     pub hosts: Vec<HostRecap>,
+    /// What became of the audit record (when the inventory has a logd).
+    pub audit: Option<String>,
 }
 
 /// Hosts named by `--limit` (host, role or group names); all of them when empty.
@@ -304,13 +306,99 @@ async fn run_all(ctx: Arc<Ctx>, selected: Vec<String>) -> Recap {
         .filter_map(|h| recaps.remove(&h.name))
         .collect();
     let success = hosts.iter().all(|h| !h.failed && !h.unreachable);
-    Recap {
+    let mut recap = Recap {
         inventory: ctx.inv.name.clone(),
         check: ctx.opts.check,
         success,
         seconds: started.elapsed().as_secs_f64(),
         hosts,
+        audit: None,
+    };
+    if !ctx.opts.check {
+        recap.audit = audit(&ctx, &recap).await;
     }
+    recap
+}
+
+/// Records who ran `up` on which inventory and what changed, in logd (spooled in the state
+/// directory when logd cannot take it, and sent with the next run's).
+async fn audit(ctx: &Ctx, recap: &Recap) -> Option<String> {
+    use sage_agent::proto::Level;
+    let logd = ctx
+        .inv
+        .with_role(Role::Logd)
+        .find(|h| Some(&h.name) != ctx.inv.logd.replica.as_ref())?;
+    let dir = ctx.state.dir();
+    if let Err(e) = ctx.state.admin() {
+        return Some(format!("not recorded: {e}"));
+    }
+    let identity = match sage_agent::tls::Identity::load(
+        &dir.join("ca.crt"),
+        &dir.join("admin.crt"),
+        &dir.join("admin.key"),
+    ) {
+        Ok(i) => i,
+        Err(e) => return Some(format!("not recorded: {e}")),
+    };
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "root".into());
+    let changed: usize = recap.hosts.iter().map(|h| h.changed).sum();
+    let failed: Vec<&str> = recap
+        .hosts
+        .iter()
+        .filter(|h| h.failed || h.unreachable)
+        .map(|h| h.host.as_str())
+        .collect();
+    let mut fields = serde_json::Map::new();
+    fields.insert("user".into(), serde_json::json!(user));
+    fields.insert(
+        "inventory".into(),
+        serde_json::json!(ctx.inv.file.display().to_string()),
+    );
+    fields.insert(
+        "changed".into(),
+        serde_json::json!(
+            recap
+                .hosts
+                .iter()
+                .map(|h| (h.host.clone(), h.changed))
+                .collect::<BTreeMap<_, _>>()
+        ),
+    );
+    fields.insert("failed".into(), serde_json::json!(failed));
+    let message = format!(
+        "{user} ran sagectl up on {}: {changed} changes on {} hosts, {} failed",
+        ctx.inv.name,
+        recap.hosts.len(),
+        failed.len()
+    );
+    let level = if failed.is_empty() {
+        Level::Info
+    } else {
+        Level::Warn
+    };
+    let record = sage_agent::logclient::record("sagectl", level, "sagectl::up", &message, fields);
+    let settings = sage_agent::logclient::Settings {
+        address: format!("{}:{}", logd.address, ctx.inv.logd.port),
+        server_name: logd.name.clone(),
+        identity,
+        spool_dir: dir.join("audit-spool"),
+        host: "sagectl".into(),
+        queue: 16,
+        batch: 100,
+    };
+    Some(
+        match sage_agent::logclient::deliver_or_spool(&settings, vec![record]).await {
+            Ok(true) => format!("recorded in logd on {}", logd.name),
+            Ok(false) => format!(
+                "logd on {} did not take it: kept in {}, sent next time",
+                logd.name,
+                dir.join("audit-spool").display()
+            ),
+            Err(e) => format!("not recorded: {e}"),
+        },
+    )
 }
 
 /// Converges one host; returns its recap and, when it succeeded, its session for health checks.
@@ -583,6 +671,9 @@ fn print_recap(ctx: &Ctx, recap: &Recap) {
                 e.replace('\n', &format!("\n{:<w$}    ", ""))
             ));
         }
+    }
+    if let Some(a) = &recap.audit {
+        text.push_str(&format!("audit: {a}\n"));
     }
     text.push_str(&format!(
         "{} in {:.1}s\n",

@@ -24,6 +24,10 @@ pub struct Record {
     pub veth: String,
     pub cgroup: String,
     pub dir: PathBuf,
+    /// The state directory whose keys the machine trusts: another inventory of the same name
+    /// (another directory) must not inherit it.
+    #[serde(default)]
+    pub state_dir: PathBuf,
 }
 
 pub struct Machine<'l> {
@@ -83,6 +87,8 @@ impl<'l> Machine<'l> {
             veth: format!("sgv{}{offset:05}", lab.id),
             cgroup: format!("sagectl-lab/{}-{}", lab.inv.name, host.name),
             dir: lab.run_dir.join(&host.name),
+            state_dir: std::path::absolute(&lab.state_dir)
+                .unwrap_or_else(|_| lab.state_dir.clone()),
         };
         Machine { lab, host, rec }
     }
@@ -93,6 +99,14 @@ impl<'l> Machine<'l> {
     }
 
     pub fn status(&self) -> MachineStatus {
+        let recorded: Option<Record> = std::fs::read_to_string(self.rec.dir.join("machine.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if recorded.is_some_and(|r| r.state_dir != self.rec.state_dir) {
+            return MachineStatus::Broken(
+                "made for another state directory (an inventory of the same name elsewhere)".into(),
+            );
+        }
         let cg = Cgroup::new(&self.rec.cgroup);
         let procs = !cg.pids().is_empty();
         let netns = Path::new("/run/netns").join(&self.rec.netns).exists();
