@@ -1,6 +1,7 @@
 //! sage-agent: the agents sagectl installs. Shared parts: the frame codec (`frame`), TLS with
 //! role-checking verifiers (`tls`), the worker's protocol (`proto`). One module tree per agent.
 
+pub mod config;
 pub mod frame;
 pub mod logclient;
 pub mod logd;

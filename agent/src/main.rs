@@ -84,31 +84,34 @@ async fn shutdown() {
     }
 }
 
-fn worker(o: &AgentOpts) -> anyhow::Result<()> {
-    let config = sage_agent::worker::Config::load(&o.config)?;
+/// Runs an agent on a multi-threaded runtime: binds `listen`, then `serve` until SIGTERM.
+fn serve<F, Fut>(listen: std::net::SocketAddr, serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("listening on {}", config.listen))?;
-        sage_agent::worker::run(config, listener, shutdown()).await
+            .with_context(|| format!("listening on {listen}"))?;
+        serve(listener).await
+    })
+}
+
+fn worker(o: &AgentOpts) -> anyhow::Result<()> {
+    let config = sage_agent::worker::Config::load(&o.config)?;
+    serve(config.listen, |l| {
+        sage_agent::worker::run(config, l, shutdown())
     })
 }
 
 fn logd(o: &AgentOpts) -> anyhow::Result<()> {
     let config = sage_agent::logd::Config::load(&o.config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("listening on {}", config.listen))?;
-        sage_agent::logd::run(config, listener, shutdown())
-            .await
-            .map(drop)
+    serve(config.listen, |l| async move {
+        sage_agent::logd::run(config, l, shutdown()).await.map(drop)
     })
 }
 

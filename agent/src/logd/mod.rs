@@ -10,26 +10,20 @@ pub mod query;
 pub mod store;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use crate::config::TlsPaths;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::frame::{self, FrameError};
 use crate::proto::{LogReply, LogRequest};
 use store::Incoming;
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsPaths {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,24 +68,15 @@ fn default_frame_seconds() -> u64 {
     10
 }
 
+impl crate::config::HasTls for Config {
+    fn tls(&mut self) -> &mut TlsPaths {
+        &mut self.tls
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut c: Config = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: line {}, column {}: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
-        })?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        }
+        let c: Config = crate::config::load(path)?;
         for a in &c.allow {
             anyhow::ensure!(
                 parse_block(a).is_some(),

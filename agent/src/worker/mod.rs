@@ -16,17 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+
+pub use crate::config::TlsPaths;
 use tokio::net::TcpListener;
 
 use crate::proto::Limits;
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsPaths {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,25 +76,16 @@ fn default_heartbeat() -> u64 {
     5
 }
 
+impl crate::config::HasTls for Config {
+    fn tls(&mut self) -> &mut TlsPaths {
+        &mut self.tls
+    }
+}
+
 impl Config {
     /// Reads a config file; relative TLS paths are relative to its directory.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut c: Config = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: line {}, column {}: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
-        })?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        }
+        let c: Config = crate::config::load(path)?;
         anyhow::ensure!(
             c.uid_min >= 1000 && c.uid_min <= c.uid_max,
             "{}: uid_min..uid_max must be a range at or above 1000",
