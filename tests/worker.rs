@@ -445,7 +445,7 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
 }
 
 /// Sage as the engine, when the `sagemath` package is installed (it is large: CI installs it
-/// only with SAGECTL_CI_SAGE=1). Without it the test says it was skipped.
+/// unless SAGECTL_CI_SAGE=0). Without it the test says it was skipped.
 #[tokio::test(flavor = "multi_thread")]
 async fn sage_engine_factors() {
     let have_sage = std::process::Command::new("sh")
@@ -456,7 +456,7 @@ async fn sage_engine_factors() {
         .success();
     if !have_sage {
         eprintln!(
-            "SKIPPED: sagemath is not installed (apt-get install sagemath, or run .ci/run with SAGECTL_CI_SAGE=1)"
+            "SKIPPED: sagemath is not installed (apt-get install sagemath; .ci/run installs it)"
         );
         return;
     }
