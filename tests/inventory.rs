@@ -172,14 +172,3 @@ fn includes_of_a_directory_and_group_extension() {
         "{e}"
     );
 }
-
-/// The command-line interface, as users read it.
-#[test]
-fn help_texts() {
-    for args in [vec!["--help"], vec!["up", "--help"], vec!["lab", "--help"]] {
-        let o = sagectl().args(&args).output().unwrap();
-        assert!(o.status.success());
-        let name = args.join("_").replace("--", "");
-        insta::assert_snapshot!(format!("help_{name}"), text(&o).0);
-    }
-}

@@ -253,3 +253,15 @@ fn firewall_opens_exactly_the_arrows() {
         );
     }
 }
+
+/// The command-line interface, as users read it. (Not beside the inventory tests: insta's
+/// `glob!` there would claim these snapshots when the tests run in parallel.)
+#[test]
+fn help_texts() {
+    for args in [vec!["--help"], vec!["up", "--help"], vec!["lab", "--help"]] {
+        let o = sagectl().args(&args).output().unwrap();
+        assert!(o.status.success());
+        let name = args.join("_").replace("--", "");
+        insta::assert_snapshot!(format!("help_{name}"), text(&o).0);
+    }
+}
