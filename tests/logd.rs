@@ -79,6 +79,31 @@ async fn start_with(extra: serde_json::Value) -> Logd {
     }
 }
 
+/// The test logd's config with `edit` applied, written beside it as `name`.
+fn config_variant(
+    l: &Logd,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> std::path::PathBuf {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(l.tmp.path().join("logd.json")).unwrap())
+            .unwrap();
+    edit(&mut cfg);
+    let path = l.tmp.path().join(name);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    path
+}
+
+/// A logd in a process of its own (the tests kill it with SIGKILL).
+fn spawn_logd(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
+        .args(["logd", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 async fn connect_from(l: &Logd, from: &str, name: &str, roles: &[&str]) -> std::io::Result<Tls> {
@@ -297,20 +322,10 @@ async fn zero_loss_through_crashes_and_a_database_restart() {
         .local_addr()
         .unwrap()
         .port();
-    let path = l.tmp.path().join("logd.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
-    let path2 = l.tmp.path().join("logd-proc.json");
-    std::fs::write(&path2, cfg.to_string()).unwrap();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
-            .args(["logd", "--config"])
-            .arg(&path2)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let path2 = config_variant(&l, "logd-proc.json", |cfg| {
+        cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
+    });
+    let spawn = || spawn_logd(&path2);
     let mut logd = spawn();
     let (ca, crt, key) = harness::creds(
         &l.state,
@@ -519,32 +534,19 @@ async fn replica_catches_up_after_an_outage() {
         .local_addr()
         .unwrap()
         .port();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(l.tmp.path().join("logd.json")).unwrap())
-            .unwrap();
-    cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
-    cfg["database"]["name"] = serde_json::json!("sagews_replica");
-    cfg["database"]["user"] = serde_json::json!("sagews_replica");
-    cfg["database"]["password"] = serde_json::json!("replpw12");
-    let replica_cfg = l.tmp.path().join("replica.json");
-    std::fs::write(&replica_cfg, cfg.to_string()).unwrap();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
-            .args(["logd", "--config"])
-            .arg(&replica_cfg)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let replica_cfg = config_variant(&l, "replica.json", |cfg| {
+        cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
+        cfg["database"]["name"] = serde_json::json!("sagews_replica");
+        cfg["database"]["user"] = serde_json::json!("sagews_replica");
+        cfg["database"]["password"] = serde_json::json!("replpw12");
+    });
+    let spawn = || spawn_logd(&replica_cfg);
     let mut replica = spawn();
     // The primary, replicating to it.
-    let mut pcfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(l.tmp.path().join("logd.json")).unwrap())
-            .unwrap();
-    pcfg["replica"] =
-        serde_json::json!({"address": format!("127.0.0.1:{port}"), "server_name": "logs1"});
-    let primary_cfg = l.tmp.path().join("primary.json");
-    std::fs::write(&primary_cfg, pcfg.to_string()).unwrap();
+    let primary_cfg = config_variant(&l, "primary.json", |cfg| {
+        cfg["replica"] =
+            serde_json::json!({"address": format!("127.0.0.1:{port}"), "server_name": "logs1"});
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let paddr = listener.local_addr().unwrap();
     tokio::spawn(sage_agent::logd::run(

@@ -193,17 +193,9 @@ pub struct WorkerSettings {
     pub limits: Limits,
 }
 
-/// Resource limits applied to every session process.
-#[derive(Clone, Debug, Serialize)]
-pub struct Limits {
-    pub cpu_seconds: u64,
-    pub memory_mb: u64,
-    pub processes: u64,
-    pub open_files: u64,
-    pub file_size_mb: u64,
-    pub wall_clock_seconds: u64,
-    pub idle_timeout_seconds: u64,
-}
+/// Resource limits applied to every session process: the worker protocol's own type, so the
+/// inventory and the wire cannot drift apart.
+pub use sage_agent::proto::Limits;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendSettings {
