@@ -32,7 +32,7 @@ enum Agent {
 
 /// The agents complete enough for sagectl to start; it installs the others' units without
 /// starting them.
-const BUILT: &[&str] = &["worker", "logd"];
+const BUILT: &[&str] = &["worker", "backend", "logd"];
 
 #[derive(clap::Args)]
 struct AgentOpts {
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Agent::Worker(o) => worker(&o),
-        Agent::Backend(o) => not_built("backend", &o),
+        Agent::Backend(o) => backend(&o),
         Agent::Logd(o) => logd(&o),
     };
     match result {
@@ -115,8 +115,7 @@ fn logd(o: &AgentOpts) -> anyhow::Result<()> {
     })
 }
 
-fn not_built(name: &str, o: &AgentOpts) -> anyhow::Result<()> {
-    std::fs::metadata(&o.config)
-        .with_context(|| format!("cannot read config file {}", o.config.display()))?;
-    anyhow::bail!("the {name} agent is not built yet")
+fn backend(o: &AgentOpts) -> anyhow::Result<()> {
+    let config = sage_agent::backend::Config::load(&o.config)?;
+    serve(config.listen, |l| sage_agent::backend::run(config, l, shutdown()))
 }

@@ -1,0 +1,433 @@
+//! The browser's JSON messages over SockJS. A request is `{"id": N, "op": "...", ...}` and gets
+//! one reply `{"id": N, "ok": true, ...}` or `{"id": N, "ok": false, "error": "..."}`; an
+//! execute's output then arrives as events `{"event": "stdout"|"stderr"|"done", "id": N, ...}`.
+//! Other events: `moved`, `worker_lost`, `reopened`, `closed`, `error`.
+//!
+//! Ops: ping, signup, signin, signout, whoami, list, create, rename, delete, open, close,
+//! execute, interrupt, save, history, revert, publish.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::accounts::Account;
+use super::sockjs::Outbound;
+use super::{ApiError, Backend};
+
+struct Conn {
+    backend: Arc<Backend>,
+    id: u64,
+    account: Option<Account>,
+    token: Option<String>,
+    open: HashSet<String>,
+    viewer: mpsc::UnboundedSender<Value>,
+}
+
+/// Serves one SockJS session until it ends; then leaves every workspace it had open.
+pub async fn run(
+    backend: Arc<Backend>,
+    id: u64,
+    mut inbound: mpsc::Receiver<String>,
+    out: Outbound,
+    account: Option<Account>,
+) {
+    let (viewer, mut events) = mpsc::unbounded_channel::<Value>();
+    let o = out.clone();
+    let forward = tokio::spawn(async move {
+        while let Some(v) = events.recv().await {
+            o.send(v.to_string());
+        }
+    });
+    let mut c = Conn {
+        backend: backend.clone(),
+        id,
+        account,
+        token: None,
+        open: HashSet::new(),
+        viewer,
+    };
+    while let Some(text) = inbound.recv().await {
+        backend.metrics.inc(&backend.metrics.messages);
+        let reply = c.handle(&text).await;
+        out.send(reply.to_string());
+    }
+    for ws in std::mem::take(&mut c.open) {
+        backend.leave(&ws, id).await;
+    }
+    drop(c);
+    let _ = forward.await;
+}
+
+fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, ApiError> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad(format!("field {k:?} (a string) is required")))
+}
+
+/// Workspace names: 1 to 100 characters, no control characters. Anything else (quotes,
+/// semicolons) is stored as given: every query takes parameters.
+fn check_ws_name(name: &str) -> Result<(), ApiError> {
+    let n = name.chars().count();
+    if n == 0 || n > 100 || name.chars().any(char::is_control) || name.trim() != name {
+        return Err(ApiError::bad(
+            "a workspace name is 1 to 100 characters, without control characters or surrounding spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn new_workspace_id() -> String {
+    let b = super::accounts::random_bytes::<8>();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("w{}", &hex[..15])
+}
+
+impl Conn {
+    async fn handle(&mut self, text: &str) -> Value {
+        let max = self.backend.config.max_message_bytes;
+        if text.len() > max {
+            self.backend.metrics.inc(&self.backend.metrics.bad_messages);
+            return json!({"id": null, "ok": false, "error": format!(
+                "message of {} bytes refused: the limit is {max} bytes (upload large bundles with POST /api/workspaces)",
+                text.len())});
+        }
+        let v: Value = match serde_json::from_str(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                self.backend.metrics.inc(&self.backend.metrics.bad_messages);
+                return json!({"id": null, "ok": false, "error": "a message must be a JSON object"});
+            }
+            Err(e) => {
+                self.backend.metrics.inc(&self.backend.metrics.bad_messages);
+                return json!({"id": null, "ok": false, "error": format!("invalid JSON: {e}")});
+            }
+        };
+        let Some(id) = v.get("id").and_then(Value::as_u64) else {
+            return json!({"id": null, "ok": false, "error": "every request needs an \"id\": a non-negative integer"});
+        };
+        let op = v.get("op").and_then(Value::as_str).unwrap_or("");
+        match self.op(op, id, &v).await {
+            Ok(mut r) => {
+                r["id"] = id.into();
+                r["ok"] = true.into();
+                r
+            }
+            Err(e) => json!({"id": id, "ok": false, "error": e.message, "status": e.status}),
+        }
+    }
+
+    fn account(&self) -> Result<&Account, ApiError> {
+        self.account
+            .as_ref()
+            .ok_or_else(|| ApiError::unauthorized("sign in first"))
+    }
+
+    /// The workspace `id` if it belongs to this account.
+    async fn owned(&self, v: &Value) -> Result<(String, String), ApiError> {
+        let id = str_field(v, "workspace")?;
+        let acct = self.account()?;
+        let row = self
+            .backend
+            .db()
+            .await?
+            .query_opt(
+                "SELECT name FROM workspaces WHERE id = $1 AND account_id = $2",
+                &[&id, &acct.id],
+            )
+            .await?;
+        match row {
+            Some(r) => Ok((id.to_string(), r.get(0))),
+            None => Err(ApiError::not_found(format!(
+                "no workspace {id:?} in your account"
+            ))),
+        }
+    }
+
+    async fn op(&mut self, op: &str, id: u64, v: &Value) -> Result<Value, ApiError> {
+        let b = self.backend.clone();
+        match op {
+            "ping" => Ok(json!({"pong": true})),
+            "signup" | "signin" => {
+                let (name, password) = (str_field(v, "name")?, str_field(v, "password")?);
+                let (acct, token) = if op == "signup" {
+                    b.signup(name, password).await?
+                } else {
+                    b.signin(name, password).await?
+                };
+                self.account = Some(acct.clone());
+                self.token = Some(token);
+                Ok(json!({"account": acct.name}))
+            }
+            "signout" => {
+                if let Some(t) = self.token.take() {
+                    b.signout(&t).await?;
+                }
+                for ws in std::mem::take(&mut self.open) {
+                    b.leave(&ws, self.id).await;
+                }
+                self.account = None;
+                Ok(json!({}))
+            }
+            "whoami" => Ok(json!({"account": self.account.as_ref().map(|a| a.name.clone())})),
+            "list" => {
+                let acct = self.account()?;
+                let rows = b
+                    .db()
+                    .await?
+                    .query(
+                        "SELECT id, name, version, extract(epoch FROM updated)::int8, published IS NOT NULL
+                         FROM workspaces WHERE account_id = $1 ORDER BY name",
+                        &[&acct.id],
+                    )
+                    .await?;
+                let list: Vec<Value> = rows
+                    .iter()
+                    .map(|r| {
+                        json!({"workspace": r.get::<_, String>(0), "name": r.get::<_, String>(1),
+                            "version": r.get::<_, i64>(2), "updated": r.get::<_, i64>(3),
+                            "published": r.get::<_, bool>(4)})
+                    })
+                    .collect();
+                Ok(json!({"workspaces": list}))
+            }
+            "create" => {
+                let acct = self.account()?.clone();
+                let name = str_field(v, "name")?;
+                let bundle = match v.get("bundle").and_then(Value::as_str) {
+                    Some(b64) => Some(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .map_err(|e| ApiError::bad(format!("the bundle is not base64: {e}")))?,
+                    ),
+                    None => None,
+                };
+                let ws = b.create_workspace(&acct, name, bundle).await?;
+                Ok(json!({"workspace": ws}))
+            }
+            "rename" => {
+                let (ws, _) = self.owned(v).await?;
+                let name = str_field(v, "name")?;
+                check_ws_name(name)?;
+                let n = b
+                    .db()
+                    .await?
+                    .execute(
+                        "UPDATE workspaces SET name = $2, updated = now() WHERE id = $1
+                         AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.account_id = workspaces.account_id AND w.name = $2)",
+                        &[&ws, &name],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(ApiError::conflict(format!(
+                        "you already have a workspace named {name:?}"
+                    )));
+                }
+                Ok(json!({"workspace": ws, "name": name}))
+            }
+            "delete" => {
+                let (ws, name) = self.owned(v).await?;
+                b.discard(&ws).await;
+                self.open.remove(&ws);
+                b.db()
+                    .await?
+                    .execute("DELETE FROM workspaces WHERE id = $1", &[&ws])
+                    .await?;
+                b.audit(
+                    "workspace deleted",
+                    self.account()?,
+                    json!({"workspace": ws, "name": name}),
+                );
+                Ok(json!({"workspace": ws}))
+            }
+            "open" => {
+                let (ws, name) = self.owned(v).await?;
+                let acct = self.account()?.id;
+                let (_, worker) = b
+                    .open_workspace(acct, &ws, self.id, self.viewer.clone())
+                    .await?;
+                self.open.insert(ws.clone());
+                Ok(json!({"workspace": ws, "name": name, "worker": worker}))
+            }
+            "close" => {
+                let (ws, _) = self.owned(v).await?;
+                if self.open.remove(&ws) {
+                    b.leave(&ws, self.id).await;
+                }
+                Ok(json!({"workspace": ws}))
+            }
+            "execute" => {
+                let ws = self.opened(v).await?;
+                let code = str_field(v, "code")?.to_string();
+                b.execute(&ws, id, code).await?;
+                Ok(json!({"workspace": ws.id}))
+            }
+            "interrupt" => {
+                let ws = self.opened(v).await?;
+                b.interrupt(&ws).await?;
+                Ok(json!({"workspace": ws.id}))
+            }
+            "save" => {
+                let ws = self.opened(v).await?;
+                let message = v
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Save")
+                    .chars()
+                    .take(1000)
+                    .collect::<String>();
+                let changed = b.save(&ws, &message).await?;
+                b.audit(
+                    "workspace saved",
+                    self.account()?,
+                    json!({"workspace": ws.id, "changed": changed}),
+                );
+                Ok(json!({"workspace": ws.id, "changed": changed}))
+            }
+            "history" => {
+                let (ws, _) = self.owned(v).await?;
+                b.save_if_open(&ws).await?;
+                let history = match b.stored_bundle(&ws).await? {
+                    Some(bundle) => super::git::history(&bundle, 200).await?,
+                    None => Vec::new(),
+                };
+                Ok(json!({"workspace": ws, "history": history}))
+            }
+            "revert" => {
+                let (ws, _) = self.owned(v).await?;
+                let commit = str_field(v, "commit")?;
+                b.save_if_open(&ws).await?;
+                let bundle = b
+                    .stored_bundle(&ws)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("the workspace has no saved history yet"))?;
+                let (new_bundle, new_commit) = super::git::revert(&bundle, commit).await?;
+                b.store_bundle(&ws, &new_bundle).await?;
+                if let Some(open) = b.open_ws(&ws) {
+                    b.reload(&open).await?;
+                }
+                b.audit(
+                    "workspace reverted",
+                    self.account()?,
+                    json!({"workspace": ws, "to": commit, "commit": new_commit}),
+                );
+                Ok(json!({"workspace": ws, "commit": new_commit}))
+            }
+            "publish" => {
+                let (ws, _) = self.owned(v).await?;
+                let path = v.get("path").and_then(Value::as_str).unwrap_or("");
+                b.save_if_open(&ws).await?;
+                let r = b.publish(&ws, path).await?;
+                b.audit(
+                    "workspace published",
+                    self.account()?,
+                    json!({"workspace": ws, "url": r["url"]}),
+                );
+                Ok(r)
+            }
+            "" => Err(ApiError::bad("field \"op\" (a string) is required")),
+            other => Err(ApiError::bad(format!("unknown op {other:?}"))),
+        }
+    }
+
+    /// The open workspace a request names; it must have been opened on this connection.
+    async fn opened(&self, v: &Value) -> Result<Arc<super::open::OpenWs>, ApiError> {
+        let id = str_field(v, "workspace")?;
+        self.account()?;
+        if !self.open.contains(id) {
+            return Err(ApiError::bad(format!(
+                "workspace {id:?} is not open on this connection: send \"open\" first"
+            )));
+        }
+        self.backend
+            .open_ws(id)
+            .ok_or_else(|| ApiError::busy("the workspace was closed; open it again"))
+    }
+}
+
+impl Backend {
+    pub async fn create_workspace(
+        &self,
+        acct: &Account,
+        name: &str,
+        bundle: Option<Vec<u8>>,
+    ) -> Result<String, ApiError> {
+        check_ws_name(name)?;
+        let bundle = match bundle {
+            Some(b) if b.len() > self.config.max_bundle_bytes() => {
+                return Err(ApiError::too_large(format!(
+                    "the bundle is {} bytes, over the limit of {} MB",
+                    b.len(),
+                    self.config.max_bundle_mb
+                )));
+            }
+            Some(b) => Some(super::git::normalize(&b).await?),
+            None => None,
+        };
+        let id = new_workspace_id();
+        let mut db = self.db().await?;
+        let tx = db.transaction().await?;
+        // One creation at a time per account, so the cap holds under concurrency.
+        tx.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", &[&acct.id])
+            .await?;
+        let n: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM workspaces WHERE account_id = $1",
+                &[&acct.id],
+            )
+            .await?
+            .get(0);
+        let max = self.config.accounts.max_workspaces;
+        if n >= i64::from(max) {
+            return Err(ApiError::forbidden(format!(
+                "you have {n} workspaces, the most an account may have ({max}): delete one first"
+            )));
+        }
+        let inserted = tx
+            .execute(
+                "INSERT INTO workspaces (id, account_id, name, bundle) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (account_id, name) DO NOTHING",
+                &[&id, &acct.id, &name, &bundle],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(ApiError::conflict(format!(
+                "you already have a workspace named {name:?}"
+            )));
+        }
+        tx.commit().await?;
+        self.audit(
+            "workspace created",
+            acct,
+            json!({"workspace": id, "name": name, "from_bundle": bundle.is_some()}),
+        );
+        Ok(id)
+    }
+
+    pub async fn stored_bundle(&self, id: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        Ok(self
+            .db()
+            .await?
+            .query_opt("SELECT bundle FROM workspaces WHERE id = $1", &[&id])
+            .await?
+            .and_then(|r| r.get(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_names_and_ids() {
+        assert!(check_ws_name("x'); DROP TABLE workspaces; --").is_ok());
+        assert!(check_ws_name("").is_err());
+        assert!(check_ws_name("a\nb").is_err());
+        assert!(check_ws_name(&"x".repeat(101)).is_err());
+        let id = new_workspace_id();
+        assert!(crate::proto::valid_session_id(&id), "{id}");
+        assert_ne!(id, new_workspace_id());
+    }
+}

@@ -1,0 +1,423 @@
+//! The backend agent: HTTPS (TLS 1.3, HAProxy's certificate required) for browsers, with a SockJS
+//! endpoint carrying JSON messages (`api`), REST routes for health, metrics and bundles, accounts
+//! and workspaces in PostgreSQL with memcached in front, workspaces' code run on workers
+//! (`workers`, `open`), publishing pushed to the static hosts (`publish`). See ARCHITECTURE.md §10.
+
+pub mod accounts;
+pub mod api;
+pub mod cache;
+pub mod git;
+pub mod open;
+pub mod publish;
+pub mod routes;
+pub mod sockjs;
+pub mod workers;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::config::{HasTls, TlsPaths};
+use crate::db::{DbConfig, Pool, PoolError};
+use crate::logclient::LogClient;
+use crate::proto::Level;
+use crate::tls::Identity;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    pub signup: bool,
+    pub max_workspaces: u32,
+    pub session_days: u32,
+    pub min_password_length: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogdRef {
+    pub address: String,
+    pub server_name: String,
+}
+
+/// A static host: its name (in its certificate) and its publishing address (nginx, WebDAV PUT).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticHost {
+    pub name: String,
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub inventory: String,
+    pub host: String,
+    pub public_name: String,
+    pub listen: SocketAddr,
+    pub worker_listen: SocketAddr,
+    pub tls: TlsPaths,
+    pub database: DbConfig,
+    pub memcached: Vec<cache::Server>,
+    /// Kept for configs rendered before session tokens were stored hashed; unused.
+    #[serde(default)]
+    pub cookie_key: Option<String>,
+    /// Browser (SockJS) sessions this backend holds at once.
+    pub max_sessions: u32,
+    pub max_bundle_mb: u64,
+    pub accounts: AccountsConfig,
+    pub worker_port: u16,
+    pub logd: Option<LogdRef>,
+    pub static_hosts: Vec<StaticHost>,
+    /// A SockJS message larger than this is refused.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    #[serde(default = "default_max_worker_frame")]
+    pub max_worker_frame_bytes: usize,
+    /// The log client's spool.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// SockJS heartbeat period.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u64,
+    /// A SockJS session with no transport attached is closed after this long.
+    #[serde(default = "default_disconnect")]
+    pub disconnect_seconds: u64,
+}
+
+fn default_max_message() -> usize {
+    1 << 20
+}
+fn default_max_worker_frame() -> usize {
+    160 << 20
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sage-backend")
+}
+fn default_heartbeat() -> u64 {
+    25
+}
+fn default_disconnect() -> u64 {
+    5
+}
+
+impl HasTls for Config {
+    fn tls(&mut self) -> &mut TlsPaths {
+        &mut self.tls
+    }
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+        crate::config::load(path)
+    }
+
+    pub fn max_bundle_bytes(&self) -> usize {
+        (self.max_bundle_mb as usize) << 20
+    }
+}
+
+/// An error a client gets: an HTTP status and a message meant for people.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad(m: impl Into<String>) -> ApiError {
+        ApiError::new(400, m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> ApiError {
+        ApiError::new(401, m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiError {
+        ApiError::new(403, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        ApiError::new(404, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> ApiError {
+        ApiError::new(409, m)
+    }
+    pub fn too_large(m: impl Into<String>) -> ApiError {
+        ApiError::new(413, m)
+    }
+    pub fn busy(m: impl Into<String>) -> ApiError {
+        ApiError::new(503, m)
+    }
+    pub fn internal(m: impl Into<String>) -> ApiError {
+        let m = m.into();
+        tracing::error!("internal error: {m}");
+        ApiError::new(500, m)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> ApiError {
+        tracing::error!("database: {e}");
+        ApiError::new(503, "the database failed this request; try again")
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> ApiError {
+        tracing::error!("database: {e}");
+        ApiError::new(503, e.to_string())
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub signups: AtomicU64,
+    pub signins: AtomicU64,
+    pub signin_failures: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub sockjs_opened: AtomicU64,
+    pub sockjs_refused: AtomicU64,
+    pub messages: AtomicU64,
+    pub bad_messages: AtomicU64,
+    pub executes: AtomicU64,
+    pub workspaces_opened: AtomicU64,
+    pub worker_failovers: AtomicU64,
+    pub publishes: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything a request handler needs; one per process.
+pub struct Backend {
+    pub config: Config,
+    pub identity: Identity,
+    pub pool: Pool,
+    pub cache: cache::Cache,
+    pub metrics: Metrics,
+    pub workers: workers::Registry,
+    pub open: open::OpenWorkspaces,
+    pub sockjs: sockjs::Sessions,
+    pub log: Option<LogClient>,
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    password_hash text NOT NULL,
+    created timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE sessions (
+    token_hash bytea PRIMARY KEY,
+    account_id bigint NOT NULL REFERENCES accounts ON DELETE CASCADE,
+    expires timestamptz NOT NULL
+);
+CREATE INDEX sessions_expires ON sessions (expires);
+CREATE TABLE workspaces (
+    id text PRIMARY KEY,
+    account_id bigint NOT NULL REFERENCES accounts ON DELETE CASCADE,
+    name text NOT NULL,
+    bundle bytea,
+    version bigint NOT NULL DEFAULT 0,
+    created timestamptz NOT NULL DEFAULT now(),
+    updated timestamptz NOT NULL DEFAULT now(),
+    published timestamptz,
+    UNIQUE (account_id, name)
+);
+CREATE TABLE workers (
+    host text PRIMARY KEY,
+    address text NOT NULL,
+    capacity int NOT NULL,
+    engines text[] NOT NULL,
+    sessions int NOT NULL,
+    load float8 NOT NULL,
+    last_seen timestamptz NOT NULL,
+    seen_by text NOT NULL
+);
+"#];
+
+/// The advisory lock serialising migrations of the backend's database.
+const MIGRATION_LOCK: i64 = 727_275;
+
+impl Backend {
+    pub async fn db(&self) -> Result<crate::db::Conn<'_>, ApiError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// An audit record (account and workspace events) to logd, when there is one.
+    pub fn audit(&self, what: &str, account: &accounts::Account, mut fields: serde_json::Value) {
+        let Some(log) = &self.log else { return };
+        if let Some(m) = fields.as_object_mut() {
+            m.insert("account".into(), account.name.clone().into());
+            m.insert("account_id".into(), account.id.into());
+            log.log(Level::Info, "backend.audit", what, m.clone());
+        }
+    }
+}
+
+/// Runs the backend until `shutdown` completes: migrations, then the HTTPS and worker listeners.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let identity = config.tls.identity()?;
+    let pool = Pool::new(config.database.clone(), identity.roots.clone());
+    // Migrations first; the database may still be starting: retry for a while.
+    let mut tries = 0;
+    loop {
+        let r = async {
+            let mut c = pool.get().await?;
+            crate::db::migrate(&mut c, MIGRATION_LOCK, MIGRATIONS)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        .await;
+        match r {
+            Ok(()) => break,
+            Err(e) if tries < 30 => {
+                tries += 1;
+                tracing::warn!("database not ready ({e:#}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.context("migrating the backend's database")),
+        }
+    }
+    let log = match &config.logd {
+        Some(l) => Some(LogClient::start(crate::logclient::Settings {
+            address: l.address.clone(),
+            server_name: l.server_name.clone(),
+            identity: identity.clone(),
+            spool_dir: config.state_dir.join("log-spool"),
+            host: config.host.clone(),
+            queue: 10_000,
+            batch: 500,
+        })?),
+        None => None,
+    };
+    let cache = cache::Cache::new(config.memcached.clone(), &identity)?;
+    let worker_listener = TcpListener::bind(config.worker_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.worker_listen))?;
+    let backend = Arc::new(Backend {
+        pool,
+        cache,
+        metrics: Metrics::default(),
+        workers: workers::Registry::default(),
+        open: open::OpenWorkspaces::default(),
+        sockjs: sockjs::Sessions::default(),
+        log,
+        identity,
+        config,
+    });
+    tokio::spawn(serve_workers(backend.clone(), worker_listener));
+    tokio::spawn(sockjs::reaper(backend.clone()));
+    let https = backend.identity.server_config(&["loadbalancer"])?;
+    let mut https = Arc::unwrap_or_clone(https);
+    https.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = TlsListener::start(listener, Arc::new(https));
+    tracing::info!(listen = %backend.config.listen, workers = %backend.config.worker_listen, "backend ready");
+    let app = routes::router(backend.clone());
+    axum::serve(tls, app.into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    // Save what browsers left open, so nothing typed since the last save is lost.
+    backend.close_all().await;
+    Ok(())
+}
+
+async fn serve_workers(backend: Arc<Backend>, listener: TcpListener) {
+    let acceptor = match backend.identity.server_config(&["worker"]) {
+        Ok(c) => tokio_rustls::TlsAcceptor::from(c),
+        Err(e) => {
+            tracing::error!("worker listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, b) = (acceptor.clone(), backend.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => b.announcements(tls, peer).await,
+                Ok(Err(e)) => tracing::warn!(%peer, "worker port: TLS refused: {e}"),
+                Err(_) => tracing::warn!(%peer, "worker port: TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// TLS over a TCP listener for axum: handshakes run in their own tasks (a slow client holds
+/// up no one) and finished connections are handed to `accept`.
+pub struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    pub fn start(listener: TcpListener, cfg: Arc<rustls::ServerConfig>) -> TlsListener {
+        let local = listener.local_addr().expect("a bound listener");
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, to) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let _ = to.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS refused: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        TlsListener { rx, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}

@@ -1,0 +1,500 @@
+//! Workspaces open on this backend: each is one session on one worker, shared by every browser
+//! connection viewing it. Output events go to all viewers; control requests (open, save, close)
+//! are answered in order, so each waits on a queue. When the worker's link breaks, running
+//! executes end as `killed`, the viewers are told, and the workspace reopens on another worker
+//! from its last save. When the last viewer leaves, the workspace is saved and closed.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::workers::Link;
+use super::{ApiError, Backend};
+use crate::proto::{Event, Request, Status};
+
+/// What a viewer's connection receives: JSON messages for the browser.
+pub type Viewer = mpsc::UnboundedSender<Value>;
+
+#[derive(Default)]
+pub struct OpenWorkspaces {
+    map: Mutex<HashMap<String, Arc<OpenWs>>>,
+}
+
+impl OpenWorkspaces {
+    pub fn count(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+}
+
+pub struct OpenWs {
+    pub id: String,
+    pub account_id: i64,
+    /// The session's worker; locked while opening, saving or closing.
+    state: tokio::sync::Mutex<Placement>,
+    viewers: Mutex<Vec<(u64, Viewer)>>,
+    control: Mutex<VecDeque<oneshot::Sender<Event>>>,
+    running: Mutex<HashSet<u64>>,
+}
+
+#[derive(Default)]
+struct Placement {
+    link: Option<Arc<Link>>,
+    /// Bumped at each placement so a stale pump knows it is stale.
+    generation: u64,
+    closing: bool,
+}
+
+impl OpenWs {
+    fn broadcast(&self, msg: Value) {
+        self.viewers
+            .lock()
+            .unwrap()
+            .retain(|(_, v)| v.send(msg.clone()).is_ok());
+    }
+
+    pub fn viewers(&self) -> usize {
+        self.viewers.lock().unwrap().len()
+    }
+
+    pub async fn worker(&self) -> Option<String> {
+        self.state.lock().await.link.as_ref().map(|l| l.host.clone())
+    }
+}
+
+const OPEN_TIMEOUT: Duration = Duration::from_secs(90);
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Backend {
+    /// Opens (or joins) a workspace for a viewer; returns the worker it runs on.
+    pub async fn open_workspace(
+        self: &Arc<Self>,
+        account_id: i64,
+        id: &str,
+        viewer_id: u64,
+        viewer: Viewer,
+    ) -> Result<(Arc<OpenWs>, String), ApiError> {
+        let ws = {
+            let mut map = self.open.map.lock().unwrap();
+            map.entry(id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(OpenWs {
+                        id: id.to_string(),
+                        account_id,
+                        state: Default::default(),
+                        viewers: Mutex::new(Vec::new()),
+                        control: Mutex::new(VecDeque::new()),
+                        running: Mutex::new(HashSet::new()),
+                    })
+                })
+                .clone()
+        };
+        if ws.account_id != account_id {
+            return Err(ApiError::not_found(format!("no workspace {id} in your account")));
+        }
+        {
+            let mut v = ws.viewers.lock().unwrap();
+            if !v.iter().any(|(i, _)| *i == viewer_id) {
+                v.push((viewer_id, viewer));
+            }
+        }
+        let mut st = ws.state.lock().await;
+        if st.link.as_ref().is_none_or(|l| l.is_dead()) {
+            if let Err(e) = self.place(&ws, &mut st, &[]).await {
+                drop(st);
+                self.leave(&ws.id, viewer_id).await;
+                return Err(e);
+            }
+            self.metrics.inc(&self.metrics.workspaces_opened);
+        }
+        let host = st.link.as_ref().map(|l| l.host.clone()).unwrap_or_default();
+        drop(st);
+        Ok((ws, host))
+    }
+
+    /// Starts the workspace's session on the least loaded worker (not in `exclude`), from its
+    /// last save.
+    async fn place(
+        self: &Arc<Self>,
+        ws: &Arc<OpenWs>,
+        st: &mut Placement,
+        exclude: &[String],
+    ) -> Result<(), ApiError> {
+        let bundle: Option<Vec<u8>> = self
+            .db()
+            .await?
+            .query_opt("SELECT bundle FROM workspaces WHERE id = $1", &[&ws.id])
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("workspace {} was deleted", ws.id)))?
+            .get(0);
+        let b64 = bundle.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let mut tried: Vec<String> = exclude.to_vec();
+        let mut last_err = String::from("no worker is available");
+        for attempt in 0..4 {
+            if attempt > 0 {
+                // A failed attempt's waiter must not take the next attempt's answer.
+                ws.control.lock().unwrap().clear();
+            }
+            let Some((host, address)) = self.workers.pick(&tried) else {
+                break;
+            };
+            tried.push(host.clone());
+            let link = match self.link(&host, &address).await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.workers.down(&host);
+                    last_err = e;
+                    continue;
+                }
+            };
+            st.generation += 1;
+            let rx = link.route(&ws.id);
+            tokio::spawn(pump(self.clone(), ws.clone(), rx, st.generation, host.clone()));
+            let (tx, wait) = oneshot::channel();
+            ws.control.lock().unwrap().push_back(tx);
+            let sent = link
+                .send(Request::Open {
+                    session: ws.id.clone(),
+                    bundle: b64.clone(),
+                    limits: None,
+                })
+                .await;
+            if let Err(e) = sent {
+                last_err = e;
+                continue;
+            }
+            match tokio::time::timeout(OPEN_TIMEOUT, wait).await {
+                Ok(Ok(Event::Opened { .. })) => {}
+                // Still open there from before (another backend, or this one before a restart):
+                // its files are newer than the last save, so keep it.
+                Ok(Ok(Event::Error { message, .. })) if message.contains("already open") => {}
+                Ok(Ok(Event::Error { message, .. })) => {
+                    last_err = format!("worker {host}: {message}");
+                    link.unroute(&ws.id);
+                    continue;
+                }
+                Ok(Ok(other)) => {
+                    last_err = format!("worker {host} answered {other:?}");
+                    link.unroute(&ws.id);
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    last_err = format!("lost worker {host} while opening");
+                    continue;
+                }
+                Err(_) => {
+                    last_err = format!("worker {host} did not open the workspace in time");
+                    link.unroute(&ws.id);
+                    continue;
+                }
+            }
+            st.link = Some(link);
+            st.closing = false;
+            tracing::info!(workspace = %ws.id, worker = %host, "workspace opened");
+            return Ok(());
+        }
+        ws.control.lock().unwrap().clear();
+        st.link = None;
+        Err(ApiError::busy(format!(
+            "cannot open the workspace: {last_err}; try again shortly"
+        )))
+    }
+
+    /// `place` behind a box: the failover in `pump` calls it, and `place` spawns `pump`.
+    fn place_boxed<'a>(
+        self: &'a Arc<Self>,
+        ws: &'a Arc<OpenWs>,
+        st: &'a mut Placement,
+        exclude: &'a [String],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send + 'a>> {
+        Box::pin(self.place(ws, st, exclude))
+    }
+
+    /// Sends a control request and waits for its answer.
+    async fn control(
+        &self,
+        ws: &OpenWs,
+        st: &Placement,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Event, ApiError> {
+        let link = st
+            .link
+            .as_ref()
+            .filter(|l| !l.is_dead())
+            .ok_or_else(|| ApiError::busy("the workspace's worker is gone; it will reopen"))?;
+        let (tx, rx) = oneshot::channel();
+        ws.control.lock().unwrap().push_back(tx);
+        link.send(req).await.map_err(ApiError::busy)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(ev)) => Ok(ev),
+            Ok(Err(_)) => Err(ApiError::busy("lost the worker during the request")),
+            Err(_) => Err(ApiError::busy("the worker did not answer in time")),
+        }
+    }
+
+    /// Runs code; output arrives as events with the request's `id`, ending with `done`.
+    pub async fn execute(self: &Arc<Self>, ws: &Arc<OpenWs>, id: u64, code: String) -> Result<(), ApiError> {
+        let mut st = ws.state.lock().await;
+        if st.link.as_ref().is_none_or(|l| l.is_dead()) {
+            self.place(ws, &mut st, &[]).await?;
+            let worker = st.link.as_ref().map(|l| l.host.clone());
+            ws.broadcast(json!({"event": "reopened", "workspace": ws.id, "worker": worker,
+                "message": "the workspace was reopened from its last save"}));
+        }
+        let link = st.link.clone().expect("placed above");
+        ws.running.lock().unwrap().insert(id);
+        self.metrics.inc(&self.metrics.executes);
+        link.send(Request::Execute {
+            session: ws.id.clone(),
+            id,
+            code,
+        })
+        .await
+        .map_err(ApiError::busy)
+    }
+
+    pub async fn interrupt(&self, ws: &OpenWs) -> Result<(), ApiError> {
+        let st = ws.state.lock().await;
+        if let Some(l) = &st.link {
+            l.send(Request::Interrupt {
+                session: ws.id.clone(),
+            })
+            .await
+            .map_err(ApiError::busy)?;
+        }
+        Ok(())
+    }
+
+    /// Commits the worker's changes and stores the bundle; returns whether anything changed.
+    pub async fn save(&self, ws: &OpenWs, message: &str) -> Result<bool, ApiError> {
+        let st = ws.state.lock().await;
+        self.save_locked(ws, &st, message).await
+    }
+
+    async fn save_locked(&self, ws: &OpenWs, st: &Placement, message: &str) -> Result<bool, ApiError> {
+        let req = Request::Save {
+            session: ws.id.clone(),
+            message: message.to_string(),
+        };
+        match self.control(ws, st, req, SAVE_TIMEOUT).await? {
+            Event::Saved {
+                bundle, changed, ..
+            } => {
+                if changed {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(bundle)
+                        .map_err(|e| ApiError::internal(format!("the worker's bundle: {e}")))?;
+                    if bytes.len() > self.config.max_bundle_bytes() {
+                        return Err(ApiError::too_large(format!(
+                            "the workspace is {} MB, over the limit of {} MB: remove files and save again",
+                            bytes.len() >> 20,
+                            self.config.max_bundle_mb
+                        )));
+                    }
+                    self.store_bundle(&ws.id, &bytes).await?;
+                }
+                Ok(changed)
+            }
+            Event::Error { message, .. } => Err(ApiError::internal(message)),
+            other => Err(ApiError::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    pub async fn store_bundle(&self, id: &str, bytes: &[u8]) -> Result<(), ApiError> {
+        self.db()
+            .await?
+            .execute(
+                "UPDATE workspaces SET bundle = $2, version = version + 1, updated = now() WHERE id = $1",
+                &[&id, &bytes],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Closes the session on its worker (without saving) and opens it again from the stored
+    /// bundle: after a revert.
+    pub async fn reload(self: &Arc<Self>, ws: &Arc<OpenWs>) -> Result<(), ApiError> {
+        let mut st = ws.state.lock().await;
+        if st.link.is_some() {
+            st.closing = true;
+            let _ = self
+                .control(ws, &st, Request::Close { session: ws.id.clone() }, SAVE_TIMEOUT)
+                .await;
+            if let Some(l) = st.link.take() {
+                l.unroute(&ws.id);
+            }
+        }
+        self.place(ws, &mut st, &[]).await
+    }
+
+    /// Saves if open (so stored = latest), for history, publish and download.
+    pub async fn save_if_open(&self, id: &str) -> Result<(), ApiError> {
+        let ws = self.open.map.lock().unwrap().get(id).cloned();
+        if let Some(ws) = ws {
+            let st = ws.state.lock().await;
+            if st.link.as_ref().is_some_and(|l| !l.is_dead()) {
+                self.save_locked(&ws, &st, "Save").await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn open_ws(&self, id: &str) -> Option<Arc<OpenWs>> {
+        self.open.map.lock().unwrap().get(id).cloned()
+    }
+
+    /// A viewer leaves; the last one out saves and closes the session.
+    pub async fn leave(self: &Arc<Self>, id: &str, viewer_id: u64) {
+        let Some(ws) = self.open_ws(id) else { return };
+        let empty = {
+            let mut v = ws.viewers.lock().unwrap();
+            v.retain(|(i, _)| *i != viewer_id);
+            v.is_empty()
+        };
+        if empty {
+            self.close_ws(&ws).await;
+        }
+    }
+
+    async fn close_ws(&self, ws: &Arc<OpenWs>) {
+        let mut st = ws.state.lock().await;
+        if ws.viewers() > 0 {
+            return; // someone joined meanwhile
+        }
+        if st.link.as_ref().is_some_and(|l| !l.is_dead()) {
+            if let Err(e) = self.save_locked(ws, &st, "Save on close").await {
+                tracing::warn!(workspace = %ws.id, "saving on close: {}", e.message);
+            }
+            st.closing = true;
+            let _ = self
+                .control(ws, &st, Request::Close { session: ws.id.clone() }, SAVE_TIMEOUT)
+                .await;
+        }
+        if let Some(l) = st.link.take() {
+            l.unroute(&ws.id);
+        }
+        let mut map = self.open.map.lock().unwrap();
+        if ws.viewers() == 0 {
+            map.remove(&ws.id);
+        }
+    }
+
+    /// At shutdown: save and close everything open.
+    pub async fn close_all(&self) {
+        let all: Vec<_> = self.open.map.lock().unwrap().values().cloned().collect();
+        for ws in all {
+            ws.viewers.lock().unwrap().clear();
+            self.close_ws(&ws).await;
+        }
+    }
+
+    /// The workspace was deleted: close its session without saving.
+    pub async fn discard(&self, id: &str) {
+        let Some(ws) = self.open.map.lock().unwrap().remove(id) else {
+            return;
+        };
+        ws.broadcast(json!({"event": "closed", "workspace": id, "reason": "deleted"}));
+        ws.viewers.lock().unwrap().clear();
+        let mut st = ws.state.lock().await;
+        st.closing = true;
+        if st.link.is_some() {
+            let _ = self
+                .control(&ws, &st, Request::Close { session: id.to_string() }, SAVE_TIMEOUT)
+                .await;
+        }
+        if let Some(l) = st.link.take() {
+            l.unroute(id);
+        }
+    }
+}
+
+/// Moves one placement's events to the viewers and the control waiters; when the link breaks,
+/// fails the workspace over to another worker.
+async fn pump(
+    backend: Arc<Backend>,
+    ws: Arc<OpenWs>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    generation: u64,
+    host: String,
+) {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Stdout { id, data, .. } => ws.broadcast(
+                json!({"event": "stdout", "workspace": ws.id, "id": id, "data": data}),
+            ),
+            Event::Stderr { id, data, .. } => ws.broadcast(
+                json!({"event": "stderr", "workspace": ws.id, "id": id, "data": data}),
+            ),
+            Event::Done {
+                id,
+                status,
+                message,
+                ..
+            } => {
+                ws.running.lock().unwrap().remove(&id);
+                ws.broadcast(json!({"event": "done", "workspace": ws.id, "id": id,
+                    "status": status, "message": message}));
+            }
+            ev @ (Event::Opened { .. }
+            | Event::Saved { .. }
+            | Event::Closed { .. }
+            | Event::Error { .. }) => {
+                let waiter = ws.control.lock().unwrap().pop_front();
+                match (waiter, ev) {
+                    (Some(w), ev) => {
+                        let _ = w.send(ev);
+                    }
+                    (None, Event::Closed { reason, .. }) => {
+                        // The session ended on its own (a limit, idle): reopen on next use.
+                        ws.broadcast(json!({"event": "closed", "workspace": ws.id, "reason": reason,
+                            "message": "the session ended; the next execute reopens it from the last save"}));
+                        let mut st = ws.state.lock().await;
+                        if st.generation == generation {
+                            if let Some(l) = st.link.take() {
+                                l.unroute(&ws.id);
+                            }
+                        }
+                        return;
+                    }
+                    (None, Event::Error { message, .. }) => {
+                        ws.broadcast(json!({"event": "error", "workspace": ws.id, "message": message}))
+                    }
+                    (None, _) => {}
+                }
+            }
+            Event::Pong { .. } => {}
+        }
+    }
+    // The route was dropped: the link broke, or we closed the session ourselves.
+    let mut st = ws.state.lock().await;
+    if st.generation != generation || st.closing {
+        return;
+    }
+    tracing::warn!(workspace = %ws.id, worker = %host, "worker lost; reopening elsewhere");
+    backend.metrics.inc(&backend.metrics.worker_failovers);
+    // Waiters get an error (their senders drop); running executes end as killed.
+    ws.control.lock().unwrap().clear();
+    let running: Vec<u64> = ws.running.lock().unwrap().drain().collect();
+    for id in running {
+        ws.broadcast(json!({"event": "done", "workspace": ws.id, "id": id, "status": Status::Killed,
+            "message": format!("worker {host} was lost")}));
+    }
+    ws.broadcast(json!({"event": "worker_lost", "workspace": ws.id, "worker": host}));
+    st.link = None;
+    if ws.viewers() == 0 {
+        return;
+    }
+    match backend.place_boxed(&ws, &mut st, std::slice::from_ref(&host)).await {
+        Ok(()) => {
+            let worker = st.link.as_ref().map(|l| l.host.clone());
+            ws.broadcast(json!({"event": "moved", "workspace": ws.id, "worker": worker,
+                "message": format!("worker {host} was lost; the workspace was reopened from its last save")}));
+        }
+        Err(e) => ws.broadcast(json!({"event": "error", "workspace": ws.id,
+            "message": format!("worker {host} was lost and {}", e.message)})),
+    }
+}

@@ -1,0 +1,157 @@
+//! Publishing: the files of a workspace's last save (or one path in it) are pushed to every
+//! static host's nginx (WebDAV PUT over TLS with this backend's certificate; nginx accepts only
+//! backends there) under `/pub/<workspace>/`, which nginx then serves to everyone through
+//! HAProxy, whether or not any backend is up. Pushing (rather than an nginx cache in front of
+//! the backends) means a snapshot never expires and a static host never asks a backend.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+
+use super::{ApiError, Backend, StaticHost};
+use crate::http1;
+
+const MAX_FILES: usize = 10_000;
+
+/// A path inside the workspace as the client gives it: relative, no `..`, no `.git`.
+pub fn check_path(p: &str) -> Result<PathBuf, ApiError> {
+    let refuse = || {
+        ApiError::bad(format!(
+            "publish path {p:?} must be relative and inside the workspace (no '..', no '.git')"
+        ))
+    };
+    if p.len() > 1000 || p.contains('\0') || p.contains('\\') {
+        return Err(refuse());
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(p).components() {
+        match c {
+            Component::Normal(n) if n != ".git" => out.push(n),
+            Component::CurDir => {}
+            _ => return Err(refuse()),
+        }
+    }
+    Ok(out)
+}
+
+/// Regular files under `root` (symbolic links are not published: they could point anywhere).
+fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ApiError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| ApiError::internal(format!("{e}")))?;
+    for e in rd {
+        let e = e.map_err(|e| ApiError::internal(format!("{e}")))?;
+        let t = e.file_type().map_err(|e| ApiError::internal(format!("{e}")))?;
+        if t.is_dir() {
+            files(root, &e.path(), out)?;
+        } else if t.is_file() {
+            out.push(e.path().strip_prefix(root).expect("under root").to_path_buf());
+            if out.len() > MAX_FILES {
+                return Err(ApiError::too_large(format!(
+                    "more than {MAX_FILES} files to publish: publish a subdirectory"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Backend {
+    pub async fn publish(self: &Arc<Self>, ws: &str, path: &str) -> Result<Value, ApiError> {
+        let sub = check_path(path)?;
+        if self.config.static_hosts.is_empty() {
+            return Err(ApiError::busy("this deployment has no static host to publish to"));
+        }
+        let bundle = self
+            .stored_bundle(ws)
+            .await?
+            .ok_or_else(|| ApiError::not_found("nothing to publish: save the workspace first"))?;
+        let tmp = super::git::checkout(&bundle).await?;
+        let root = tmp.path().join("files");
+        let target = root.join(&sub);
+        let meta = std::fs::symlink_metadata(&target)
+            .map_err(|_| ApiError::not_found(format!("no file or directory {path:?} in the last save")))?;
+        let (base, list) = if meta.is_file() {
+            let name = target.file_name().expect("a file").into();
+            (target.parent().expect("under root").to_path_buf(), vec![name])
+        } else if meta.is_dir() {
+            let mut list = Vec::new();
+            files(&target, &target, &mut list)?;
+            (target.clone(), list)
+        } else {
+            return Err(ApiError::bad(format!("{path:?} is not a file or directory")));
+        };
+        let mut pushed = Vec::new();
+        for host in &self.config.static_hosts {
+            self.push(host, ws, &base, &list)
+                .await
+                .map_err(|e| ApiError::busy(format!("publishing to {}: {e:#}", host.name)))?;
+            pushed.push(host.name.clone());
+        }
+        self.db()
+            .await?
+            .execute(
+                "UPDATE workspaces SET published = now() WHERE id = $1",
+                &[&ws],
+            )
+            .await?;
+        self.metrics.inc(&self.metrics.publishes);
+        Ok(json!({
+            "workspace": ws,
+            "url": format!("https://{}/pub/{ws}/", self.config.public_name),
+            "files": list.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+            "hosts": pushed,
+        }))
+    }
+
+    /// Replaces `/pub/<ws>/` on one static host with `list` (relative to `base`).
+    async fn push(
+        &self,
+        host: &StaticHost,
+        ws: &str,
+        base: &Path,
+        list: &[PathBuf],
+    ) -> anyhow::Result<()> {
+        let cfg = self.identity.client_config(&["static"])?;
+        let tcp = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            TcpStream::connect(&host.address),
+        )
+        .await??;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from(host.name.clone())?, tcp)
+            .await?;
+        let mut s = BufReader::new(tls);
+        let dir = format!("/pub/{ws}/");
+        let r = http1::request(&mut s, "DELETE", &host.name, &dir, &[], &[], 1 << 16).await?;
+        anyhow::ensure!(
+            r.status < 300 || r.status == 404,
+            "DELETE {dir} answered {}",
+            r.status
+        );
+        for f in list {
+            let body = tokio::fs::read(base.join(f)).await?;
+            let rel = f.to_str().ok_or_else(|| anyhow::anyhow!("file name not UTF-8: {f:?}"))?;
+            let p = http1::encode_path(&format!("{dir}{rel}"));
+            let r = http1::request(&mut s, "PUT", &host.name, &p, &[], &body, 1 << 16).await?;
+            anyhow::ensure!(r.status < 300, "PUT {p} answered {}", r.status);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_paths() {
+        assert_eq!(check_path("").unwrap(), PathBuf::new());
+        assert_eq!(check_path("./out/a.txt").unwrap(), PathBuf::from("out/a.txt"));
+        for bad in ["../etc", "a/../../b", "/etc/passwd", ".git/config", "a\\..\\b"] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+}

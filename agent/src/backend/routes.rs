@@ -1,0 +1,273 @@
+//! HTTP routes: SockJS under `/sockjs`, and plain HTTPS under `/api` for health, metrics,
+//! cookie sign-in, and bundles (upload creates a workspace, download gets its last save).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use super::accounts::Account;
+use super::{ApiError, Backend, sockjs};
+
+type B = State<Arc<Backend>>;
+
+pub fn router(backend: Arc<Backend>) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/metrics", get(metrics))
+        .route("/api/signup", post(signup))
+        .route("/api/signin", post(signin))
+        .route("/api/signout", post(signout))
+        .route("/api/whoami", get(whoami))
+        .route("/api/workspaces", post(upload))
+        .route("/api/workspaces/{id}/bundle", get(download))
+        .route("/sockjs", get(welcome))
+        .route("/sockjs/", get(welcome))
+        .route("/sockjs/info", get(sockjs::info).options(sockjs::options))
+        .route("/sockjs/{server}/{session}/websocket", get(websocket))
+        .route(
+            "/sockjs/{server}/{session}/xhr",
+            post(xhr).options(sockjs::options),
+        )
+        .route(
+            "/sockjs/{server}/{session}/xhr_send",
+            post(xhr_send).options(sockjs::options),
+        )
+        .route(
+            "/sockjs/{server}/{session}/xhr_streaming",
+            post(xhr_streaming).options(sockjs::options),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(backend)
+}
+
+async fn welcome() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=UTF-8")],
+        "Welcome to SockJS!\n",
+    )
+        .into_response()
+}
+
+async fn health(State(b): B) -> Response {
+    match b.db().await {
+        Ok(c) => match c.query_one("SELECT 1", &[]).await {
+            Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")).into_response(),
+        },
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", e.message)).into_response(),
+    }
+}
+
+async fn metrics(State(b): B) -> Response {
+    let m = &b.metrics;
+    let mut s = String::new();
+    let mut c = |name: &str, help: &str, v: u64, kind: &str| {
+        s.push_str(&format!(
+            "# HELP sagews_backend_{name} {help}\n# TYPE sagews_backend_{name} {kind}\nsagews_backend_{name} {v}\n"
+        ));
+    };
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    c("signups_total", "Accounts created.", n(&m.signups), "counter");
+    c("signins_total", "Successful sign-ins.", n(&m.signins), "counter");
+    c("signin_failures_total", "Refused sign-ins.", n(&m.signin_failures), "counter");
+    c("session_cache_hits_total", "Sign-in sessions found in memcached.", n(&m.cache_hits), "counter");
+    c("session_cache_misses_total", "Sign-in sessions read from PostgreSQL.", n(&m.cache_misses), "counter");
+    c("sockjs_sessions_opened_total", "SockJS sessions opened.", n(&m.sockjs_opened), "counter");
+    c("sockjs_sessions_refused_total", "SockJS sessions refused (backend full).", n(&m.sockjs_refused), "counter");
+    c("messages_total", "Messages from browsers.", n(&m.messages), "counter");
+    c("bad_messages_total", "Messages refused (invalid or oversized).", n(&m.bad_messages), "counter");
+    c("executes_total", "Executes sent to workers.", n(&m.executes), "counter");
+    c("workspaces_opened_total", "Workspaces opened on a worker.", n(&m.workspaces_opened), "counter");
+    c("worker_failovers_total", "Workspaces moved after losing their worker.", n(&m.worker_failovers), "counter");
+    c("publishes_total", "Workspaces published.", n(&m.publishes), "counter");
+    c("sockjs_sessions", "SockJS sessions now.", b.sockjs.count() as u64, "gauge");
+    c("open_workspaces", "Workspaces open now.", b.open.count() as u64, "gauge");
+    c("healthy_workers", "Workers heard from recently.", b.workers.healthy() as u64, "gauge");
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    name: String,
+    password: String,
+}
+
+fn credentials(body: &Bytes) -> Result<Credentials, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad(format!(
+            "expected JSON {{\"name\": ..., \"password\": ...}}: {e}"
+        ))
+    })
+}
+
+fn signed_in(b: &Backend, acct: &Account, token: &str) -> Response {
+    (
+        [
+            (header::SET_COOKIE, b.cookie(Some(token))),
+            (header::CONTENT_TYPE, "application/json".into()),
+        ],
+        serde_json::json!({"ok": true, "account": acct.name}).to_string(),
+    )
+        .into_response()
+}
+
+async fn signup(State(b): B, body: Bytes) -> Result<Response, ApiError> {
+    let c = credentials(&body)?;
+    let (acct, token) = b.signup(&c.name, &c.password).await?;
+    Ok(signed_in(&b, &acct, &token))
+}
+
+async fn signin(State(b): B, body: Bytes) -> Result<Response, ApiError> {
+    let c = credentials(&body)?;
+    let (acct, token) = b.signin(&c.name, &c.password).await?;
+    Ok(signed_in(&b, &acct, &token))
+}
+
+async fn signout(State(b): B, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(t) = super::accounts::token_from_cookies(&headers) {
+        b.signout(&t).await?;
+    }
+    Ok((
+        [(header::SET_COOKIE, b.cookie(None))],
+        serde_json::json!({"ok": true}).to_string(),
+    )
+        .into_response())
+}
+
+async fn account(b: &Backend, headers: &HeaderMap) -> Result<Account, ApiError> {
+    let t = super::accounts::token_from_cookies(headers)
+        .ok_or_else(|| ApiError::unauthorized("sign in first (no session cookie)"))?;
+    b.session_account(&t)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("your session has ended: sign in again"))
+}
+
+async fn whoami(State(b): B, headers: HeaderMap) -> Result<Response, ApiError> {
+    let a = account(&b, &headers).await?;
+    Ok(serde_json::json!({"ok": true, "account": a.name}).to_string().into_response())
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    name: String,
+}
+
+/// POST /api/workspaces?name=NAME with a git bundle as the body.
+async fn upload(
+    State(b): B,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let acct = account(&b, &headers).await?;
+    let max = b.config.max_bundle_bytes();
+    let body = axum::body::to_bytes(req.into_body(), max)
+        .await
+        .map_err(|_| {
+            ApiError::too_large(format!(
+                "the bundle is over the limit of {} MB",
+                b.config.max_bundle_mb
+            ))
+        })?;
+    if body.is_empty() {
+        return Err(ApiError::bad("the request body must be a git bundle"));
+    }
+    let id = b.create_workspace(&acct, &q.name, Some(body.to_vec())).await?;
+    Ok((
+        StatusCode::CREATED,
+        serde_json::json!({"ok": true, "workspace": id}).to_string(),
+    )
+        .into_response())
+}
+
+/// GET /api/workspaces/ID/bundle: the last save (saved first if the workspace is open here).
+async fn download(
+    State(b): B,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let acct = account(&b, &headers).await?;
+    let owned = b
+        .db()
+        .await?
+        .query_opt(
+            "SELECT 1 FROM workspaces WHERE id = $1 AND account_id = $2",
+            &[&id, &acct.id],
+        )
+        .await?
+        .is_some();
+    if !owned {
+        return Err(ApiError::not_found(format!("no workspace {id:?} in your account")));
+    }
+    b.save_if_open(&id).await?;
+    let bundle = b
+        .stored_bundle(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the workspace has nothing saved yet"))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-git-bundle".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{id}.bundle\""),
+            ),
+        ],
+        bundle,
+    )
+        .into_response())
+}
+
+async fn websocket(
+    State(b): B,
+    Path((server, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !sockjs::valid_id(&server) || !sockjs::valid_id(&session) {
+        return (StatusCode::NOT_FOUND, "Not found\n").into_response();
+    }
+    // Our own limit (with a clear error) applies first; this one stops the absurd.
+    ws.max_message_size(64 << 20)
+        .on_upgrade(move |socket| sockjs::websocket(b, session, headers, socket))
+}
+
+async fn xhr(State(b): B, Path((server, session)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    sockjs::xhr(b, server, session, headers).await
+}
+
+async fn xhr_send(
+    State(b): B,
+    Path((server, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    req: Request,
+) -> Response {
+    // A little over the message limit: the frame's JSON quoting adds some.
+    let max = b.config.max_message_bytes * 2 + 1024;
+    match axum::body::to_bytes(req.into_body(), max).await {
+        Ok(body) => sockjs::xhr_send(b, server, session, headers, body).await,
+        Err(_) => ApiError::too_large(format!(
+            "message refused: the limit is {} bytes",
+            b.config.max_message_bytes
+        ))
+        .into_response(),
+    }
+}
+
+async fn xhr_streaming(
+    State(b): B,
+    Path((server, session)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    sockjs::xhr_streaming(b, server, session, headers).await
+}

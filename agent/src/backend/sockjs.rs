@@ -1,0 +1,566 @@
+//! The SockJS protocol (0.3), server side, so the standard `sockjs-client` works over its
+//! websocket, xhr-streaming and xhr-polling transports: `/info`, `/<server>/<session>/websocket`,
+//! `/xhr`, `/xhr_send`, `/xhr_streaming`, heartbeats (`h`), open (`o`), message arrays (`a[..]`)
+//! and close frames (`c[code,"reason"]`). A session outlives the HTTP requests of the polling
+//! transports: messages wait in its outbox until a request takes them; a session with no
+//! request attached for `disconnect_seconds` is closed. Each session feeds one `api` connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{Notify, mpsc};
+
+use super::Backend;
+use super::accounts::Account;
+
+/// xhr-streaming closes its response after this many bytes (the client opens another), so
+/// browsers do not hold an ever-growing response in memory.
+const STREAM_LIMIT: usize = 128 * 1024;
+
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<SjSession>>>,
+    next: AtomicU64,
+}
+
+impl Sessions {
+    pub fn count(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+    fn get(&self, id: &str) -> Option<Arc<SjSession>> {
+        self.map.lock().unwrap().get(id).cloned()
+    }
+    fn remove(&self, id: &str) {
+        if let Some(s) = self.map.lock().unwrap().remove(id) {
+            s.close(3000, "Go away!");
+        }
+    }
+}
+
+pub struct SjSession {
+    pub id: String,
+    /// Messages from the browser, to the api connection; dropped when the session ends.
+    inbound: Mutex<Option<mpsc::Sender<String>>>,
+    out: Mutex<Outbox>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Outbox {
+    queue: Vec<String>,
+    close: Option<(u16, String)>,
+    attached: bool,
+    since: Option<Instant>,
+}
+
+/// The api connection's way to the browser.
+#[derive(Clone)]
+pub struct Outbound(Arc<SjSession>);
+
+impl Outbound {
+    pub fn send(&self, msg: String) {
+        self.0.out.lock().unwrap().queue.push(msg);
+        self.0.notify.notify_waiters();
+        self.0.notify.notify_one();
+    }
+    pub fn close(&self, code: u16, reason: &str) {
+        self.0.close(code, reason);
+    }
+}
+
+impl SjSession {
+    fn close(&self, code: u16, reason: &str) {
+        let mut o = self.out.lock().unwrap();
+        if o.close.is_none() {
+            o.close = Some((code, reason.to_string()));
+        }
+        drop(o);
+        self.inbound.lock().unwrap().take();
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    /// Takes the next frame to send: queued messages, or the close frame, or nothing yet.
+    fn take(&self) -> Option<String> {
+        let mut o = self.out.lock().unwrap();
+        if !o.queue.is_empty() {
+            let msgs = std::mem::take(&mut o.queue);
+            return Some(format!("a{}", serde_json::to_string(&msgs).expect("strings")));
+        }
+        o.close
+            .as_ref()
+            .map(|(c, r)| format!("c{}", serde_json::json!([c, r])))
+    }
+
+    async fn deliver(&self, text: &str) -> Result<(), &'static str> {
+        let msgs = parse_client_frame(text)?;
+        let tx = self.inbound.lock().unwrap().clone();
+        if let Some(tx) = tx {
+            for m in msgs {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&self) -> bool {
+        let mut o = self.out.lock().unwrap();
+        if o.attached {
+            return false;
+        }
+        o.attached = true;
+        true
+    }
+
+    fn detach(&self) {
+        let mut o = self.out.lock().unwrap();
+        o.attached = false;
+        o.since = Some(Instant::now());
+    }
+}
+
+/// A client frame: a JSON array of strings (or one string).
+pub fn parse_client_frame(text: &str) -> Result<Vec<String>, &'static str> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => Ok(s),
+                _ => Err("Broken JSON encoding."),
+            })
+            .collect(),
+        Ok(serde_json::Value::String(s)) => Ok(vec![s]),
+        _ => Err("Broken JSON encoding."),
+    }
+}
+
+/// Server and session ids: 1 to 64 of letters, digits, '_' and '-' (the protocol forbids dots).
+pub fn valid_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Backend {
+    /// A new SockJS session for `account` (from the cookie, if any), or the close frame that
+    /// refuses it.
+    fn new_sockjs_session(
+        self: &Arc<Self>,
+        id: &str,
+        account: Option<Account>,
+    ) -> Result<Arc<SjSession>, String> {
+        let mut map = self.sockjs.map.lock().unwrap();
+        if map.contains_key(id) {
+            return Err(close_frame(2010, "Another connection still open"));
+        }
+        if map.len() >= self.config.max_sessions as usize {
+            self.metrics.inc(&self.metrics.sockjs_refused);
+            return Err(close_frame(
+                2000,
+                &format!(
+                    "this backend is full ({} sessions); try again shortly",
+                    self.config.max_sessions
+                ),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let s = Arc::new(SjSession {
+            id: id.to_string(),
+            inbound: Mutex::new(Some(tx)),
+            out: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+        });
+        map.insert(id.to_string(), s.clone());
+        drop(map);
+        self.metrics.inc(&self.metrics.sockjs_opened);
+        let conn_id = self.sockjs.next.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(super::api::run(
+            self.clone(),
+            conn_id,
+            rx,
+            Outbound(s.clone()),
+            account,
+        ));
+        Ok(s)
+    }
+
+    async fn cookie_account(&self, headers: &HeaderMap) -> Option<Account> {
+        let token = super::accounts::token_from_cookies(headers)?;
+        self.session_account(&token).await.ok().flatten()
+    }
+}
+
+fn close_frame(code: u16, reason: &str) -> String {
+    format!("c{}", serde_json::json!([code, reason]))
+}
+
+/// Closes sessions that no request has attached to for `disconnect_seconds`.
+pub async fn reaper(backend: Arc<Backend>) {
+    let grace = Duration::from_secs(backend.config.disconnect_seconds);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = Instant::now();
+        let stale: Vec<String> = backend
+            .sockjs
+            .map
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| {
+                let o = s.out.lock().unwrap();
+                !o.attached && o.since.is_some_and(|t| now - t > grace)
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in stale {
+            backend.sockjs.remove(&id);
+        }
+    }
+}
+
+fn cors(headers: &HeaderMap, r: &mut Response) {
+    let h = r.headers_mut();
+    match headers.get(header::ORIGIN) {
+        Some(o) if o != "null" => {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        _ => {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+    }
+    if let Some(req) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req.clone());
+    }
+}
+
+fn no_cache(r: &mut Response) {
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store, no-cache, no-transform, must-revalidate, max-age=0"),
+    );
+}
+
+fn js(headers: &HeaderMap, status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut r = Response::new(body.into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/javascript; charset=UTF-8"),
+    );
+    cors(headers, &mut r);
+    no_cache(&mut r);
+    r
+}
+
+pub async fn info(headers: HeaderMap) -> Response {
+    let entropy = u32::from_le_bytes(super::accounts::random_bytes::<4>());
+    let body = serde_json::json!({
+        "websocket": true, "cookie_needed": false, "origins": ["*:*"], "entropy": entropy,
+    });
+    let mut r = js(&headers, StatusCode::OK, body.to_string());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    r
+}
+
+/// CORS preflight for the info and xhr routes.
+pub async fn options(headers: HeaderMap) -> Response {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    cors(&headers, &mut r);
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("OPTIONS, POST, GET"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("31536000"),
+    );
+    r
+}
+
+fn not_found(headers: &HeaderMap) -> Response {
+    let mut r = js(headers, StatusCode::NOT_FOUND, "Session not found\n");
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    r
+}
+
+/// xhr-polling: the first request opens the session; each later one takes what is queued, or
+/// waits for it (a heartbeat after `heartbeat_seconds`).
+pub async fn xhr(backend: Arc<Backend>, server: String, session: String, headers: HeaderMap) -> Response {
+    if !valid_id(&server) || !valid_id(&session) {
+        return not_found(&headers);
+    }
+    let Some(s) = backend.sockjs.get(&session) else {
+        let account = backend.cookie_account(&headers).await;
+        return match backend.new_sockjs_session(&session, account) {
+            Ok(s) => {
+                s.detach();
+                js(&headers, StatusCode::OK, "o\n")
+            }
+            Err(close) => js(&headers, StatusCode::OK, format!("{close}\n")),
+        };
+    };
+    if !s.attach() {
+        return js(
+            &headers,
+            StatusCode::OK,
+            format!("{}\n", close_frame(2010, "Another connection still open")),
+        );
+    }
+    let beat = Duration::from_secs(backend.config.heartbeat_seconds);
+    let deadline = tokio::time::Instant::now() + beat;
+    let frame = loop {
+        let notified = s.notify.notified();
+        if let Some(f) = s.take() {
+            break f;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break "h".to_string();
+        }
+    };
+    s.detach();
+    if frame.starts_with('c') {
+        backend.sockjs.remove(&s.id);
+    }
+    js(&headers, StatusCode::OK, format!("{frame}\n"))
+}
+
+/// Messages from the browser for a polling or streaming session.
+pub async fn xhr_send(
+    backend: Arc<Backend>,
+    server: String,
+    session: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !valid_id(&server) || !valid_id(&session) {
+        return not_found(&headers);
+    }
+    let Some(s) = backend.sockjs.get(&session) else {
+        return not_found(&headers);
+    };
+    if body.is_empty() {
+        return js(&headers, StatusCode::INTERNAL_SERVER_ERROR, "Payload expected.");
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return js(&headers, StatusCode::INTERNAL_SERVER_ERROR, "Broken JSON encoding.");
+    };
+    if let Err(e) = s.deliver(text).await {
+        return js(&headers, StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    let mut r = js(&headers, StatusCode::NO_CONTENT, Body::empty());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    r
+}
+
+/// Detaches the streaming request from its session when the response ends or is dropped.
+struct Attached(Arc<SjSession>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+/// xhr-streaming: one long response of newline-ended frames, after a 2 KiB prelude (old
+/// browsers buffer that much before showing anything).
+pub async fn xhr_streaming(
+    backend: Arc<Backend>,
+    server: String,
+    session: String,
+    headers: HeaderMap,
+) -> Response {
+    if !valid_id(&server) || !valid_id(&session) {
+        return not_found(&headers);
+    }
+    let mut first = "h".repeat(2048);
+    first.push('\n');
+    let s = match backend.sockjs.get(&session) {
+        Some(s) => {
+            if !s.attach() {
+                first.push_str(&close_frame(2010, "Another connection still open"));
+                first.push('\n');
+                return js(&headers, StatusCode::OK, first);
+            }
+            s
+        }
+        None => {
+            let account = backend.cookie_account(&headers).await;
+            match backend.new_sockjs_session(&session, account) {
+                Ok(s) => {
+                    s.attach();
+                    first.push_str("o\n");
+                    s
+                }
+                Err(close) => {
+                    first.push_str(&close);
+                    first.push('\n');
+                    return js(&headers, StatusCode::OK, first);
+                }
+            }
+        }
+    };
+    let beat = Duration::from_secs(backend.config.heartbeat_seconds);
+    struct St {
+        s: Attached,
+        backend: Arc<Backend>,
+        sent: usize,
+        first: Option<String>,
+        done: bool,
+    }
+    let st = St {
+        s: Attached(s),
+        backend,
+        sent: 0,
+        first: Some(first),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, move |mut st| async move {
+        if let Some(f) = st.first.take() {
+            st.sent += f.len();
+            return Some((Ok::<_, std::convert::Infallible>(Bytes::from(f)), st));
+        }
+        if st.done || st.sent >= STREAM_LIMIT {
+            return None;
+        }
+        let s = st.s.0.clone();
+        let frame = loop {
+            let notified = s.notify.notified();
+            if let Some(f) = s.take() {
+                break f;
+            }
+            if tokio::time::timeout(beat, notified).await.is_err() {
+                break "h".to_string();
+            }
+        };
+        if frame.starts_with('c') {
+            st.done = true;
+            st.backend.sockjs.remove(&s.id);
+        }
+        st.sent += frame.len() + 1;
+        Some((Ok(Bytes::from(format!("{frame}\n"))), st))
+    });
+    js(&headers, StatusCode::OK, Body::from_stream(stream))
+}
+
+/// The websocket transport: one session per socket.
+pub async fn websocket(
+    backend: Arc<Backend>,
+    session: String,
+    headers: HeaderMap,
+    ws: WebSocket,
+) {
+    let account = backend.cookie_account(&headers).await;
+    let mut ws = ws;
+    let s = match backend.new_sockjs_session(&session, account) {
+        Ok(s) => s,
+        Err(close) => {
+            let _ = ws.send(Message::Text(close.into())).await;
+            let _ = ws.send(Message::Close(None)).await;
+            return;
+        }
+    };
+    s.attach();
+    if ws.send(Message::Text("o".into())).await.is_ok() {
+        ws_loop(&backend, &s, &mut ws).await;
+    }
+    backend.sockjs.remove(&s.id);
+    let _ = ws.send(Message::Close(None)).await;
+}
+
+async fn ws_loop(backend: &Backend, s: &SjSession, ws: &mut WebSocket) {
+    let mut beat = tokio::time::interval(Duration::from_secs(backend.config.heartbeat_seconds));
+    beat.tick().await;
+    loop {
+        let notified = s.notify.notified();
+        if let Some(f) = s.take() {
+            let closing = f.starts_with('c');
+            if ws.send(Message::Text(f.into())).await.is_err() || closing {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = beat.tick() => {
+                if ws.send(Message::Text("h".into())).await.is_err() {
+                    return;
+                }
+            }
+            m = ws.recv() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if s.deliver(t.as_str()).await.is_err() {
+                        // Broken framing: the protocol says to drop the connection.
+                        return;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => return,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+impl IntoResponse for super::ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::json!({"ok": false, "error": self.message});
+        (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frames() {
+        assert_eq!(parse_client_frame(r#"["a","b"]"#).unwrap(), ["a", "b"]);
+        assert_eq!(parse_client_frame(r#""x""#).unwrap(), ["x"]);
+        assert!(parse_client_frame("[1]").is_err());
+        assert!(parse_client_frame("[\"a\"").is_err());
+        assert!(parse_client_frame("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("abc_1-2"));
+        assert!(!valid_id("a.b"));
+        assert!(!valid_id(""));
+        assert!(!valid_id(&"a".repeat(65)));
+        assert!(!valid_id("../x"));
+    }
+}

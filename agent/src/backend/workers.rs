@@ -1,0 +1,317 @@
+//! The workers this backend knows: each announces itself on the worker port (a worker
+//! certificate is required) and heartbeats with its load; the registry keeps them in memory for
+//! placement and in PostgreSQL for everyone to see. A backend holds one TLS connection (a
+//! `Link`) per worker it uses, carrying every session it placed there; a session's events are
+//! routed to its workspace by session id. A link that breaks drops every route, which is how a
+//! workspace learns its worker is gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::Backend;
+use crate::frame;
+use crate::proto::{Announce, AnnounceReply, Event, Request};
+
+/// A worker is healthy while heartbeats arrive at least this often.
+const STALE: Duration = Duration::from_secs(20);
+
+pub struct Entry {
+    pub host: String,
+    pub address: String,
+    pub capacity: u32,
+    pub engines: Vec<String>,
+    /// Sessions the worker reported in its last heartbeat.
+    pub sessions: u32,
+    /// Sessions this backend placed there since that heartbeat.
+    pub placed: u32,
+    pub last_seen: Instant,
+    /// The announcement connection is up.
+    pub announcing: bool,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    pub entries: Mutex<HashMap<String, Entry>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
+}
+
+/// One connection to a worker, shared by every session this backend placed there.
+pub struct Link {
+    pub host: String,
+    tx: mpsc::Sender<Request>,
+    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
+    dead: AtomicBool,
+}
+
+impl Link {
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Events for `session` from now on go to the returned receiver; it ends when the link breaks.
+    pub fn route(&self, session: &str) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if !self.is_dead() {
+            self.routes.lock().unwrap().insert(session.to_string(), tx);
+        }
+        rx
+    }
+
+    pub fn unroute(&self, session: &str) {
+        self.routes.lock().unwrap().remove(session);
+    }
+
+    pub async fn send(&self, r: Request) -> Result<(), String> {
+        self.tx
+            .send(r)
+            .await
+            .map_err(|_| format!("the connection to worker {} is closed", self.host))
+    }
+
+    fn die(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+        self.routes.lock().unwrap().clear();
+    }
+}
+
+impl Registry {
+    pub fn healthy(&self) -> usize {
+        let now = Instant::now();
+        self.entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| e.announcing && now - e.last_seen < STALE)
+            .count()
+    }
+
+    /// The least loaded healthy worker with room, not in `exclude`.
+    pub fn pick(&self, exclude: &[String]) -> Option<(String, String)> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap();
+        let best = entries
+            .values_mut()
+            .filter(|e| e.announcing && now - e.last_seen < STALE)
+            .filter(|e| !exclude.contains(&e.host))
+            .filter(|e| e.sessions + e.placed < e.capacity)
+            .min_by(|a, b| {
+                let la = f64::from(a.sessions + a.placed) / f64::from(a.capacity.max(1));
+                let lb = f64::from(b.sessions + b.placed) / f64::from(b.capacity.max(1));
+                la.total_cmp(&lb).then_with(|| a.host.cmp(&b.host))
+            })?;
+        best.placed += 1;
+        Some((best.host.clone(), best.address.clone()))
+    }
+
+    /// Forgets a worker that failed us until it announces itself again.
+    pub fn down(&self, host: &str) {
+        if let Some(e) = self.entries.lock().unwrap().get_mut(host) {
+            e.announcing = false;
+        }
+        if let Some(l) = self.links.lock().unwrap().remove(host) {
+            l.die();
+        }
+    }
+}
+
+impl Backend {
+    /// This backend's link to `host`, connecting if there is none (or it broke).
+    pub async fn link(self: &Arc<Self>, host: &str, address: &str) -> Result<Arc<Link>, String> {
+        if let Some(l) = self.workers.links.lock().unwrap().get(host) {
+            if !l.is_dead() {
+                return Ok(l.clone());
+            }
+        }
+        let l = self
+            .connect_worker(host, address)
+            .await
+            .map_err(|e| format!("connecting to worker {host}: {e:#}"))?;
+        let mut links = self.workers.links.lock().unwrap();
+        // Another task may have connected meanwhile: keep one.
+        if let Some(existing) = links.get(host).filter(|x| !x.is_dead()) {
+            return Ok(existing.clone());
+        }
+        links.insert(host.to_string(), l.clone());
+        Ok(l)
+    }
+
+    async fn connect_worker(self: &Arc<Self>, host: &str, address: &str) -> anyhow::Result<Arc<Link>> {
+        let cfg = self.identity.client_config(&["worker"])?;
+        let tcp =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address)).await??;
+        tcp.set_nodelay(true)?;
+        let tls = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_rustls::TlsConnector::from(cfg).connect(ServerName::try_from(host.to_string())?, tcp),
+        )
+        .await??;
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let (tx, mut rx) = mpsc::channel::<Request>(256);
+        let link = Arc::new(Link {
+            host: host.to_string(),
+            tx,
+            routes: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if frame::write(&mut wr, &r).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (l, me) = (link.clone(), self.clone());
+        tokio::spawn(async move {
+            let max = me.config.max_worker_frame_bytes;
+            loop {
+                match frame::read::<Event, _>(&mut rd, max, Duration::from_secs(3600 * 24)).await {
+                    Ok(ev) => {
+                        let session = match &ev {
+                            Event::Opened { session, .. }
+                            | Event::Stdout { session, .. }
+                            | Event::Stderr { session, .. }
+                            | Event::Done { session, .. }
+                            | Event::Saved { session, .. }
+                            | Event::Closed { session, .. } => Some(session.clone()),
+                            Event::Error { session, message } => {
+                                if session.is_none() {
+                                    tracing::warn!(worker = %l.host, "worker error: {message}");
+                                }
+                                session.clone()
+                            }
+                            Event::Pong { .. } => None,
+                        };
+                        let to = session.and_then(|s| l.routes.lock().unwrap().get(&s).cloned());
+                        if let Some(to) = to {
+                            let _ = to.send(ev);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = %l.host, "lost the connection to the worker: {e}");
+                        break;
+                    }
+                }
+            }
+            l.die();
+            writer.abort();
+            me.workers.down(&l.host);
+        });
+        Ok(link)
+    }
+
+    /// Serves one worker's announcement connection (already TLS, role checked).
+    pub async fn announcements<S>(self: Arc<Self>, mut s: S, peer: std::net::SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let first: Announce = match frame::read(&mut s, 1 << 16, Duration::from_secs(10)).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%peer, "bad worker announcement: {e}");
+                return;
+            }
+        };
+        let Announce::Register {
+            host,
+            address,
+            capacity,
+            engines,
+        } = first
+        else {
+            tracing::warn!(%peer, "a worker must register before its heartbeats");
+            return;
+        };
+        // The worker's session address must be on the host that connected.
+        let ok_addr = address
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip() == peer.ip());
+        if !ok_addr {
+            tracing::warn!(%peer, %address, "refusing a worker announcing another host's address");
+            return;
+        }
+        tracing::info!(worker = %host, %address, capacity, "worker registered");
+        self.workers.entries.lock().unwrap().insert(
+            host.clone(),
+            Entry {
+                host: host.clone(),
+                address: address.clone(),
+                capacity,
+                engines: engines.clone(),
+                sessions: 0,
+                placed: 0,
+                last_seen: Instant::now(),
+                announcing: true,
+            },
+        );
+        self.record_worker(&host, &address, capacity, &engines, 0, 0.0)
+            .await;
+        if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
+            self.workers.down(&host);
+            return;
+        }
+        loop {
+            match frame::read::<Announce, _>(&mut s, 1 << 16, STALE).await {
+                Ok(Announce::Heartbeat { sessions, load }) => {
+                    if let Some(e) = self.workers.entries.lock().unwrap().get_mut(&host) {
+                        e.sessions = sessions;
+                        e.placed = 0;
+                        e.last_seen = Instant::now();
+                        e.announcing = true;
+                    }
+                    self.record_worker(&host, &address, capacity, &engines, sessions, load)
+                        .await;
+                    if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Announce::Register { .. }) => {
+                    tracing::warn!(worker = %host, "registered twice on one connection");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %host, "worker announcements ended: {e}");
+                    break;
+                }
+            }
+        }
+        self.workers.down(&host);
+    }
+
+    async fn record_worker(
+        &self,
+        host: &str,
+        address: &str,
+        capacity: u32,
+        engines: &[String],
+        sessions: u32,
+        load: f64,
+    ) {
+        let Ok(db) = self.db().await else { return };
+        let r = db
+            .execute(
+                "INSERT INTO workers (host, address, capacity, engines, sessions, load, last_seen, seen_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
+                 ON CONFLICT (host) DO UPDATE SET address = $2, capacity = $3, engines = $4,
+                   sessions = $5, load = $6, last_seen = now(), seen_by = $7",
+                &[
+                    &host,
+                    &address,
+                    &(capacity as i32),
+                    &engines,
+                    &(sessions as i32),
+                    &load,
+                    &self.config.host,
+                ],
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::warn!("recording worker {host}: {e}");
+        }
+    }
+}
