@@ -38,14 +38,24 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
     let name = format!("user{uid_base}");
     let pw = "a long password";
     let mut c = s.sock(0, transport, None).await;
-    assert_eq!(c.call(json!({"op": "list"})).await["error"], "sign in first");
-    c.ok(json!({"op": "signup", "name": name, "password": pw})).await;
+    assert_eq!(
+        c.call(json!({"op": "list"})).await["error"],
+        "sign in first"
+    );
+    c.ok(json!({"op": "signup", "name": name, "password": pw}))
+        .await;
     // Sign in again on a second connection (the first one stays signed up).
     let mut c2 = s.sock(0, transport, None).await;
-    let bad = c2.call(json!({"op": "signin", "name": name, "password": "wrong password"})).await;
+    let bad = c2
+        .call(json!({"op": "signin", "name": name, "password": "wrong password"}))
+        .await;
     assert_eq!(bad["error"], "wrong account name or password");
-    c2.ok(json!({"op": "signin", "name": name, "password": pw})).await;
-    assert_eq!(c2.ok(json!({"op": "whoami"})).await["account"], name.as_str());
+    c2.ok(json!({"op": "signin", "name": name, "password": pw}))
+        .await;
+    assert_eq!(
+        c2.ok(json!({"op": "whoami"})).await["account"],
+        name.as_str()
+    );
     c2.close().await;
 
     let ws = c.ok(json!({"op": "create", "name": "project"})).await["workspace"]
@@ -58,10 +68,13 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
     assert_eq!((out.trim(), status.as_str()), ("4", "ok"), "stderr: {err}");
 
     c.run(&ws, "open('a.txt', 'w').write('one')").await;
-    let r = c.ok(json!({"op": "save", "workspace": ws, "message": "first"})).await;
+    let r = c
+        .ok(json!({"op": "save", "workspace": ws, "message": "first"}))
+        .await;
     assert_eq!(r["changed"], true);
     c.run(&ws, "open('a.txt', 'w').write('two')").await;
-    c.ok(json!({"op": "save", "workspace": ws, "message": "second"})).await;
+    c.ok(json!({"op": "save", "workspace": ws, "message": "second"}))
+        .await;
     let h = c.ok(json!({"op": "history", "workspace": ws})).await;
     let msgs: Vec<&str> = h["history"]
         .as_array()
@@ -72,13 +85,24 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
     assert_eq!(msgs, ["second", "first"]);
     let first = h["history"][1]["commit"].as_str().unwrap().to_string();
 
-    let r = c.ok(json!({"op": "revert", "workspace": ws, "commit": first})).await;
+    let r = c
+        .ok(json!({"op": "revert", "workspace": ws, "commit": first}))
+        .await;
     assert!(r["commit"].as_str().unwrap().len() == 40, "{r}");
     let (out, _, _) = c.run(&ws, "print(open('a.txt').read())").await;
-    assert_eq!(out.trim(), "one", "the reverted file, in the reopened session");
+    assert_eq!(
+        out.trim(),
+        "one",
+        "the reverted file, in the reopened session"
+    );
     let h = c.ok(json!({"op": "history", "workspace": ws})).await;
     assert_eq!(h["history"].as_array().unwrap().len(), 3, "{h}");
-    assert!(h["history"][0]["message"].as_str().unwrap().starts_with("Revert to "));
+    assert!(
+        h["history"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Revert to ")
+    );
 
     let p = c.ok(json!({"op": "publish", "workspace": ws})).await;
     assert_eq!(p["url"], format!("https://sagews.test/pub/{ws}/"));
@@ -90,14 +114,26 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
     // The bundle, downloaded with the sign-in cookie, clones with git.
     let cookie = s.cookie(0, &name, pw).await;
     let r = s
-        .https(0, "GET", &format!("/api/workspaces/{ws}/bundle"), &[("Cookie", &cookie)], b"")
+        .https(
+            0,
+            "GET",
+            &format!("/api/workspaces/{ws}/bundle"),
+            &[("Cookie", &cookie)],
+            b"",
+        )
         .await;
     assert_eq!(r.status, 200);
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("w.bundle"), &r.body).unwrap();
     git(d.path(), &["clone", "-q", "w.bundle", "clone"]);
-    assert_eq!(std::fs::read_to_string(d.path().join("clone/a.txt")).unwrap(), "one");
-    assert_eq!(git(&d.path().join("clone"), &["rev-list", "--count", "HEAD"]), "3");
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("clone/a.txt")).unwrap(),
+        "one"
+    );
+    assert_eq!(
+        git(&d.path().join("clone"), &["rev-list", "--count", "HEAD"]),
+        "3"
+    );
     c.close().await;
 }
 
@@ -116,14 +152,17 @@ async fn two_backends_share_the_database_and_survive_memcached_going_away() {
     let mut s = Stack::start(opts(1, 2, 71200)).await;
     let pw = "another password";
     let mut a = s.sock(0, Transport::Websocket, None).await;
-    a.ok(json!({"op": "signup", "name": "bob", "password": pw})).await;
+    a.ok(json!({"op": "signup", "name": "bob", "password": pw}))
+        .await;
     let ws = a.ok(json!({"op": "create", "name": "shared"})).await["workspace"]
         .as_str()
         .unwrap()
         .to_string();
     a.ok(json!({"op": "open", "workspace": ws})).await;
-    a.run(&ws, "open('f.txt', 'w').write('from backend1')").await;
-    a.ok(json!({"op": "save", "workspace": ws, "message": "b1"})).await;
+    a.run(&ws, "open('f.txt', 'w').write('from backend1')")
+        .await;
+    a.ok(json!({"op": "save", "workspace": ws, "message": "b1"}))
+        .await;
     a.ok(json!({"op": "close", "workspace": ws})).await;
 
     // A cookie from backend1 is good on backend2 (sessions live in PostgreSQL).
@@ -138,7 +177,10 @@ async fn two_backends_share_the_database_and_survive_memcached_going_away() {
     let mut c = s.sock(1, Transport::Websocket, Some(&cookie)).await;
     assert_eq!(c.ok(json!({"op": "whoami"})).await["account"], "bob");
     let hits = s.metric(1, "session_cache_hits_total").await;
-    assert!(hits >= 1, "the second session of the cookie came from memcached");
+    assert!(
+        hits >= 1,
+        "the second session of the cookie came from memcached"
+    );
     s.stop_memcached();
     let mut d = s.sock(1, Transport::Websocket, Some(&cookie)).await;
     assert_eq!(d.ok(json!({"op": "whoami"})).await["account"], "bob");
@@ -157,7 +199,8 @@ async fn two_backends_share_the_database_and_survive_memcached_going_away() {
 async fn a_killed_worker_moves_the_workspace_to_another_from_the_last_save() {
     let mut s = Stack::start(opts(2, 1, 71300)).await;
     let mut c = s.sock(0, Transport::Websocket, None).await;
-    c.ok(json!({"op": "signup", "name": "carol", "password": "a long password"})).await;
+    c.ok(json!({"op": "signup", "name": "carol", "password": "a long password"}))
+        .await;
     let ws = c.ok(json!({"op": "create", "name": "moving"})).await["workspace"]
         .as_str()
         .unwrap()
@@ -192,9 +235,11 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
     .await;
     let pw = "a long password";
     let mut eve = s.sock(0, Transport::Websocket, None).await;
-    eve.ok(json!({"op": "signup", "name": "eve", "password": pw})).await;
+    eve.ok(json!({"op": "signup", "name": "eve", "password": pw}))
+        .await;
     let mut dan = s.sock(0, Transport::XhrPolling, None).await;
-    dan.ok(json!({"op": "signup", "name": "dan", "password": pw})).await;
+    dan.ok(json!({"op": "signup", "name": "dan", "password": pw}))
+        .await;
     let dans = dan.ok(json!({"op": "create", "name": "private"})).await["workspace"]
         .as_str()
         .unwrap()
@@ -202,20 +247,43 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
 
     // Another account's workspace: refused as if it did not exist.
     for op in ["open", "history", "delete", "publish", "rename"] {
-        let r = eve.call(json!({"op": op, "workspace": dans, "name": "mine", "commit": "abcd"})).await;
+        let r = eve
+            .call(json!({"op": op, "workspace": dans, "name": "mine", "commit": "abcd"}))
+            .await;
         assert_eq!(r["ok"], false, "{op}: {r}");
-        assert_eq!(r["error"], format!("no workspace {dans:?} in your account"), "{op}");
+        assert_eq!(
+            r["error"],
+            format!("no workspace {dans:?} in your account"),
+            "{op}"
+        );
     }
-    let r = eve.call(json!({"op": "execute", "workspace": dans, "code": "1"})).await;
-    assert!(r["error"].as_str().unwrap().contains("not open on this connection"), "{r}");
+    let r = eve
+        .call(json!({"op": "execute", "workspace": dans, "code": "1"}))
+        .await;
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("not open on this connection"),
+        "{r}"
+    );
 
     // Oversized and invalid messages: an error reply, and the session goes on.
     eve.send_text(&"x".repeat(20_000)).await;
     let r = eve.until(|v| v["ok"] == false && v["id"].is_null()).await;
-    assert!(r["error"].as_str().unwrap().contains("the limit is 10000 bytes"), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("the limit is 10000 bytes"),
+        "{r}"
+    );
     eve.send_text("{not json").await;
     let r = eve.until(|v| v["ok"] == false && v["id"].is_null()).await;
-    assert!(r["error"].as_str().unwrap().starts_with("invalid JSON"), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().starts_with("invalid JSON"),
+        "{r}"
+    );
     eve.ok(json!({"op": "ping"})).await;
     let r = eve.call(json!({"op": "format_disk"})).await;
     assert_eq!(r["error"], "unknown op \"format_disk\"");
@@ -226,42 +294,87 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
     let l = eve.ok(json!({"op": "list"})).await;
     assert_eq!(l["workspaces"][0]["name"], evil);
     assert_eq!(l["workspaces"][0]["workspace"], id);
-    let r = eve.call(json!({"op": "signup", "name": "a'; DROP TABLE accounts; --", "password": pw})).await;
-    assert!(r["error"].as_str().unwrap().contains("lowercase letters"), "{r}");
+    let r = eve
+        .call(json!({"op": "signup", "name": "a'; DROP TABLE accounts; --", "password": pw}))
+        .await;
+    assert!(
+        r["error"].as_str().unwrap().contains("lowercase letters"),
+        "{r}"
+    );
     assert_eq!(s.pg.query("sagews", "SELECT count(*) FROM accounts"), "2");
     assert_eq!(s.pg.query("sagews", "SELECT count(*) FROM workspaces"), "2");
 
     // `../` in a publish path.
     eve.ok(json!({"op": "open", "workspace": id})).await;
-    eve.run(id.as_str().unwrap(), "open('p.txt', 'w').write('x')").await;
+    eve.run(id.as_str().unwrap(), "open('p.txt', 'w').write('x')")
+        .await;
     eve.ok(json!({"op": "save", "workspace": id})).await;
     for bad in ["../../etc", "/etc/passwd", ".git/config"] {
-        let r = eve.call(json!({"op": "publish", "workspace": id, "path": bad})).await;
-        assert!(r["error"].as_str().unwrap().contains("must be relative and inside the workspace"), "{r}");
+        let r = eve
+            .call(json!({"op": "publish", "workspace": id, "path": bad}))
+            .await;
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("must be relative and inside the workspace"),
+            "{r}"
+        );
     }
 
     // Bundles over HTTPS: corrupt, huge, and a good one.
     let cookie = s.cookie(0, "eve", pw).await;
     let before = s.pg.query("sagews", "SELECT count(*) FROM workspaces");
     let h = [("Cookie", cookie.as_str())];
-    let r = s.https(0, "POST", "/api/workspaces?name=corrupt", &h, b"# v2 git bundle\ngarbage").await;
+    let r = s
+        .https(
+            0,
+            "POST",
+            "/api/workspaces?name=corrupt",
+            &h,
+            b"# v2 git bundle\ngarbage",
+        )
+        .await;
     assert_eq!(r.status, 400);
-    assert!(String::from_utf8_lossy(&r.body).contains("not a valid git bundle"));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("not a valid git bundle"), "{body}");
     let huge = vec![b'x'; 3 << 20];
-    let r = s.https(0, "POST", "/api/workspaces?name=huge", &h, &huge).await;
+    let r = s
+        .https(0, "POST", "/api/workspaces?name=huge", &h, &huge)
+        .await;
     assert_eq!(r.status, 413);
     assert!(String::from_utf8_lossy(&r.body).contains("over the limit of 2 MB"));
-    let r = s.https(0, "POST", "/api/workspaces?name=nocookie", &[], b"x").await;
+    let r = s
+        .https(0, "POST", "/api/workspaces?name=nocookie", &[], b"x")
+        .await;
     assert_eq!(r.status, 401);
-    assert_eq!(s.pg.query("sagews", "SELECT count(*) FROM workspaces"), before, "nothing stored");
+    assert_eq!(
+        s.pg.query("sagews", "SELECT count(*) FROM workspaces"),
+        before,
+        "nothing stored"
+    );
     let d = tempfile::tempdir().unwrap();
     git(d.path(), &["init", "-q", "-b", "main"]);
     std::fs::write(d.path().join("up.txt"), "uploaded").unwrap();
     git(d.path(), &["add", "-A"]);
-    git(d.path(), &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "up"]);
+    git(
+        d.path(),
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "up",
+        ],
+    );
     git(d.path(), &["bundle", "create", "-q", "u.bundle", "--all"]);
     let bundle = std::fs::read(d.path().join("u.bundle")).unwrap();
-    let r = s.https(0, "POST", "/api/workspaces?name=uploaded", &h, &bundle).await;
+    let r = s
+        .https(0, "POST", "/api/workspaces?name=uploaded", &h, &bundle)
+        .await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let up: Value = serde_json::from_slice(&r.body).unwrap();
     let up = up["workspace"].as_str().unwrap();
@@ -271,13 +384,30 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
 
     // The workspace cap (5 per account in the test config).
     for i in 0..3 {
-        eve.ok(json!({"op": "create", "name": format!("n{i}")})).await;
+        eve.ok(json!({"op": "create", "name": format!("n{i}")}))
+            .await;
     }
-    let r = eve.call(json!({"op": "create", "name": "one too many"})).await;
-    assert!(r["error"].as_str().unwrap().contains("the most an account may have (5)"), "{r}");
+    let r = eve
+        .call(json!({"op": "create", "name": "one too many"}))
+        .await;
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("the most an account may have (5)"),
+        "{r}"
+    );
 
     // SockJS: a session id that does not exist, a broken frame.
-    let r = s.https(0, "POST", "/sockjs/000/nosuchsession/xhr_send", &[], b"[\"x\"]").await;
+    let r = s
+        .https(
+            0,
+            "POST",
+            "/sockjs/000/nosuchsession/xhr_send",
+            &[],
+            b"[\"x\"]",
+        )
+        .await;
     assert_eq!(r.status, 404);
     let r = dan.send_raw("[not json").await;
     assert_eq!(r, 500);
@@ -286,7 +416,15 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
     let mut extra = Vec::new();
     let mut refused = None;
     for _ in 0..8 {
-        let r = s.https(0, "POST", &format!("/sockjs/000/cap{}/xhr", extra.len()), &[], b"").await;
+        let r = s
+            .https(
+                0,
+                "POST",
+                &format!("/sockjs/000/cap{}/xhr", extra.len()),
+                &[],
+                b"",
+            )
+            .await;
         let body = String::from_utf8_lossy(&r.body).to_string();
         if body.starts_with("c[") {
             refused = Some(body);
@@ -295,7 +433,10 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
         extra.push(body);
     }
     let refused = refused.expect("the cap refuses a session");
-    assert!(refused.contains("2000") && refused.contains("this backend is full"), "{refused}");
+    assert!(
+        refused.contains("2000") && refused.contains("this backend is full"),
+        "{refused}"
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
     eve.close().await;
 }

@@ -52,7 +52,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(kind: &'static str, name: &str, addr: SocketAddr, config: PathBuf, log: &Path) -> Proc {
+    fn spawn(
+        kind: &'static str,
+        name: &str,
+        addr: SocketAddr,
+        config: PathBuf,
+        log: &Path,
+    ) -> Proc {
         let mut p = Proc {
             name: name.to_string(),
             addr,
@@ -84,7 +90,9 @@ impl Proc {
 
     fn signal(&mut self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
         }
     }
 
@@ -140,9 +148,15 @@ pub struct Options {
 impl Stack {
     pub async fn start(o: Options) -> Stack {
         require_root();
-        let tmp = tempfile::Builder::new().prefix("sagews-stack").tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        let tmp = tempfile::Builder::new()
+            .prefix("sagews-stack")
+            .tempdir()
             .unwrap();
+        std::fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let state = State::open_at(&tmp.path().join("pki"), "btest").unwrap();
         let dbc = state
             .issue(
@@ -208,7 +222,8 @@ impl Stack {
             let path = s.tmp.path().join(format!("{name}.json"));
             std::fs::write(&path, config.to_string()).unwrap();
             let log = s.tmp.path().join(format!("{name}.log"));
-            s.backends.push(Proc::spawn("backend", name, addr, path, &log));
+            s.backends
+                .push(Proc::spawn("backend", name, addr, path, &log));
         }
         for b in 0..s.backends.len() {
             s.wait_health(b).await;
@@ -230,7 +245,8 @@ impl Stack {
             let path = s.tmp.path().join(format!("{name}.json"));
             std::fs::write(&path, config.to_string()).unwrap();
             let log = s.tmp.path().join(format!("{name}.log"));
-            s.workers.push(Proc::spawn("worker", &name, addr, path, &log));
+            s.workers
+                .push(Proc::spawn("worker", &name, addr, path, &log));
         }
         for b in 0..s.backends.len() {
             s.wait_workers(b, o.workers).await;
@@ -374,7 +390,10 @@ http {{
     pub async fn wait_workers(&self, b: usize, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.metric(b, "healthy_workers").await as usize != n {
-            assert!(Instant::now() < deadline, "backend {b} does not see {n} workers");
+            assert!(
+                Instant::now() < deadline,
+                "backend {b} does not see {n} workers"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -419,9 +438,14 @@ http {{
     /// GET from the nginx that serves published workspaces (as HAProxy would).
     pub async fn get_published(&self, path: &str) -> http1::Response {
         let cfg = self.client.client_config(&["static"]).unwrap();
-        let tcp = TcpStream::connect(("127.0.0.1", self.nginx_port)).await.unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", self.nginx_port))
+            .await
+            .unwrap();
         let name = rustls::pki_types::ServerName::try_from("static1").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap();
         let mut s = BufReader::new(tls);
         http1::request(&mut s, "GET", "sagews.test", path, &[], b"", 1 << 20)
             .await
@@ -431,9 +455,14 @@ http {{
     /// Signs in over HTTPS; returns the Cookie header value.
     pub async fn cookie(&self, b: usize, name: &str, password: &str) -> String {
         let body = json!({"name": name, "password": password}).to_string();
-        let r = self.https(b, "POST", "/api/signin", &[], body.as_bytes()).await;
+        let r = self
+            .https(b, "POST", "/api/signin", &[], body.as_bytes())
+            .await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let set = r.header("set-cookie").expect("a session cookie").to_string();
+        let set = r
+            .header("set-cookie")
+            .expect("a session cookie")
+            .to_string();
         for attr in ["Secure", "HttpOnly", "SameSite=Strict"] {
             assert!(set.contains(attr), "{set}");
         }
@@ -450,7 +479,11 @@ http {{
             Transport::Websocket => {
                 let tls = self.tls(b).await.unwrap();
                 let url = format!("wss://sagews.test/sockjs/000/{session}/websocket");
-                let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+                let mut req =
+                    tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                        url,
+                    )
+                    .unwrap();
                 for (k, v) in &headers {
                     req.headers_mut().insert(
                         axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -469,7 +502,8 @@ http {{
             t,
             stack_addr: self.backends[b].addr,
             tls: {
-                let mut cfg = Arc::unwrap_or_clone(self.client.client_config(&["backend"]).unwrap());
+                let mut cfg =
+                    Arc::unwrap_or_clone(self.client.client_config(&["backend"]).unwrap());
                 cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
                 Arc::new(cfg)
             },
@@ -574,9 +608,17 @@ impl Sock {
             conn = Some(self.connect().await);
         }
         let mut c = conn.unwrap();
-        let r = http1::request(&mut c, "POST", "sagews.test", &path, &headers, body, 64 << 20)
-            .await
-            .unwrap();
+        let r = http1::request(
+            &mut c,
+            "POST",
+            "sagews.test",
+            &path,
+            &headers,
+            body,
+            64 << 20,
+        )
+        .await
+        .unwrap();
         match (&mut self.t, which) {
             (T::Xhr { poll, .. }, "xhr") => *poll = Some(c),
             (T::Xhr { send, .. }, _) => *send = Some(c),
@@ -589,7 +631,9 @@ impl Sock {
     pub async fn send_raw(&mut self, frame: &str) -> u16 {
         match &mut self.t {
             T::Ws(ws) => {
-                ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+                ws.send(Message::Text(frame.to_string().into()))
+                    .await
+                    .unwrap();
                 0
             }
             T::Xhr { .. } => self.post("xhr_send", frame.as_bytes()).await.status,
@@ -622,7 +666,10 @@ impl Sock {
                         r.header("content-type"),
                         Some("application/javascript; charset=UTF-8")
                     );
-                    String::from_utf8(r.body).unwrap().trim_end_matches('\n').to_string()
+                    String::from_utf8(r.body)
+                        .unwrap()
+                        .trim_end_matches('\n')
+                        .to_string()
                 }
             };
             match text.as_bytes().first() {
@@ -689,7 +736,9 @@ impl Sock {
 
     /// Executes code; returns (stdout, stderr, status) once it is done.
     pub async fn run(&mut self, ws: &str, code: &str) -> (String, String, String) {
-        let r = self.ok(json!({"op": "execute", "workspace": ws, "code": code})).await;
+        let r = self
+            .ok(json!({"op": "execute", "workspace": ws, "code": code}))
+            .await;
         let id = r["id"].clone();
         let (mut out, mut err) = (String::new(), String::new());
         loop {

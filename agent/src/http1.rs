@@ -105,8 +105,7 @@ pub async fn read_response<S: AsyncRead + Unpin>(
     if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
         return Ok(r);
     }
-    if r
-        .header("transfer-encoding")
+    if r.header("transfer-encoding")
         .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
     {
         loop {

@@ -117,5 +117,7 @@ fn logd(o: &AgentOpts) -> anyhow::Result<()> {
 
 fn backend(o: &AgentOpts) -> anyhow::Result<()> {
     let config = sage_agent::backend::Config::load(&o.config)?;
-    serve(config.listen, |l| sage_agent::backend::run(config, l, shutdown()))
+    serve(config.listen, |l| {
+        sage_agent::backend::run(config, l, shutdown())
+    })
 }

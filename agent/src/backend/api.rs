@@ -370,8 +370,11 @@ impl Backend {
         let mut db = self.db().await?;
         let tx = db.transaction().await?;
         // One creation at a time per account, so the cap holds under concurrency.
-        tx.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", &[&acct.id])
-            .await?;
+        tx.execute(
+            "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&acct.id],
+        )
+        .await?;
         let n: i64 = tx
             .query_one(
                 "SELECT count(*) FROM workspaces WHERE account_id = $1",

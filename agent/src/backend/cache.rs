@@ -63,9 +63,9 @@ impl Cache {
         if self.slots.is_empty() {
             return None;
         }
-        let h = key
-            .bytes()
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        let h = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
         Some(&self.slots[(h % self.slots.len() as u64) as usize])
     }
 
@@ -82,7 +82,12 @@ impl Cache {
         let tls = self.tls.clone()?;
         let mut guard = slot.conn.lock().await;
         if guard.is_none() {
-            if slot.retry_at.lock().unwrap().is_some_and(|t| Instant::now() < t) {
+            if slot
+                .retry_at
+                .lock()
+                .unwrap()
+                .is_some_and(|t| Instant::now() < t)
+            {
                 return None;
             }
             match tokio::time::timeout(self.timeout, connect(&slot.server, tls)).await {
@@ -189,6 +194,8 @@ async fn connect(
     let tcp = TcpStream::connect(&s.address).await?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(s.name.clone()).map_err(std::io::Error::other)?;
-    let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
     Ok(BufReader::new(tls))
 }

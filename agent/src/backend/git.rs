@@ -74,7 +74,7 @@ impl Scratch {
         s.git(&["rev-parse", "--verify", "-q", "HEAD^{commit}"])
             .await
             .map_err(|_| {
-                ApiError::bad("the bundle has no HEAD commit: make it with `git bundle create FILE --all`")
+                ApiError::bad("not a valid git bundle: it has no HEAD commit (make it with `git bundle create FILE --all`)")
             })?;
         Ok(s)
     }
@@ -149,13 +149,20 @@ pub async fn revert(bundle: &[u8], commit: &str) -> Result<(Vec<u8>, String), Ap
     check_commit(commit)?;
     let s = Scratch::from_bundle(bundle).await?;
     let full = s
-        .git(&["rev-parse", "--verify", "-q", &format!("{commit}^{{commit}}")])
+        .git(&[
+            "rev-parse",
+            "--verify",
+            "-q",
+            &format!("{commit}^{{commit}}"),
+        ])
         .await
         .map_err(|_| ApiError::not_found(format!("no commit {commit} in this workspace")))?;
     s.git(&["merge-base", "--is-ancestor", &full, "HEAD"])
         .await
         .map_err(|_| {
-            ApiError::not_found(format!("commit {commit} is not in this workspace's history"))
+            ApiError::not_found(format!(
+                "commit {commit} is not in this workspace's history"
+            ))
         })?;
     let tree = s
         .git(&["rev-parse", &format!("{full}^{{tree}}")])
@@ -183,7 +190,12 @@ pub async fn checkout(bundle: &[u8]) -> Result<tempfile::TempDir, ApiError> {
     let dest = out.path().join("files");
     git(
         s.dir.path(),
-        &["clone", "-q", "repo", dest.to_str().expect("utf-8 temp path")],
+        &[
+            "clone",
+            "-q",
+            "repo",
+            dest.to_str().expect("utf-8 temp path"),
+        ],
     )
     .await
     .map_err(ApiError::internal)?;

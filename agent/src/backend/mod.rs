@@ -366,7 +366,10 @@ async fn serve_workers(backend: Arc<Backend>, listener: TcpListener) {
 /// TLS over a TCP listener for axum: handshakes run in their own tasks (a slow client holds
 /// up no one) and finished connections are handed to `accept`.
 pub struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
     local: SocketAddr,
 }
 

@@ -61,7 +61,12 @@ impl OpenWs {
     }
 
     pub async fn worker(&self) -> Option<String> {
-        self.state.lock().await.link.as_ref().map(|l| l.host.clone())
+        self.state
+            .lock()
+            .await
+            .link
+            .as_ref()
+            .map(|l| l.host.clone())
     }
 }
 
@@ -93,7 +98,9 @@ impl Backend {
                 .clone()
         };
         if ws.account_id != account_id {
-            return Err(ApiError::not_found(format!("no workspace {id} in your account")));
+            return Err(ApiError::not_found(format!(
+                "no workspace {id} in your account"
+            )));
         }
         {
             let mut v = ws.viewers.lock().unwrap();
@@ -152,7 +159,13 @@ impl Backend {
             };
             st.generation += 1;
             let rx = link.route(&ws.id);
-            tokio::spawn(pump(self.clone(), ws.clone(), rx, st.generation, host.clone()));
+            tokio::spawn(pump(
+                self.clone(),
+                ws.clone(),
+                rx,
+                st.generation,
+                host.clone(),
+            ));
             let (tx, wait) = oneshot::channel();
             ws.control.lock().unwrap().push_back(tx);
             let sent = link
@@ -209,7 +222,8 @@ impl Backend {
         ws: &'a Arc<OpenWs>,
         st: &'a mut Placement,
         exclude: &'a [String],
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send + 'a>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send + 'a>>
+    {
         Box::pin(self.place(ws, st, exclude))
     }
 
@@ -237,13 +251,20 @@ impl Backend {
     }
 
     /// Runs code; output arrives as events with the request's `id`, ending with `done`.
-    pub async fn execute(self: &Arc<Self>, ws: &Arc<OpenWs>, id: u64, code: String) -> Result<(), ApiError> {
+    pub async fn execute(
+        self: &Arc<Self>,
+        ws: &Arc<OpenWs>,
+        id: u64,
+        code: String,
+    ) -> Result<(), ApiError> {
         let mut st = ws.state.lock().await;
         if st.link.as_ref().is_none_or(|l| l.is_dead()) {
             self.place(ws, &mut st, &[]).await?;
             let worker = st.link.as_ref().map(|l| l.host.clone());
-            ws.broadcast(json!({"event": "reopened", "workspace": ws.id, "worker": worker,
-                "message": "the workspace was reopened from its last save"}));
+            ws.broadcast(
+                json!({"event": "reopened", "workspace": ws.id, "worker": worker,
+                "message": "the workspace was reopened from its last save"}),
+            );
         }
         let link = st.link.clone().expect("placed above");
         ws.running.lock().unwrap().insert(id);
@@ -275,7 +296,12 @@ impl Backend {
         self.save_locked(ws, &st, message).await
     }
 
-    async fn save_locked(&self, ws: &OpenWs, st: &Placement, message: &str) -> Result<bool, ApiError> {
+    async fn save_locked(
+        &self,
+        ws: &OpenWs,
+        st: &Placement,
+        message: &str,
+    ) -> Result<bool, ApiError> {
         let req = Request::Save {
             session: ws.id.clone(),
             message: message.to_string(),
@@ -322,7 +348,14 @@ impl Backend {
         if st.link.is_some() {
             st.closing = true;
             let _ = self
-                .control(ws, &st, Request::Close { session: ws.id.clone() }, SAVE_TIMEOUT)
+                .control(
+                    ws,
+                    &st,
+                    Request::Close {
+                        session: ws.id.clone(),
+                    },
+                    SAVE_TIMEOUT,
+                )
                 .await;
             if let Some(l) = st.link.take() {
                 l.unroute(&ws.id);
@@ -371,7 +404,14 @@ impl Backend {
             }
             st.closing = true;
             let _ = self
-                .control(ws, &st, Request::Close { session: ws.id.clone() }, SAVE_TIMEOUT)
+                .control(
+                    ws,
+                    &st,
+                    Request::Close {
+                        session: ws.id.clone(),
+                    },
+                    SAVE_TIMEOUT,
+                )
                 .await;
         }
         if let Some(l) = st.link.take() {
@@ -403,7 +443,14 @@ impl Backend {
         st.closing = true;
         if st.link.is_some() {
             let _ = self
-                .control(&ws, &st, Request::Close { session: id.to_string() }, SAVE_TIMEOUT)
+                .control(
+                    &ws,
+                    &st,
+                    Request::Close {
+                        session: id.to_string(),
+                    },
+                    SAVE_TIMEOUT,
+                )
                 .await;
         }
         if let Some(l) = st.link.take() {
@@ -423,12 +470,12 @@ async fn pump(
 ) {
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Stdout { id, data, .. } => ws.broadcast(
-                json!({"event": "stdout", "workspace": ws.id, "id": id, "data": data}),
-            ),
-            Event::Stderr { id, data, .. } => ws.broadcast(
-                json!({"event": "stderr", "workspace": ws.id, "id": id, "data": data}),
-            ),
+            Event::Stdout { id, data, .. } => {
+                ws.broadcast(json!({"event": "stdout", "workspace": ws.id, "id": id, "data": data}))
+            }
+            Event::Stderr { id, data, .. } => {
+                ws.broadcast(json!({"event": "stderr", "workspace": ws.id, "id": id, "data": data}))
+            }
             Event::Done {
                 id,
                 status,
@@ -460,9 +507,9 @@ async fn pump(
                         }
                         return;
                     }
-                    (None, Event::Error { message, .. }) => {
-                        ws.broadcast(json!({"event": "error", "workspace": ws.id, "message": message}))
-                    }
+                    (None, Event::Error { message, .. }) => ws.broadcast(
+                        json!({"event": "error", "workspace": ws.id, "message": message}),
+                    ),
                     (None, _) => {}
                 }
             }
@@ -480,15 +527,20 @@ async fn pump(
     ws.control.lock().unwrap().clear();
     let running: Vec<u64> = ws.running.lock().unwrap().drain().collect();
     for id in running {
-        ws.broadcast(json!({"event": "done", "workspace": ws.id, "id": id, "status": Status::Killed,
-            "message": format!("worker {host} was lost")}));
+        ws.broadcast(
+            json!({"event": "done", "workspace": ws.id, "id": id, "status": Status::Killed,
+            "message": format!("worker {host} was lost")}),
+        );
     }
     ws.broadcast(json!({"event": "worker_lost", "workspace": ws.id, "worker": host}));
     st.link = None;
     if ws.viewers() == 0 {
         return;
     }
-    match backend.place_boxed(&ws, &mut st, std::slice::from_ref(&host)).await {
+    match backend
+        .place_boxed(&ws, &mut st, std::slice::from_ref(&host))
+        .await
+    {
         Ok(()) => {
             let worker = st.link.as_ref().map(|l| l.host.clone());
             ws.broadcast(json!({"event": "moved", "workspace": ws.id, "worker": worker,

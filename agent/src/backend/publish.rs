@@ -43,11 +43,18 @@ fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ApiError
     let rd = std::fs::read_dir(dir).map_err(|e| ApiError::internal(format!("{e}")))?;
     for e in rd {
         let e = e.map_err(|e| ApiError::internal(format!("{e}")))?;
-        let t = e.file_type().map_err(|e| ApiError::internal(format!("{e}")))?;
+        let t = e
+            .file_type()
+            .map_err(|e| ApiError::internal(format!("{e}")))?;
         if t.is_dir() {
             files(root, &e.path(), out)?;
         } else if t.is_file() {
-            out.push(e.path().strip_prefix(root).expect("under root").to_path_buf());
+            out.push(
+                e.path()
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .to_path_buf(),
+            );
             if out.len() > MAX_FILES {
                 return Err(ApiError::too_large(format!(
                     "more than {MAX_FILES} files to publish: publish a subdirectory"
@@ -62,7 +69,9 @@ impl Backend {
     pub async fn publish(self: &Arc<Self>, ws: &str, path: &str) -> Result<Value, ApiError> {
         let sub = check_path(path)?;
         if self.config.static_hosts.is_empty() {
-            return Err(ApiError::busy("this deployment has no static host to publish to"));
+            return Err(ApiError::busy(
+                "this deployment has no static host to publish to",
+            ));
         }
         let bundle = self
             .stored_bundle(ws)
@@ -71,17 +80,23 @@ impl Backend {
         let tmp = super::git::checkout(&bundle).await?;
         let root = tmp.path().join("files");
         let target = root.join(&sub);
-        let meta = std::fs::symlink_metadata(&target)
-            .map_err(|_| ApiError::not_found(format!("no file or directory {path:?} in the last save")))?;
+        let meta = std::fs::symlink_metadata(&target).map_err(|_| {
+            ApiError::not_found(format!("no file or directory {path:?} in the last save"))
+        })?;
         let (base, list) = if meta.is_file() {
             let name = target.file_name().expect("a file").into();
-            (target.parent().expect("under root").to_path_buf(), vec![name])
+            (
+                target.parent().expect("under root").to_path_buf(),
+                vec![name],
+            )
         } else if meta.is_dir() {
             let mut list = Vec::new();
             files(&target, &target, &mut list)?;
             (target.clone(), list)
         } else {
-            return Err(ApiError::bad(format!("{path:?} is not a file or directory")));
+            return Err(ApiError::bad(format!(
+                "{path:?} is not a file or directory"
+            )));
         };
         let mut pushed = Vec::new();
         for host in &self.config.static_hosts {
@@ -133,7 +148,9 @@ impl Backend {
         );
         for f in list {
             let body = tokio::fs::read(base.join(f)).await?;
-            let rel = f.to_str().ok_or_else(|| anyhow::anyhow!("file name not UTF-8: {f:?}"))?;
+            let rel = f
+                .to_str()
+                .ok_or_else(|| anyhow::anyhow!("file name not UTF-8: {f:?}"))?;
             let p = http1::encode_path(&format!("{dir}{rel}"));
             let r = http1::request(&mut s, "PUT", &host.name, &p, &[], &body, 1 << 16).await?;
             anyhow::ensure!(r.status < 300, "PUT {p} answered {}", r.status);
@@ -149,8 +166,17 @@ mod tests {
     #[test]
     fn publish_paths() {
         assert_eq!(check_path("").unwrap(), PathBuf::new());
-        assert_eq!(check_path("./out/a.txt").unwrap(), PathBuf::from("out/a.txt"));
-        for bad in ["../etc", "a/../../b", "/etc/passwd", ".git/config", "a\\..\\b"] {
+        assert_eq!(
+            check_path("./out/a.txt").unwrap(),
+            PathBuf::from("out/a.txt")
+        );
+        for bad in [
+            "../etc",
+            "a/../../b",
+            "/etc/passwd",
+            ".git/config",
+            "a\\..\\b",
+        ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
     }

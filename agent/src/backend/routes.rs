@@ -74,27 +74,103 @@ async fn metrics(State(b): B) -> Response {
         ));
     };
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    c("signups_total", "Accounts created.", n(&m.signups), "counter");
-    c("signins_total", "Successful sign-ins.", n(&m.signins), "counter");
-    c("signin_failures_total", "Refused sign-ins.", n(&m.signin_failures), "counter");
-    c("session_cache_hits_total", "Sign-in sessions found in memcached.", n(&m.cache_hits), "counter");
-    c("session_cache_misses_total", "Sign-in sessions read from PostgreSQL.", n(&m.cache_misses), "counter");
-    c("sockjs_sessions_opened_total", "SockJS sessions opened.", n(&m.sockjs_opened), "counter");
-    c("sockjs_sessions_refused_total", "SockJS sessions refused (backend full).", n(&m.sockjs_refused), "counter");
-    c("messages_total", "Messages from browsers.", n(&m.messages), "counter");
-    c("bad_messages_total", "Messages refused (invalid or oversized).", n(&m.bad_messages), "counter");
-    c("executes_total", "Executes sent to workers.", n(&m.executes), "counter");
-    c("workspaces_opened_total", "Workspaces opened on a worker.", n(&m.workspaces_opened), "counter");
-    c("worker_failovers_total", "Workspaces moved after losing their worker.", n(&m.worker_failovers), "counter");
-    c("publishes_total", "Workspaces published.", n(&m.publishes), "counter");
-    c("sockjs_sessions", "SockJS sessions now.", b.sockjs.count() as u64, "gauge");
-    c("open_workspaces", "Workspaces open now.", b.open.count() as u64, "gauge");
-    c("healthy_workers", "Workers heard from recently.", b.workers.healthy() as u64, "gauge");
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s,
-    )
-        .into_response()
+    c(
+        "signups_total",
+        "Accounts created.",
+        n(&m.signups),
+        "counter",
+    );
+    c(
+        "signins_total",
+        "Successful sign-ins.",
+        n(&m.signins),
+        "counter",
+    );
+    c(
+        "signin_failures_total",
+        "Refused sign-ins.",
+        n(&m.signin_failures),
+        "counter",
+    );
+    c(
+        "session_cache_hits_total",
+        "Sign-in sessions found in memcached.",
+        n(&m.cache_hits),
+        "counter",
+    );
+    c(
+        "session_cache_misses_total",
+        "Sign-in sessions read from PostgreSQL.",
+        n(&m.cache_misses),
+        "counter",
+    );
+    c(
+        "sockjs_sessions_opened_total",
+        "SockJS sessions opened.",
+        n(&m.sockjs_opened),
+        "counter",
+    );
+    c(
+        "sockjs_sessions_refused_total",
+        "SockJS sessions refused (backend full).",
+        n(&m.sockjs_refused),
+        "counter",
+    );
+    c(
+        "messages_total",
+        "Messages from browsers.",
+        n(&m.messages),
+        "counter",
+    );
+    c(
+        "bad_messages_total",
+        "Messages refused (invalid or oversized).",
+        n(&m.bad_messages),
+        "counter",
+    );
+    c(
+        "executes_total",
+        "Executes sent to workers.",
+        n(&m.executes),
+        "counter",
+    );
+    c(
+        "workspaces_opened_total",
+        "Workspaces opened on a worker.",
+        n(&m.workspaces_opened),
+        "counter",
+    );
+    c(
+        "worker_failovers_total",
+        "Workspaces moved after losing their worker.",
+        n(&m.worker_failovers),
+        "counter",
+    );
+    c(
+        "publishes_total",
+        "Workspaces published.",
+        n(&m.publishes),
+        "counter",
+    );
+    c(
+        "sockjs_sessions",
+        "SockJS sessions now.",
+        b.sockjs.count() as u64,
+        "gauge",
+    );
+    c(
+        "open_workspaces",
+        "Workspaces open now.",
+        b.open.count() as u64,
+        "gauge",
+    );
+    c(
+        "healthy_workers",
+        "Workers heard from recently.",
+        b.workers.healthy() as u64,
+        "gauge",
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }
 
 #[derive(Deserialize)]
@@ -155,7 +231,9 @@ async fn account(b: &Backend, headers: &HeaderMap) -> Result<Account, ApiError> 
 
 async fn whoami(State(b): B, headers: HeaderMap) -> Result<Response, ApiError> {
     let a = account(&b, &headers).await?;
-    Ok(serde_json::json!({"ok": true, "account": a.name}).to_string().into_response())
+    Ok(serde_json::json!({"ok": true, "account": a.name})
+        .to_string()
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -183,7 +261,9 @@ async fn upload(
     if body.is_empty() {
         return Err(ApiError::bad("the request body must be a git bundle"));
     }
-    let id = b.create_workspace(&acct, &q.name, Some(body.to_vec())).await?;
+    let id = b
+        .create_workspace(&acct, &q.name, Some(body.to_vec()))
+        .await?;
     Ok((
         StatusCode::CREATED,
         serde_json::json!({"ok": true, "workspace": id}).to_string(),
@@ -208,7 +288,9 @@ async fn download(
         .await?
         .is_some();
     if !owned {
-        return Err(ApiError::not_found(format!("no workspace {id:?} in your account")));
+        return Err(ApiError::not_found(format!(
+            "no workspace {id:?} in your account"
+        )));
     }
     b.save_if_open(&id).await?;
     let bundle = b
@@ -242,7 +324,11 @@ async fn websocket(
         .on_upgrade(move |socket| sockjs::websocket(b, session, headers, socket))
 }
 
-async fn xhr(State(b): B, Path((server, session)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn xhr(
+    State(b): B,
+    Path((server, session)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     sockjs::xhr(b, server, session, headers).await
 }
 

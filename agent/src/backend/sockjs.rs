@@ -91,7 +91,10 @@ impl SjSession {
         let mut o = self.out.lock().unwrap();
         if !o.queue.is_empty() {
             let msgs = std::mem::take(&mut o.queue);
-            return Some(format!("a{}", serde_json::to_string(&msgs).expect("strings")));
+            return Some(format!(
+                "a{}",
+                serde_json::to_string(&msgs).expect("strings")
+            ));
         }
         o.close
             .as_ref()
@@ -315,7 +318,12 @@ fn not_found(headers: &HeaderMap) -> Response {
 
 /// xhr-polling: the first request opens the session; each later one takes what is queued, or
 /// waits for it (a heartbeat after `heartbeat_seconds`).
-pub async fn xhr(backend: Arc<Backend>, server: String, session: String, headers: HeaderMap) -> Response {
+pub async fn xhr(
+    backend: Arc<Backend>,
+    server: String,
+    session: String,
+    headers: HeaderMap,
+) -> Response {
     if !valid_id(&server) || !valid_id(&session) {
         return not_found(&headers);
     }
@@ -369,10 +377,18 @@ pub async fn xhr_send(
         return not_found(&headers);
     };
     if body.is_empty() {
-        return js(&headers, StatusCode::INTERNAL_SERVER_ERROR, "Payload expected.");
+        return js(
+            &headers,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Payload expected.",
+        );
     }
     let Ok(text) = std::str::from_utf8(&body) else {
-        return js(&headers, StatusCode::INTERNAL_SERVER_ERROR, "Broken JSON encoding.");
+        return js(
+            &headers,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Broken JSON encoding.",
+        );
     };
     if let Err(e) = s.deliver(text).await {
         return js(&headers, StatusCode::INTERNAL_SERVER_ERROR, e);
@@ -476,12 +492,7 @@ pub async fn xhr_streaming(
 }
 
 /// The websocket transport: one session per socket.
-pub async fn websocket(
-    backend: Arc<Backend>,
-    session: String,
-    headers: HeaderMap,
-    ws: WebSocket,
-) {
+pub async fn websocket(backend: Arc<Backend>, session: String, headers: HeaderMap, ws: WebSocket) {
     let account = backend.cookie_account(&headers).await;
     let mut ws = ws;
     let s = match backend.new_sockjs_session(&session, account) {
@@ -538,7 +549,12 @@ impl IntoResponse for super::ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({"ok": false, "error": self.message});
-        (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
     }
 }
 

@@ -141,14 +141,19 @@ impl Backend {
         Ok(l)
     }
 
-    async fn connect_worker(self: &Arc<Self>, host: &str, address: &str) -> anyhow::Result<Arc<Link>> {
+    async fn connect_worker(
+        self: &Arc<Self>,
+        host: &str,
+        address: &str,
+    ) -> anyhow::Result<Arc<Link>> {
         let cfg = self.identity.client_config(&["worker"])?;
         let tcp =
             tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address)).await??;
         tcp.set_nodelay(true)?;
         let tls = tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_rustls::TlsConnector::from(cfg).connect(ServerName::try_from(host.to_string())?, tcp),
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::try_from(host.to_string())?, tcp),
         )
         .await??;
         let (mut rd, mut wr) = tokio::io::split(tls);
