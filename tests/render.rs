@@ -222,7 +222,8 @@ fn firewall_opens_exactly_the_arrows() {
     let lb = nft("lb");
     assert!(lb.contains("tcp dport { 80, 443 } accept"));
     let mut want = vec![admin.clone()];
-    want.extend(pairs(&[("10.77.0.10", "8081")]));
+    // nginx from HAProxy; publishing from the backend.
+    want.extend(pairs(&[("10.77.0.10", "8081"), ("10.77.0.13", "8082")]));
     assert_eq!(accepts(&lb), want);
 
     // logd: the worker is dropped before anything is accepted.

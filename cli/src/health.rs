@@ -173,6 +173,72 @@ pub async fn check_all(
             })
             .await;
             push("haproxy https + nginx", r);
+            let api = format!("https://{name}/api/health");
+            let r = retry(|| async {
+                let mut argv = vec![
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "5",
+                    "--resolve",
+                    &resolve,
+                ];
+                if !own_cert {
+                    argv.extend(["--cacert", "/etc/haproxy/certs/ca.crt"]);
+                }
+                argv.push(&api);
+                let body = run(s, &argv, b"").await?;
+                if body.trim() == "ok" {
+                    Ok(format!(
+                        "{api}: a backend answers through HAProxy and reaches PostgreSQL"
+                    ))
+                } else {
+                    Err(format!("{api} answered {body:?}"))
+                }
+            })
+            .await;
+            push("backend through haproxy", r);
+            // Each backend, with HAProxy's own certificate: it must see every worker.
+            let workers = inv.with_role(Role::Worker).count();
+            for b in inv.with_role(Role::Backend) {
+                let port = inv.backend.port;
+                let resolve = format!("{}:{port}:{}", b.name, b.address);
+                let url = format!("https://{}:{port}/api/metrics", b.name);
+                let r = retry(|| async {
+                    let argv = [
+                        "curl",
+                        "-sS",
+                        "--fail",
+                        "--max-time",
+                        "5",
+                        "--resolve",
+                        &resolve,
+                        "--cacert",
+                        "/etc/haproxy/certs/ca.crt",
+                        "--cert",
+                        "/etc/haproxy/certs/host.pem",
+                        &url,
+                    ];
+                    let body = run(s, &argv, b"").await?;
+                    let seen = body
+                        .lines()
+                        .find_map(|l| l.strip_prefix("sagews_backend_healthy_workers "))
+                        .and_then(|n| n.trim().parse::<usize>().ok());
+                    match seen {
+                        Some(n) if n >= workers => {
+                            Ok(format!("{} sees {n} of {workers} workers", b.name))
+                        }
+                        other => Err(format!(
+                            "{} sees {} of {workers} workers",
+                            b.name,
+                            other.map_or("no".to_string(), |n| n.to_string())
+                        )),
+                    }
+                })
+                .await;
+                push("backend workers", r);
+            }
         }
         if let (Some(b), true) = (backend, h.has(Role::Database) || h.has(Role::Cache)) {
             let bs = &sessions[&b.name];
