@@ -440,3 +440,120 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     eve.close().await;
 }
+
+/// Reads a chunked response body until `needle` shows up; returns everything read so far.
+async fn read_chunks_until<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    seen: &mut String,
+    needle: &str,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    while !seen.contains(needle) {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line))
+            .await
+            .expect("a chunk in time")
+            .unwrap();
+        let n = usize::from_str_radix(line.trim(), 16).expect("a chunk size");
+        assert!(n > 0, "the stream ended before {needle:?}: {seen}");
+        let mut buf = vec![0; n + 2];
+        r.read_exact(&mut buf).await.unwrap();
+        seen.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn xhr_streaming_carries_frames_after_its_prelude() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let s = Stack::start(opts(0, 1, 71500)).await;
+    let session = "streamtest";
+    let open = |path: String| {
+        let s = &s;
+        async move {
+            let mut c = tokio::io::BufReader::new(s.tls(0).await.unwrap());
+            let req = format!(
+                "POST {path} HTTP/1.1\r\nHost: sagews.test\r\nOrigin: https://sagews.test\r\nContent-Length: 0\r\n\r\n"
+            );
+            c.get_mut().write_all(req.as_bytes()).await.unwrap();
+            let mut head = String::new();
+            loop {
+                let mut l = String::new();
+                c.read_line(&mut l).await.unwrap();
+                if l == "\r\n" {
+                    break;
+                }
+                head.push_str(&l);
+            }
+            (c, head)
+        }
+    };
+    let (mut stream, head) = open(format!("/sockjs/000/{session}/xhr_streaming")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://sagews.test"),
+        "{head}"
+    );
+    let mut seen = String::new();
+    read_chunks_until(&mut stream, &mut seen, "o\n").await;
+    assert_eq!(seen, format!("{}\no\n", "h".repeat(2048)));
+
+    // A second streaming request on the same session is told another one is open.
+    let r = s
+        .https(
+            0,
+            "POST",
+            &format!("/sockjs/000/{session}/xhr_streaming"),
+            &[],
+            b"",
+        )
+        .await;
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        body.ends_with("c[2010,\"Another connection still open\"]\n"),
+        "{body}"
+    );
+
+    let msg = serde_json::to_string(&[json!({"id": 7, "op": "ping"}).to_string()]).unwrap();
+    let r = s
+        .https(
+            0,
+            "POST",
+            &format!("/sockjs/000/{session}/xhr_send"),
+            &[],
+            msg.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let mut seen = String::new();
+    read_chunks_until(&mut stream, &mut seen, "\n").await;
+    let frame = seen.trim_end();
+    assert!(frame.starts_with("a["), "{frame}");
+    let msgs: Vec<String> = serde_json::from_str(&frame[1..]).unwrap();
+    let reply: Value = serde_json::from_str(&msgs[0]).unwrap();
+    assert_eq!(
+        (reply["id"].as_u64(), reply["pong"].as_bool()),
+        (Some(7), Some(true))
+    );
+
+    // The info route and a preflight, as sockjs-client asks them.
+    let r = s.https(0, "GET", "/sockjs/info", &[], b"").await;
+    let info: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(info["websocket"], true);
+    assert!(r.header("cache-control").unwrap().contains("no-store"));
+    let r = s
+        .https(
+            0,
+            "OPTIONS",
+            "/sockjs/000/x/xhr",
+            &[("Origin", "https://sagews.test")],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    assert!(
+        r.header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+}
