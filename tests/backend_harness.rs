@@ -77,7 +77,8 @@ impl Proc {
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(agent_bin())
+        let mut cmd = Command::new(agent_bin());
+        let child = cmd
             .args([self.kind, "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -94,6 +95,10 @@ impl Proc {
                 .args([sig, &c.id().to_string()])
                 .status();
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill9(&mut self) {

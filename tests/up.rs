@@ -127,6 +127,8 @@ fn converge_lab_hosts() {
             "firewall=true",
             "haproxy redirect=true",
             "haproxy https + nginx=true",
+            "backend through haproxy=true",
+            "backend workers=true",
             "postgresql from backend=true",
             "memcached from backend=true"
         ]
@@ -155,6 +157,10 @@ fn converge_lab_hosts() {
         "first deploy of 3 lab hosts (machines included): {:.1}s",
         first.as_secs_f64()
     );
+
+    // As a browser through HAProxy: sign up, run code, publish; the published file is still
+    // served by nginx with every backend stopped.
+    publish_survives_the_backends(&inv);
 
     // A second run changes nothing and restarts nothing.
     let before = started_at(&inv, "alpha", &ALPHA_UNITS);
@@ -347,6 +353,139 @@ fn converge_lab_hosts() {
 
     // Quoting: a file whose path holds every shell metacharacter round-trips over SSH.
     quoting_round_trip(&inv);
+}
+
+/// HTTPS to the lab's HAProxy (alpha) as a browser: the deployment's CA, the public name.
+async fn https(
+    inv: &Path,
+    method: &str,
+    path: &str,
+    cookie: &str,
+    body: &[u8],
+) -> sage_agent::http1::Response {
+    let ca = inv.parent().unwrap().join(".sagectl/uptest/ca.crt");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_file_iter(&ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    sage_agent::tls::init();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect("10.81.0.10:443")
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("sagews.uptest.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut s = tokio::io::BufReader::new(tls);
+    let headers: Vec<(&str, &str)> = if cookie.is_empty() {
+        vec![]
+    } else {
+        vec![("Cookie", cookie)]
+    };
+    sage_agent::http1::request(
+        &mut s,
+        method,
+        "sagews.uptest.test",
+        path,
+        &headers,
+        body,
+        1 << 20,
+    )
+    .await
+    .unwrap()
+}
+
+fn publish_survives_the_backends(inv: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let creds =
+            serde_json::json!({"name": "lab-user", "password": "a lab password"}).to_string();
+        let r = https(inv, "POST", "/api/signup", "", creds.as_bytes()).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let set: Vec<String> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .map(|(_, v)| v.split(';').next().unwrap().to_string())
+            .collect();
+        // The session cookie and HAProxy's stickiness cookie.
+        let cookie = set.join("; ");
+        assert!(cookie.contains("sagews_session="), "{set:?}");
+        // SockJS over xhr-polling: requests, then poll until each reply arrives.
+        let base = "/sockjs/000/labsession";
+        let r = https(inv, "POST", &format!("{base}/xhr"), &cookie, b"").await;
+        assert_eq!(String::from_utf8_lossy(&r.body), "o\n");
+        let mut replies: Vec<Value> = Vec::new();
+        let mut call = async |id: u64, req: Value| -> Value {
+            let mut req = req;
+            req["id"] = id.into();
+            let frame = serde_json::to_string(&[req.to_string()]).unwrap();
+            let r = https(
+                inv,
+                "POST",
+                &format!("{base}/xhr_send"),
+                &cookie,
+                frame.as_bytes(),
+            )
+            .await;
+            assert_eq!(r.status, 204);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                if let Some(i) = replies
+                    .iter()
+                    .position(|v| v["id"] == id && v.get("ok").is_some())
+                {
+                    let v = replies.remove(i);
+                    assert_eq!(v["ok"], true, "{v}");
+                    return v;
+                }
+                assert!(Instant::now() < deadline, "no reply to {id}");
+                let r = https(inv, "POST", &format!("{base}/xhr"), &cookie, b"").await;
+                let body = String::from_utf8_lossy(&r.body).to_string();
+                if let Some(a) = body.trim_end().strip_prefix('a') {
+                    let msgs: Vec<String> = serde_json::from_str(a).unwrap();
+                    replies.extend(
+                        msgs.iter()
+                            .map(|m| serde_json::from_str::<Value>(m).unwrap()),
+                    );
+                }
+            }
+        };
+        let ws = call(1, serde_json::json!({"op": "create", "name": "lab"})).await["workspace"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        call(2, serde_json::json!({"op": "open", "workspace": ws})).await;
+        call(
+            3,
+            serde_json::json!({"op": "execute", "workspace": ws,
+            "code": "open('index.txt', 'w').write('published from the lab')"}),
+        )
+        .await;
+        let p = call(4, serde_json::json!({"op": "publish", "workspace": ws})).await;
+        assert_eq!(
+            p["url"],
+            format!("https://sagews.uptest.test/pub/{ws}/"),
+            "{p}"
+        );
+        ssh(inv, "alpha", &["systemctl", "stop", "sage-backend"]);
+        let r = https(inv, "GET", &format!("/pub/{ws}/index.txt"), "", b"").await;
+        assert_eq!(
+            (r.status, String::from_utf8_lossy(&r.body).to_string()),
+            (200, "published from the lab".to_string()),
+            "served by nginx with the backend stopped"
+        );
+        let r = https(inv, "GET", "/api/health", "", b"").await;
+        assert_eq!(r.status, 503, "no backend is up");
+    });
+    ssh(inv, "alpha", &["systemctl", "start", "sage-backend"]);
 }
 
 /// The cgroup.kill file of a lab machine (killing it is a power cut).

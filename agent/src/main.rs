@@ -43,6 +43,13 @@ struct AgentOpts {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A fixed mmap threshold: glibc otherwise raises it after the first large free, and then
+    // every thread's arena keeps argon2's 19 MiB blocks (hundreds of MB after a burst of
+    // sign-ins).
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt()

@@ -35,12 +35,6 @@ pub async fn run(
     account: Option<Account>,
 ) {
     let (viewer, mut events) = mpsc::unbounded_channel::<Value>();
-    let o = out.clone();
-    let forward = tokio::spawn(async move {
-        while let Some(v) = events.recv().await {
-            o.send(v.to_string());
-        }
-    });
     let mut c = Conn {
         backend: backend.clone(),
         id,
@@ -49,16 +43,23 @@ pub async fn run(
         open: HashSet::new(),
         viewer,
     };
-    while let Some(text) = inbound.recv().await {
-        backend.metrics.inc(&backend.metrics.messages);
-        let reply = c.handle(&text).await;
-        out.send(reply.to_string());
+    // Requests one at a time, in order; workspace events go out between them (an event that
+    // arrives during a request waits for its reply, which keeps replies before their output).
+    loop {
+        tokio::select! {
+            m = inbound.recv() => {
+                let Some(text) = m else { break };
+                backend.metrics.inc(&backend.metrics.messages);
+                // Boxed: the request's state lives only while it runs, not in every idle session.
+                let reply = Box::pin(c.handle(&text)).await;
+                out.send(reply.to_string());
+            }
+            Some(v) = events.recv() => out.send(v.to_string()),
+        }
     }
     for ws in std::mem::take(&mut c.open) {
         backend.leave(&ws, id).await;
     }
-    drop(c);
-    let _ = forward.await;
 }
 
 fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, ApiError> {

@@ -320,7 +320,10 @@ async fn websocket(
         return (StatusCode::NOT_FOUND, "Not found\n").into_response();
     }
     // Our own limit (with a clear error) applies first; this one stops the absurd.
+    // Small buffers: an idle session should cost kilobytes (tungstenite's defaults are 128 KiB).
     ws.max_message_size(64 << 20)
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| sockjs::websocket(b, session, headers, socket))
 }
 

@@ -177,7 +177,7 @@ impl Backend {
                 ),
             ));
         }
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(32);
         let s = Arc::new(SjSession {
             id: id.to_string(),
             inbound: Mutex::new(Some(tx)),
@@ -494,6 +494,7 @@ pub async fn xhr_streaming(
 /// The websocket transport: one session per socket.
 pub async fn websocket(backend: Arc<Backend>, session: String, headers: HeaderMap, ws: WebSocket) {
     let account = backend.cookie_account(&headers).await;
+    drop(headers);
     let mut ws = ws;
     let s = match backend.new_sockjs_session(&session, account) {
         Ok(s) => s,

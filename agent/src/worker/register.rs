@@ -53,8 +53,13 @@ async fn session(shared: &Shared, identity: &Identity, b: &BackendRef) -> anyhow
 pub async fn announce(shared: Arc<Shared>, identity: Identity, b: BackendRef) {
     let mut backoff = Duration::from_secs(1);
     loop {
+        let began = std::time::Instant::now();
         if let Err(e) = session(&shared, &identity, &b).await {
             tracing::debug!(backend = %b.name, "announcing failed: {e:#}");
+        }
+        // A backend that was up for a while and went away (a restart) is retried promptly.
+        if began.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_secs(1);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
