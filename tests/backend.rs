@@ -557,3 +557,42 @@ async fn xhr_streaming_carries_frames_after_its_prelude() {
             .contains("POST")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_standard_sockjs_client_works_over_each_transport_through_haproxy() {
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/js");
+    assert!(
+        js.join("node_modules/sockjs-client").is_dir(),
+        "sockjs-client is not installed: `npm ci --prefix tests/js` (./test does it)"
+    );
+    let mut s = Stack::start(opts(1, 1, 71600)).await;
+    let port = s.start_haproxy();
+    for (i, transport) in ["websocket", "xhr-streaming", "xhr-polling"]
+        .iter()
+        .enumerate()
+    {
+        let o = tokio::process::Command::new("node")
+            .arg(js.join("sockjs_client.js"))
+            .arg(format!("https://127.0.0.1:{port}/sockjs"))
+            .arg(transport)
+            .arg(format!("js-user-{i}"))
+            .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+            .current_dir(&js)
+            .output()
+            .await
+            .expect("node installed");
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert!(
+            o.status.success(),
+            "{transport}: {out}\n{err}\n{}",
+            s.log("backend1")
+        );
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["transport"], *transport, "{v}");
+        assert_eq!(v["result"]["status"], "ok", "{v}");
+        assert_eq!(v["result"]["out"].as_str().unwrap().trim(), "4", "{v}");
+    }
+}

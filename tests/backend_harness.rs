@@ -134,6 +134,7 @@ pub struct Stack {
     memcached_args: Option<(PathBuf, PathBuf, PathBuf)>,
     pub memcached_port: u16,
     nginx: Option<Child>,
+    haproxy: Option<Child>,
     /// nginx serving /pub/ to readers.
     pub nginx_port: u16,
     pub workers: Vec<Proc>,
@@ -186,6 +187,7 @@ impl Stack {
             memcached_args: None,
             memcached_port,
             nginx: None,
+            haproxy: None,
             nginx_port: free_port(),
             workers: Vec::new(),
             backends: Vec::new(),
@@ -292,6 +294,57 @@ impl Stack {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// HAProxy in front of the backends as the loadbalancer role renders it (TLS for browsers,
+    /// HTTPS with its certificate to the backends, a stickiness cookie); returns its port. Its
+    /// certificate is valid for 127.0.0.1.
+    pub fn start_haproxy(&mut self) -> u16 {
+        let dir = self.tmp.path().join("haproxy");
+        let (ca, crt, key) = creds(&self.state, &dir, "lb1", &["loadbalancer"]);
+        let pem = dir.join("lb1.pem");
+        let mut both = std::fs::read_to_string(&crt).unwrap();
+        both.push_str(&std::fs::read_to_string(&key).unwrap());
+        std::fs::write(&pem, both).unwrap();
+        let port = free_port();
+        let servers: String = self
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "    server {n} {a} cookie {n} check ssl verify required ca-file {ca} crt {pem} verifyhost {n} sni str({n})\n",
+                    n = b.name,
+                    a = b.addr,
+                    ca = ca.display(),
+                    pem = pem.display()
+                )
+            })
+            .collect();
+        let conf = format!(
+            "global\n    maxconn 4096\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 90s\n    timeout tunnel 1h\n\
+             frontend https\n    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1\n    default_backend backends\n\
+             backend backends\n    balance leastconn\n    cookie SAGEWS_BACKEND insert indirect nocache secure httponly\n{servers}",
+            pem = pem.display()
+        );
+        std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
+        let child = Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(dir.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy installed");
+        self.haproxy = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        port
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.tmp.path().join("haproxy/ca.crt")
     }
 
     fn start_nginx(&mut self, publish_port: u16, backends: usize) {
@@ -540,9 +593,12 @@ impl Drop for Stack {
             w.stop();
         }
         self.stop_memcached();
-        if let Some(mut n) = self.nginx.take() {
-            let _ = n.kill();
-            let _ = n.wait();
+        for mut c in [self.nginx.take(), self.haproxy.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
