@@ -620,8 +620,8 @@ pub enum Transport {
 enum T {
     Ws(Box<WebSocketStream<TlsStream<TcpStream>>>),
     Xhr {
-        poll: Option<BufReader<TlsStream<TcpStream>>>,
-        send: Option<BufReader<TlsStream<TcpStream>>>,
+        poll: Option<Box<BufReader<TlsStream<TcpStream>>>>,
+        send: Option<Box<BufReader<TlsStream<TcpStream>>>>,
     },
 }
 
@@ -666,7 +666,7 @@ impl Sock {
             _ => unreachable!(),
         };
         if conn.is_none() {
-            conn = Some(self.connect().await);
+            conn = Some(Box::new(self.connect().await));
         }
         let mut c = conn.unwrap();
         let r = http1::request(
