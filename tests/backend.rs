@@ -20,6 +20,7 @@ fn opts(workers: usize, backends: usize, uid_base: u32) -> Options {
         backends,
         uid_base,
         backend_extra: json!({}),
+        logd: false,
     }
 }
 
@@ -34,7 +35,11 @@ fn git(dir: &std::path::Path, args: &[&str]) -> String {
 }
 
 async fn whole_flow(transport: Transport, uid_base: u32) {
-    let s = Stack::start(opts(1, 1, uid_base)).await;
+    let s = Stack::start(Options {
+        logd: true,
+        ..opts(1, 1, uid_base)
+    })
+    .await;
     let name = format!("user{uid_base}");
     let pw = "a long password";
     let mut c = s.sock(0, transport, None).await;
@@ -135,6 +140,32 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
         "3"
     );
     c.close().await;
+
+    // What the account did is in logd, in order.
+    let logged = s.logged("backend.audit", 8).await;
+    let what: Vec<&str> = logged
+        .iter()
+        .map(|l| l.split(" {").next().unwrap())
+        .collect();
+    assert_eq!(
+        what,
+        [
+            "account created",
+            "signed in",
+            "workspace created",
+            "workspace saved",
+            "workspace saved",
+            "workspace reverted",
+            "workspace published",
+            "signed in"
+        ],
+        "{logged:#?}"
+    );
+    assert!(
+        logged[0].contains(&format!("\"account\": \"{name}\"")),
+        "{}",
+        logged[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -149,6 +149,8 @@ pub struct Options {
     pub uid_base: u32,
     /// Extra fields for every backend's config.
     pub backend_extra: Value,
+    /// Run a logd (in this process) and point the backends at it.
+    pub logd: bool,
 }
 
 impl Stack {
@@ -203,6 +205,11 @@ impl Stack {
         let publish_port = free_port();
         s.start_nginx(publish_port, o.backends);
 
+        let logd = if o.logd {
+            Some(s.start_logd().await)
+        } else {
+            None
+        };
         let backend_names: Vec<String> = (1..=o.backends).map(|i| format!("backend{i}")).collect();
         let mut backend_refs = Vec::new();
         for name in &backend_names {
@@ -219,7 +226,8 @@ impl Stack {
                 "memcached": [{"name": "cache1", "address": format!("127.0.0.1:{memcached_port}")}],
                 "max_sessions": 1000, "max_bundle_mb": 2,
                 "accounts": {"signup": true, "max_workspaces": 5, "session_days": 7, "min_password_length": 8},
-                "worker_port": 0, "logd": null,
+                "worker_port": 0,
+                "logd": logd.map(|a| json!({"address": a.to_string(), "server_name": "logs1"})),
                 "static_hosts": [{"name": "static1", "address": format!("127.0.0.1:{publish_port}")}],
                 "state_dir": s.tmp.path().join(name).join("state"),
             });
@@ -341,6 +349,47 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(20));
         }
         port
+    }
+
+    /// logd in this process, on its own database of the same PostgreSQL; returns its address.
+    async fn start_logd(&mut self) -> SocketAddr {
+        self.pg.create_db("sagews_logs", "logs-pw-123");
+        let dir = self.tmp.path().join("logd");
+        let (ca, crt, key) = creds(&self.state, &dir, "logs1", &["logd"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = json!({
+            "inventory": "btest", "host": "logs1", "listen": addr.to_string(), "http_listen": "127.0.0.1:0",
+            "tls": {"ca": ca, "cert": crt, "key": key},
+            "database": {"host": "127.0.0.1", "server_name": "db", "port": self.pg.port, "name": "sagews_logs",
+                "user": "sagews_logs", "password": "logs-pw-123"},
+            "allow": ["127.0.0.1"], "batch_size": 1000, "retention_days": 30, "alerts": [], "replica": null,
+        });
+        let path = dir.join("logd.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let config = sage_agent::logd::Config::load(&path).unwrap();
+        tokio::spawn(sage_agent::logd::run(
+            config,
+            listener,
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    /// Messages logd stored from `target`, oldest first (waits up to 10 s for `want` of them).
+    pub async fn logged(&self, target: &str, want: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.pg.query(
+                "sagews_logs",
+                &format!("SELECT message || ' ' || fields::text FROM records WHERE target = '{target}' ORDER BY ts"),
+            );
+            let lines: Vec<String> = out.lines().map(str::to_string).collect();
+            if lines.len() >= want || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub fn ca_file(&self) -> PathBuf {

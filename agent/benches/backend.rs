@@ -61,6 +61,7 @@ fn main() {
             backends: 1,
             uid_base: 72000,
             backend_extra: json!({"max_sessions": sockets + 100}),
+            logd: false,
         })
         .await;
         let pid = s.backends[0].pid().unwrap();
