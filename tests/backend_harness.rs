@@ -38,6 +38,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (5 s at most) until something listens on 127.0.0.1:`port`.
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sage-agent"))
 }
@@ -290,11 +299,7 @@ impl Stack {
             .spawn()
             .expect("memcached installed");
         self.memcached = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", self.memcached_port)).is_err() {
-            assert!(Instant::now() < deadline, "memcached did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(self.memcached_port, "memcached");
     }
 
     pub fn stop_memcached(&mut self) {
@@ -343,11 +348,7 @@ impl Stack {
             .spawn()
             .expect("haproxy installed");
         self.haproxy = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "haproxy did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(port, "haproxy");
         port
     }
 
@@ -460,11 +461,7 @@ http {{
             .spawn()
             .expect("nginx installed");
         self.nginx = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", publish_port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(publish_port, "nginx");
     }
 
     async fn wait_health(&self, b: usize) {

@@ -165,7 +165,7 @@ fn converge_lab_hosts() {
     // A second run changes nothing and restarts nothing.
     let before = started_at(&inv, "alpha", &ALPHA_UNITS);
     let (o, recap) = up(&inv, &[]);
-    assert!(o.status.success());
+    assert!(o.status.success(), "second run: {recap}");
     for h in recap["hosts"].as_array().unwrap() {
         assert_eq!(
             h["changed"], 0,

@@ -148,21 +148,21 @@ pub async fn check_all(
             let name = &inv.tls.public_name;
             let resolve = format!("{name}:443:127.0.0.1");
             let url = format!("https://{name}/");
-            let r = retry(|| async {
-                let mut argv = vec![
-                    "curl",
-                    "-sS",
-                    "--fail",
-                    "--max-time",
-                    "5",
-                    "--resolve",
-                    &resolve,
-                ];
-                if !own_cert {
-                    argv.extend(["--cacert", "/etc/haproxy/certs/ca.crt"]);
+            // The public name resolved to this host, verified as a browser would.
+            let get = |url: String| {
+                let resolve = resolve.clone();
+                async move {
+                    let mut argv = vec!["curl", "-sS", "--fail", "--max-time", "5"];
+                    argv.extend(["--resolve", &resolve]);
+                    if !own_cert {
+                        argv.extend(["--cacert", "/etc/haproxy/certs/ca.crt"]);
+                    }
+                    argv.push(&url);
+                    run(s, &argv, b"").await
                 }
-                argv.push(&url);
-                let body = run(s, &argv, b"").await?;
+            };
+            let r = retry(|| async {
+                let body = get(url.clone()).await?;
                 if body.contains("Sage workspaces") {
                     Ok(format!(
                         "{url} serves the client page (verified certificate, HAProxy -> nginx)"
@@ -175,20 +175,7 @@ pub async fn check_all(
             push("haproxy https + nginx", r);
             let api = format!("https://{name}/api/health");
             let r = retry(|| async {
-                let mut argv = vec![
-                    "curl",
-                    "-sS",
-                    "--fail",
-                    "--max-time",
-                    "5",
-                    "--resolve",
-                    &resolve,
-                ];
-                if !own_cert {
-                    argv.extend(["--cacert", "/etc/haproxy/certs/ca.crt"]);
-                }
-                argv.push(&api);
-                let body = run(s, &argv, b"").await?;
+                let body = get(api.clone()).await?;
                 if body.trim() == "ok" {
                     Ok(format!(
                         "{api}: a backend answers through HAProxy and reaches PostgreSQL"

@@ -309,18 +309,23 @@ async fn authenticate(handle: &mut Handle<Verifier>, t: &Target) -> Result<(), S
         user: t.user.clone(),
         why,
     };
+    // The connection breaking during authentication is the host going away, not a refusal.
+    let lost = |e: russh::Error| SshError::Connect {
+        addr: t.addr,
+        why: format!("connection lost during authentication: {e}"),
+    };
     if let Some(path) = &t.identity {
         let key = russh::keys::load_secret_key(path, None)
             .map_err(|e| aerr(format!("cannot load {}: {e}", path.display())))?;
         let hash = handle
             .best_supported_rsa_hash()
             .await
-            .map_err(|e| aerr(e.to_string()))?
+            .map_err(lost)?
             .flatten();
         let r = handle
             .authenticate_publickey(&t.user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
             .await
-            .map_err(|e| aerr(e.to_string()))?;
+            .map_err(lost)?;
         return if r.success() {
             Ok(())
         } else {

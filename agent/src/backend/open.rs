@@ -345,22 +345,7 @@ impl Backend {
     /// bundle: after a revert.
     pub async fn reload(self: &Arc<Self>, ws: &Arc<OpenWs>) -> Result<(), ApiError> {
         let mut st = ws.state.lock().await;
-        if st.link.is_some() {
-            st.closing = true;
-            let _ = self
-                .control(
-                    ws,
-                    &st,
-                    Request::Close {
-                        session: ws.id.clone(),
-                    },
-                    SAVE_TIMEOUT,
-                )
-                .await;
-            if let Some(l) = st.link.take() {
-                l.unroute(&ws.id);
-            }
-        }
+        self.end_session(ws, &mut st).await;
         self.place(ws, &mut st, &[]).await
     }
 
@@ -402,24 +387,25 @@ impl Backend {
             if let Err(e) = self.save_locked(ws, &st, "Save on close").await {
                 tracing::warn!(workspace = %ws.id, "saving on close: {}", e.message);
             }
-            st.closing = true;
-            let _ = self
-                .control(
-                    ws,
-                    &st,
-                    Request::Close {
-                        session: ws.id.clone(),
-                    },
-                    SAVE_TIMEOUT,
-                )
-                .await;
         }
-        if let Some(l) = st.link.take() {
-            l.unroute(&ws.id);
-        }
+        self.end_session(ws, &mut st).await;
         let mut map = self.open.map.lock().unwrap();
         if ws.viewers() == 0 {
             map.remove(&ws.id);
+        }
+    }
+
+    /// Closes the session on its worker (without saving) and forgets the placement.
+    async fn end_session(&self, ws: &OpenWs, st: &mut Placement) {
+        st.closing = true;
+        if st.link.as_ref().is_some_and(|l| !l.is_dead()) {
+            let close = Request::Close {
+                session: ws.id.clone(),
+            };
+            let _ = self.control(ws, st, close, SAVE_TIMEOUT).await;
+        }
+        if let Some(l) = st.link.take() {
+            l.unroute(&ws.id);
         }
     }
 
@@ -440,22 +426,7 @@ impl Backend {
         ws.broadcast(json!({"event": "closed", "workspace": id, "reason": "deleted"}));
         ws.viewers.lock().unwrap().clear();
         let mut st = ws.state.lock().await;
-        st.closing = true;
-        if st.link.is_some() {
-            let _ = self
-                .control(
-                    &ws,
-                    &st,
-                    Request::Close {
-                        session: id.to_string(),
-                    },
-                    SAVE_TIMEOUT,
-                )
-                .await;
-        }
-        if let Some(l) = st.link.take() {
-            l.unroute(id);
-        }
+        self.end_session(&ws, &mut st).await;
     }
 }
 

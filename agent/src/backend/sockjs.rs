@@ -130,6 +130,20 @@ impl SjSession {
     }
 }
 
+/// The next frame for a waiting request: what is queued, or a heartbeat after `beat`.
+async fn next_frame(s: &SjSession, beat: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + beat;
+    loop {
+        let notified = s.notify.notified();
+        if let Some(f) = s.take() {
+            return f;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return "h".to_string();
+        }
+    }
+}
+
 /// A client frame: a JSON array of strings (or one string).
 pub fn parse_client_frame(text: &str) -> Result<Vec<String>, &'static str> {
     if text.is_empty() {
@@ -344,17 +358,7 @@ pub async fn xhr(
             format!("{}\n", close_frame(2010, "Another connection still open")),
         );
     }
-    let beat = Duration::from_secs(backend.config.heartbeat_seconds);
-    let deadline = tokio::time::Instant::now() + beat;
-    let frame = loop {
-        let notified = s.notify.notified();
-        if let Some(f) = s.take() {
-            break f;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            break "h".to_string();
-        }
-    };
+    let frame = next_frame(&s, Duration::from_secs(backend.config.heartbeat_seconds)).await;
     s.detach();
     if frame.starts_with('c') {
         backend.sockjs.remove(&s.id);
@@ -472,15 +476,7 @@ pub async fn xhr_streaming(
             return None;
         }
         let s = st.s.0.clone();
-        let frame = loop {
-            let notified = s.notify.notified();
-            if let Some(f) = s.take() {
-                break f;
-            }
-            if tokio::time::timeout(beat, notified).await.is_err() {
-                break "h".to_string();
-            }
-        };
+        let frame = next_frame(&s, beat).await;
         if frame.starts_with('c') {
             st.done = true;
             st.backend.sockjs.remove(&s.id);

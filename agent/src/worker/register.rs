@@ -14,7 +14,12 @@ use crate::frame;
 use crate::proto::{Announce, AnnounceReply};
 use crate::tls::Identity;
 
-async fn session(shared: &Shared, identity: &Identity, b: &BackendRef) -> anyhow::Result<()> {
+async fn session(
+    shared: &Shared,
+    identity: &Identity,
+    b: &BackendRef,
+    registered: &mut bool,
+) -> anyhow::Result<()> {
     let cfg = identity.client_config(&["backend"])?;
     let name = ServerName::try_from(b.name.clone())?;
     let tcp =
@@ -39,6 +44,7 @@ async fn session(shared: &Shared, identity: &Identity, b: &BackendRef) -> anyhow
     .await?;
     let AnnounceReply::Ack = frame::read(&mut s, 1 << 16, Duration::from_secs(10)).await?;
     shared.heard_from_backend();
+    *registered = true;
     tracing::info!(backend = %b.name, "registered");
     loop {
         tokio::time::sleep(Duration::from_secs(c.heartbeat_seconds)).await;
@@ -53,15 +59,15 @@ async fn session(shared: &Shared, identity: &Identity, b: &BackendRef) -> anyhow
 pub async fn announce(shared: Arc<Shared>, identity: Identity, b: BackendRef) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        let began = std::time::Instant::now();
-        if let Err(e) = session(&shared, &identity, &b).await {
+        let mut registered = false;
+        if let Err(e) = session(&shared, &identity, &b, &mut registered).await {
             tracing::debug!(backend = %b.name, "announcing failed: {e:#}");
         }
-        // A backend that was up for a while and went away (a restart) is retried promptly.
-        if began.elapsed() > Duration::from_secs(30) {
+        // A backend that took us and then went away (a restart) is retried promptly.
+        if registered {
             backoff = Duration::from_secs(1);
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
