@@ -23,7 +23,7 @@ struct Conn {
     account: Option<Account>,
     token: Option<String>,
     open: HashSet<String>,
-    viewer: mpsc::UnboundedSender<Value>,
+    viewer: super::open::Viewer,
 }
 
 /// Serves one SockJS session until it ends; then leaves every workspace it had open.
@@ -34,7 +34,7 @@ pub async fn run(
     out: Outbound,
     account: Option<Account>,
 ) {
-    let (viewer, mut events) = mpsc::unbounded_channel::<Value>();
+    let (viewer, mut events) = mpsc::unbounded_channel::<Arc<str>>();
     let mut c = Conn {
         backend: backend.clone(),
         id,
@@ -50,7 +50,8 @@ pub async fn run(
             m = inbound.recv() => {
                 let Some(text) = m else { break };
                 backend.metrics.inc(&backend.metrics.messages);
-                // Boxed: the request's state lives only while it runs, not in every idle session.
+                // Boxed: the request's state lives only while it runs, not in every idle
+                // session (this task's size is what an idle session costs).
                 let reply = Box::pin(c.handle(&text)).await;
                 out.send(reply.to_string());
             }
@@ -58,7 +59,7 @@ pub async fn run(
         }
     }
     for ws in std::mem::take(&mut c.open) {
-        backend.leave(&ws, id).await;
+        Box::pin(backend.leave(&ws, id)).await;
     }
 }
 
@@ -167,7 +168,7 @@ impl Conn {
                     b.signout(&t).await?;
                 }
                 for ws in std::mem::take(&mut self.open) {
-                    b.leave(&ws, self.id).await;
+                    Box::pin(b.leave(&ws, self.id)).await;
                 }
                 self.account = None;
                 Ok(json!({}))

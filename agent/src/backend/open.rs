@@ -16,8 +16,9 @@ use super::workers::Link;
 use super::{ApiError, Backend};
 use crate::proto::{Event, Request, Status};
 
-/// What a viewer's connection receives: JSON messages for the browser.
-pub type Viewer = mpsc::UnboundedSender<Value>;
+/// What a viewer's connection receives: JSON messages for the browser, serialised once for
+/// every viewer (and small in the channel: idle sessions each hold one).
+pub type Viewer = mpsc::UnboundedSender<Arc<str>>;
 
 #[derive(Default)]
 pub struct OpenWorkspaces {
@@ -50,10 +51,11 @@ struct Placement {
 
 impl OpenWs {
     fn broadcast(&self, msg: Value) {
+        let text: Arc<str> = msg.to_string().into();
         self.viewers
             .lock()
             .unwrap()
-            .retain(|(_, v)| v.send(msg.clone()).is_ok());
+            .retain(|(_, v)| v.send(text.clone()).is_ok());
     }
 
     pub fn viewers(&self) -> usize {

@@ -489,7 +489,9 @@ pub async fn xhr_streaming(
 
 /// The websocket transport: one session per socket.
 pub async fn websocket(backend: Arc<Backend>, session: String, headers: HeaderMap, ws: WebSocket) {
-    let account = backend.cookie_account(&headers).await;
+    // Boxed (like every await below that does real work): this task lives as long as the
+    // session, and its size is what an idle session costs.
+    let account = Box::pin(backend.cookie_account(&headers)).await;
     drop(headers);
     let mut ws = ws;
     let s = match backend.new_sockjs_session(&session, account) {
@@ -529,7 +531,7 @@ async fn ws_loop(backend: &Backend, s: &SjSession, ws: &mut WebSocket) {
             }
             m = ws.recv() => match m {
                 Some(Ok(Message::Text(t))) => {
-                    if s.deliver(t.as_str()).await.is_err() {
+                    if Box::pin(s.deliver(t.as_str())).await.is_err() {
                         // Broken framing: the protocol says to drop the connection.
                         return;
                     }
