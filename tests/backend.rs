@@ -443,6 +443,41 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
     let r = dan.send_raw("[not json").await;
     assert_eq!(r, 500);
 
+    // The worker port takes worker certificates only: HAProxy's is refused in the handshake.
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.backends[0].config).unwrap()).unwrap();
+    let wl = config["worker_listen"].as_str().unwrap();
+    let tcp = tokio::net::TcpStream::connect(wl).await.unwrap();
+    let cfg = s.client_identity().client_config(&["backend"]).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("backend1").unwrap();
+    let announced = async {
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
+        let register = sage_agent::proto::Announce::Register {
+            host: "impostor".into(),
+            address: "127.0.0.1:1".into(),
+            capacity: 100,
+            engines: vec!["python3".into()],
+        };
+        sage_agent::frame::write(&mut tls, &register)
+            .await
+            .map_err(std::io::Error::other)?;
+        sage_agent::frame::read::<sage_agent::proto::AnnounceReply, _>(
+            &mut tls,
+            1024,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(std::io::Error::other)
+    }
+    .await;
+    assert!(
+        announced.is_err(),
+        "a non-worker was acknowledged: {announced:?}"
+    );
+    assert_eq!(s.metric(0, "healthy_workers").await, 1);
+
     // The session cap (6 in the test config): the excess gets a close frame that says why.
     let mut extra = Vec::new();
     let mut refused = None;

@@ -502,6 +502,11 @@ http {{
         }
     }
 
+    /// The identity HAProxy presents (loadbalancer role).
+    pub fn client_identity(&self) -> &Identity {
+        &self.client
+    }
+
     /// A TLS connection to backend `b`, presenting HAProxy's certificate.
     pub async fn tls(&self, b: usize) -> std::io::Result<TlsStream<TcpStream>> {
         let mut cfg = Arc::unwrap_or_clone(self.client.client_config(&["backend"]).unwrap());

@@ -325,6 +325,7 @@ pub async fn run(
     });
     tokio::spawn(serve_workers(backend.clone(), worker_listener));
     tokio::spawn(sockjs::reaper(backend.clone()));
+    tokio::spawn(expire_sessions(backend.clone()));
     let https = backend.identity.server_config(&["loadbalancer"])?;
     let mut https = Arc::unwrap_or_clone(https);
     https.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -337,6 +338,33 @@ pub async fn run(
     // Save what browsers left open, so nothing typed since the last save is lost.
     backend.close_all().await;
     Ok(())
+}
+
+/// Deletes expired sign-in sessions every hour, a thousand rows at a time (short transactions;
+/// several backends doing it at once only share the work).
+async fn expire_sessions(backend: Arc<Backend>) {
+    loop {
+        loop {
+            let r = async {
+                backend
+                    .db()
+                    .await?
+                    .execute(
+                        "DELETE FROM sessions WHERE token_hash IN
+                         (SELECT token_hash FROM sessions WHERE expires < now() LIMIT 1000)",
+                        &[],
+                    )
+                    .await
+                    .map_err(ApiError::from)
+            }
+            .await;
+            match r {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "expired sign-in sessions"),
+                _ => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
 }
 
 async fn serve_workers(backend: Arc<Backend>, listener: TcpListener) {
