@@ -354,19 +354,19 @@ async fn writer(
             }
             if let Some(c) = client.as_mut() {
                 match store::write(c, &all).await {
-                    Ok(new_ids) => {
+                    Ok(new) => {
                         // Alerts look at committed records, each once (not at resent duplicates).
                         let fresh: Vec<&crate::proto::LogRecord> = all
                             .iter()
                             .map(|i| &i.record)
-                            .filter(|r| new_ids.contains(&r.id))
+                            .filter(|r| new.is_new(&r.id))
                             .collect();
                         for alert in rules.observe(&fresh) {
                             if let Some(action) = rules.action(&alert.rule).cloned() {
                                 tokio::spawn(alerts::fire(action, alert));
                             }
                         }
-                        let stored = new_ids.len() as u64;
+                        let stored = new.count(all.len()) as u64;
                         let total = all.len() as u64;
                         metrics.records_stored.fetch_add(stored, Ordering::Relaxed);
                         metrics
