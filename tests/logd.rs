@@ -185,6 +185,23 @@ async fn records_stored_once_with_the_connections_address() {
         l.pg.query("sagews_logs", "select count(*) from records"),
         "3"
     );
+    // Old and new together, and a record twice in one batch: each stored once, counted right.
+    let reply = send(&mut s, 3, [1, 2, 3, 4, 4].into_iter().map(record).collect()).await;
+    assert_eq!(
+        reply,
+        LogReply::Ack {
+            batch: 3,
+            stored: 2,
+            duplicates: 3
+        }
+    );
+    assert_eq!(
+        l.pg.query(
+            "sagews_logs",
+            "select count(*), count(distinct id) from records"
+        ),
+        "5|5"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -52,6 +52,7 @@ fn main() {
         let s = tokio_rustls::TlsConnector::from(id.client_config(&["logd"]).unwrap()).connect(sn, tcp).await.unwrap();
         let (mut rd, mut wr) = tokio::io::split(s);
         let batches = n / batch;
+        let cpu0 = own_cpu();
         let started = Instant::now();
         let reader = tokio::spawn(async move {
             for _ in 0..batches {
@@ -70,7 +71,33 @@ fn main() {
         }
         reader.await.unwrap();
         let secs = started.elapsed().as_secs_f64();
+        let cpu = own_cpu() - cpu0;
         let stored = pg.query("sagews_logs", "select count(*) from records");
         println!("{n} records in batches of {batch}, acknowledged after commit: {secs:.2} s, {:.0} records/s (stored: {stored})", n as f64 / secs);
+        // Where the time went: this process (the client and logd) and PostgreSQL's processes
+        // (the writer's backend, the WAL writer...), CPU seconds, on a box of `nproc` cores.
+        let pids = pg.query("sagews_logs", "select string_agg(pid::text, ' ') from pg_stat_activity");
+        let pg_cpu: Vec<f64> = pids.split_whitespace().filter_map(|p| proc_cpu(p.parse().ok()?)).collect();
+        let busiest = pg_cpu.iter().copied().fold(0.0, f64::max);
+        println!(
+            "CPU: client and logd {cpu:.2} s, PostgreSQL {:.2} s since its start (its busiest process, the writer's backend: {busiest:.2} s)",
+            pg_cpu.iter().sum::<f64>()
+        );
     });
+}
+
+/// CPU seconds (user and system) of this process so far.
+fn own_cpu() -> f64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    s(u.user_time()) + s(u.system_time())
+}
+
+/// CPU seconds of process `pid` so far (from /proc, in clock ticks of 1/100 s).
+fn proc_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / 100.0)
 }

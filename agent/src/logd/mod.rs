@@ -162,13 +162,15 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let (jobs, rx) = mpsc::channel::<Job>(64);
     let rules = config.rules().map_err(|e| anyhow::anyhow!("alerts: {e}"))?;
+    let (committed, committed_rx) = mpsc::channel(4);
+    tokio::spawn(alerting(rules, committed_rx));
     tokio::spawn(writer(
         config.database.clone(),
         identity.roots.clone(),
         config.batch_size,
         rx,
         metrics.clone(),
-        rules,
+        committed,
     ));
     let http = TcpListener::bind(config.http_listen)
         .await
@@ -319,7 +321,7 @@ async fn writer(
     batch_size: usize,
     mut rx: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
-    mut rules: alerts::Alerts,
+    committed: mpsc::Sender<(Vec<Incoming>, store::Stored)>,
 ) {
     let mut client = None;
     let mut backoff = Duration::from_millis(100);
@@ -335,10 +337,10 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let all: Vec<Incoming> = jobs
-            .iter_mut()
-            .flat_map(|j| std::mem::take(&mut j.records))
-            .collect();
+        let mut all: Vec<Incoming> = Vec::with_capacity(n);
+        for j in &mut jobs {
+            all.append(&mut j.records);
+        }
         loop {
             if client.is_none() {
                 match store::connect(&db, roots.clone()).await {
@@ -354,19 +356,8 @@ async fn writer(
             }
             if let Some(c) = client.as_mut() {
                 match store::write(c, &all).await {
-                    Ok(new_ids) => {
-                        // Alerts look at committed records, each once (not at resent duplicates).
-                        let fresh: Vec<&crate::proto::LogRecord> = all
-                            .iter()
-                            .map(|i| &i.record)
-                            .filter(|r| new_ids.contains(&r.id))
-                            .collect();
-                        for alert in rules.observe(&fresh) {
-                            if let Some(action) = rules.action(&alert.rule).cloned() {
-                                tokio::spawn(alerts::fire(action, alert));
-                            }
-                        }
-                        let stored = new_ids.len() as u64;
+                    Ok(new) => {
+                        let stored = new.count(all.len()) as u64;
                         let total = all.len() as u64;
                         metrics.records_stored.fetch_add(stored, Ordering::Relaxed);
                         metrics
@@ -377,6 +368,9 @@ async fn writer(
                         for j in jobs {
                             let _ = j.done.send((stored, total - stored));
                         }
+                        // The rest (alerts, freeing the records) is done off the database's
+                        // critical path, while it takes the next batch.
+                        let _ = committed.send((all, new)).await;
                         break;
                     }
                     Err(e) => {
@@ -389,6 +383,26 @@ async fn writer(
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Looks at the committed records, each once (not at resent duplicates), in commit order, and
+/// fires the alerts they raise.
+async fn alerting(
+    mut rules: alerts::Alerts,
+    mut committed: mpsc::Receiver<(Vec<Incoming>, store::Stored)>,
+) {
+    while let Some((all, new)) = committed.recv().await {
+        let fresh: Vec<&crate::proto::LogRecord> = all
+            .iter()
+            .map(|i| &i.record)
+            .filter(|r| new.is_new(&r.id))
+            .collect();
+        for alert in rules.observe(&fresh) {
+            if let Some(action) = rules.action(&alert.rule).cloned() {
+                tokio::spawn(alerts::fire(action, alert));
+            }
         }
     }
 }

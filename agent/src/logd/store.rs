@@ -1,10 +1,16 @@
 //! logd's PostgreSQL side: schema migrations (under an advisory lock, so several logds starting
-//! together do not race), and batches written with one INSERT of arrays per transaction,
-//! duplicates (by record id) dropped by the database.
+//! together do not race), and batches written one transaction each: a binary COPY straight into
+//! the table, or, when the batch holds a record already stored (a resend after a lost ack), one
+//! INSERT of arrays that drops the duplicates (by record id).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use tokio_postgres::Client;
+use bytes::{BufMut, BytesMut};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, Transaction};
 
 use crate::proto::LogRecord;
 
@@ -28,8 +34,27 @@ CREATE INDEX records_ts ON records (ts);
     r#"
 CREATE TABLE replication (peer text PRIMARY KEY, last_seq bigint NOT NULL);
 "#,
+    // Ids are only ever compared for equality: byte order is enough, and much cheaper than the
+    // database's locale for every insert into the unique index (rebuilds that index once).
+    r#"
+ALTER TABLE records ALTER COLUMN id TYPE text COLLATE "C";
+"#,
 ];
 
+/// The fast way in: fails (unique violation) if any record of the batch is there already.
+const COPY: &str = "COPY records (id, ts, host, source_ip, level, target, message, fields) FROM STDIN (FORMAT binary)";
+const COPY_TYPES: [Type; 8] = [
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::INET,
+    Type::INT2,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+];
+
+/// The way in that drops duplicates, reporting the ids that were new.
 const INSERT: &str = r#"
 INSERT INTO records (id, ts, host, source_ip, level, target, message, fields)
 SELECT id, to_timestamp(ts / 1000.0), host, ip::inet, level, target, message, fields::jsonb
@@ -106,11 +131,75 @@ pub struct Incoming {
     pub source: std::net::IpAddr,
 }
 
-/// Writes `batch` in one transaction; returns the ids that were new (the rest were there).
-pub async fn write(
+/// What a committed batch added.
+#[derive(Debug)]
+pub enum Stored {
+    /// Every record (none was there before).
+    All,
+    /// The records with these ids; the others were there already.
+    Only(HashSet<String>),
+}
+
+impl Stored {
+    pub fn is_new(&self, id: &str) -> bool {
+        match self {
+            Stored::All => true,
+            Stored::Only(ids) => ids.contains(id),
+        }
+    }
+
+    /// How many of the batch's `total` records were new.
+    pub fn count(&self, total: usize) -> usize {
+        match self {
+            Stored::All => total,
+            Stored::Only(ids) => ids.len(),
+        }
+    }
+}
+
+/// Writes `batch` in one transaction, duplicates dropped; says which records were new. Tries a
+/// binary COPY first (no per-row conflict check: the unique index refuses a duplicate and the
+/// transaction goes back), then, only if that found a duplicate, the INSERT that skips them.
+pub async fn write(c: &mut Client, batch: &[Incoming]) -> Result<Stored, tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    match copy(&tx, batch).await {
+        Ok(()) => {
+            tx.commit().await?;
+            return Ok(Stored::All);
+        }
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback().await?,
+        Err(e) => return Err(e),
+    }
+    insert_new(c, batch).await.map(Stored::Only)
+}
+
+async fn copy(tx: &Transaction<'_>, batch: &[Incoming]) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(COPY).await?;
+    let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_TYPES));
+    for i in batch {
+        let r = &i.record;
+        w.as_mut()
+            .write(&[
+                &r.id,
+                &Millis(r.ts_ms),
+                &r.host,
+                &i.source,
+                &(r.level as i16),
+                &r.target,
+                &r.message,
+                &Jsonb(&r.fields),
+            ])
+            .await?;
+    }
+    w.finish().await?;
+    Ok(())
+}
+
+/// Inserts what is not there yet (by id) in one transaction; returns the ids that were new.
+async fn insert_new(
     c: &mut Client,
     batch: &[Incoming],
-) -> Result<std::collections::HashSet<String>, tokio_postgres::Error> {
+) -> Result<HashSet<String>, tokio_postgres::Error> {
     let col = |f: &dyn Fn(&Incoming) -> String| batch.iter().map(f).collect::<Vec<String>>();
     let ids = col(&|r| r.record.id.clone());
     let ts: Vec<i64> = batch.iter().map(|r| r.record.ts_ms).collect();
@@ -131,6 +220,57 @@ pub async fn write(
         .await?;
     tx.commit().await?;
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// A time in Unix milliseconds, sent as a timestamptz (microseconds since 2000-01-01).
+#[derive(Debug)]
+struct Millis(i64);
+
+impl ToSql for Millis {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // Refused when out of range, as the INSERT's to_timestamp does (PostgreSQL refuses what
+        // is past its range; the two extremes would read as -infinity and infinity).
+        let us = self
+            .0
+            .checked_sub(946_684_800_000)
+            .and_then(|ms| ms.checked_mul(1000))
+            .filter(|us| *us != i64::MIN && *us != i64::MAX)
+            .ok_or("timestamp out of range")?;
+        out.put_i64(us);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+
+    to_sql_checked!();
+}
+
+/// Record fields, sent as jsonb (a version byte, then the JSON text).
+#[derive(Debug)]
+struct Jsonb<'a>(&'a serde_json::Map<String, serde_json::Value>);
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(1);
+        serde_json::to_writer(out.writer(), self.0)?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
 }
 
 /// Deletes records older than `days`, a few thousand rows per transaction so the table stays
