@@ -4,7 +4,6 @@
 //! INSERT of arrays that drops the duplicates (by record id).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -64,65 +63,14 @@ ON CONFLICT (id) DO NOTHING
 RETURNING id
 "#;
 
-/// Connection settings of logd's database.
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DbConfig {
-    pub host: String,
-    /// The name in the server's certificate (its address works too: certificates carry both).
-    pub server_name: String,
-    pub port: u16,
-    pub name: String,
-    pub user: String,
-    pub password: String,
-}
+pub use crate::db::{DbConfig, connect};
 
-/// Connects with TLS verified against `roots` (verify-full).
-pub async fn connect(
-    db: &DbConfig,
-    roots: Arc<rustls::RootCertStore>,
-) -> Result<Client, tokio_postgres::Error> {
-    let tls_cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_cfg);
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&db.host)
-        .port(db.port)
-        .dbname(&db.name)
-        .user(&db.user)
-        .password(&db.password);
-    cfg.ssl_mode(tokio_postgres::config::SslMode::Require)
-        .connect_timeout(std::time::Duration::from_secs(5));
-    let (client, conn) = cfg.connect(tls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!("database connection ended: {e}");
-        }
-    });
-    Ok(client)
-}
+/// The advisory lock serialising migrations of logd's database.
+const MIGRATION_LOCK: i64 = 727_274;
 
 /// Applies the migrations not applied yet.
 pub async fn migrate(c: &mut Client) -> Result<(), tokio_postgres::Error> {
-    let tx = c.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(727274)", &[])
-        .await?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY)")
-        .await?;
-    let done: i32 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
-        .await?
-        .get(0);
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
-        tx.batch_execute(m).await?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES ($1)",
-            &[&(i as i32 + 1)],
-        )
-        .await?;
-    }
-    tx.commit().await
+    crate::db::migrate(c, MIGRATION_LOCK, MIGRATIONS).await
 }
 
 /// A record with the address it came from.
