@@ -12,6 +12,8 @@ pub struct Pg {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// fsync on (benchmarks of durable commits) or off (tests, for speed).
+    fsync: bool,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -31,8 +33,18 @@ fn postgres_ids() -> (u32, u32) {
 }
 
 impl Pg {
-    /// A cluster on 127.0.0.1:`port` whose server certificate is `cert`/`key` (PEM).
+    /// A cluster on 127.0.0.1:`port` whose server certificate is `cert`/`key` (PEM), without
+    /// fsync (tests).
     pub fn start(cert: &str, key: &str) -> Pg {
+        Pg::start_with(cert, key, false)
+    }
+
+    /// Like `start`, with fsync on: a commit is on disk when it returns (benchmarks).
+    pub fn start_durable(cert: &str, key: &str) -> Pg {
+        Pg::start_with(cert, key, true)
+    }
+
+    fn start_with(cert: &str, key: &str, fsync: bool) -> Pg {
         let dir = tempfile::Builder::new()
             .prefix("sagews-pg")
             .tempdir()
@@ -81,6 +93,7 @@ impl Pg {
             dir,
             port,
             child: None,
+            fsync,
         };
         pg.run();
         pg
@@ -104,9 +117,9 @@ impl Pg {
                 "ssl=on",
                 "-c",
                 "password_encryption=scram-sha-256",
-                "-c",
-                "fsync=off",
             ])
+            .arg("-c")
+            .arg(format!("fsync={}", if self.fsync { "on" } else { "off" }))
             .arg("-c")
             .arg(format!("port={}", self.port))
             .arg("-c")
