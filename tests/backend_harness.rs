@@ -175,18 +175,7 @@ impl Stack {
         )
         .unwrap();
         let state = State::open_at(&tmp.path().join("pki"), "btest").unwrap();
-        let dbc = state
-            .issue(
-                "t-db",
-                "db",
-                vec!["db".into(), sagectl::pki::role_name("database")],
-                vec!["127.0.0.1".parse().unwrap()],
-            )
-            .unwrap();
-        let key = dbc.key_pem.expose().to_string();
-        let pg = tokio::task::spawn_blocking(move || Pg::start(&dbc.chain_pem, &key))
-            .await
-            .unwrap();
+        let pg = Pg::for_ca(&state, false).await;
         pg.create_db("sagews", DB_PASSWORD);
 
         // memcached, TLS only, client certificates required (as the cache role renders it).

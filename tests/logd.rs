@@ -36,18 +36,7 @@ async fn start_with(extra: serde_json::Value) -> Logd {
     let tmp = tempfile::tempdir().unwrap();
     // Where sagectl keeps the state of an inventory named `ltest` in this directory.
     let state = State::open_at(&tmp.path().join(".sagectl/ltest"), "ltest").unwrap();
-    let dbc = state
-        .issue(
-            "t-db",
-            "db",
-            vec!["db".into(), sagectl::pki::role_name("database")],
-            vec!["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
-    let key = dbc.key_pem.expose().to_string();
-    let pg = tokio::task::spawn_blocking(move || pg::Pg::start(&dbc.chain_pem, &key))
-        .await
-        .unwrap();
+    let pg = pg::Pg::for_ca(&state, false).await;
     pg.create_db("sagews_logs", "logpw123");
     let (ca, crt, key) = harness::creds(&state, &tmp.path().join("logd"), "logs1", &["logd"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -33,18 +33,26 @@ fn postgres_ids() -> (u32, u32) {
 }
 
 impl Pg {
-    /// A cluster on 127.0.0.1:`port` whose server certificate is `cert`/`key` (PEM), without
-    /// fsync (tests).
-    pub fn start(cert: &str, key: &str) -> Pg {
-        Pg::start_with(cert, key, false)
+    /// A cluster whose certificate (host "db", database role, 127.0.0.1) comes from `state`'s
+    /// CA, started off the async threads.
+    pub async fn for_ca(state: &sagectl::pki::State, fsync: bool) -> Pg {
+        let dbc = state
+            .issue(
+                "t-db",
+                "db",
+                vec!["db".into(), sagectl::pki::role_name("database")],
+                vec!["127.0.0.1".parse().unwrap()],
+            )
+            .unwrap();
+        let key = dbc.key_pem.expose().to_string();
+        tokio::task::spawn_blocking(move || Pg::start_with(&dbc.chain_pem, &key, fsync))
+            .await
+            .unwrap()
     }
 
-    /// Like `start`, with fsync on: a commit is on disk when it returns (benchmarks).
-    pub fn start_durable(cert: &str, key: &str) -> Pg {
-        Pg::start_with(cert, key, true)
-    }
-
-    fn start_with(cert: &str, key: &str, fsync: bool) -> Pg {
+    /// A cluster on 127.0.0.1 whose server certificate is `cert`/`key` (PEM); fsync on for
+    /// benchmarks of durable commits, off for tests.
+    pub fn start_with(cert: &str, key: &str, fsync: bool) -> Pg {
         let dir = tempfile::Builder::new()
             .prefix("sagews-pg")
             .tempdir()

@@ -28,9 +28,7 @@ fn main() {
         harness::require_root();
         let tmp = tempfile::tempdir().unwrap();
         let state = State::open_at(&tmp.path().join("pki"), "lbench").unwrap();
-        let dbc = state.issue("t-db", "db", vec!["db".into()], vec!["127.0.0.1".parse().unwrap()]).unwrap();
-        let key = dbc.key_pem.expose().to_string();
-        let pg = tokio::task::spawn_blocking(move || pg::Pg::start_durable(&dbc.chain_pem, &key)).await.unwrap();
+        let pg = pg::Pg::for_ca(&state, true).await;
         pg.create_db("sagews_logs", "benchpw1");
         let (ca, crt, key) = harness::creds(&state, &tmp.path().join("logd"), "logs1", &["logd"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
