@@ -191,6 +191,29 @@ async fn records_stored_once_with_the_connections_address() {
         ),
         "5|5"
     );
+    // What PostgreSQL cannot store (NUL in text and jsonb, a time past year 294276) is made
+    // storable instead of failing its batch forever; the next batch goes through too.
+    let mut bad = record(10);
+    bad.message = "nul\0here".into();
+    bad.fields.insert("k\0".into(), serde_json::json!(["a\0b"]));
+    bad.ts_ms = i64::MAX;
+    let reply = send(&mut s, 4, vec![bad]).await;
+    assert!(
+        matches!(reply, LogReply::Ack { stored: 1, .. }),
+        "{reply:?}"
+    );
+    let reply = send(&mut s, 5, vec![record(11)]).await;
+    assert!(
+        matches!(reply, LogReply::Ack { stored: 1, .. }),
+        "{reply:?}"
+    );
+    assert_eq!(
+        l.pg.query(
+            "sagews_logs",
+            "select message, fields->>'k\u{fffd}', fields->>'ts_ms_sent', extract(year from ts) from records where id = 'rec-10'"
+        ),
+        format!("nul\u{fffd}here|[\"a\u{fffd}b\"]|{}|9999", i64::MAX)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

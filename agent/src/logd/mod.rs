@@ -272,6 +272,7 @@ async fn serve(
                 let records = records
                     .into_iter()
                     .map(|mut record| {
+                        store::sanitize(&mut record);
                         let claimed = record
                             .fields
                             .remove("_source")

@@ -73,6 +73,45 @@ pub async fn migrate(c: &mut Client) -> Result<(), tokio_postgres::Error> {
     crate::db::migrate(c, MIGRATION_LOCK, MIGRATIONS).await
 }
 
+/// Makes a record storable whatever a client sent: PostgreSQL refuses NUL in text and jsonb
+/// (U+FFFD stands in for it) and timestamps outside its range (clamped to years 0-9999, the
+/// original kept in the field `ts_ms_sent`). Without this one such record would fail its batch
+/// on every retry, and the writer would stop.
+pub fn sanitize(r: &mut LogRecord) {
+    fn text(s: &mut String) {
+        if s.contains('\0') {
+            *s = s.replace('\0', "\u{fffd}");
+        }
+    }
+    fn value(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => text(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(value),
+            serde_json::Value::Object(m) => object(m),
+            _ => {}
+        }
+    }
+    fn object(m: &mut serde_json::Map<String, serde_json::Value>) {
+        if m.keys().any(|k| k.contains('\0')) {
+            *m = std::mem::take(m)
+                .into_iter()
+                .map(|(k, v)| (k.replace('\0', "\u{fffd}"), v))
+                .collect();
+        }
+        m.values_mut().for_each(value);
+    }
+    for s in [&mut r.id, &mut r.host, &mut r.target, &mut r.message] {
+        text(s);
+    }
+    object(&mut r.fields);
+    const MIN_MS: i64 = -62_167_219_200_000; // 0000-01-01
+    const MAX_MS: i64 = 253_402_300_799_999; // 9999-12-31
+    if !(MIN_MS..=MAX_MS).contains(&r.ts_ms) {
+        r.fields.insert("ts_ms_sent".into(), r.ts_ms.into());
+        r.ts_ms = r.ts_ms.clamp(MIN_MS, MAX_MS);
+    }
+}
+
 /// A record with the address it came from.
 pub struct Incoming {
     pub record: LogRecord,
