@@ -47,6 +47,18 @@ fn wait_port(port: u16, what: &str) {
     }
 }
 
+/// Starts a server program (quiet) and waits until it listens on `port`.
+fn serve(program: &str, args: &[&str], port: u16) -> Child {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e} (./test installs it)"));
+    wait_port(port, program);
+    child
+}
+
 fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sage-agent"))
 }
@@ -273,22 +285,27 @@ impl Stack {
 
     pub fn start_memcached(&mut self) {
         let (ca, crt, key) = self.memcached_args.clone().unwrap();
-        let child = Command::new("memcached")
-            .args(["-u", "memcache", "-l", "127.0.0.1", "-p"])
-            .arg(self.memcached_port.to_string())
-            .args(["-U", "0", "-Z", "-o"])
-            .arg(format!(
-                "ssl_chain_cert={},ssl_key={},ssl_ca_cert={},ssl_verify_mode=2",
-                crt.display(),
-                key.display(),
-                ca.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("memcached installed");
-        self.memcached = Some(child);
-        wait_port(self.memcached_port, "memcached");
+        let port = self.memcached_port.to_string();
+        let tls = format!(
+            "ssl_chain_cert={},ssl_key={},ssl_ca_cert={},ssl_verify_mode=2",
+            crt.display(),
+            key.display(),
+            ca.display()
+        );
+        let args = [
+            "-u",
+            "memcache",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "0",
+            "-Z",
+            "-o",
+            &tls,
+        ];
+        self.memcached = Some(serve("memcached", &args, self.memcached_port));
     }
 
     pub fn stop_memcached(&mut self) {
@@ -329,15 +346,12 @@ impl Stack {
             pem = pem.display()
         );
         std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
-        let child = Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(dir.join("haproxy.cfg"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("haproxy installed");
-        self.haproxy = Some(child);
-        wait_port(port, "haproxy");
+        let conf = dir.join("haproxy.cfg");
+        self.haproxy = Some(serve(
+            "haproxy",
+            &["-db", "-f", conf.to_str().unwrap()],
+            port,
+        ));
         port
     }
 
@@ -442,15 +456,12 @@ http {{
             port = self.nginx_port,
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx installed");
-        self.nginx = Some(child);
-        wait_port(publish_port, "nginx");
+        let conf = dir.join("nginx.conf");
+        self.nginx = Some(serve(
+            "nginx",
+            &["-c", conf.to_str().unwrap()],
+            publish_port,
+        ));
     }
 
     async fn wait_health(&self, b: usize) {

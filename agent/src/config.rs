@@ -6,6 +6,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+/// Another host an agent connects to: the name its certificate carries and its address
+/// (`host:port`). Backends, static hosts and memcached servers in configs are all this.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub address: String,
+}
+
 /// The CA, this host's certificate and its key.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

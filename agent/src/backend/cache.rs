@@ -11,16 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-/// One memcached server from the config.
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Server {
-    pub name: String,
-    pub address: String,
-}
+use crate::config::Peer;
 
 struct Slot {
-    server: Server,
+    server: Peer,
     conn: tokio::sync::Mutex<Option<BufReader<TlsStream<TcpStream>>>>,
     /// After a failure, no new connection before this instant.
     retry_at: std::sync::Mutex<Option<Instant>>,
@@ -39,7 +33,7 @@ fn valid_key(k: &str) -> bool {
 }
 
 impl Cache {
-    pub fn new(servers: Vec<Server>, identity: &crate::tls::Identity) -> anyhow::Result<Cache> {
+    pub fn new(servers: Vec<Peer>, identity: &crate::tls::Identity) -> anyhow::Result<Cache> {
         let tls = if servers.is_empty() {
             None
         } else {
@@ -188,7 +182,7 @@ fn fail<T>(slot: &Slot, why: String) -> Option<T> {
 }
 
 async fn connect(
-    s: &Server,
+    s: &Peer,
     tls: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<BufReader<TlsStream<TcpStream>>> {
     let tcp = TcpStream::connect(&s.address).await?;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::config::{HasTls, TlsPaths};
+use crate::config::{HasTls, Peer, TlsPaths};
 use crate::db::{DbConfig, Pool, PoolError};
 use crate::logclient::LogClient;
 use crate::proto::Level;
@@ -44,14 +44,6 @@ pub struct LogdRef {
     pub server_name: String,
 }
 
-/// A static host: its name (in its certificate) and its publishing address (nginx, WebDAV PUT).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StaticHost {
-    pub name: String,
-    pub address: String,
-}
-
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -62,7 +54,7 @@ pub struct Config {
     pub worker_listen: SocketAddr,
     pub tls: TlsPaths,
     pub database: DbConfig,
-    pub memcached: Vec<cache::Server>,
+    pub memcached: Vec<Peer>,
     /// Kept for configs rendered before session tokens were stored hashed; unused.
     #[serde(default)]
     pub cookie_key: Option<String>,
@@ -72,7 +64,8 @@ pub struct Config {
     pub accounts: AccountsConfig,
     pub worker_port: u16,
     pub logd: Option<LogdRef>,
-    pub static_hosts: Vec<StaticHost>,
+    /// Static hosts with their publishing address (nginx, WebDAV PUT).
+    pub static_hosts: Vec<Peer>,
     /// A SockJS message larger than this is refused.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,

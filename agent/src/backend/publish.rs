@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
-use super::{ApiError, Backend, StaticHost};
+use super::{ApiError, Backend};
+use crate::config::Peer;
 use crate::http1;
 
 const MAX_FILES: usize = 10_000;
@@ -124,7 +125,7 @@ impl Backend {
     /// Replaces `/pub/<ws>/` on one static host with `list` (relative to `base`).
     async fn push(
         &self,
-        host: &StaticHost,
+        host: &Peer,
         ws: &str,
         base: &Path,
         list: &[PathBuf],

@@ -316,7 +316,7 @@ async fn websocket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !sockjs::valid_id(&server) || !sockjs::valid_id(&session) {
+    if !sockjs::valid_ids(&server, &session) {
         return (StatusCode::NOT_FOUND, "Not found\n").into_response();
     }
     // Our own limit (with a clear error) applies first; this one stops the absurd.

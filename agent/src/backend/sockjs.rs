@@ -169,6 +169,11 @@ pub fn valid_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Both ids of a transport URL (`/<server>/<session>/<transport>`).
+pub fn valid_ids(server: &str, session: &str) -> bool {
+    valid_id(server) && valid_id(session)
+}
+
 impl Backend {
     /// A new SockJS session for `account` (from the cookie, if any), or the close frame that
     /// refuses it.
@@ -338,7 +343,7 @@ pub async fn xhr(
     session: String,
     headers: HeaderMap,
 ) -> Response {
-    if !valid_id(&server) || !valid_id(&session) {
+    if !valid_ids(&server, &session) {
         return not_found(&headers);
     }
     let Some(s) = backend.sockjs.get(&session) else {
@@ -374,7 +379,7 @@ pub async fn xhr_send(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !valid_id(&server) || !valid_id(&session) {
+    if !valid_ids(&server, &session) {
         return not_found(&headers);
     }
     let Some(s) = backend.sockjs.get(&session) else {
@@ -422,7 +427,7 @@ pub async fn xhr_streaming(
     session: String,
     headers: HeaderMap,
 ) -> Response {
-    if !valid_id(&server) || !valid_id(&session) {
+    if !valid_ids(&server, &session) {
         return not_found(&headers);
     }
     let mut first = "h".repeat(2048);

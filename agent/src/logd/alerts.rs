@@ -148,7 +148,6 @@ pub async fn fire(action: Action, alert: Alert) {
 }
 
 async fn post(url: &str, body: &[u8]) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
         (Some(r), _) => (true, r),
         (_, Some(r)) => (false, r),
@@ -163,17 +162,16 @@ async fn post(url: &str, body: &[u8]) -> anyhow::Result<()> {
     } else {
         format!("{hostport}:{}", if tls { 443 } else { 80 })
     };
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio::net::TcpStream::connect(&addr),
     )
     .await??;
-    let mut resp = Vec::new();
-    if tls {
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Connection", "close"),
+    ];
+    let r = if tls {
         crate::tls::init();
         let mut roots = rustls::RootCertStore::empty();
         for c in
@@ -185,35 +183,61 @@ async fn post(url: &str, body: &[u8]) -> anyhow::Result<()> {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
-        let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
             .connect(name, tcp)
             .await?;
-        s.write_all(req.as_bytes()).await?;
-        s.write_all(body).await?;
-        let _ = s.read_to_end(&mut resp).await;
+        let mut s = tokio::io::BufReader::new(s);
+        crate::http1::request(&mut s, "POST", host, &path, &headers, body, 1 << 20).await?
     } else {
-        let mut s = tcp;
-        s.write_all(req.as_bytes()).await?;
-        s.write_all(body).await?;
-        s.read_to_end(&mut resp).await?;
-    }
-    let status = String::from_utf8_lossy(&resp)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
+        let mut s = tokio::io::BufReader::new(tcp);
+        crate::http1::request(&mut s, "POST", host, &path, &headers, body, 1 << 20).await?
+    };
     anyhow::ensure!(
-        status
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|c| c.starts_with('2')),
-        "webhook answered {status:?}"
+        (200..300).contains(&r.status),
+        "webhook answered {}",
+        r.status
     );
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+
+    /// A webhook receiver on loopback answering `status`; returns the URL and what it received.
+    async fn receiver(status: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/alert", l.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).ends_with("{\"rule\":\"r\"}") {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            c.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn webhooks_post_json_and_report_a_refusal() {
+        let (url, got) = receiver("204 No Content").await;
+        post(&url, br#"{"rule":"r"}"#).await.unwrap();
+        let req = got.await.unwrap();
+        assert!(req.starts_with("POST /hooks/alert HTTP/1.1\r\n"), "{req}");
+        assert!(req.contains("Content-Type: application/json\r\n"), "{req}");
+        let (url, _) = receiver("500 Internal Server Error").await;
+        let e = post(&url, br#"{"rule":"r"}"#).await.unwrap_err();
+        assert_eq!(e.to_string(), "webhook answered 500");
+        assert!(post("ftp://x/", b"").await.is_err());
+    }
+
     use super::*;
 
     fn rec(ts_ms: i64, level: Level, msg: &str) -> LogRecord {

@@ -22,13 +22,6 @@ use tokio::net::TcpListener;
 
 use crate::proto::Limits;
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendRef {
-    pub name: String,
-    pub address: String,
-}
-
 /// The worker's configuration (`worker.json`, rendered by sagectl).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,7 +36,7 @@ pub struct Config {
     pub uid_max: u32,
     pub backend_timeout_seconds: u64,
     pub limits: Limits,
-    pub backends: Vec<BackendRef>,
+    pub backends: Vec<crate::config::Peer>,
     /// Where homes live.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,

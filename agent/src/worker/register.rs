@@ -9,7 +9,8 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use super::{BackendRef, Shared};
+use super::Shared;
+use crate::config::Peer;
 use crate::frame;
 use crate::proto::{Announce, AnnounceReply};
 use crate::tls::Identity;
@@ -17,7 +18,7 @@ use crate::tls::Identity;
 async fn session(
     shared: &Shared,
     identity: &Identity,
-    b: &BackendRef,
+    b: &Peer,
     registered: &mut bool,
 ) -> anyhow::Result<()> {
     let cfg = identity.client_config(&["backend"])?;
@@ -56,7 +57,7 @@ async fn session(
     }
 }
 
-pub async fn announce(shared: Arc<Shared>, identity: Identity, b: BackendRef) {
+pub async fn announce(shared: Arc<Shared>, identity: Identity, b: Peer) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let mut registered = false;
