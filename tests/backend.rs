@@ -257,6 +257,66 @@ async fn a_killed_worker_moves_the_workspace_to_another_from_the_last_save() {
     c.close().await;
 }
 
+/// A workspace holding symbolic links to the backend's own key directory and to /etc: publishing
+/// through them (or them by name) publishes nothing, and the key never reaches nginx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publish_never_follows_a_symbolic_link() {
+    let s = Stack::start(opts(1, 1, 71700)).await;
+    let key_dir = s.tmp.path().join("backend1");
+    let key_name = std::fs::read_dir(&key_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with(".key"))
+        .expect("the backend's key file");
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": "mallory", "password": "a long password"}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": "links"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let code = format!(
+        "import os\nos.symlink({:?}, 'keys')\nos.symlink('/etc', 'etc')\nos.symlink('/etc/passwd', 'pw')\nopen('ok.txt', 'w').write('fine')",
+        key_dir.display().to_string()
+    );
+    let (_, err, status) = c.run(&ws, &code).await;
+    assert_eq!(status, "ok", "{err}");
+    c.ok(json!({"op": "save", "workspace": ws, "message": "links"}))
+        .await;
+    for through in [
+        format!("keys/{key_name}"),
+        "keys".into(),
+        "etc/passwd".into(),
+        "pw".into(),
+    ] {
+        let r = c
+            .call(json!({"op": "publish", "workspace": ws, "path": through}))
+            .await;
+        assert_eq!(r["ok"], false, "{through}: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.contains("no file or directory") || e.contains("symbolic link"),
+            "{through}: {e}"
+        );
+        let got = s.get_published(&format!("/pub/{ws}/{key_name}")).await;
+        assert_eq!(got.status, 404, "{through}: nothing published");
+    }
+    // The whole workspace: the regular file only.
+    let p = c.ok(json!({"op": "publish", "workspace": ws})).await;
+    assert_eq!(p["files"], json!(["ok.txt"]), "{p}");
+    assert_eq!(
+        s.get_published(&format!("/pub/{ws}/ok.txt")).await.status,
+        200
+    );
+    for leaked in [format!("keys/{key_name}"), "etc/passwd".into(), "pw".into()] {
+        let got = s.get_published(&format!("/pub/{ws}/{leaked}")).await;
+        assert_eq!(got.status, 404, "{leaked}");
+    }
+    c.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
     let s = Stack::start(Options {

@@ -180,28 +180,183 @@ pub async fn revert(bundle: &[u8], commit: &str) -> Result<(Vec<u8>, String), Ap
     Ok((s.bundle().await?, new))
 }
 
-/// The files of HEAD, checked out in a temporary directory (without `.git`).
-pub async fn checkout(bundle: &[u8]) -> Result<tempfile::TempDir, ApiError> {
+/// A regular file of HEAD's tree, as the client will see it published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blob {
+    /// Path relative to what was asked for (the file's name when one file was asked for).
+    pub path: String,
+    pub data: Vec<u8>,
+}
+
+/// One entry of `git ls-tree -r -t -l -z HEAD`.
+#[derive(Debug, PartialEq, Eq)]
+struct TreeEntry {
+    mode: String,
+    kind: String,
+    oid: String,
+    size: Option<u64>,
+    path: Vec<u8>,
+}
+
+fn parse_ls_tree(out: &[u8]) -> Vec<TreeEntry> {
+    out.split(|&b| b == 0)
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let tab = l.iter().position(|&b| b == b'\t')?;
+            let head = std::str::from_utf8(&l[..tab]).ok()?;
+            let mut f = head.split_ascii_whitespace();
+            Some(TreeEntry {
+                mode: f.next()?.to_string(),
+                kind: f.next()?.to_string(),
+                oid: f.next()?.to_string(),
+                size: f.next()?.parse().ok(),
+                path: l[tab + 1..].to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// Limits on what one `files` call may read.
+#[derive(Clone, Copy, Debug)]
+pub struct FileLimits {
+    pub max_files: usize,
+    pub max_bytes: u64,
+}
+
+/// The regular files of HEAD at `sub` (a file, or every file under a directory; `""` is the
+/// whole tree), read from the repository's objects. Nothing is ever checked out: a symbolic
+/// link in the workspace is only a blob holding its target's text, so no path through one can
+/// reach the backend's own files (a checkout followed by `join` did, once). Symbolic links and
+/// submodules under a directory are left out; asking for one by name is refused.
+/// `sub` must already be checked by the caller's path rules (relative, no `..`, no `.git`).
+pub async fn files(bundle: &[u8], sub: &str, limits: FileLimits) -> Result<Vec<Blob>, ApiError> {
     let s = Scratch::from_bundle(bundle).await?;
-    let out = tempfile::Builder::new()
-        .prefix("sagews-pub")
-        .tempdir()
-        .map_err(|e| ApiError::internal(format!("scratch directory: {e}")))?;
-    let dest = out.path().join("files");
-    git(
-        s.dir.path(),
-        &[
-            "clone",
-            "-q",
-            "repo",
-            dest.to_str().expect("utf-8 temp path"),
-        ],
+    let out = git(
+        &s.repo(),
+        &["ls-tree", "-r", "-t", "-l", "-z", "--full-tree", "HEAD"],
     )
     .await
     .map_err(ApiError::internal)?;
-    std::fs::remove_dir_all(dest.join(".git"))
-        .map_err(|e| ApiError::internal(format!("removing .git: {e}")))?;
-    Ok(out)
+    let entries = parse_ls_tree(&out);
+    let sub = sub.trim_end_matches('/').as_bytes();
+    // What the published paths are relative to, and whether one file was asked for.
+    let (prefix, single): (Vec<u8>, bool) = if sub.is_empty() {
+        (Vec::new(), false)
+    } else {
+        match entries.iter().find(|e| e.path == sub) {
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "no file or directory {:?} in the last save",
+                    String::from_utf8_lossy(sub)
+                )));
+            }
+            Some(e) if e.kind == "tree" => ([sub, b"/"].concat(), false),
+            Some(e) if e.kind == "blob" && e.mode != "120000" => {
+                // One file: published under its own name.
+                let cut = sub.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+                (sub[..cut].to_vec(), true)
+            }
+            Some(_) => {
+                return Err(ApiError::bad(format!(
+                    "{:?} is a symbolic link or a submodule: only regular files are published",
+                    String::from_utf8_lossy(sub)
+                )));
+            }
+        }
+    };
+    let mut chosen = Vec::new();
+    let mut total = 0u64;
+    for e in &entries {
+        let regular = e.kind == "blob" && (e.mode == "100644" || e.mode == "100755");
+        if !regular || !e.path.starts_with(&prefix) || (single && e.path != sub) {
+            continue;
+        }
+        let rel = String::from_utf8(e.path[prefix.len()..].to_vec()).map_err(|_| {
+            ApiError::bad(format!(
+                "the file name {:?} is not UTF-8: rename it to publish it",
+                String::from_utf8_lossy(&e.path)
+            ))
+        })?;
+        total += e.size.unwrap_or(0);
+        chosen.push((rel, e.oid.clone()));
+        if chosen.len() > limits.max_files {
+            return Err(ApiError::too_large(format!(
+                "more than {} files: choose a subdirectory",
+                limits.max_files
+            )));
+        }
+        if total > limits.max_bytes {
+            return Err(ApiError::too_large(format!(
+                "more than {} bytes of files: choose a subdirectory or a file",
+                limits.max_bytes
+            )));
+        }
+    }
+    let data = cat_blobs(&s.repo(), chosen.iter().map(|(_, o)| o.as_str())).await?;
+    Ok(chosen
+        .into_iter()
+        .zip(data)
+        .map(|((path, _), data)| Blob { path, data })
+        .collect())
+}
+
+/// The contents of blobs, in order, through one `git cat-file --batch`.
+async fn cat_blobs<'a>(
+    repo: &Path,
+    oids: impl Iterator<Item = &'a str>,
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let input: String = oids.map(|o| format!("{o}\n")).collect();
+    if input.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut c = tokio::process::Command::new("git");
+    c.args(["cat-file", "--batch"])
+        .current_dir(repo)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = c
+        .spawn()
+        .map_err(|e| ApiError::internal(format!("running git: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(input.as_bytes()).await;
+    });
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
+    let read = async {
+        let mut blobs = Vec::new();
+        let mut header = String::new();
+        loop {
+            header.clear();
+            if out.read_line(&mut header).await? == 0 {
+                break;
+            }
+            // "<oid> blob <size>"
+            let size: usize = header
+                .split_ascii_whitespace()
+                .nth(2)
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("git said {header:?}")))?;
+            let mut data = vec![0; size + 1];
+            out.read_exact(&mut data).await?;
+            data.pop(); // the newline after each object
+            blobs.push(data);
+        }
+        Ok::<_, std::io::Error>(blobs)
+    };
+    let blobs = tokio::time::timeout(GIT_TIMEOUT, read)
+        .await
+        .map_err(|_| ApiError::internal("git cat-file took too long"))?
+        .map_err(|e| ApiError::internal(format!("reading blobs: {e}")))?;
+    let _ = writer.await;
+    let _ = child.wait().await;
+    Ok(blobs)
 }
 
 #[cfg(test)]
@@ -259,15 +414,82 @@ mod tests {
         let h2 = history(&b2, 10).await.unwrap();
         assert_eq!(h2.len(), 3);
         assert_eq!(h2[0].commit, new);
-        let files = checkout(&b2).await.unwrap();
+        let lim = FileLimits {
+            max_files: 10,
+            max_bytes: 1000,
+        };
+        let got = files(&b2, "", lim).await.unwrap();
         assert_eq!(
-            std::fs::read_to_string(files.path().join("files/a.txt")).unwrap(),
-            "one"
+            got,
+            [Blob {
+                path: "a.txt".into(),
+                data: b"one".to_vec()
+            }]
         );
-        assert!(!files.path().join("files/.git").exists());
         // Not in the history, not hex, not a commit at all.
         assert!(revert(&b, "deadbeef").await.is_err());
         assert!(revert(&b, "HEAD~1; rm -rf /").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn files_come_from_objects_and_never_follow_symbolic_links() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        sh(p, &["init", "-q", "-b", "main"]);
+        std::os::unix::fs::symlink("/etc", p.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", p.join("pw")).unwrap();
+        std::fs::create_dir_all(p.join("d/e")).unwrap();
+        std::fs::write(p.join("d/x.txt"), "x").unwrap();
+        std::fs::write(p.join("d/e/y.txt"), "y").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", p.join("d/h")).unwrap();
+        std::fs::write(p.join("top.txt"), "top").unwrap();
+        sh(p, &["add", "-A"]);
+        sh(p, &["commit", "-q", "-m", "links"]);
+        sh(p, &["bundle", "create", "-q", "b.bundle", "--all"]);
+        let b = std::fs::read(p.join("b.bundle")).unwrap();
+        let lim = FileLimits {
+            max_files: 100,
+            max_bytes: 1 << 20,
+        };
+        let names = |v: Vec<Blob>| v.into_iter().map(|b| b.path).collect::<Vec<_>>();
+        // Through a link to a directory: there is no such path in the tree.
+        for through in ["link/passwd", "link/ssh/sshd_config", "d/h/x"] {
+            let e = files(&b, through, lim).await.unwrap_err();
+            assert_eq!(e.status, 404, "{through}: {e:?}");
+        }
+        // A link by name: refused.
+        for link in ["pw", "link", "link/", "d/h"] {
+            let e = files(&b, link, lim).await.unwrap_err();
+            assert!(e.message.contains("symbolic link"), "{link}: {e:?}");
+        }
+        // Directories: regular files only, relative to the directory.
+        assert_eq!(
+            names(files(&b, "", lim).await.unwrap()),
+            ["d/e/y.txt", "d/x.txt", "top.txt"]
+        );
+        assert_eq!(
+            names(files(&b, "d", lim).await.unwrap()),
+            ["e/y.txt", "x.txt"]
+        );
+        let one = files(&b, "d/e/y.txt", lim).await.unwrap();
+        assert_eq!(
+            one,
+            [Blob {
+                path: "y.txt".into(),
+                data: b"y".to_vec()
+            }]
+        );
+        // Limits.
+        let few = FileLimits {
+            max_files: 2,
+            ..lim
+        };
+        assert_eq!(files(&b, "", few).await.unwrap_err().status, 413);
+        let small = FileLimits {
+            max_bytes: 2,
+            ..lim
+        };
+        assert_eq!(files(&b, "", small).await.unwrap_err().status, 413);
     }
 
     #[tokio::test]

@@ -12,11 +12,14 @@ use serde_json::{Value, json};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
+use super::git::Blob;
 use super::{ApiError, Backend};
 use crate::config::Peer;
 use crate::http1;
 
 const MAX_FILES: usize = 10_000;
+/// What one publish may read and push (the bundle is size-limited, but compresses).
+const MAX_BYTES: u64 = 64 << 20;
 
 /// A path inside the workspace as the client gives it: relative, no `..`, no `.git`.
 pub fn check_path(p: &str) -> Result<PathBuf, ApiError> {
@@ -39,33 +42,6 @@ pub fn check_path(p: &str) -> Result<PathBuf, ApiError> {
     Ok(out)
 }
 
-/// Regular files under `root` (symbolic links are not published: they could point anywhere).
-fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ApiError> {
-    let rd = std::fs::read_dir(dir).map_err(|e| ApiError::internal(format!("{e}")))?;
-    for e in rd {
-        let e = e.map_err(|e| ApiError::internal(format!("{e}")))?;
-        let t = e
-            .file_type()
-            .map_err(|e| ApiError::internal(format!("{e}")))?;
-        if t.is_dir() {
-            files(root, &e.path(), out)?;
-        } else if t.is_file() {
-            out.push(
-                e.path()
-                    .strip_prefix(root)
-                    .expect("under root")
-                    .to_path_buf(),
-            );
-            if out.len() > MAX_FILES {
-                return Err(ApiError::too_large(format!(
-                    "more than {MAX_FILES} files to publish: publish a subdirectory"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Backend {
     pub async fn publish(self: &Arc<Self>, ws: &str, path: &str) -> Result<Value, ApiError> {
         let sub = check_path(path)?;
@@ -78,30 +54,20 @@ impl Backend {
             .stored_bundle(ws)
             .await?
             .ok_or_else(|| ApiError::not_found("nothing to publish: save the workspace first"))?;
-        let tmp = super::git::checkout(&bundle).await?;
-        let root = tmp.path().join("files");
-        let target = root.join(&sub);
-        let meta = std::fs::symlink_metadata(&target).map_err(|_| {
-            ApiError::not_found(format!("no file or directory {path:?} in the last save"))
-        })?;
-        let (base, list) = if meta.is_file() {
-            let name = target.file_name().expect("a file").into();
-            (
-                target.parent().expect("under root").to_path_buf(),
-                vec![name],
-            )
-        } else if meta.is_dir() {
-            let mut list = Vec::new();
-            files(&target, &target, &mut list)?;
-            (target.clone(), list)
-        } else {
-            return Err(ApiError::bad(format!(
-                "{path:?} is not a file or directory"
-            )));
-        };
+        // Read from the saved commit's objects, never from a checkout (git.rs says why).
+        let sub = sub.to_str().expect("checked paths are UTF-8");
+        let list = super::git::files(
+            &bundle,
+            sub,
+            super::git::FileLimits {
+                max_files: MAX_FILES,
+                max_bytes: MAX_BYTES,
+            },
+        )
+        .await?;
         let mut pushed = Vec::new();
         for host in &self.config.static_hosts {
-            self.push(host, ws, &base, &list)
+            self.push(host, ws, &list)
                 .await
                 .map_err(|e| ApiError::busy(format!("publishing to {}: {e:#}", host.name)))?;
             pushed.push(host.name.clone());
@@ -117,19 +83,13 @@ impl Backend {
         Ok(json!({
             "workspace": ws,
             "url": format!("https://{}/pub/{ws}/", self.config.public_name),
-            "files": list.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+            "files": list.iter().map(|b| b.path.as_str()).collect::<Vec<_>>(),
             "hosts": pushed,
         }))
     }
 
-    /// Replaces `/pub/<ws>/` on one static host with `list` (relative to `base`).
-    async fn push(
-        &self,
-        host: &Peer,
-        ws: &str,
-        base: &Path,
-        list: &[PathBuf],
-    ) -> anyhow::Result<()> {
+    /// Replaces `/pub/<ws>/` on one static host with `list`.
+    async fn push(&self, host: &Peer, ws: &str, list: &[Blob]) -> anyhow::Result<()> {
         let cfg = self.identity.client_config(&["static"])?;
         let tcp = tokio::time::timeout(
             std::time::Duration::from_secs(5),
@@ -148,12 +108,8 @@ impl Backend {
             r.status
         );
         for f in list {
-            let body = tokio::fs::read(base.join(f)).await?;
-            let rel = f
-                .to_str()
-                .ok_or_else(|| anyhow::anyhow!("file name not UTF-8: {f:?}"))?;
-            let p = http1::encode_path(&format!("{dir}{rel}"));
-            let r = http1::request(&mut s, "PUT", &host.name, &p, &[], &body, 1 << 16).await?;
+            let p = http1::encode_path(&format!("{dir}{}", f.path));
+            let r = http1::request(&mut s, "PUT", &host.name, &p, &[], &f.data, 1 << 16).await?;
             anyhow::ensure!(r.status < 300, "PUT {p} answered {}", r.status);
         }
         Ok(())
