@@ -142,7 +142,7 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
     c.close().await;
 
     // What the account did is in logd, in order.
-    let logged = s.logged("backend.audit", 8).await;
+    let logged = s.logged("backend.audit", 9).await;
     let what: Vec<&str> = logged
         .iter()
         .map(|l| l.split(" {").next().unwrap())
@@ -151,6 +151,7 @@ async fn whole_flow(transport: Transport, uid_base: u32) {
         what,
         [
             "account created",
+            "sign-in failed",
             "signed in",
             "workspace created",
             "workspace saved",
@@ -721,4 +722,416 @@ async fn the_standard_sockjs_client_works_over_each_transport_through_haproxy() 
         assert_eq!(v["result"]["status"], "ok", "{v}");
         assert_eq!(v["result"]["out"].as_str().unwrap().trim(), "4", "{v}");
     }
+}
+
+/// Issue 11: only the site's own origin may use a person's cookie. Every SockJS transport and
+/// every REST route refuses a foreign or `null` Origin, or a cross-site fetch, and changes
+/// nothing; a `text/plain` sign-in is refused; the site's own origin works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn foreign_origins_are_refused_on_every_transport_and_route() {
+    let s = Stack::start(opts(1, 1, 71800)).await;
+    let pw = "a long password";
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": "olivia", "password": pw}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": "mine"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.close().await;
+    let cookie = s.cookie(0, "olivia", pw).await;
+    let accounts = || s.pg.query("sagews", "SELECT count(*) FROM accounts");
+    let before = accounts();
+    let creds = json!({"name": "mallory", "password": pw}).to_string();
+    let foreign: [&[(&str, &str)]; 3] = [
+        &[("Origin", "https://evil.example")],
+        &[("Origin", "null")],
+        &[("Sec-Fetch-Site", "cross-site")],
+    ];
+    for f in foreign {
+        let mut h: Vec<(&str, &str)> = f.to_vec();
+        h.push(("Cookie", &cookie));
+        h.push(("Content-Type", "application/json"));
+        let routes = [
+            ("POST", "/sockjs/000/abcdef/xhr".to_string(), ""),
+            ("POST", "/sockjs/000/abcdeg/xhr_streaming".into(), ""),
+            ("POST", "/sockjs/000/abcdef/xhr_send".into(), "[\"{}\"]"),
+            ("GET", "/sockjs/info".into(), ""),
+            ("OPTIONS", "/sockjs/info".into(), ""),
+            ("OPTIONS", "/sockjs/000/abcdef/xhr".into(), ""),
+            ("POST", "/api/signin".into(), creds.as_str()),
+            ("POST", "/api/signup".into(), creds.as_str()),
+            ("POST", "/api/signout".into(), ""),
+            ("GET", "/api/whoami".into(), ""),
+            ("GET", format!("/api/workspaces/{ws}/bundle"), ""),
+            ("POST", "/api/workspaces?name=x".into(), "bundle"),
+        ];
+        for (method, path, body) in &routes {
+            let r = s.https(0, method, path, &h, body.as_bytes()).await;
+            assert_eq!(r.status, 403, "{f:?} {method} {path}");
+            assert!(
+                r.header("access-control-allow-origin").is_none(),
+                "{f:?} {method} {path}: no CORS grant"
+            );
+        }
+        let e = s
+            .sock_with(0, Transport::Websocket, &h)
+            .await
+            .err()
+            .expect("a foreign websocket upgrade is refused");
+        assert_eq!(e, "HTTP 403", "{f:?}");
+    }
+    // Nothing changed: no account made, the cookie still signed in.
+    assert_eq!(accounts(), before);
+    let r = s
+        .https(0, "GET", "/api/whoami", &[("Cookie", &cookie)], b"")
+        .await;
+    assert_eq!(r.status, 200, "the foreign sign-out did nothing");
+    // A cross-site form can only send text/plain: refused without a JSON content type.
+    let r = s
+        .https(
+            0,
+            "POST",
+            "/api/signin",
+            &[("Content-Type", "text/plain")],
+            json!({"name": "olivia", "password": pw})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 415);
+    // The site's own origin: granted, with credentials, on info and on a websocket.
+    let own = [
+        ("Origin", "https://sagews.test"),
+        ("Cookie", cookie.as_str()),
+    ];
+    let r = s.https(0, "GET", "/sockjs/info", &own, b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://sagews.test")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    let mut c = s.sock_with(0, Transport::Websocket, &own).await.unwrap();
+    assert_eq!(c.ok(json!({"op": "whoami"})).await["account"], "olivia");
+    c.close().await;
+}
+
+/// Issue 11: failed sign-ins are limited per account and per client address (the address
+/// HAProxy saw: a client cannot forge it), sign-ups per address; past a limit even the right
+/// password gets 429 with Retry-After, over REST and over SockJS; refusals go to logd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sign_ins_are_limited_per_account_and_per_address() {
+    let mut s = Stack::start(Options {
+        logd: true,
+        backend_extra: json!({"accounts": {"signup": true, "max_workspaces": 5, "session_days": 7,
+            "min_password_length": 8, "failed_signins_per_account": 3,
+            "failed_signins_per_address": 6, "signups_per_address": 3,
+            "limit_window_seconds": 600}}),
+        ..opts(1, 1, 71900)
+    })
+    .await;
+    let port = s.start_haproxy();
+    let pw = "the right password";
+    let json_ct = ("Content-Type", "application/json");
+    let post = async |s: &Stack, path: &str, name: &str, password: &str, forged: &str| {
+        let body = json!({"name": name, "password": password}).to_string();
+        s.haproxy_https(
+            port,
+            "POST",
+            path,
+            &[json_ct, ("X-Sagews-Client", forged)],
+            body.as_bytes(),
+        )
+        .await
+    };
+    assert_eq!(
+        post(&s, "/api/signup", "victim", pw, "10.0.0.1")
+            .await
+            .status,
+        200
+    );
+    // Three wrong passwords, each from a different forged address.
+    for i in 0..3 {
+        let r = post(
+            &s,
+            "/api/signin",
+            "victim",
+            "wrong guess",
+            &format!("10.0.0.{i}"),
+        )
+        .await;
+        assert_eq!(r.status, 401, "attempt {i}");
+    }
+    // Now even the right password waits.
+    let r = post(&s, "/api/signin", "victim", pw, "10.0.0.9").await;
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=600).contains(&wait), "{wait}");
+    assert!(String::from_utf8_lossy(&r.body).contains("failed sign-ins for this account"));
+    // Over SockJS too (the account's limit holds on every backend path).
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    let r = c
+        .call(json!({"op": "signin", "name": "victim", "password": pw}))
+        .await;
+    assert_eq!(r["status"], 429, "{r}");
+    assert!(r["retry_after"].as_u64().unwrap() > 0, "{r}");
+    // Per address: the forged header was replaced by HAProxy, so all failures count for
+    // 127.0.0.1: three more (on unknown accounts) reach the address's limit of six.
+    for i in 0..3 {
+        let r = post(&s, "/api/signin", &format!("nobody{i}"), "x", "192.0.2.7").await;
+        assert_eq!(r.status, 401, "{i}");
+    }
+    let r = post(&s, "/api/signin", "someone-else", "x", "192.0.2.8").await;
+    assert_eq!(r.status, 429);
+    assert!(String::from_utf8_lossy(&r.body).contains("from your address"));
+    // Sign-ups per address: three in the window (one above), then 429.
+    for i in 0..2 {
+        let r = post(&s, "/api/signup", &format!("new{i}"), pw, "10.1.1.1").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = post(&s, "/api/signup", "new-three", pw, "10.1.1.2").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(s.pg.query("sagews", "SELECT count(*) FROM accounts"), "3");
+    // logd has the failures and the refusals, with the real address.
+    let logged = s.logged("backend.audit", 12).await;
+    let throttled: Vec<&String> = logged
+        .iter()
+        .filter(|l| l.starts_with("sign-in throttled"))
+        .collect();
+    assert!(throttled.len() >= 3, "{logged:#?}");
+    let failed: Vec<&String> = logged
+        .iter()
+        .filter(|l| l.starts_with("sign-in failed"))
+        .collect();
+    assert!(
+        failed.iter().all(|l| l.contains("127.0.0.1")),
+        "{failed:#?}"
+    );
+    assert!(
+        !logged
+            .iter()
+            .any(|l| l.contains("10.0.0.") || l.contains("192.0.2."))
+    );
+    c.close().await;
+    drop(s);
+}
+
+/// Issue 11: a browser that drops an xhr-polling or xhr-streaming request (a reload, a flaky
+/// network) through HAProxy is served again within seconds, not refused with 2010 until a
+/// heartbeat; a stream dropped for good ends its session within about the disconnect delay.
+/// Also the protocol's details: OPTIONS carries Expires, malformed paths are 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_request_is_replaced_within_seconds() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = Stack::start(opts(0, 1, 72100)).await;
+    let port = s.start_haproxy();
+    let ping = serde_json::to_string(&[json!({"id": 1, "op": "ping"}).to_string()]).unwrap();
+    let raw = async |path: &str| {
+        // A request whose connection is dropped before any answer.
+        let mut c = s.via_haproxy(port).await;
+        let req = format!("POST {path} HTTP/1.1\r\nHost: sagews.test\r\nContent-Length: 0\r\n\r\n");
+        c.get_mut().write_all(req.as_bytes()).await.unwrap();
+        c
+    };
+    // Polling.
+    let base = "/sockjs/000/dropped-poll";
+    let r = s
+        .haproxy_https(port, "POST", &format!("{base}/xhr"), &[], b"")
+        .await;
+    assert_eq!(r.body, b"o\n");
+    let c = raw(&format!("{base}/xhr")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    let r = s
+        .haproxy_https(
+            port,
+            "POST",
+            &format!("{base}/xhr_send"),
+            &[],
+            ping.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let r = s
+        .haproxy_https(port, "POST", &format!("{base}/xhr"), &[], b"")
+        .await;
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.starts_with("a[") && body.contains("pong"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Streaming: the first request opens the session; dropped, then a new one is served.
+    let base = "/sockjs/000/dropped-stream";
+    let mut c = raw(&format!("{base}/xhr_streaming")).await;
+    let mut buf = vec![0u8; 4096];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(n > 0);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    let mut c = raw(&format!("{base}/xhr_streaming")).await;
+    let r = s
+        .haproxy_https(
+            port,
+            "POST",
+            &format!("{base}/xhr_send"),
+            &[],
+            ping.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let mut got = String::new();
+    while !got.contains("pong") && !got.contains("c[") {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("stream data")
+            .unwrap();
+        assert!(n > 0, "stream ended: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("pong") && !got.contains("2010"), "{got}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Dropped for good: the session ends after the disconnect delay (5 s), not a heartbeat.
+    drop(c);
+    let t = std::time::Instant::now();
+    while s.metric(0, "sockjs_sessions").await > 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(9),
+            "the dropped stream's session lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Protocol details.
+    let r = s.https(0, "OPTIONS", "/sockjs/000/abc/xhr", &[], b"").await;
+    assert_eq!(r.status, 204);
+    let expires = r.header("expires").expect("Expires on OPTIONS");
+    assert!(expires.ends_with(" GMT"), "{expires}");
+    for bad in [
+        "/sockjs/a.b/c/xhr",
+        "/sockjs/000/a./xhr",
+        "/sockjs//x/xhr",
+        "/sockjs/000/abc/xhr",
+    ] {
+        assert_eq!(
+            s.https(0, "GET", bad, &[], b"").await.status,
+            404,
+            "GET {bad}"
+        );
+    }
+    assert_eq!(
+        s.https(0, "POST", "/sockjs/a.b/c/xhr", &[], b"")
+            .await
+            .status,
+        404
+    );
+}
+
+/// Issue 11: a browser that stops reading while cells print cannot grow the backend: a cell's
+/// output is cut at its cap with a `truncated` event, a session with too much waiting is
+/// closed (3001), and the memory comes back. Figures are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_browser_that_stops_reading_cannot_grow_the_backend() {
+    let s = Stack::start(Options {
+        backend_extra: json!({"max_cell_output_bytes": 1 << 20, "max_queued_bytes": 3 << 20}),
+        ..opts(1, 1, 72200)
+    })
+    .await;
+    let pw = "a long password";
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": "reader", "password": pw}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": "loud"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(json!({"op": "open", "workspace": ws})).await;
+    // A reading browser: a cell printing 8 MB shows 1 MB, then `truncated`, then `done`.
+    let r = c
+        .ok(json!({"op": "execute", "workspace": ws, "code": "for i in range(8000): print('y' * 999)"}))
+        .await;
+    let id = r["id"].clone();
+    let (mut shown, mut truncated) = (0usize, false);
+    loop {
+        let v = c.until(|v| v["id"] == id && v.get("event").is_some()).await;
+        match v["event"].as_str().unwrap() {
+            "stdout" => shown += v["data"].as_str().unwrap().len(),
+            "truncated" => {
+                truncated = true;
+                assert!(
+                    v["message"].as_str().unwrap().contains("output truncated"),
+                    "{v}"
+                );
+            }
+            "done" => break,
+            e => panic!("{e}: {v}"),
+        }
+    }
+    assert!(
+        truncated && shown <= 1 << 20 && shown > 512 << 10,
+        "{shown}"
+    );
+    c.close().await;
+}
+
+/// Issue 11: a browser that stops reading while its cells print: what waits for it is bounded
+/// (the session is closed with 3001 past `max_queued_bytes`) and the memory comes back.
+/// Figures are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_browser_that_stops_reading_is_closed_and_its_memory_returns() {
+    let s = Stack::start(Options {
+        backend_extra: json!({"max_queued_bytes": 3 << 20}),
+        ..opts(1, 1, 72300)
+    })
+    .await;
+    let pw = "a long password";
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": "sleeper", "password": pw}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": "loud"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.close().await;
+    // Six cells of 8 MB each (4 MB shown of each: the default cap), nothing read: more than
+    // the kernel's socket buffers hold, so the backend's queue fills.
+    let base = s.backend_rss_kib(0);
+    let cookie = s.cookie(0, "sleeper", pw).await;
+    let mut c = s.sock(0, Transport::Websocket, Some(&cookie)).await;
+    c.ok(json!({"op": "open", "workspace": ws})).await;
+    for i in 0..6 {
+        c.send_text(
+            &json!({"id": 100 + i, "op": "execute", "workspace": ws,
+                "code": "for i in range(8000): print('z' * 999)"})
+            .to_string(),
+        )
+        .await;
+    }
+    let mut peak = base;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(s.backend_rss_kib(0));
+    }
+    // Reading now: what was in flight, then the close frame.
+    let mut frames = 0;
+    while c.frame().await != "c" {
+        frames += 1;
+        assert!(frames < 100_000);
+    }
+    let closed = c.closed.clone().unwrap();
+    assert_eq!(closed[0], 3001, "{closed}");
+    assert!(
+        closed[1].as_str().unwrap().contains("did not read"),
+        "{closed}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = s.backend_rss_kib(0);
+    println!(
+        "backend resident memory: {} MB before, {} MB at most while a browser did not read 24 MB of output, {} MB after",
+        base / 1024,
+        peak / 1024,
+        after / 1024
+    );
+    assert!(peak < base + 48 * 1024, "peak {peak} KiB from {base} KiB");
+    assert!(after < base + 8 * 1024, "after {after} KiB from {base} KiB");
 }

@@ -229,6 +229,7 @@ impl Stack {
             backend_refs.push(json!({"name": name, "address": wl}));
             let mut config = json!({
                 "inventory": "btest", "host": name, "public_name": "sagews.test",
+                "origins": ["https://sagews.test"],
                 "listen": addr.to_string(), "worker_listen": wl,
                 "tls": {"ca": ca, "cert": crt, "key": key},
                 "database": {"host": "127.0.0.1", "server_name": "db", "port": s.pg.port,
@@ -340,8 +341,8 @@ impl Stack {
             })
             .collect();
         let conf = format!(
-            "global\n    maxconn 4096\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    timeout server 90s\n    timeout tunnel 1h\n\
-             frontend https\n    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1\n    default_backend backends\n\
+            "global\n    maxconn 4096\ndefaults\n    mode http\n    option abortonclose\n    timeout connect 5s\n    timeout client 60s\n    timeout server 90s\n    timeout tunnel 1h\n\
+             frontend https\n    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1\n    http-request set-header X-Sagews-Client %[src]\n    default_backend backends\n\
              backend backends\n    balance leastconn\n    cookie SAGEWS_BACKEND insert indirect nocache secure httponly\n{servers}",
             pem = pem.display()
         );
@@ -565,7 +566,13 @@ http {{
     pub async fn cookie(&self, b: usize, name: &str, password: &str) -> String {
         let body = json!({"name": name, "password": password}).to_string();
         let r = self
-            .https(b, "POST", "/api/signin", &[], body.as_bytes())
+            .https(
+                b,
+                "POST",
+                "/api/signin",
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+            )
             .await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let set = r
@@ -579,11 +586,25 @@ http {{
     }
 
     pub async fn sock(&self, b: usize, transport: Transport, cookie: Option<&str>) -> Sock {
+        let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("Cookie", *c)).collect();
+        self.sock_with(b, transport, &headers)
+            .await
+            .unwrap_or_else(|e| panic!("opening a SockJS session: {e}"))
+    }
+
+    /// A SockJS session sending `headers` with each request (an `Origin`, a cookie); a refused
+    /// websocket upgrade is an error.
+    pub async fn sock_with(
+        &self,
+        b: usize,
+        transport: Transport,
+        headers: &[(&str, &str)],
+    ) -> Result<Sock, String> {
         let session = format!("s{}", rand_hex());
-        let mut headers: Vec<(String, String)> = Vec::new();
-        if let Some(c) = cookie {
-            headers.push(("Cookie".into(), c.to_string()));
-        }
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let t = match transport {
             Transport::Websocket => {
                 let tls = self.tls(b).await.unwrap();
@@ -599,7 +620,15 @@ http {{
                         v.parse().unwrap(),
                     );
                 }
-                let (ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+                let (ws, _) =
+                    tokio_tungstenite::client_async(req, tls)
+                        .await
+                        .map_err(|e| match e {
+                            tokio_tungstenite::tungstenite::Error::Http(r) => {
+                                format!("HTTP {}", r.status().as_u16())
+                            }
+                            e => e.to_string(),
+                        })?;
                 T::Ws(Box::new(ws))
             }
             Transport::XhrPolling => T::Xhr {
@@ -625,7 +654,58 @@ http {{
         };
         let first = s.frame().await;
         assert_eq!(first, "o", "the open frame");
-        s
+        Ok(s)
+    }
+
+    /// A TLS connection to the harness's HAProxy (started by `start_haproxy`), as a browser
+    /// that trusts the test CA.
+    pub async fn via_haproxy(&self, port: u16) -> BufReader<TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        let ca =
+            rustls::pki_types::CertificateDer::from_pem_slice(self.state.ca_cert_pem().as_bytes())
+                .unwrap();
+        roots.add(ca).unwrap();
+        let mut cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("lb1").unwrap();
+        BufReader::new(
+            tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// One HTTPS request through HAProxy.
+    pub async fn haproxy_https(
+        &self,
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> http1::Response {
+        let mut c = self.via_haproxy(port).await;
+        http1::request(&mut c, method, "sagews.test", path, headers, body, 64 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} through HAProxy: {e}"))
+    }
+
+    /// Resident memory of backend `b`, in KiB.
+    pub fn backend_rss_kib(&self, b: usize) -> u64 {
+        let pid = self.backends[b].pid().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
     }
 }
 
@@ -685,7 +765,7 @@ pub struct Sock {
     base: String,
     headers: Vec<(String, String)>,
     /// Messages received and not yet taken.
-    pending: VecDeque<Value>,
+    pub pending: VecDeque<Value>,
     next_id: u64,
     /// The close frame, once received.
     pub closed: Option<Value>,
@@ -759,7 +839,7 @@ impl Sock {
     }
 
     /// The next SockJS frame, skipping heartbeats; array frames are split into `pending`.
-    async fn frame(&mut self) -> String {
+    pub async fn frame(&mut self) -> String {
         loop {
             let text = match &mut self.t {
                 T::Ws(ws) => match tokio::time::timeout(Duration::from_secs(120), ws.next())

@@ -381,11 +381,10 @@ async fn https(
         .await
         .unwrap();
     let mut s = tokio::io::BufReader::new(tls);
-    let headers: Vec<(&str, &str)> = if cookie.is_empty() {
-        vec![]
-    } else {
-        vec![("Cookie", cookie)]
-    };
+    let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+    if !cookie.is_empty() {
+        headers.push(("Cookie", cookie));
+    }
     sage_agent::http1::request(
         &mut s,
         method,

@@ -95,7 +95,15 @@ fn main() {
         let body = json!({"name": "bench", "password": "bench password"}).to_string();
         let t = Instant::now();
         let ok = futures_util::stream::iter(0..signins)
-            .map(|_| s.try_https(0, "POST", "/api/signin", &[], body.as_bytes()))
+            .map(|_| {
+                s.try_https(
+                    0,
+                    "POST",
+                    "/api/signin",
+                    &[("Content-Type", "application/json")],
+                    body.as_bytes(),
+                )
+            })
             .buffer_unordered(4)
             .filter(|r| std::future::ready(r.as_ref().is_ok_and(|r| r.status == 200)))
             .count()

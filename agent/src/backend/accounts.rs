@@ -3,12 +3,14 @@
 //! cookie and stored only as its SHA-256 in PostgreSQL, with memcached in front (a lost cache
 //! entry costs one query).
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use base64::Engine;
 use ring::rand::SecureRandom;
 
+use super::throttle::Kind;
 use super::{ApiError, Backend};
 
 pub const COOKIE: &str = "sagews_session";
@@ -92,11 +94,23 @@ async fn verify_password(password: String, hash: String) -> bool {
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FnZXdzc2FnZXdzc2FnZQ$OT7QmRxfT6BqE4zpN0sO1eB9YF1Jj8wQvQ2fzjG7C2Q";
 
 impl Backend {
-    pub async fn signup(&self, name: &str, password: &str) -> Result<(Account, String), ApiError> {
+    /// Creates an account; `client` is the browser's address (limits sign-ups per address).
+    pub async fn signup(
+        &self,
+        name: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<(Account, String), ApiError> {
         if !self.config.accounts.signup {
             return Err(ApiError::forbidden("sign-up is closed on this service"));
         }
         check_name(name)?;
+        let addr = client.map(|a| a.to_string());
+        let keys: Vec<(Kind, &str)> = addr
+            .iter()
+            .map(|a| (Kind::SignupAddress, a.as_str()))
+            .collect();
+        self.throttle(&keys).await?;
         let min = self.config.accounts.min_password_length as usize;
         if password.chars().count() < min {
             return Err(ApiError::bad(format!(
@@ -126,16 +140,34 @@ impl Backend {
             name: name.to_string(),
         };
         self.metrics.inc(&self.metrics.signups);
-        self.audit("account created", &account, serde_json::json!({}));
+        self.count_attempt(&keys).await?;
+        self.audit(
+            "account created",
+            &account,
+            serde_json::json!({"address": addr}),
+        );
         let token = self.new_session(&account).await?;
         Ok((account, token))
     }
 
-    pub async fn signin(&self, name: &str, password: &str) -> Result<(Account, String), ApiError> {
+    /// Checks a password; `client` is the browser's address. Failed attempts are limited per
+    /// account and per address (`throttle.rs`), checked before the password is.
+    pub async fn signin(
+        &self,
+        name: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<(Account, String), ApiError> {
         let denied = || ApiError::unauthorized("wrong account name or password");
         if name.len() > 64 || password.len() > 1024 {
             return Err(denied());
         }
+        let addr = client.map(|a| a.to_string());
+        let mut keys = vec![(Kind::FailedSigninAccount, name)];
+        if let Some(a) = &addr {
+            keys.push((Kind::FailedSigninAddress, a.as_str()));
+        }
+        self.throttle(&keys).await?;
         let row = self
             .db()
             .await?
@@ -150,6 +182,11 @@ impl Backend {
         };
         if !verify_password(password.to_string(), hash).await || row.is_none() {
             self.metrics.inc(&self.metrics.signin_failures);
+            self.count_attempt(&keys).await?;
+            self.audit_event(
+                "sign-in failed",
+                serde_json::json!({"account": name, "address": addr}),
+            );
             return Err(denied());
         }
         let account = Account {
@@ -157,7 +194,7 @@ impl Backend {
             name: name.to_string(),
         };
         self.metrics.inc(&self.metrics.signins);
-        self.audit("signed in", &account, serde_json::json!({}));
+        self.audit("signed in", &account, serde_json::json!({"address": addr}));
         let token = self.new_session(&account).await?;
         Ok((account, token))
     }

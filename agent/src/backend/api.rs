@@ -24,6 +24,8 @@ struct Conn {
     token: Option<String>,
     open: HashSet<String>,
     viewer: super::open::Viewer,
+    /// The browser's address as HAProxy saw it (sign-in limits).
+    client: Option<std::net::IpAddr>,
 }
 
 /// Serves one SockJS session until it ends; then leaves every workspace it had open.
@@ -33,8 +35,10 @@ pub async fn run(
     mut inbound: mpsc::Receiver<String>,
     out: Outbound,
     account: Option<Account>,
+    client: Option<std::net::IpAddr>,
 ) {
-    let (viewer, mut events) = mpsc::unbounded_channel::<Arc<str>>();
+    let (viewer, mut events) =
+        super::open::Viewer::new(out.clone(), backend.config.max_queued_bytes);
     let mut c = Conn {
         backend: backend.clone(),
         id,
@@ -42,6 +46,7 @@ pub async fn run(
         token: None,
         open: HashSet::new(),
         viewer,
+        client,
     };
     // Requests one at a time, in order; workspace events go out between them (an event that
     // arrives during a request waits for its reply, which keeps replies before their output).
@@ -117,7 +122,13 @@ impl Conn {
                 r["ok"] = true.into();
                 r
             }
-            Err(e) => json!({"id": id, "ok": false, "error": e.message, "status": e.status}),
+            Err(e) => {
+                let mut r = json!({"id": id, "ok": false, "error": e.message, "status": e.status});
+                if let Some(s) = e.retry_after {
+                    r["retry_after"] = s.into();
+                }
+                r
+            }
         }
     }
 
@@ -155,9 +166,9 @@ impl Conn {
             "signup" | "signin" => {
                 let (name, password) = (str_field(v, "name")?, str_field(v, "password")?);
                 let (acct, token) = if op == "signup" {
-                    b.signup(name, password).await?
+                    b.signup(name, password, self.client).await?
                 } else {
-                    b.signin(name, password).await?
+                    b.signin(name, password, self.client).await?
                 };
                 self.account = Some(acct.clone());
                 self.token = Some(token);

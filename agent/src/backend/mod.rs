@@ -8,9 +8,11 @@ pub mod api;
 pub mod cache;
 pub mod git;
 pub mod open;
+pub mod origin;
 pub mod publish;
 pub mod routes;
 pub mod sockjs;
+pub mod throttle;
 pub mod workers;
 
 use std::net::SocketAddr;
@@ -35,6 +37,30 @@ pub struct AccountsConfig {
     pub max_workspaces: u32,
     pub session_days: u32,
     pub min_password_length: u32,
+    /// Failed sign-ins for one account within `limit_window_seconds` before it is refused.
+    #[serde(default = "default_failed_per_account")]
+    pub failed_signins_per_account: u32,
+    /// Failed sign-ins from one client address within the window.
+    #[serde(default = "default_failed_per_address")]
+    pub failed_signins_per_address: u32,
+    /// Accounts created from one client address within the window.
+    #[serde(default = "default_signups_per_address")]
+    pub signups_per_address: u32,
+    #[serde(default = "default_limit_window")]
+    pub limit_window_seconds: u32,
+}
+
+fn default_failed_per_account() -> u32 {
+    10
+}
+fn default_failed_per_address() -> u32 {
+    30
+}
+fn default_signups_per_address() -> u32 {
+    20
+}
+fn default_limit_window() -> u32 {
+    600
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -80,6 +106,23 @@ pub struct Config {
     /// A SockJS session with no transport attached is closed after this long.
     #[serde(default = "default_disconnect")]
     pub disconnect_seconds: u64,
+    /// Origins allowed to use the site with a person's cookie (`https://<public_name>` when
+    /// empty).
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// A cell's output past this many bytes is dropped, and its viewers told (`truncated`).
+    #[serde(default = "default_max_cell_output")]
+    pub max_cell_output_bytes: usize,
+    /// A browser session with more than this waiting to be sent is not reading: it is closed.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_bytes: usize,
+}
+
+fn default_max_cell_output() -> usize {
+    4 << 20
+}
+fn default_max_queued() -> usize {
+    8 << 20
 }
 
 fn default_max_message() -> usize {
@@ -119,6 +162,8 @@ impl Config {
 pub struct ApiError {
     pub status: u16,
     pub message: String,
+    /// Seconds to wait before trying again (429), sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -126,6 +171,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn bad(m: impl Into<String>) -> ApiError {
@@ -185,6 +231,7 @@ pub struct Metrics {
     pub workspaces_opened: AtomicU64,
     pub worker_failovers: AtomicU64,
     pub publishes: AtomicU64,
+    pub throttled: AtomicU64,
 }
 
 impl Metrics {
@@ -196,6 +243,8 @@ impl Metrics {
 /// Everything a request handler needs; one per process.
 pub struct Backend {
     pub config: Config,
+    /// The origins allowed to use the site with credentials (see `origin.rs`).
+    pub origins: Vec<String>,
     pub identity: Identity,
     pub pool: Pool,
     pub cache: cache::Cache,
@@ -206,7 +255,8 @@ pub struct Backend {
     pub log: Option<LogClient>,
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id bigserial PRIMARY KEY,
     name text NOT NULL UNIQUE,
@@ -240,7 +290,15 @@ CREATE TABLE workers (
     last_seen timestamptz NOT NULL,
     seen_by text NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE auth_events (
+    key text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX auth_events_key_at ON auth_events (key, at);
+"#,
+];
 
 /// The advisory lock serialising migrations of the backend's database.
 const MIGRATION_LOCK: i64 = 727_275;
@@ -248,6 +306,14 @@ const MIGRATION_LOCK: i64 = 727_275;
 impl Backend {
     pub async fn db(&self) -> Result<crate::db::Conn<'_>, ApiError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// An audit record not tied to a signed-in account (refusals), when there is a logd.
+    pub fn audit_event(&self, what: &str, fields: serde_json::Value) {
+        let Some(log) = &self.log else { return };
+        if let serde_json::Value::Object(m) = fields {
+            log.log(Level::Warn, "backend.audit", what, m);
+        }
     }
 
     /// An audit record (account and workspace events) to logd, when there is one.
@@ -314,6 +380,7 @@ pub async fn run(
         sockjs: sockjs::Sessions::default(),
         log,
         identity,
+        origins: origin::allowed(&config),
         config,
     });
     tokio::spawn(serve_workers(backend.clone(), worker_listener));
@@ -336,27 +403,41 @@ pub async fn run(
 /// Deletes expired sign-in sessions every hour, a thousand rows at a time (short transactions;
 /// several backends doing it at once only share the work).
 async fn expire_sessions(backend: Arc<Backend>) {
+    let window = f64::from(backend.config.accounts.limit_window_seconds);
     loop {
-        loop {
-            let r = async {
-                backend
-                    .db()
-                    .await?
-                    .execute(
-                        "DELETE FROM sessions WHERE token_hash IN
-                         (SELECT token_hash FROM sessions WHERE expires < now() LIMIT 1000)",
-                        &[],
-                    )
-                    .await
-                    .map_err(ApiError::from)
-            }
-            .await;
-            match r {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "expired sign-in sessions"),
-                _ => break,
-            }
-        }
+        // Small batches, so no statement holds locks for long.
+        delete_in_batches(
+            &backend,
+            "expired sign-in sessions",
+            "DELETE FROM sessions WHERE token_hash IN
+             (SELECT token_hash FROM sessions WHERE expires < now() LIMIT 1000)",
+            &[],
+        )
+        .await;
+        delete_in_batches(
+            &backend,
+            "sign-in attempts older than the limits' window",
+            "DELETE FROM auth_events WHERE ctid IN (SELECT ctid FROM auth_events
+             WHERE at < now() - make_interval(secs => $1) LIMIT 1000)",
+            &[&window],
+        )
+        .await;
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+async fn delete_in_batches(
+    backend: &Backend,
+    what: &str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    loop {
+        let r = async { Ok::<_, ApiError>(backend.db().await?.execute(sql, params).await?) }.await;
+        match r {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "{what}"),
+            _ => break,
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! from its last save. When the last viewer leaves, the workspace is saved and closed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,9 +17,59 @@ use super::workers::Link;
 use super::{ApiError, Backend};
 use crate::proto::{Event, Request, Status};
 
-/// What a viewer's connection receives: JSON messages for the browser, serialised once for
-/// every viewer (and small in the channel: idle sessions each hold one).
-pub type Viewer = mpsc::UnboundedSender<Arc<str>>;
+/// A viewer's connection: JSON messages for the browser, serialised once for every viewer.
+/// What waits for the connection is counted; past `max_queued_bytes` the viewer is not reading
+/// and its browser session is closed (so a stalled browser cannot grow this process).
+#[derive(Clone)]
+pub struct Viewer {
+    tx: mpsc::UnboundedSender<Arc<str>>,
+    waiting: Arc<AtomicUsize>,
+    out: super::sockjs::Outbound,
+    max: usize,
+}
+
+/// The receiving end of a [`Viewer`].
+pub struct ViewerRx {
+    rx: mpsc::UnboundedReceiver<Arc<str>>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Viewer {
+    pub fn new(out: super::sockjs::Outbound, max: usize) -> (Viewer, ViewerRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        (
+            Viewer {
+                tx,
+                waiting: waiting.clone(),
+                out,
+                max,
+            },
+            ViewerRx { rx, waiting },
+        )
+    }
+
+    /// False when this viewer is gone (or has just been dropped for not reading).
+    fn send(&self, text: &Arc<str>) -> bool {
+        let waiting = self.waiting.fetch_add(text.len(), Ordering::Relaxed) + text.len();
+        if waiting > self.max {
+            self.out.close(
+                3001,
+                &format!("closed: this browser did not read its messages ({waiting} bytes waiting); reconnect"),
+            );
+            return false;
+        }
+        self.tx.send(text.clone()).is_ok()
+    }
+}
+
+impl ViewerRx {
+    pub async fn recv(&mut self) -> Option<Arc<str>> {
+        let v = self.rx.recv().await?;
+        self.waiting.fetch_sub(v.len(), Ordering::Relaxed);
+        Some(v)
+    }
+}
 
 #[derive(Default)]
 pub struct OpenWorkspaces {
@@ -39,6 +90,8 @@ pub struct OpenWs {
     viewers: Mutex<Vec<(u64, Viewer)>>,
     control: Mutex<VecDeque<oneshot::Sender<Event>>>,
     running: Mutex<HashSet<u64>>,
+    /// Output bytes of each running execute, for the per-cell cap.
+    output: Mutex<HashMap<u64, usize>>,
 }
 
 #[derive(Default)]
@@ -52,10 +105,25 @@ struct Placement {
 impl OpenWs {
     fn broadcast(&self, msg: Value) {
         let text: Arc<str> = msg.to_string().into();
-        self.viewers
-            .lock()
-            .unwrap()
-            .retain(|(_, v)| v.send(text.clone()).is_ok());
+        self.viewers.lock().unwrap().retain(|(_, v)| v.send(&text));
+    }
+
+    /// Whether a cell's output may still go out: past `cap` bytes it is dropped, and the
+    /// viewers are told once.
+    fn within_cap(&self, id: u64, len: usize, cap: usize) -> bool {
+        let mut m = self.output.lock().unwrap();
+        let n = m.entry(id).or_insert(0);
+        let before = *n;
+        *n = n.saturating_add(len);
+        if *n <= cap {
+            return true;
+        }
+        drop(m);
+        if before <= cap {
+            self.broadcast(json!({"event": "truncated", "workspace": self.id, "id": id,
+                "message": format!("output truncated: this cell printed more than {cap} bytes (the rest is not shown; interrupt it to stop it)")}));
+        }
+        false
     }
 
     pub fn viewers(&self) -> usize {
@@ -95,6 +163,7 @@ impl Backend {
                         viewers: Mutex::new(Vec::new()),
                         control: Mutex::new(VecDeque::new()),
                         running: Mutex::new(HashSet::new()),
+                        output: Mutex::new(HashMap::new()),
                     })
                 })
                 .clone()
@@ -441,13 +510,22 @@ async fn pump(
     generation: u64,
     host: String,
 ) {
+    let cap = backend.config.max_cell_output_bytes;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Stdout { id, data, .. } => {
-                ws.broadcast(json!({"event": "stdout", "workspace": ws.id, "id": id, "data": data}))
+                if ws.within_cap(id, data.len(), cap) {
+                    ws.broadcast(
+                        json!({"event": "stdout", "workspace": ws.id, "id": id, "data": data}),
+                    )
+                }
             }
             Event::Stderr { id, data, .. } => {
-                ws.broadcast(json!({"event": "stderr", "workspace": ws.id, "id": id, "data": data}))
+                if ws.within_cap(id, data.len(), cap) {
+                    ws.broadcast(
+                        json!({"event": "stderr", "workspace": ws.id, "id": id, "data": data}),
+                    )
+                }
             }
             Event::Done {
                 id,
@@ -456,6 +534,7 @@ async fn pump(
                 ..
             } => {
                 ws.running.lock().unwrap().remove(&id);
+                ws.output.lock().unwrap().remove(&id);
                 ws.broadcast(json!({"event": "done", "workspace": ws.id, "id": id,
                     "status": status, "message": message}));
             }
@@ -499,6 +578,7 @@ async fn pump(
     // Waiters get an error (their senders drop); running executes end as killed.
     ws.control.lock().unwrap().clear();
     let running: Vec<u64> = ws.running.lock().unwrap().drain().collect();
+    ws.output.lock().unwrap().clear();
     for id in running {
         ws.broadcast(
             json!({"event": "done", "workspace": ws.id, "id": id, "status": Status::Killed,

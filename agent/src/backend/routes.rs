@@ -29,22 +29,73 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/api/workspaces/{id}/bundle", get(download))
         .route("/sockjs", get(welcome))
         .route("/sockjs/", get(welcome))
-        .route("/sockjs/info", get(sockjs::info).options(sockjs::options))
+        .route("/sockjs/info", get(info).options(options))
         .route("/sockjs/{server}/{session}/websocket", get(websocket))
-        .route(
-            "/sockjs/{server}/{session}/xhr",
-            post(xhr).options(sockjs::options),
-        )
+        .route("/sockjs/{server}/{session}/xhr", post(xhr).options(options))
         .route(
             "/sockjs/{server}/{session}/xhr_send",
-            post(xhr_send).options(sockjs::options),
+            post(xhr_send).options(options),
         )
         .route(
             "/sockjs/{server}/{session}/xhr_streaming",
-            post(xhr_streaming).options(sockjs::options),
+            post(xhr_streaming).options(options),
         )
+        // A known path with another method, or an unknown one: 404 (as SockJS 0.3 asks).
+        .method_not_allowed_fallback(not_found)
+        .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(backend)
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=UTF-8")],
+        "Not found\n",
+    )
+        .into_response()
+}
+
+/// Refuses a request from another site's page (`origin.rs` says how it is told).
+fn same_site(b: &Backend, headers: &HeaderMap) -> Result<(), ApiError> {
+    super::origin::ours(&b.origins, headers).map(drop)
+}
+
+/// Sign-in and sign-up take JSON only: a cross-site form (`text/plain`) cannot post one without
+/// a preflight that this site refuses.
+fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("application/json")
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            415,
+            "send the credentials as JSON (Content-Type: application/json)",
+        ))
+    }
+}
+
+async fn info(State(b): B, headers: HeaderMap) -> Response {
+    match same_site(&b, &headers) {
+        Ok(()) => sockjs::info(headers).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn options(State(b): B, headers: HeaderMap) -> Response {
+    match same_site(&b, &headers) {
+        Ok(()) => sockjs::options(headers).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn welcome() -> Response {
@@ -198,19 +249,26 @@ fn signed_in(b: &Backend, acct: &Account, token: &str) -> Response {
         .into_response()
 }
 
-async fn signup(State(b): B, body: Bytes) -> Result<Response, ApiError> {
+async fn signup(State(b): B, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    same_site(&b, &headers)?;
+    json_body(&headers)?;
     let c = credentials(&body)?;
-    let (acct, token) = b.signup(&c.name, &c.password).await?;
+    let client = super::throttle::client_address(&headers);
+    let (acct, token) = b.signup(&c.name, &c.password, client).await?;
     Ok(signed_in(&b, &acct, &token))
 }
 
-async fn signin(State(b): B, body: Bytes) -> Result<Response, ApiError> {
+async fn signin(State(b): B, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    same_site(&b, &headers)?;
+    json_body(&headers)?;
     let c = credentials(&body)?;
-    let (acct, token) = b.signin(&c.name, &c.password).await?;
+    let client = super::throttle::client_address(&headers);
+    let (acct, token) = b.signin(&c.name, &c.password, client).await?;
     Ok(signed_in(&b, &acct, &token))
 }
 
 async fn signout(State(b): B, headers: HeaderMap) -> Result<Response, ApiError> {
+    same_site(&b, &headers)?;
     if let Some(t) = super::accounts::token_from_cookies(&headers) {
         b.signout(&t).await?;
     }
@@ -221,7 +279,9 @@ async fn signout(State(b): B, headers: HeaderMap) -> Result<Response, ApiError> 
         .into_response())
 }
 
+/// The signed-in account of a request from our own site.
 async fn account(b: &Backend, headers: &HeaderMap) -> Result<Account, ApiError> {
+    same_site(b, headers)?;
     let t = super::accounts::token_from_cookies(headers)
         .ok_or_else(|| ApiError::unauthorized("sign in first (no session cookie)"))?;
     b.session_account(&t)
@@ -317,7 +377,10 @@ async fn websocket(
     ws: WebSocketUpgrade,
 ) -> Response {
     if !sockjs::valid_ids(&server, &session) {
-        return (StatusCode::NOT_FOUND, "Not found\n").into_response();
+        return not_found().await;
+    }
+    if let Err(e) = same_site(&b, &headers) {
+        return e.into_response();
     }
     // Our own limit (with a clear error) applies first; this one stops the absurd.
     // Small buffers: an idle session should cost kilobytes (tungstenite's defaults are 128 KiB).
@@ -332,6 +395,9 @@ async fn xhr(
     Path((server, session)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(e) = same_site(&b, &headers) {
+        return e.into_response();
+    }
     sockjs::xhr(b, server, session, headers).await
 }
 
@@ -341,6 +407,9 @@ async fn xhr_send(
     headers: HeaderMap,
     req: Request,
 ) -> Response {
+    if let Err(e) = same_site(&b, &headers) {
+        return e.into_response();
+    }
     // A little over the message limit: the frame's JSON quoting adds some.
     let max = b.config.max_message_bytes * 2 + 1024;
     match axum::body::to_bytes(req.into_body(), max).await {
@@ -358,5 +427,8 @@ async fn xhr_streaming(
     Path((server, session)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(e) = same_site(&b, &headers) {
+        return e.into_response();
+    }
     sockjs::xhr_streaming(b, server, session, headers).await
 }

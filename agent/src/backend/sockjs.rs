@@ -37,14 +37,24 @@ impl Sessions {
         self.map.lock().unwrap().get(id).cloned()
     }
     fn remove(&self, id: &str) {
-        if let Some(s) = self.map.lock().unwrap().remove(id) {
+        let removed = self.map.lock().unwrap().remove(id);
+        if let Some(s) = removed {
             s.close(3000, "Go away!");
+            if s.out.lock().unwrap().peak > 1 << 20 {
+                // A large backlog leaves freed blocks in malloc's arenas: hand them back.
+                tokio::task::spawn_blocking(|| {
+                    // SAFETY: malloc_trim only walks and releases free memory.
+                    unsafe { libc::malloc_trim(0) };
+                });
+            }
         }
     }
 }
 
 pub struct SjSession {
     pub id: String,
+    /// More than this waiting to be sent: the browser is not reading, the session is closed.
+    max_queued: usize,
     /// Messages from the browser, to the api connection; dropped when the session ends.
     inbound: Mutex<Option<mpsc::Sender<String>>>,
     out: Mutex<Outbox>,
@@ -54,6 +64,10 @@ pub struct SjSession {
 #[derive(Default)]
 struct Outbox {
     queue: Vec<String>,
+    /// Bytes in `queue`.
+    bytes: usize,
+    /// The most that ever waited (to give memory back after a large backlog).
+    peak: usize,
     close: Option<(u16, String)>,
     attached: bool,
     since: Option<Instant>,
@@ -64,8 +78,31 @@ struct Outbox {
 pub struct Outbound(Arc<SjSession>);
 
 impl Outbound {
+    /// Queues a message for the browser; a browser that lets more than `max_queued_bytes`
+    /// wait is not reading: its queue is dropped and the session closed (code 3001).
     pub fn send(&self, msg: String) {
-        self.0.out.lock().unwrap().queue.push(msg);
+        let mut o = self.0.out.lock().unwrap();
+        if o.close.is_some() {
+            return;
+        }
+        if o.bytes + msg.len() > self.0.max_queued {
+            let waiting = o.bytes + msg.len();
+            o.queue = Vec::new();
+            o.bytes = 0;
+            drop(o);
+            tracing::warn!(session = %self.0.id, waiting, "closing a browser session that does not read");
+            self.0.close(
+                3001,
+                &format!(
+                    "closed: this browser did not read its messages ({waiting} bytes waiting); reconnect"
+                ),
+            );
+            return;
+        }
+        o.bytes += msg.len();
+        o.peak = o.peak.max(o.bytes);
+        o.queue.push(msg);
+        drop(o);
         self.0.notify.notify_waiters();
         self.0.notify.notify_one();
     }
@@ -91,14 +128,14 @@ impl SjSession {
         let mut o = self.out.lock().unwrap();
         if !o.queue.is_empty() {
             let msgs = std::mem::take(&mut o.queue);
-            return Some(format!(
+            o.bytes = 0;
+            drop(o);
+            return Some(escape_frame(format!(
                 "a{}",
                 serde_json::to_string(&msgs).expect("strings")
-            ));
+            )));
         }
-        o.close
-            .as_ref()
-            .map(|(c, r)| format!("c{}", serde_json::json!([c, r])))
+        o.close.as_ref().map(|(c, r)| close_frame(*c, r))
     }
 
     async fn deliver(&self, text: &str) -> Result<(), &'static str> {
@@ -128,6 +165,28 @@ impl SjSession {
         o.attached = false;
         o.since = Some(Instant::now());
     }
+}
+
+/// Characters SockJS 0.3 asks servers to escape in frames (some browsers mangle or drop them
+/// in xhr responses): JSON already escapes U+0000-U+001F; these are the rest.
+fn must_escape(c: char) -> bool {
+    matches!(c, '\u{200c}'..='\u{200f}' | '\u{2028}'..='\u{202f}' | '\u{2060}'..='\u{206f}' | '\u{fff0}'..='\u{ffff}')
+}
+
+/// `frame` (JSON) with those characters as `\uXXXX` escapes; they only occur inside strings.
+pub fn escape_frame(frame: String) -> String {
+    if !frame.chars().any(must_escape) {
+        return frame;
+    }
+    let mut out = String::with_capacity(frame.len() + 16);
+    for c in frame.chars() {
+        if must_escape(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The next frame for a waiting request: what is queued, or a heartbeat after `beat`.
@@ -181,6 +240,7 @@ impl Backend {
         self: &Arc<Self>,
         id: &str,
         account: Option<Account>,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Arc<SjSession>, String> {
         let mut map = self.sockjs.map.lock().unwrap();
         if map.contains_key(id) {
@@ -199,6 +259,7 @@ impl Backend {
         let (tx, rx) = mpsc::channel(32);
         let s = Arc::new(SjSession {
             id: id.to_string(),
+            max_queued: self.config.max_queued_bytes,
             inbound: Mutex::new(Some(tx)),
             out: Mutex::new(Outbox::default()),
             notify: Notify::new(),
@@ -213,6 +274,7 @@ impl Backend {
             rx,
             Outbound(s.clone()),
             account,
+            client,
         ));
         Ok(s)
     }
@@ -224,7 +286,7 @@ impl Backend {
 }
 
 fn close_frame(code: u16, reason: &str) -> String {
-    format!("c{}", serde_json::json!([code, reason]))
+    escape_frame(format!("c{}", serde_json::json!([code, reason])))
 }
 
 /// Closes sessions that no request has attached to for `disconnect_seconds`.
@@ -251,23 +313,26 @@ pub async fn reaper(backend: Arc<Backend>) {
     }
 }
 
+/// CORS headers. Every route that calls this has refused foreign origins first (`origin.rs`),
+/// so an `Origin` here is one of ours; with none, `*` (credentials are never sent with `*`).
 fn cors(headers: &HeaderMap, r: &mut Response) {
     let h = r.headers_mut();
     match headers.get(header::ORIGIN) {
-        Some(o) if o != "null" => {
+        Some(o) => {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
+            h.insert(header::VARY, HeaderValue::from_static("Origin"));
         }
-        _ => {
+        None => {
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_ORIGIN,
                 HeaderValue::from_static("*"),
             );
         }
     }
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
     if let Some(req) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req.clone());
     }
@@ -323,7 +388,42 @@ pub async fn options(headers: HeaderMap) -> Response {
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("31536000"),
     );
+    let year = std::time::SystemTime::now() + Duration::from_secs(31_536_000);
+    if let Ok(v) = HeaderValue::from_str(&http_date(year)) {
+        h.insert(header::EXPIRES, v);
+    }
     r
+}
+
+/// An HTTP date (RFC 9110 IMF-fixdate), e.g. `Tue, 01 Dec 2026 14:25:06 GMT`.
+pub fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MO: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
+        WD[(days % 7) as usize],
+        MO[(m - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn not_found(headers: &HeaderMap) -> Response {
@@ -348,7 +448,8 @@ pub async fn xhr(
     }
     let Some(s) = backend.sockjs.get(&session) else {
         let account = backend.cookie_account(&headers).await;
-        return match backend.new_sockjs_session(&session, account) {
+        let client = super::throttle::client_address(&headers);
+        return match backend.new_sockjs_session(&session, account, client) {
             Ok(s) => {
                 s.detach();
                 js(&headers, StatusCode::OK, "o\n")
@@ -363,8 +464,11 @@ pub async fn xhr(
             format!("{}\n", close_frame(2010, "Another connection still open")),
         );
     }
+    // Detached however this ends: also when the request is dropped because the browser went
+    // away (HAProxy's abortonclose closes our side at once), so the next request is served.
+    let attached = Attached(s.clone());
     let frame = next_frame(&s, Duration::from_secs(backend.config.heartbeat_seconds)).await;
-    s.detach();
+    drop(attached);
     if frame.starts_with('c') {
         backend.sockjs.remove(&s.id);
     }
@@ -443,7 +547,8 @@ pub async fn xhr_streaming(
         }
         None => {
             let account = backend.cookie_account(&headers).await;
-            match backend.new_sockjs_session(&session, account) {
+            let client = super::throttle::client_address(&headers);
+            match backend.new_sockjs_session(&session, account, client) {
                 Ok(s) => {
                     s.attach();
                     first.push_str("o\n");
@@ -497,9 +602,10 @@ pub async fn websocket(backend: Arc<Backend>, session: String, headers: HeaderMa
     // Boxed (like every await below that does real work): this task lives as long as the
     // session, and its size is what an idle session costs.
     let account = Box::pin(backend.cookie_account(&headers)).await;
+    let client = super::throttle::client_address(&headers);
     drop(headers);
     let mut ws = ws;
-    let s = match backend.new_sockjs_session(&session, account) {
+    let s = match backend.new_sockjs_session(&session, account, client) {
         Ok(s) => s,
         Err(close) => {
             let _ = ws.send(Message::Text(close.into())).await;
@@ -515,6 +621,16 @@ pub async fn websocket(backend: Arc<Backend>, session: String, headers: HeaderMa
     let _ = ws.send(Message::Close(None)).await;
 }
 
+/// A websocket write that takes longer than this means the browser stopped reading.
+const WS_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn ws_send(ws: &mut WebSocket, text: String) -> bool {
+    matches!(
+        tokio::time::timeout(WS_SEND_TIMEOUT, ws.send(Message::Text(text.into()))).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn ws_loop(backend: &Backend, s: &SjSession, ws: &mut WebSocket) {
     let mut beat = tokio::time::interval(Duration::from_secs(backend.config.heartbeat_seconds));
     beat.tick().await;
@@ -522,7 +638,7 @@ async fn ws_loop(backend: &Backend, s: &SjSession, ws: &mut WebSocket) {
         let notified = s.notify.notified();
         if let Some(f) = s.take() {
             let closing = f.starts_with('c');
-            if ws.send(Message::Text(f.into())).await.is_err() || closing {
+            if !Box::pin(ws_send(ws, f)).await || closing {
                 return;
             }
             continue;
@@ -530,7 +646,7 @@ async fn ws_loop(backend: &Backend, s: &SjSession, ws: &mut WebSocket) {
         tokio::select! {
             _ = notified => {}
             _ = beat.tick() => {
-                if ws.send(Message::Text("h".into())).await.is_err() {
+                if !Box::pin(ws_send(ws, "h".into())).await {
                     return;
                 }
             }
@@ -553,12 +669,17 @@ impl IntoResponse for super::ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({"ok": false, "error": self.message});
-        (
+        let mut r = (
             status,
             [(header::CONTENT_TYPE, "application/json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
     }
 }
 
@@ -573,6 +694,30 @@ mod tests {
         assert!(parse_client_frame("[1]").is_err());
         assert!(parse_client_frame("[\"a\"").is_err());
         assert!(parse_client_frame("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn frames_escape_what_the_protocol_lists() {
+        let f = escape_frame(format!(
+            "a{}",
+            serde_json::to_string(&["x\u{fffc}\u{fffd}\u{2028}\u{200c}y\u{e9}"]).unwrap()
+        ));
+        assert_eq!(f, r#"a["x\ufffc\ufffd\u2028\u200cyé"]"#);
+        let back: Vec<String> = serde_json::from_str(&f[1..]).unwrap();
+        assert_eq!(back, ["x\u{fffc}\u{fffd}\u{2028}\u{200c}y\u{e9}"]);
+        assert_eq!(escape_frame("a[\"plain\"]".into()), "a[\"plain\"]");
+    }
+
+    #[test]
+    fn http_dates() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_796_135_106);
+        assert_eq!(http_date(t), "Tue, 01 Dec 2026 14:25:06 GMT");
+        assert_eq!(
+            http_date(std::time::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+        let leap = std::time::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(http_date(leap), "Tue, 29 Feb 2000 00:00:00 GMT");
     }
 
     #[test]
