@@ -118,7 +118,7 @@ fn certificates_verify_and_carry_names_and_roles() {
         assert!(sans.contains("DNS:firewall.role.sagectl.invalid"), "{sans}");
         match host {
             "lb" => assert!(
-                sans.contains("DNS:sagews.lab.test")
+                !sans.contains("DNS:sagews.lab.test")
                     && sans.contains("DNS:loadbalancer.role.sagectl.invalid")
                     && sans.contains("IP Address:10.77.0.10"),
                 "{sans}"
@@ -136,6 +136,33 @@ fn certificates_verify_and_carry_names_and_roles() {
             ),
         }
     }
+    // The public site: its own key, the public name only, for servers only.
+    let site = state.join("site.crt");
+    let o = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName,extendedKeyUsage",
+            "-in",
+        ])
+        .arg(&site)
+        .output()
+        .unwrap();
+    let ext = text(&o).0;
+    assert!(ext.contains("DNS:sagews.lab.test"), "{ext}");
+    assert!(
+        !ext.contains("role.sagectl") && !ext.contains("IP Address") && !ext.contains("Client"),
+        "{ext}"
+    );
+    assert_ne!(
+        std::fs::read(state.join("site.key")).unwrap(),
+        std::fs::read(state.join("hosts/lb.key")).unwrap(),
+        "the site has a key of its own"
+    );
+    let pem =
+        std::fs::read_to_string(tmp.path().join("out/lb/etc/haproxy/certs/site.pem")).unwrap();
+    assert!(pem.contains(&std::fs::read_to_string(&site).unwrap()));
     // The CA is a CA; host certificates are not.
     let o = Command::new("openssl")
         .args(["x509", "-noout", "-ext", "basicConstraints", "-in"])

@@ -535,3 +535,61 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     );
     drop(pg);
 }
+
+#[test]
+fn sshd_accepts_every_hosts_settings_and_they_harden_it() {
+    require("/usr/sbin/sshd");
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    for path in inventories() {
+        let r = rendered(&path);
+        for h in &r.inv.hosts {
+            let conf = r
+                .out
+                .join(&h.name)
+                .join("etc/ssh/sshd_config.d/50-sagectl.conf");
+            let o = Command::new("/usr/sbin/sshd")
+                .args(["-t", "-f"])
+                .arg(&conf)
+                .output()
+                .unwrap();
+            assert_ok(&o, &format!("sshd -t for {}", h.name));
+            // What sshd makes of it (-T prints the effective settings).
+            let o = Command::new("/usr/sbin/sshd")
+                .args(["-T", "-f"])
+                .arg(&conf)
+                .output()
+                .unwrap();
+            assert_ok(&o, "sshd -T");
+            let eff = text(&o).0;
+            for want in [
+                "permitrootlogin without-password",
+                "passwordauthentication no",
+                "kbdinteractiveauthentication no",
+                "x11forwarding no",
+                "allowtcpforwarding no",
+                "allowagentforwarding no",
+                "permittunnel no",
+            ] {
+                assert!(
+                    eff.lines().any(|l| l == want),
+                    "{}: {want} in\n{eff}",
+                    h.name
+                );
+            }
+            let kex = eff
+                .lines()
+                .find(|l| l.starts_with("kexalgorithms "))
+                .unwrap();
+            assert!(!kex.contains("sha1") && !kex.contains("group14"), "{kex}");
+        }
+    }
+    // Control: sshd refuses a broken file, so the check above means something.
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), "PermitRootLogin maybe\n").unwrap();
+    let o = Command::new("/usr/sbin/sshd")
+        .args(["-t", "-f"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}

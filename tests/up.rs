@@ -160,7 +160,12 @@ fn converge_lab_hosts() {
 
     // As a browser through HAProxy: sign up, run code, publish; the published file is still
     // served by nginx with every backend stopped.
-    publish_survives_the_backends(&inv);
+    let published = publish_survives_the_backends(&inv);
+
+    // The web edge as an outsider sees it (issue 11): headers, no listing, origins, the
+    // sign-in rate, the site's own certificate; sshd hardened.
+    web_edge(&inv, &published);
+    sshd_is_hardened_and_cannot_lock_sagectl_out(&inv);
 
     // A second run changes nothing and restarts nothing.
     let before = started_at(&inv, "alpha", &ALPHA_UNITS);
@@ -363,6 +368,21 @@ async fn https(
     cookie: &str,
     body: &[u8],
 ) -> sage_agent::http1::Response {
+    let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+    if !cookie.is_empty() {
+        headers.push(("Cookie", cookie));
+    }
+    https_with(inv, method, path, &headers, body).await
+}
+
+/// HTTPS to the lab's HAProxy with the given headers.
+async fn https_with(
+    inv: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> sage_agent::http1::Response {
     let ca = inv.parent().unwrap().join(".sagectl/uptest/ca.crt");
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::pem::PemObject::pem_file_iter(&ca).unwrap() {
@@ -381,16 +401,12 @@ async fn https(
         .await
         .unwrap();
     let mut s = tokio::io::BufReader::new(tls);
-    let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
-    if !cookie.is_empty() {
-        headers.push(("Cookie", cookie));
-    }
     sage_agent::http1::request(
         &mut s,
         method,
         "sagews.uptest.test",
         path,
-        &headers,
+        headers,
         body,
         1 << 20,
     )
@@ -398,12 +414,187 @@ async fn https(
     .unwrap()
 }
 
-fn publish_survives_the_backends(inv: &Path) {
+/// Headers on real responses through HAProxy, no listing of /pub/, foreign origins refused,
+/// HAProxy's sign-in rate limit, and a public certificate that names the site only.
+fn web_edge(inv: &Path, published: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
+        for path in ["/", "/api/health", "/sockjs/info", "/nothing-here"] {
+            let r = https_with(inv, "GET", path, &[], b"").await;
+            let h = |n: &str| r.header(n).unwrap_or("").to_string();
+            let csp = h("content-security-policy");
+            assert!(
+                csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+                "{path}: CSP {csp:?}"
+            );
+            assert_eq!(h("x-frame-options"), "DENY", "{path}");
+            assert_eq!(h("x-content-type-options"), "nosniff", "{path}");
+            assert!(
+                h("strict-transport-security").contains("max-age="),
+                "{path}"
+            );
+            assert_eq!(h("referrer-policy"), "same-origin", "{path}");
+        }
+        // Published files keep nginx's stricter sandbox policy; no directory is listed.
+        let r = https_with(inv, "GET", published, &[], b"").await;
+        assert_eq!(r.status, 200, "{published}");
+        let csp = r.header("content-security-policy").unwrap_or("");
+        assert!(csp.starts_with("sandbox"), "{csp}");
+        let dir = &published[..published.rfind('/').unwrap() + 1];
+        for listing in ["/pub/", dir] {
+            let r = https_with(inv, "GET", listing, &[], b"").await;
+            assert!(
+                r.status == 403 || r.status == 404,
+                "{listing}: {} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        // Another site's page cannot use the backends.
+        let r = https_with(
+            inv,
+            "GET",
+            "/sockjs/info",
+            &[("Origin", "https://evil.example")],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 403);
+        // HAProxy's rate of sign-in requests per address: refused past it, with Retry-After.
+        let mut limited = None;
+        for i in 0..40 {
+            let r = https_with(
+                inv,
+                "POST",
+                "/api/signin",
+                &[("Content-Type", "application/json")],
+                b"not json",
+            )
+            .await;
+            if r.status == 429 {
+                limited = Some((i, r.header("retry-after").map(str::to_string)));
+                break;
+            }
+            assert_eq!(r.status, 400, "request {i}");
+        }
+        let (n, retry) = limited.expect("HAProxy limits sign-in requests");
+        // 20 in 10 s pass (fewer when the earlier sign-up is still in the window).
+        assert!((15..=20).contains(&n), "refused after {n}");
+        assert_eq!(retry.as_deref(), Some("10"));
+    });
+    // The certificate browsers see: the public name only (no host name, role or address),
+    // and another key than HAProxy's own identity.
+    let o = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "openssl s_client -connect 10.81.0.10:443 -servername sagews.uptest.test </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName -pubkey",
+        ])
+        .output()
+        .unwrap();
+    let (cert, _) = text(&o);
+    assert!(cert.contains("DNS:sagews.uptest.test"), "{cert}");
+    assert!(
+        !cert.contains("alpha") && !cert.contains("role.sagectl") && !cert.contains("IP Address"),
+        "{cert}"
+    );
+    let host_pub = ssh(
+        inv,
+        "alpha",
+        &[
+            "openssl",
+            "x509",
+            "-noout",
+            "-pubkey",
+            "-in",
+            "/etc/haproxy/certs/host.pem",
+        ],
+    );
+    assert!(
+        !cert.contains(host_pub.trim()),
+        "the site has a key of its own"
+    );
+}
+
+/// sshd takes keys only, forwards nothing; a setting that would lock sagectl out is put back
+/// after a fresh login fails, and the host stays reachable.
+fn sshd_is_hardened_and_cannot_lock_sagectl_out(inv: &Path) {
+    let eff = ssh(inv, "alpha", &["sshd", "-T"]);
+    for want in [
+        "passwordauthentication no",
+        "permitrootlogin without-password",
+        "x11forwarding no",
+        "allowtcpforwarding no",
+        "allowagentforwarding no",
+    ] {
+        assert!(eff.lines().any(|l| l == want), "{want} in\n{eff}");
+    }
+    // A password login is not even offered.
+    let o = std::process::Command::new("ssh")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            "root@10.81.0.11",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("Permission denied (publickey)"),
+        "{}",
+        text(&o).1
+    );
+    // A valid sshd setting that refuses root: sshd -t accepts it, the fresh login fails, the
+    // previous file is put back, and the next run still gets in.
+    set_var(
+        inv,
+        "memcached_memory_mb: 64",
+        "memcached_memory_mb: 64\n  ssh_allow_users: [nobody]",
+    );
+    let (o, recap) = up(inv, &["--limit", "charlie"]);
+    assert!(!o.status.success());
+    let e = host(&recap, "charlie")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("a fresh login failed") && e.contains("was put back"),
+        "{e}"
+    );
+    assert!(
+        !ssh(
+            inv,
+            "charlie",
+            &["cat", "/etc/ssh/sshd_config.d/50-sagectl.conf"]
+        )
+        .contains("AllowUsers"),
+        "the previous settings are back"
+    );
+    set_var(inv, "\n  ssh_allow_users: [nobody]", "");
+    let (o, recap) = up(inv, &["--limit", "charlie"]);
+    assert!(o.status.success(), "{recap}");
+}
+
+/// Returns the published file's path (`/pub/<id>/<name>`).
+fn publish_survives_the_backends(inv: &Path) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = rt.block_on(async {
         let creds =
             serde_json::json!({"name": "lab-user", "password": "a lab password"}).to_string();
         let r = https(inv, "POST", "/api/signup", "", creds.as_bytes()).await;
@@ -483,8 +674,20 @@ fn publish_survives_the_backends(inv: &Path) {
         );
         let r = https(inv, "GET", "/api/health", "", b"").await;
         assert_eq!(r.status, 503, "no backend is up");
+        format!("/pub/{ws}/index.txt")
     });
     ssh(inv, "alpha", &["systemctl", "start", "sage-backend"]);
+    // Back in HAProxy once its health check sees it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rt
+        .block_on(https(inv, "GET", "/api/health", "", b""))
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the backend did not come back");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    path
 }
 
 /// The cgroup.kill file of a lab machine (killing it is a power cut).

@@ -259,6 +259,41 @@ impl Runner<'_> {
     }
 }
 
+/// Puts back the files a run replaced (`.sagectl-prev`; removes those that were new), then
+/// runs the handler again.
+async fn put_back(
+    r: &Runner<'_>,
+    files: &[String],
+    verb: &str,
+    service: &str,
+) -> Result<(), String> {
+    for f in files {
+        let prev = format!("{f}.sagectl-prev");
+        r.must(
+            "putting the previous file back",
+            &[
+                "sh",
+                "-c",
+                "if [ -e \"$2\" ]; then mv -f \"$2\" \"$1\"; else rm -f \"$1\"; fi",
+                "sh",
+                f,
+                &prev,
+            ],
+            b"",
+            SHORT,
+        )
+        .await?;
+    }
+    r.must(
+        &format!("systemctl {verb} {service}"),
+        &["systemctl", verb, service],
+        b"",
+        SHORT,
+    )
+    .await
+    .map(drop)
+}
+
 fn random_salt() -> [u8; 16] {
     let mut b = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
@@ -274,22 +309,38 @@ fn indent(s: &str) -> String {
 }
 
 /// Applies `plan` on `session`, calling `progress` with each step's name.
+/// Opens a fresh SSH connection to the host and closes it: how a handler with `check_login`
+/// proves that the host still takes sagectl's logins.
+pub type Relogin<'a> = &'a (
+        dyn Fn() -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>,
+> + Sync
+    );
+
 pub async fn apply(
     session: &Session,
     plan: &HostPlan,
     progress: &(dyn Fn(&str) + Sync),
+    relogin: Relogin<'_>,
 ) -> Applied {
     let r = Runner {
         s: session,
         lost: Default::default(),
     };
-    let mut out = apply_with(&r, plan, progress).await;
+    let mut out = apply_with(&r, plan, progress, relogin).await;
     out.unreachable = r.lost.load(std::sync::atomic::Ordering::Relaxed);
     out
 }
 
-async fn apply_with(r: &Runner<'_>, plan: &HostPlan, progress: &(dyn Fn(&str) + Sync)) -> Applied {
+async fn apply_with(
+    r: &Runner<'_>,
+    plan: &HostPlan,
+    progress: &(dyn Fn(&str) + Sync),
+    relogin: Relogin<'_>,
+) -> Applied {
     let mut out = Applied::default();
+    // Handler key -> files uploaded in this run that notified it (to put back if needed).
+    let mut uploaded: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Handler key -> index of the last change that notified it.
     let mut notified: BTreeMap<String, usize> = BTreeMap::new();
     for p in &plan.pending {
@@ -334,6 +385,9 @@ async fn apply_with(r: &Runner<'_>, plan: &HostPlan, progress: &(dyn Fn(&str) + 
                 }
                 out.changed += 1;
                 for k in keys {
+                    if let Change::Upload(u) = c {
+                        uploaded.entry(k.clone()).or_default().push(u.path.clone());
+                    }
                     notified.insert(k, i + 1);
                 }
                 match c {
@@ -388,6 +442,28 @@ async fn apply_with(r: &Runner<'_>, plan: &HostPlan, progress: &(dyn Fn(&str) + 
             return out;
         }
         out.handlers.push(format!("{verb} {}", h.service));
+        if h.check_login {
+            progress(&format!(
+                "checking a fresh login after {verb} {}",
+                h.service
+            ));
+            if let Err(e) = relogin().await {
+                let files = uploaded.get(&h.key()).cloned().unwrap_or_default();
+                out.error = Some(match put_back(r, &files, verb, &h.service).await {
+                    Ok(()) => format!(
+                        "handler `{}`: a fresh login failed after the change ({e}); the previous {} was put back and {} {verb}ed again: fix the variables that changed it",
+                        h.name,
+                        files.join(", "),
+                        h.service
+                    ),
+                    Err(e2) => format!(
+                        "handler `{}`: a fresh login failed after the change ({e}), and putting the previous files back failed too ({e2}): this run's connection is the only way in",
+                        h.name
+                    ),
+                });
+                return out;
+            }
+        }
     }
     if let Err(e) = r
         .must(

@@ -18,7 +18,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use crate::inventory::{Host, Inventory, Role};
+use crate::inventory::{Host, Inventory};
 
 /// The suffix of the DNS names that carry roles in certificates.
 pub const ROLE_SUFFIX: &str = "role.sagectl.invalid";
@@ -155,13 +155,10 @@ impl State {
     }
 
     /// The certificate of a host, made (or remade when its names changed) on demand. Its names:
-    /// the host name, its address, one role name per role, and the site's public name on
-    /// loadbalancers.
-    pub fn host(&self, inv: &Inventory, host: &Host) -> Result<Credentials, PkiError> {
+    /// the host name, its address and one role name per role. Never shown to browsers: the
+    /// public site has its own key ([`State::site`]).
+    pub fn host(&self, host: &Host) -> Result<Credentials, PkiError> {
         let mut dns = vec![host.name.clone()];
-        if host.has(Role::Loadbalancer) && !inv.tls.public_name.is_empty() {
-            dns.push(inv.tls.public_name.clone());
-        }
         dns.extend(host.all_roles().map(|r| role_name(r.name())));
         self.issue(
             &format!("hosts/{}", host.name),
@@ -169,6 +166,15 @@ impl State {
             dns,
             vec![host.address],
         )
+    }
+
+    /// The public site's certificate (when the inventory brings none): its own key pair, the
+    /// public name only, server use only. HAProxy's identity toward nginx and the backends is
+    /// its host certificate, a different key; the internal role names and private address are
+    /// never shown to browsers.
+    pub fn site(&self, inv: &Inventory) -> Result<Credentials, PkiError> {
+        let name = &inv.tls.public_name;
+        self.make("site", name, vec![name.clone()], Vec::new(), false)
     }
 
     /// sagectl's own client certificate (role `admin`), for `sagectl logs` and health checks.
@@ -185,6 +191,18 @@ impl State {
         cn: &str,
         dns: Vec<String>,
         ips: Vec<std::net::IpAddr>,
+    ) -> Result<Credentials, PkiError> {
+        self.make(stem, cn, dns, ips, true)
+    }
+
+    /// [`State::issue`], for client use too or for server use only.
+    fn make(
+        &self,
+        stem: &str,
+        cn: &str,
+        dns: Vec<String>,
+        ips: Vec<std::net::IpAddr>,
+        client: bool,
     ) -> Result<Credentials, PkiError> {
         let (cert_path, key_path, names_path) = (
             self.dir.join(format!("{stem}.crt")),
@@ -230,10 +248,12 @@ impl State {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if client {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         params.serial_number = Some(SerialNumber::from_slice(&random_bytes::<16>()?));
         let now = SystemTime::now();
         params.not_before = (now - Duration::from_secs(3600)).into();

@@ -193,6 +193,8 @@ pub struct HandlerStep {
     pub name: String,
     pub service: String,
     pub action: crate::roles::HandlerAction,
+    /// See [`crate::roles::Handler::check_login`].
+    pub check_login: bool,
 }
 
 impl HandlerStep {
@@ -231,6 +233,7 @@ pub fn host_steps(
                 name: h.name.clone(),
                 service,
                 action: h.action,
+                check_login: h.check_login,
             });
         }
         for task in &def.tasks {
@@ -403,10 +406,10 @@ fn pki_item(
 ) -> Result<Vec<u8>, RenderError> {
     Ok(match item {
         PkiItem::CaCert => state.ca_cert_pem().as_bytes().to_vec(),
-        PkiItem::HostCert => state.host(inv, host)?.chain_pem.into_bytes(),
-        PkiItem::HostKey => state.host(inv, host)?.key_pem.expose().as_bytes().to_vec(),
+        PkiItem::HostCert => state.host(host)?.chain_pem.into_bytes(),
+        PkiItem::HostKey => state.host(host)?.key_pem.expose().as_bytes().to_vec(),
         PkiItem::HostPem => {
-            let c = state.host(inv, host)?;
+            let c = state.host(host)?;
             format!("{}{}", c.chain_pem, c.key_pem.expose()).into_bytes()
         }
         PkiItem::SitePem => match (&inv.tls.certificate, &inv.tls.key) {
@@ -426,7 +429,7 @@ fn pki_item(
                 v
             }
             _ => {
-                let c = state.host(inv, host)?;
+                let c = state.site(inv)?;
                 format!("{}{}", c.chain_pem, c.key_pem.expose()).into_bytes()
             }
         },

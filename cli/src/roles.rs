@@ -142,6 +142,9 @@ pub struct Handler {
     pub name: String,
     pub service: String,
     pub action: HandlerAction,
+    /// After running it, a fresh SSH login must succeed, or the files that notified it are
+    /// put back and it runs again (for sshd's own configuration: never lock sagectl out).
+    pub check_login: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -448,7 +451,7 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
 }
 
 fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
-    let f = d.fields(node, path, &["name", "restart", "reload"])?;
+    let f = d.fields(node, path, &["name", "restart", "reload", "check_login"])?;
     let name = req_string(d, &f, "name")?;
     let (action, key) = match (f.get("restart"), f.get("reload")) {
         (Some(_), None) => (HandlerAction::Restart, "restart"),
@@ -463,10 +466,15 @@ fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
             return None;
         }
     };
+    let check_login = match f.get("check_login") {
+        Some(v) => d.bool(v, &f.path_of("check_login"))?,
+        None => false,
+    };
     Some(Handler {
         name,
         service: req_string(d, &f, key)?,
         action,
+        check_login,
     })
 }
 

@@ -532,7 +532,17 @@ async fn converge(ctx: &Ctx, name: &str) -> (HostRecap, Option<Session>) {
             ui.println(&format!("{name}: {m}"));
         }
     };
-    let applied = crate::apply::apply(&session, &plan, &progress).await;
+    // A fresh connection, as the next run would make (handlers that guard sshd use it).
+    let relogin = || -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async {
+            let s = Session::connect(&target, ctx.known.clone(), ctx.opts.host_keys)
+                .await
+                .map_err(|e| e.to_string())?;
+            s.close().await;
+            Ok(())
+        })
+    };
+    let applied = crate::apply::apply(&session, &plan, &progress, &relogin).await;
     r.ok = applied.ok;
     r.changed = applied.changed;
     r.skipped = applied.skipped;
