@@ -2,10 +2,42 @@
 //! and at most a size cap of each. A FIFO would block `open` or `read` forever, `/dev/zero`
 //! would fill memory; both are refused with an error naming what the path is.
 
-use std::fs::{File, Metadata};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Linux's O_NONBLOCK where it is 0o4000 (every architecture Debian builds for but alpha,
+/// mips, parisc and sparc; `libc` is not a dependency of sagectl). Opening a FIFO so returns at
+/// once, and a file that blocks on read (`/proc/kmsg`) fails instead of hanging.
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "loongarch64"
+    )
+))]
+const O_NONBLOCK: i32 = 0o4000;
+#[cfg(not(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "loongarch64"
+    )
+)))]
+const O_NONBLOCK: i32 = 0;
 
 /// The most sagectl reads of one inventory file: far more than any inventory needs.
 pub const MAX_INVENTORY_FILE: u64 = 1 << 20;
@@ -43,7 +75,10 @@ pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     if !before.is_file() {
         return Err(refuse(&before));
     }
-    let file = File::open(path)?;
+    let file: File = OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)?;
     // And again on what was opened, in case the path was swapped in between.
     let opened = file.metadata()?;
     if !opened.is_file() {
@@ -87,6 +122,23 @@ mod tests {
         assert_eq!(e.to_string(), "a character device, not a regular file");
         let e = read_text(Path::new("/"), 1024).unwrap_err();
         assert_eq!(e.to_string(), "a directory, not a regular file");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("pipe.yaml");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let e = read_text(&p, 1024).unwrap_err();
+        assert_eq!(e.to_string(), "a FIFO (named pipe), not a regular file");
+        // Through a symlink too.
+        let l = tmp.path().join("link.yaml");
+        std::os::unix::fs::symlink(&p, &l).unwrap();
+        assert!(read_text(&l, 1024).is_err());
     }
 
     #[test]
