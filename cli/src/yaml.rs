@@ -46,6 +46,17 @@ impl Kind {
     }
 }
 
+/// What a value is, showing short scalars: "the string \"x\"", "the number 5432.5".
+pub fn found(kind: &Kind) -> String {
+    match kind {
+        Kind::Str(s) if s.chars().count() <= 40 => format!("the string \"{s}\""),
+        Kind::Int(i) => format!("the integer {i}"),
+        Kind::Float(x) => format!("the number {x}"),
+        Kind::Bool(b) => format!("the boolean {b}"),
+        other => other.describe().to_string(),
+    }
+}
+
 /// How to write what was `expected` when `found` was given instead.
 pub fn type_hint(expected: &str, found: &Kind) -> String {
     match (expected, found) {
@@ -60,6 +71,9 @@ pub fn type_hint(expected: &str, found: &Kind) -> String {
         ("true or false", Kind::Str(_)) => "write true or false, without quotes".into(),
         ("a list", _) => "write `[a, b]`, or one `- item` per line under the key".into(),
         ("a mapping", _) => "write `key: value` entries, indented under it".into(),
+        (_, Kind::Seq(_) | Kind::Map(_)) => {
+            format!("write {expected} here, not a list or a mapping")
+        }
         (_, Kind::Null) => format!("give {expected} after the colon"),
         _ => format!("write {expected} here"),
     }
@@ -401,7 +415,7 @@ impl Decoder {
 
     /// Reports a value of the wrong type, with a hint on how to write the right one.
     pub fn expected(&mut self, node: &Node, path: &str, what: &str) {
-        let msg = format!("expected {what}, found {}", node.kind.describe());
+        let msg = format!("expected {what}, found {}", found(&node.kind));
         self.error(node, path, msg, Some(type_hint(what, &node.kind)));
     }
 
@@ -614,6 +628,9 @@ mod tests {
         let mut d = Decoder::default();
         let f = d.fields(&n, "", &["mode"]).unwrap();
         assert_eq!(d.string(f.get("mode").unwrap(), "mode"), None);
-        assert_eq!(d.diags.0[0].message, "expected a string, found an integer");
+        assert_eq!(
+            d.diags.0[0].message,
+            "expected a string, found the integer 644"
+        );
     }
 }

@@ -348,12 +348,7 @@ impl Constraint {
     }
 
     fn wrong(&self, d: &mut Decoder, node: &Node, path: &str) {
-        let found = match &node.kind {
-            Kind::Str(s) if s.chars().count() <= 40 => format!("the string \"{s}\""),
-            Kind::Int(i) => format!("the integer {i}"),
-            Kind::Float(x) => format!("the number {x}"),
-            other => other.describe().to_string(),
-        };
+        let found = crate::yaml::found(&node.kind);
         let hint = match (self, &node.kind) {
             (Constraint::Size { .. }, Kind::Int(_) | Kind::Float(_)) => {
                 "write the number with its unit, in quotes: \"256MB\"".to_string()
@@ -481,7 +476,10 @@ impl Constraint {
                     d.error(
                         node,
                         path,
-                        format!("expected {self}, found {}", items.len()),
+                        match items.len() {
+                            0 => "the list is empty".to_string(),
+                            n => format!("the list has {n}; expected {self}"),
+                        },
                         Some("with none, no one could reach the hosts' SSH; give the addresses administrators connect from".into()),
                     );
                 }

@@ -87,7 +87,11 @@ pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     let too_big = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("larger than {} KiB", cap / 1024),
+            if cap % (1 << 20) == 0 {
+                format!("larger than {} MiB", cap >> 20)
+            } else {
+                format!("larger than {} KiB", cap >> 10)
+            },
         )
     };
     if opened.len() > cap {

@@ -649,6 +649,14 @@ const LAB_SUBNET_HINT: &str = "use an IPv4 block from /16 to /29, such as 10.77.
 
 fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
     let l = raw.lab.as_ref()?;
+    if !is_label(&l.suite.v) {
+        v.err(
+            &l.suite.pos,
+            "lab.suite",
+            format!("`{}` is not a Debian suite name", l.suite.v),
+            "such as bookworm".to_string(),
+        );
+    }
     let subnet = match l.subnet.v.parse::<Cidr>() {
         Ok(c) if c.addr().is_ipv4() && c.prefix() >= 16 && c.prefix() <= 29 => c,
         Ok(c) => {
@@ -670,14 +678,6 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
             return None;
         }
     };
-    if !is_label(&l.suite.v) {
-        v.err(
-            &l.suite.pos,
-            "lab.suite",
-            format!("`{}` is not a Debian suite name", l.suite.v),
-            "such as bookworm".to_string(),
-        );
-    }
     let lab = Lab {
         subnet,
         suite: l.suite.v.clone(),
@@ -713,6 +713,9 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
     Some(lab)
 }
 
+/// Where the inventory set a port, and its path; `None` for a default or a fixed port.
+type SetAt = Option<(Pos, String)>;
+
 /// Two services of one host must not want the same port. The services are the fixed ones of
 /// each role, the agents' settings, and every port variable its role declares a `listener` for,
 /// with the value the host gets (its own, else the inventory's, else the default).
@@ -728,9 +731,7 @@ fn check_ports(
         .filter_map(|h| Some((h, raw.hosts.iter().find(|r| r.name.v == h.name)?)))
     {
         let host_path = join("hosts", &h.name);
-        // (port, who wants it, where it was set and its path: None for a default or setting)
-        let mut ports: Vec<(u16, String, Option<(Pos, String)>)> =
-            vec![(h.ssh.port, "ssh".into(), None)];
+        let mut ports: Vec<(u16, String, SetAt)> = vec![(h.ssh.port, "ssh".into(), None)];
         let fixed = |p: u16, who: &str| (p, who.to_string(), None);
         for r in h.all_roles() {
             for (var, c) in &catalog.role(r).types {
@@ -781,10 +782,14 @@ fn check_ports(
                 _ => {}
             }
         }
-        let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
+        let mut seen: BTreeMap<u16, (&str, &SetAt)> = BTreeMap::new();
         for (p, who, at) in &ports {
-            if let Some(other) = seen.insert(*p, who) {
-                let (pos, path) = at.clone().unwrap_or((h.pos.clone(), host_path.clone()));
+            if let Some((other, other_at)) = seen.insert(*p, (who, at)) {
+                // At whichever of the two the inventory set, else at the host.
+                let (pos, path) = at
+                    .clone()
+                    .or_else(|| other_at.clone())
+                    .unwrap_or((h.pos.clone(), host_path.clone()));
                 v.err(
                     &pos,
                     &path,
