@@ -580,3 +580,56 @@ fn attrs(d: &mut Decoder, f: &Fields<'_>, default_mode: u32) -> Option<Attrs> {
     };
     Some(Attrs { mode, owner, group })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (RoleDef, Diagnostics) {
+        let n = yaml::parse(Path::new("defaults.yaml"), text).unwrap();
+        let mut d = Decoder::default();
+        let mut def = RoleDef {
+            role: Role::Static,
+            tasks: Vec::new(),
+            handlers: Vec::new(),
+            defaults: BTreeMap::new(),
+            types: BTreeMap::new(),
+        };
+        defaults(&mut d, &n, &mut def);
+        (def, d.diags)
+    }
+
+    #[test]
+    fn every_variable_has_a_type_its_default_satisfies() {
+        let (def, d) =
+            load("a: 80\nb: \"/x\"\n_types:\n  a: {type: port, listener: x}\n  b: abs_path\n");
+        assert!(d.is_empty(), "{d}");
+        assert_eq!(def.defaults.len(), 2, "`_types` is not a variable");
+        assert_eq!(def.types["a"].listener(), Some("x"));
+
+        let (_, d) = load("a: 0\nb: 1\nc: \"x\"\n_types:\n  a: port\n  c: version\n  z: bool\n");
+        let msgs: Vec<String> =
+            d.0.iter()
+                .map(|p| format!("{}:{} {}", p.pos.line, p.pos.col, p.message))
+                .collect();
+        assert_eq!(
+            msgs,
+            [
+                "1:4 port 0 is out of range",
+                "3:4 `x` is not a version",
+                "7:3 a type for `z`, which has no default",
+                "2:1 variable `b` has no type",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_embedded_roles_declare_every_variable() {
+        let c = Catalog::embedded().unwrap();
+        let (defaults, types) = (c.defaults(), c.types());
+        assert_eq!(
+            defaults.keys().collect::<Vec<_>>(),
+            types.keys().collect::<Vec<_>>()
+        );
+    }
+}

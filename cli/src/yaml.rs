@@ -618,8 +618,75 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_key_is_an_error() {
-        assert!(parse(Path::new("d.yaml"), "a: 1\na: 2\n").is_err());
+    fn duplicate_key_is_an_error_naming_the_key() {
+        let e = parse(
+            Path::new("d.yaml"),
+            "a: 1\nhosts:\n  db: 1\n  x: 2\n  db: 3\n",
+        )
+        .unwrap_err();
+        let d = &e.0[0];
+        assert_eq!((d.pos.line, d.pos.col), (5, 3));
+        assert_eq!(d.message, "duplicate key `db`");
+        assert_eq!(
+            d.hint.as_deref(),
+            Some("`db` is already set on line 3; keep one of the two")
+        );
+        let e = parse(Path::new("d.yaml"), "x: {\"a b\": 1, \"a b\": 2}\n").unwrap_err();
+        assert_eq!(e.0[0].message, "duplicate key `\"a b\"`");
+    }
+
+    #[test]
+    fn unknown_tags_are_refused_where_they_are() {
+        for (text, line, col, tag) in [
+            ("a: !foo bar\n", 1, 4, "!foo"),
+            ("a:\n  b: !!binary aGk=\n", 2, 6, "!!binary"),
+            ("a:\n  - !x [1]\n", 2, 5, "!x"),
+            ("a: !<tag:x> 1\n", 1, 4, "!<tag:x>"),
+        ] {
+            let e = parse(Path::new("t.yaml"), text).unwrap_err();
+            let d = &e.0[0];
+            assert_eq!((d.pos.line, d.pos.col), (line, col), "{text}");
+            assert_eq!(d.message, format!("unknown YAML tag `{tag}`"));
+        }
+        // Core-schema tags that say what the value is anyway are fine.
+        assert!(matches!(p("a: !!str 0644\n").kind, Kind::Map(_)));
+    }
+
+    /// The deepest document `too_deep` lets through parses, even from a test thread's small
+    /// stack; one nested deeper is refused with a position, not a crash.
+    #[test]
+    fn nesting_is_bounded() {
+        let mut text = String::new();
+        for i in 0..MAX_INDENT / 2 {
+            text.push_str(&format!("{}k{i}:\n", "  ".repeat(i)));
+        }
+        text.push_str(&" ".repeat(MAX_INDENT));
+        text.push_str(&"- ".repeat(MAX_COMPACT));
+        text.push_str(&"[".repeat(250));
+        text.push_str(&"]".repeat(250));
+        text.push('\n');
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || parse(Path::new("deep.yaml"), &text).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        let e = parse(
+            Path::new("d.yaml"),
+            &format!("a:\n{}x\n", "- ".repeat(MAX_COMPACT + 1)),
+        )
+        .unwrap_err();
+        assert_eq!((e.0[0].pos.line, e.0[0].pos.col), (2, 1));
+        let e = parse(
+            Path::new("d.yaml"),
+            &format!("a:\n{}x: 1\n", " ".repeat(MAX_INDENT + 1)),
+        )
+        .unwrap_err();
+        assert!(
+            e.0[0].message.starts_with("nesting too deep"),
+            "{}",
+            e.0[0].message
+        );
     }
 
     #[test]
