@@ -32,12 +32,13 @@ pub struct DesiredFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("host {host}: role {role}: task `{task}`: {source:#}")]
+    // The cause is in the message and not also a `source`, which `{:#}` would print again.
+    #[error("host {host}: role {role}: task `{task}`: {error:#}")]
     Template {
         host: String,
         role: Role,
         task: String,
-        source: minijinja::Error,
+        error: minijinja::Error,
     },
     #[error(transparent)]
     Pki(#[from] PkiError),
@@ -55,11 +56,11 @@ pub enum RenderError {
         path: String,
         why: &'static str,
     },
-    #[error("host {host}: reading the site certificate {path}: {source}")]
+    #[error("host {host}: reading the site certificate {path}: {error}")]
     SiteCert {
         host: String,
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -252,11 +253,11 @@ pub fn host_steps(
         for h in &def.handlers {
             let service =
                 env.render_str(&h.service, &ctx)
-                    .map_err(|source| RenderError::Template {
+                    .map_err(|error| RenderError::Template {
                         host: host.name.clone(),
                         role,
                         task: format!("handler {}", h.name),
-                        source,
+                        error,
                     })?;
             handlers.push(HandlerStep {
                 role,
@@ -266,11 +267,11 @@ pub fn host_steps(
             });
         }
         for task in &def.tasks {
-            let terr = |source| RenderError::Template {
+            let terr = |error| RenderError::Template {
                 host: host.name.clone(),
                 role,
                 task: task.name.clone(),
-                source,
+                error,
             };
             let render_str = |s: &str| env.render_str(s, &ctx).map_err(terr);
             // A path on the host, rendered then checked.
@@ -459,11 +460,11 @@ fn pki_item(
             (Some(c), Some(k)) => {
                 let read = |p: &std::path::PathBuf| {
                     let cap = crate::inventory::files::MAX_INVENTORY_FILE;
-                    crate::inventory::files::read_regular(p, cap).map_err(|source| {
+                    crate::inventory::files::read_regular(p, cap).map_err(|error| {
                         RenderError::SiteCert {
                             host: host.name.clone(),
                             path: p.clone(),
-                            source,
+                            error,
                         }
                     })
                 };
@@ -485,6 +486,19 @@ fn pki_item(
 #[cfg(test)]
 mod tests {
     use super::path_problem;
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let e = super::RenderError::SiteCert {
+            host: "lb".into(),
+            path: "site.crt".into(),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        };
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e)),
+            "host lb: reading the site certificate site.crt: gone"
+        );
+    }
 
     #[test]
     fn rendered_paths_must_stay_where_they_say() {

@@ -442,11 +442,13 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
         );
     }
     // Checked whichever end was given: `uid_min: 35000` alone is above the default uid_max.
-    let given = |d: &Decoder, k: &str| f.get(k).filter(|_| !d.was_reported(&f.path_of(k)));
-    if w.uid_min >= w.uid_max {
-        if let Some((n, key)) = given(d, "uid_max")
+    // Not when one end was invalid: its default would stand in for what was meant.
+    let bad = |d: &Decoder, k: &str| d.was_reported(&f.path_of(k));
+    if w.uid_min >= w.uid_max && !bad(d, "uid_min") && !bad(d, "uid_max") {
+        if let Some((n, key)) = f
+            .get("uid_max")
             .map(|n| (n, "uid_max"))
-            .or_else(|| given(d, "uid_min").map(|n| (n, "uid_min")))
+            .or_else(|| f.get("uid_min").map(|n| (n, "uid_min")))
         {
             let (min, max) = (w.uid_min, w.uid_max);
             d.error(

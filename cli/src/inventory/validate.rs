@@ -260,8 +260,9 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
 
     // Rules between roles (only meaningful once every host parsed).
     let count = |role: Role| hosts.iter().filter(|h| h.roles.contains(&role)).count();
-    let rules_apply =
-        !raw.hosts.is_empty() && stage_one_clean && roles_known && hosts.len() == raw.hosts.len();
+    // Every host made it, with every role understood: counting hosts by role means something.
+    let roles_complete = roles_known && hosts.len() == raw.hosts.len();
+    let rules_apply = !raw.hosts.is_empty() && stage_one_clean && roles_complete;
     if rules_apply {
         match count(Role::Database) {
             1 => {}
@@ -433,7 +434,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
         }
     }
 
-    let logd = check_logd(&mut v, &raw, &hosts, rules_apply);
+    let logd = check_logd(&mut v, &raw, &hosts, roles_complete);
     let lab = check_lab(&mut v, &raw, &hosts);
     check_ports(&mut v, &raw, &catalog, &hosts, &vars);
 
@@ -543,12 +544,12 @@ fn check_v6(v: &mut V<'_>, ip: IpAddr, roles: &[Role], pos: &Pos, path: &str) {
     }
 }
 
-/// `rules_apply`: every host and role was understood, so counting logd hosts means something.
+/// `roles_complete`: every host and role was understood, so counting logd hosts means something.
 fn check_logd(
     v: &mut V<'_>,
     raw: &RawInventory,
     hosts: &[Host],
-    rules_apply: bool,
+    roles_complete: bool,
 ) -> LogdSettings {
     let l = &raw.logd;
     let mut allow = Vec::new();
@@ -579,7 +580,7 @@ fn check_logd(
     let logds: Vec<&Host> = hosts.iter().filter(|h| h.has(Role::Logd)).collect();
     let mut replica = None;
     match &l.replica {
-        _ if !rules_apply => {}
+        _ if !roles_complete => {}
         Some(r) => match logds.iter().find(|h| h.name == r.v) {
             Some(_) if logds.len() == 2 => replica = Some(r.v.clone()),
             Some(_) => v.err(
