@@ -266,3 +266,59 @@ fn help_texts() {
         insta::assert_snapshot!(format!("help_{name}"), text(&o).0);
     }
 }
+
+/// Variables that would put files outside --out are refused before anything is written, and
+/// a path that got past validation is refused again when rendered.
+#[test]
+fn render_writes_nowhere_but_under_out() {
+    let (tmp, inv) = scratch_inventory(&root().join("inventories/lab.yaml"));
+    let edited = std::fs::read_to_string(&inv).unwrap().replace(
+        "  memcached_memory_mb: 64\n",
+        "  memcached_memory_mb: 64\n  postgres_version: \"../../../../ESCAPED\"\n  static_root: \"/../../ESCAPED2\"\n",
+    );
+    std::fs::write(&inv, edited).unwrap();
+    let out = tmp.path().join("a/b/out");
+    let o = sagectl()
+        .arg("render")
+        .arg(&inv)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("vars.postgres_version: `../../../../ESCAPED` is not a version"));
+    assert!(err.contains("vars.static_root: `/../../ESCAPED2` is not a usable path"));
+    assert!(!tmp.path().join("a").exists(), "nothing is written");
+
+    // The second line: a value that skipped validation still cannot leave the host's tree.
+    let (tmp, path) = scratch_inventory(&root().join("inventories/lab.yaml"));
+    let mut inv = sagectl::inventory::Inventory::load(&path).unwrap();
+    let catalog = sagectl::roles::Catalog::embedded().unwrap();
+    let state = sagectl::pki::State::open(&inv).unwrap();
+    for (var, value) in [
+        ("postgres_version", "../../../../ESCAPED"),
+        ("static_root", "/../../ESCAPED2"),
+        ("static_root", "/srv/\u{0}x"),
+    ] {
+        inv.vars.insert(var.into(), serde_json::json!(value));
+        let host = inv.hosts.iter().find(|h| h.name == "db" || h.name == "lb");
+        let mut refused = 0;
+        for h in inv
+            .hosts
+            .iter()
+            .filter(|h| h.name == "db" || h.name == "lb")
+        {
+            if let Err(e) = sagectl::render::host_files(&inv, &catalog, &state, h) {
+                assert!(
+                    matches!(e, sagectl::render::RenderError::UnsafePath { .. }),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+        assert!(host.is_some() && refused == 1, "{var}: {value:?}");
+        inv.vars.remove(var);
+    }
+    drop(tmp);
+}

@@ -1,6 +1,9 @@
 //! Diagnostics: problems found in a user's files, each with file, line, column, a path such as
 //! `hosts.web1.roles[2]`, a message and an optional hint. Reported all at once, never one by one.
+//! This is where they are printed, so this is where text from the user's files is made safe for
+//! a terminal: control and invisible formatting characters are shown escaped, never sent raw.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -26,8 +29,36 @@ impl Pos {
 
 impl fmt::Display for Pos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.file, self.line, self.col)
+        write!(f, "{}:{}:{}", escape(&self.file), self.line, self.col)
     }
+}
+
+/// Whether `c` must not reach a terminal raw: control characters (an escape sequence can
+/// rewrite the screen, a carriage return hide what came before) and invisible formatting
+/// characters (bidirectional overrides reorder what is shown).
+fn unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// `s` with every control or invisible formatting character written as an escape (`\n`,
+/// `\u{1b}`), so a message shows what the file holds and nothing can act on the terminal.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0' => out.push_str("\\0"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// A path shown as given when relative, so messages stay short and stable in tests.
@@ -49,11 +80,11 @@ impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.pos)?;
         if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
+            write!(f, "{}: ", escape(&self.path))?;
         }
-        write!(f, "{}", self.message)?;
+        write!(f, "{}", escape(&self.message))?;
         if let Some(h) = &self.hint {
-            write!(f, "\n  hint: {h}")?;
+            write!(f, "\n  hint: {}", escape(h))?;
         }
         Ok(())
     }
@@ -155,6 +186,35 @@ mod tests {
         assert_eq!(closest("loadbalncer", roles), Some("loadbalancer"));
         assert_eq!(closest("databse", roles), Some("database"));
         assert_eq!(closest("mail", roles), None);
+    }
+
+    #[test]
+    fn terminal_control_is_escaped() {
+        assert_eq!(escape("plain `text` é"), "plain `text` é");
+        assert_eq!(
+            escape("a\x1b[31mred\r\n\0\t"),
+            "a\\u{1b}[31mred\\r\\n\\0\\t"
+        );
+        assert_eq!(escape("\u{202e}evil\u{9b}"), "\\u{202e}evil\\u{9b}");
+        let d = Diagnostic {
+            pos: Pos {
+                file: "f\x07.yaml".into(),
+                line: 1,
+                col: 2,
+            },
+            path: "hosts.a\x1b".into(),
+            message: "bad `\x1b]0;x\x07`".into(),
+            hint: Some("h\n".into()),
+        };
+        let shown = d.to_string();
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        assert_eq!(
+            shown,
+            "f\\u{7}.yaml:1:2: hosts.a\\u{1b}: bad `\\u{1b}]0;x\\u{7}`\n  hint: h\\n"
+        );
     }
 
     #[test]

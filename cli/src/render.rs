@@ -32,12 +32,13 @@ pub struct DesiredFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("host {host}: role {role}: task `{task}`: {source:#}")]
+    // The cause is in the message and not also a `source`, which `{:#}` would print again.
+    #[error("host {host}: role {role}: task `{task}`: {error:#}")]
     Template {
         host: String,
         role: Role,
         task: String,
-        source: minijinja::Error,
+        error: minijinja::Error,
     },
     #[error(transparent)]
     Pki(#[from] PkiError),
@@ -45,12 +46,44 @@ pub enum RenderError {
         "host {host}: role {role} installs sage-agent, and no sage-agent binary was found\n  hint: build it (`cargo build --release -p sage-agent`; it is looked for beside sagectl) or set SAGECTL_AGENT_BINARY"
     )]
     NoAgent { host: String, role: Role },
-    #[error("host {host}: reading the site certificate {path}: {source}")]
+    #[error(
+        "host {host}: role {role}: task `{task}`: the path `{path}` {why}\n  hint: a path made from variables must stay an absolute path to where it says"
+    )]
+    UnsafePath {
+        host: String,
+        role: Role,
+        task: String,
+        path: String,
+        why: &'static str,
+    },
+    #[error("host {host}: reading the site certificate {path}: {error}")]
     SiteCert {
         host: String,
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+/// Why a rendered path on a host is unsafe to write, if it is: not absolute, or holding a
+/// `.`, `..` or empty component, a NUL or another control character. Variables are checked
+/// when the inventory is validated; this is the second line, on what templates produced.
+pub fn path_problem(p: &str) -> Option<&'static str> {
+    if !p.starts_with('/') {
+        return Some("is not absolute");
+    }
+    if p.chars().any(char::is_control) {
+        return Some("holds a control character");
+    }
+    if p.len() > 4096 {
+        return Some("is too long");
+    }
+    if p[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Some("has an empty, `.` or `..` component");
+    }
+    None
 }
 
 /// Host data as templates see it.
@@ -222,11 +255,11 @@ pub fn host_steps(
         for h in &def.handlers {
             let service =
                 env.render_str(&h.service, &ctx)
-                    .map_err(|source| RenderError::Template {
+                    .map_err(|error| RenderError::Template {
                         host: host.name.clone(),
                         role,
                         task: format!("handler {}", h.name),
-                        source,
+                        error,
                     })?;
             handlers.push(HandlerStep {
                 role,
@@ -237,13 +270,27 @@ pub fn host_steps(
             });
         }
         for task in &def.tasks {
-            let terr = |source| RenderError::Template {
+            let terr = |error| RenderError::Template {
                 host: host.name.clone(),
                 role,
                 task: task.name.clone(),
-                source,
+                error,
             };
             let render_str = |s: &str| env.render_str(s, &ctx).map_err(terr);
+            // A path on the host, rendered then checked.
+            let render_path = |s: &str| {
+                let p = render_str(s)?;
+                match path_problem(&p) {
+                    None => Ok(p),
+                    Some(why) => Err(RenderError::UnsafePath {
+                        host: host.name.clone(),
+                        role,
+                        task: task.name.clone(),
+                        path: p,
+                        why,
+                    }),
+                }
+            };
             let mut push = |kind: StepKind| {
                 out.push(Step {
                     role,
@@ -288,7 +335,7 @@ pub fn host_steps(
                     }
                     let text = tmpl.render(&ctx).map_err(terr)?;
                     push(file(
-                        render_str(dest)?,
+                        render_path(dest)?,
                         attrs,
                         text.into_bytes(),
                         *secrets,
@@ -298,7 +345,7 @@ pub fn host_steps(
                 Action::Pki { item, dest, attrs } => {
                     let content = pki_item(inv, state, host, *item)?;
                     push(file(
-                        render_str(dest)?,
+                        render_path(dest)?,
                         attrs,
                         content,
                         item.is_secret(),
@@ -306,7 +353,7 @@ pub fn host_steps(
                     ));
                 }
                 Action::StaticFiles { dest } => {
-                    let dest = render_str(dest)?;
+                    let dest = render_path(dest)?;
                     let attrs = Attrs {
                         mode: 0o644,
                         owner: "root".into(),
@@ -331,15 +378,15 @@ pub fn host_steps(
                 }
                 Action::User { name, home } => push(StepKind::User {
                     name: render_str(name)?,
-                    home: render_str(home)?,
+                    home: render_path(home)?,
                 }),
                 Action::Directory { path, attrs } => push(StepKind::Dir {
-                    path: render_str(path)?,
+                    path: render_path(path)?,
                     attrs: attrs.clone(),
                 }),
                 Action::AgentBinary { dest } => match agent {
                     Some(content) => push(StepKind::Binary {
-                        path: render_str(dest)?,
+                        path: render_path(dest)?,
                         content: content.clone(),
                     }),
                     None => {
@@ -415,10 +462,13 @@ fn pki_item(
         PkiItem::SitePem => match (&inv.tls.certificate, &inv.tls.key) {
             (Some(c), Some(k)) => {
                 let read = |p: &std::path::PathBuf| {
-                    std::fs::read(p).map_err(|source| RenderError::SiteCert {
-                        host: host.name.clone(),
-                        path: p.clone(),
-                        source,
+                    let cap = crate::inventory::files::MAX_INVENTORY_FILE;
+                    crate::inventory::files::read_regular(p, cap).map_err(|error| {
+                        RenderError::SiteCert {
+                            host: host.name.clone(),
+                            path: p.clone(),
+                            error,
+                        }
                     })
                 };
                 let mut v = read(c)?;
@@ -434,4 +484,42 @@ fn pki_item(
             }
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_problem;
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let e = super::RenderError::SiteCert {
+            host: "lb".into(),
+            path: "site.crt".into(),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        };
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e)),
+            "host lb: reading the site certificate site.crt: gone"
+        );
+    }
+
+    #[test]
+    fn rendered_paths_must_stay_where_they_say() {
+        assert_eq!(
+            path_problem("/etc/postgresql/15/main/postgresql.conf"),
+            None
+        );
+        for bad in [
+            "/etc/postgresql/../../../../ESCAPED/main/postgresql.conf",
+            "/../../ESCAPED2/site",
+            "/a/./b",
+            "/a//b",
+            "/a/",
+            "relative/x",
+            "/a\0b",
+            "/a\nb",
+        ] {
+            assert!(path_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 }

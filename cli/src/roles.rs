@@ -8,6 +8,7 @@ use std::path::Path;
 
 use crate::diag::{Diagnostics, suggest};
 use crate::inventory::Role;
+use crate::inventory::constraint::Constraint;
 use crate::yaml::{self, Decoder, Fields, Node, index, join};
 
 mod assets {
@@ -154,7 +155,12 @@ pub struct RoleDef {
     pub handlers: Vec<Handler>,
     /// Variables the role reads, with their defaults.
     pub defaults: BTreeMap<String, serde_json::Value>,
+    /// What each of those variables may hold (the defaults file's `_types:`).
+    pub types: BTreeMap<String, Constraint>,
 }
+
+/// The key of a defaults file holding the variables' constraints rather than a variable.
+pub const TYPES_KEY: &str = "_types";
 
 /// Every role, parsed from the embedded files.
 #[derive(Clone, Debug)]
@@ -188,6 +194,14 @@ impl Catalog {
         self.roles
             .values()
             .flat_map(|r| r.defaults.iter().map(|(k, v)| (k.as_str(), v)))
+            .collect()
+    }
+
+    /// Every variable some role declares, with its constraint.
+    pub fn types(&self) -> BTreeMap<&str, &Constraint> {
+        self.roles
+            .values()
+            .flat_map(|r| r.types.iter().map(|(k, v)| (k.as_str(), v)))
             .collect()
     }
 
@@ -251,6 +265,7 @@ fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
         tasks: Vec::new(),
         handlers: Vec::new(),
         defaults: BTreeMap::new(),
+        types: BTreeMap::new(),
     };
     if let Some(n) = load_node(d, &format!("{base}/tasks/main.yaml")) {
         for (i, t) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
@@ -267,11 +282,59 @@ fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
         }
     }
     if let Some(n) = load_node(d, &format!("{base}/defaults/main.yaml")) {
-        for (k, _, v) in d.mapping(&n, "").unwrap_or_default() {
-            def.defaults.insert(k.to_string(), yaml::to_json(v));
-        }
+        defaults(d, &n, &mut def);
     }
     def
+}
+
+/// A defaults file: `name: default` entries, and `_types:` giving each one's constraint. Every
+/// variable needs a type and its default must satisfy it, so a role cannot ship a variable
+/// that validation would let through unchecked.
+fn defaults(d: &mut Decoder, n: &Node, def: &mut RoleDef) {
+    let mut types = None;
+    let mut values = Vec::new();
+    for (k, kn, v) in d.mapping(n, "").unwrap_or_default() {
+        if k == TYPES_KEY {
+            types = Some(v);
+        } else {
+            def.defaults.insert(k.to_string(), yaml::to_json(v));
+            values.push((k, kn, v));
+        }
+    }
+    let declared = match types {
+        Some(t) => d.mapping(t, TYPES_KEY).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    for (k, kn, t) in &declared {
+        let path = join(TYPES_KEY, k);
+        let Some((_, _, value)) = values.iter().find(|(name, _, _)| name == k) else {
+            d.error(
+                kn,
+                &path,
+                format!("a type for `{k}`, which has no default"),
+                None,
+            );
+            continue;
+        };
+        if let Some(c) = Constraint::parse(d, t, &path) {
+            // The default is checked like an inventory's value.
+            if c.check(d, value, k) {
+                def.types.insert(k.to_string(), c);
+            }
+        }
+    }
+    for (k, kn, _) in &values {
+        if !declared.iter().any(|(name, _, _)| name == k) {
+            d.error(
+                kn,
+                k,
+                format!("variable `{k}` has no type"),
+                Some(format!(
+                    "declare it under `{TYPES_KEY}:`, e.g. `{k}: {{type: int, min: 1, max: 100}}`"
+                )),
+            );
+        }
+    }
 }
 
 const ACTIONS: &[&str] = &[
@@ -524,4 +587,57 @@ fn attrs(d: &mut Decoder, f: &Fields<'_>, default_mode: u32) -> Option<Attrs> {
         None => owner.clone(),
     };
     Some(Attrs { mode, owner, group })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (RoleDef, Diagnostics) {
+        let n = yaml::parse(Path::new("defaults.yaml"), text).unwrap();
+        let mut d = Decoder::default();
+        let mut def = RoleDef {
+            role: Role::Static,
+            tasks: Vec::new(),
+            handlers: Vec::new(),
+            defaults: BTreeMap::new(),
+            types: BTreeMap::new(),
+        };
+        defaults(&mut d, &n, &mut def);
+        (def, d.diags)
+    }
+
+    #[test]
+    fn every_variable_has_a_type_its_default_satisfies() {
+        let (def, d) =
+            load("a: 80\nb: \"/x\"\n_types:\n  a: {type: port, listener: x}\n  b: abs_path\n");
+        assert!(d.is_empty(), "{d}");
+        assert_eq!(def.defaults.len(), 2, "`_types` is not a variable");
+        assert_eq!(def.types["a"].listener(), Some("x"));
+
+        let (_, d) = load("a: 0\nb: 1\nc: \"x\"\n_types:\n  a: port\n  c: version\n  z: bool\n");
+        let msgs: Vec<String> =
+            d.0.iter()
+                .map(|p| format!("{}:{} {}", p.pos.line, p.pos.col, p.message))
+                .collect();
+        assert_eq!(
+            msgs,
+            [
+                "1:4 port 0 is out of range",
+                "3:4 `x` is not a version",
+                "7:3 a type for `z`, which has no default",
+                "2:1 variable `b` has no type",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_embedded_roles_declare_every_variable() {
+        let c = Catalog::embedded().unwrap();
+        let (defaults, types) = (c.defaults(), c.types());
+        assert_eq!(
+            defaults.keys().collect::<Vec<_>>(),
+            types.keys().collect::<Vec<_>>()
+        );
+    }
 }

@@ -32,7 +32,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn describe(&self) -> &'static str {
+    /// What the value is, for "expected X, found Y" messages.
+    pub fn describe(&self) -> &'static str {
         match self {
             Kind::Null => "nothing (null)",
             Kind::Bool(_) => "a boolean",
@@ -45,22 +46,204 @@ impl Kind {
     }
 }
 
+/// What a value is, showing short scalars: "the string \"x\"", "the number 5432.5".
+pub fn found(kind: &Kind) -> String {
+    match kind {
+        Kind::Str(s) if s.chars().count() <= 40 => format!("the string \"{s}\""),
+        Kind::Int(i) => format!("the integer {i}"),
+        Kind::Float(x) => format!("the number {x}"),
+        Kind::Bool(b) => format!("the boolean {b}"),
+        other => other.describe().to_string(),
+    }
+}
+
+/// How to write what was `expected` when `found` was given instead.
+pub fn type_hint(expected: &str, found: &Kind) -> String {
+    match (expected, found) {
+        ("a string", Kind::Int(_) | Kind::Float(_) | Kind::Bool(_)) => {
+            "put it in quotes: unquoted, YAML reads it as a number or a boolean (`0644`, `yes`)"
+                .into()
+        }
+        ("a whole number", Kind::Float(_)) => {
+            "write a whole number, without a decimal point".into()
+        }
+        ("a whole number", Kind::Str(_)) => "write the number without quotes".into(),
+        ("true or false", Kind::Str(_)) => "write true or false, without quotes".into(),
+        ("a list", _) => "write `[a, b]`, or one `- item` per line under the key".into(),
+        ("a mapping", _) => "write `key: value` entries, indented under it".into(),
+        (_, Kind::Seq(_) | Kind::Map(_)) => {
+            format!("write {expected} here, not a list or a mapping")
+        }
+        (_, Kind::Null) => format!("give {expected} after the colon"),
+        _ => format!("write {expected} here"),
+    }
+}
+
+/// Columns of indentation, and collections opened by `- `, `? ` or `: ` at the start of one
+/// line, beyond which a document is refused before it is parsed. The parser recurses once per
+/// nesting level, so a few kilobytes of `- - - -` would otherwise overflow the stack and abort
+/// the process; together with the parser's own limit of 255 flow levels (`[[[`), these bound the
+/// depth to a few hundred levels. Inventories use a dozen columns at most.
+const MAX_INDENT: usize = 128;
+const MAX_COMPACT: usize = 16;
+
+/// Stack for the thread that parses: room for the deepest document `too_deep` lets through,
+/// whatever thread the caller runs on (test threads get 2 MiB).
+const PARSE_STACK: usize = 64 << 20;
+
+/// The first line that nests deeper than sagectl parses, as (line, column, message).
+fn too_deep(text: &str) -> Option<(usize, usize, String)> {
+    for (i, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let rest = &line[indent..];
+        if rest.is_empty() || rest.starts_with('#') {
+            continue;
+        }
+        if indent > MAX_INDENT {
+            return Some((
+                i + 1,
+                indent + 1,
+                format!(
+                    "this line is indented {indent} columns; sagectl reads at most {MAX_INDENT}"
+                ),
+            ));
+        }
+        let (mut n, mut r) = (0, rest);
+        while let Some(after) = r.strip_prefix(['-', '?', ':']) {
+            if !(after.is_empty() || after.starts_with(' ')) {
+                break;
+            }
+            n += 1;
+            r = after.trim_start_matches(' ');
+        }
+        if n > MAX_COMPACT {
+            return Some((
+                i + 1,
+                indent + 1,
+                format!("{n} collections nested on one line; sagectl reads at most {MAX_COMPACT}"),
+            ));
+        }
+    }
+    None
+}
+
+/// The token of `text` at a parser position (1-based line, 0-based column), up to the next
+/// blank: the tag as written, for messages.
+fn token_at(text: &str, line: usize, col: usize) -> String {
+    let l = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+    l.chars()
+        .skip(col)
+        .take_while(|c| !c.is_whitespace())
+        .collect()
+}
+
+/// The key starting at a parser position: quoted, or plain up to its `:`.
+fn key_at(text: &str, line: usize, col: usize) -> String {
+    let l: String = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .unwrap_or("")
+        .chars()
+        .skip(col)
+        .collect();
+    if let Some(q) = l.chars().next().filter(|c| *c == '"' || *c == '\'') {
+        let end = l[1..].find(q).map_or(l.len(), |e| e + 2);
+        return l[..end].to_string();
+    }
+    let end = l
+        .char_indices()
+        .find(|&(i, c)| {
+            matches!(c, ',' | '}' | ']')
+                || (c == ':' && l[i + 1..].chars().next().is_none_or(|n| n == ' '))
+        })
+        .map_or(l.len(), |(i, _)| i);
+    l[..end].trim_end().to_string()
+}
+
+/// Where an earlier entry with the same key sits in the same block mapping (1-based line), by
+/// looking up from `line` for the key at the same indentation.
+fn first_key_line(text: &str, line: usize, col: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    for i in (0..line.saturating_sub(1)).rev() {
+        let l = lines[i];
+        let indent = l.len() - l.trim_start_matches(' ').len();
+        let rest = &l[indent..];
+        if rest.is_empty() || rest.starts_with('#') {
+            continue;
+        }
+        if indent < col && !rest.starts_with("- ") {
+            return None;
+        }
+        if indent == col && key_at(text, i + 1, col) == key {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+fn syntax_error(name: &Arc<str>, text: &str, e: &saphyr::ScanError) -> Diagnostics {
+    let m = e.marker();
+    let mut d = Diagnostics::default();
+    let pos = Pos {
+        file: name.clone(),
+        line: m.line(),
+        col: m.col() + 1,
+    };
+    if e.info() == "duplicated key in mapping" {
+        let key = key_at(text, m.line(), m.col());
+        let hint = match first_key_line(text, m.line(), m.col(), &key) {
+            Some(l) => format!("`{key}` is already set on line {l}; keep one of the two"),
+            None => format!("`{key}` is already set earlier in this mapping; keep one of the two"),
+        };
+        d.push(&pos, "", format!("duplicate key `{key}`"), Some(hint));
+    } else {
+        d.push(
+            &pos,
+            "",
+            format!("YAML syntax error: {}", e.info()),
+            Some("check the indentation and quoting around this line".into()),
+        );
+    }
+    d
+}
+
 /// Parses `text` (read from `file`) into one node; a syntax error becomes a diagnostic.
 pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostics> {
     let name: Arc<str> = display_path(file).into();
-    let docs = MarkedYaml::load_from_str(text).map_err(|e| {
-        let m = e.marker();
+    if let Some((line, col, msg)) = too_deep(text) {
         let mut d = Diagnostics::default();
-        let pos = Pos { file: name.clone(), line: m.line(), col: m.col() + 1 };
-        d.push(&pos, "", format!("YAML syntax error: {}", e.info()), Some(
-            "check the indentation and quoting around this line; a duplicate key is an error too".into(),
-        ));
-        d
-    })?;
+        let pos = Pos {
+            file: name.clone(),
+            line,
+            col,
+        };
+        d.push(
+            &pos,
+            "",
+            format!("nesting too deep: {msg}"),
+            Some("an inventory needs a few levels of nesting; check this line".into()),
+        );
+        return Err(d);
+    }
+    let (n, t) = (name.clone(), text.to_string());
+    match std::thread::Builder::new()
+        .name("yaml".into())
+        .stack_size(PARSE_STACK)
+        .spawn(move || parse_here(n, &t))
+    {
+        Ok(handle) => handle
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        Err(_) => parse_here(name, text),
+    }
+}
+
+fn parse_here(name: Arc<str>, text: &str) -> Result<Node, Diagnostics> {
+    let docs = MarkedYaml::load_from_str(text).map_err(|e| syntax_error(&name, text, &e))?;
     let mut diags = Diagnostics::default();
     let mut docs = docs.into_iter();
     let root = match docs.next() {
-        Some(doc) => convert(&name, doc, &mut diags),
+        Some(doc) => convert(&name, text, doc, &mut diags),
         None => Node {
             pos: Pos {
                 file: name.clone(),
@@ -94,20 +277,37 @@ fn pos_of(file: &Arc<str>, y: &MarkedYaml<'_>) -> Pos {
     }
 }
 
-fn convert(file: &Arc<str>, y: MarkedYaml<'_>, diags: &mut Diagnostics) -> Node {
+const TAG_HINT: &str =
+    "sagectl reads plain YAML values: remove the tag (quote the value to make it a string)";
+
+fn convert(file: &Arc<str>, text: &str, y: MarkedYaml<'_>, diags: &mut Diagnostics) -> Node {
     let pos = pos_of(file, &y);
     let kind = match y.data {
         YamlData::Value(s) => scalar(s),
         YamlData::Representation(s, _, _) => Kind::Str(s.into_owned()),
-        YamlData::Sequence(items) => {
-            Kind::Seq(items.into_iter().map(|i| convert(file, i, diags)).collect())
-        }
-        YamlData::Mapping(map) => Kind::Map(
-            map.into_iter()
-                .map(|(k, v)| (convert(file, k, diags), convert(file, v, diags)))
+        YamlData::Sequence(items) => Kind::Seq(
+            items
+                .into_iter()
+                .map(|i| convert(file, text, i, diags))
                 .collect(),
         ),
-        YamlData::Tagged(_, inner) => return convert(file, *inner, diags),
+        YamlData::Mapping(map) => Kind::Map(
+            map.into_iter()
+                .map(|(k, v)| (convert(file, text, k, diags), convert(file, text, v, diags)))
+                .collect(),
+        ),
+        // Only tags outside the core schema (`!foo`, `!<x>`) stay as `Tagged`; the node's span
+        // is the tag's own (its value may have none).
+        YamlData::Tagged(_, _) => {
+            let tag = token_at(text, y.span.start.line(), y.span.start.col());
+            diags.push(
+                &pos,
+                "",
+                format!("unknown YAML tag `{tag}`"),
+                Some(TAG_HINT.into()),
+            );
+            Kind::Null
+        }
         YamlData::Alias(_) => {
             diags.push(
                 &pos,
@@ -117,8 +317,19 @@ fn convert(file: &Arc<str>, y: MarkedYaml<'_>, diags: &mut Diagnostics) -> Node 
             );
             Kind::Null
         }
+        // A core-schema tag sagectl does not take (`!!binary`, `!!set`), or a value its tag
+        // refuses (`!!int x`).
         YamlData::BadValue => {
-            diags.push(&pos, "", "this value does not match its tag", None);
+            let tag = token_at(text, y.span.start.line(), y.span.start.col());
+            let known = [
+                "!!str", "!!int", "!!float", "!!bool", "!!null", "!!seq", "!!map",
+            ];
+            let msg = if known.contains(&tag.as_str()) {
+                format!("this value is not what its tag `{tag}` says")
+            } else {
+                format!("unknown YAML tag `{tag}`")
+            };
+            diags.push(&pos, "", msg, Some(TAG_HINT.into()));
             Kind::Null
         }
     };
@@ -152,6 +363,10 @@ pub fn index(path: &str, i: usize) -> String {
 #[derive(Default)]
 pub struct Decoder {
     pub diags: Diagnostics,
+    /// Paths already reported: a value of the wrong type, or a misspelt key (under the name it
+    /// likely meant). Later checks say nothing more of them, such as "`address` is missing"
+    /// after `address: [1]` or `adress: 10.0.0.5`: the cause is reported, not its consequences.
+    pub reported: BTreeSet<String>,
 }
 
 /// The fields of one mapping, looked up by key; unknown keys were reported when it was made.
@@ -189,12 +404,19 @@ impl Decoder {
         message: impl Into<String>,
         hint: Option<String>,
     ) {
+        self.reported.insert(path.to_string());
         self.diags.push(&node.pos, path, message, hint);
     }
 
-    fn expected(&mut self, node: &Node, path: &str, what: &str) {
-        let msg = format!("expected {what}, found {}", node.kind.describe());
-        self.error(node, path, msg, None);
+    /// Whether a problem was already reported at `path`.
+    pub fn was_reported(&self, path: &str) -> bool {
+        self.reported.contains(path)
+    }
+
+    /// Reports a value of the wrong type, with a hint on how to write the right one.
+    pub fn expected(&mut self, node: &Node, path: &str, what: &str) {
+        let msg = format!("expected {what}, found {}", found(&node.kind));
+        self.error(node, path, msg, Some(type_hint(what, &node.kind)));
     }
 
     /// A mapping whose keys must be among `known`; each unknown key is reported with a hint.
@@ -211,6 +433,9 @@ impl Decoder {
                 fields.entries.push((k, kn, v));
             } else {
                 let hint = suggest(k, known);
+                if let Some(meant) = crate::diag::closest(k, known.iter().copied()) {
+                    self.reported.insert(join(path, meant));
+                }
                 self.error(kn, &join(path, k), format!("unknown key `{k}`"), Some(hint));
             }
         }
@@ -288,6 +513,16 @@ impl Decoder {
                     node,
                     path,
                     format!("{i} is out of range"),
+                    Some(format!("use a whole number from {min} to {max}")),
+                );
+                None
+            }
+            // Beyond 64 bits YAML gives a float: say it is too large, not that it is a fraction.
+            Kind::Float(f) if f.is_finite() && f.fract() == 0.0 => {
+                self.error(
+                    node,
+                    path,
+                    "the number is out of range",
                     Some(format!("use a whole number from {min} to {max}")),
                 );
                 None
@@ -383,8 +618,75 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_key_is_an_error() {
-        assert!(parse(Path::new("d.yaml"), "a: 1\na: 2\n").is_err());
+    fn duplicate_key_is_an_error_naming_the_key() {
+        let e = parse(
+            Path::new("d.yaml"),
+            "a: 1\nhosts:\n  db: 1\n  x: 2\n  db: 3\n",
+        )
+        .unwrap_err();
+        let d = &e.0[0];
+        assert_eq!((d.pos.line, d.pos.col), (5, 3));
+        assert_eq!(d.message, "duplicate key `db`");
+        assert_eq!(
+            d.hint.as_deref(),
+            Some("`db` is already set on line 3; keep one of the two")
+        );
+        let e = parse(Path::new("d.yaml"), "x: {\"a b\": 1, \"a b\": 2}\n").unwrap_err();
+        assert_eq!(e.0[0].message, "duplicate key `\"a b\"`");
+    }
+
+    #[test]
+    fn unknown_tags_are_refused_where_they_are() {
+        for (text, line, col, tag) in [
+            ("a: !foo bar\n", 1, 4, "!foo"),
+            ("a:\n  b: !!binary aGk=\n", 2, 6, "!!binary"),
+            ("a:\n  - !x [1]\n", 2, 5, "!x"),
+            ("a: !<tag:x> 1\n", 1, 4, "!<tag:x>"),
+        ] {
+            let e = parse(Path::new("t.yaml"), text).unwrap_err();
+            let d = &e.0[0];
+            assert_eq!((d.pos.line, d.pos.col), (line, col), "{text}");
+            assert_eq!(d.message, format!("unknown YAML tag `{tag}`"));
+        }
+        // Core-schema tags that say what the value is anyway are fine.
+        assert!(matches!(p("a: !!str 0644\n").kind, Kind::Map(_)));
+    }
+
+    /// The deepest document `too_deep` lets through parses, even from a test thread's small
+    /// stack; one nested deeper is refused with a position, not a crash.
+    #[test]
+    fn nesting_is_bounded() {
+        let mut text = String::new();
+        for i in 0..MAX_INDENT / 2 {
+            text.push_str(&format!("{}k{i}:\n", "  ".repeat(i)));
+        }
+        text.push_str(&" ".repeat(MAX_INDENT));
+        text.push_str(&"- ".repeat(MAX_COMPACT));
+        text.push_str(&"[".repeat(250));
+        text.push_str(&"]".repeat(250));
+        text.push('\n');
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || parse(Path::new("deep.yaml"), &text).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        let e = parse(
+            Path::new("d.yaml"),
+            &format!("a:\n{}x\n", "- ".repeat(MAX_COMPACT + 1)),
+        )
+        .unwrap_err();
+        assert_eq!((e.0[0].pos.line, e.0[0].pos.col), (2, 1));
+        let e = parse(
+            Path::new("d.yaml"),
+            &format!("a:\n{}x: 1\n", " ".repeat(MAX_INDENT + 1)),
+        )
+        .unwrap_err();
+        assert!(
+            e.0[0].message.starts_with("nesting too deep"),
+            "{}",
+            e.0[0].message
+        );
     }
 
     #[test]
@@ -393,6 +695,9 @@ mod tests {
         let mut d = Decoder::default();
         let f = d.fields(&n, "", &["mode"]).unwrap();
         assert_eq!(d.string(f.get("mode").unwrap(), "mode"), None);
-        assert_eq!(d.diags.0[0].message, "expected a string, found an integer");
+        assert_eq!(
+            d.diags.0[0].message,
+            "expected a string, found the integer 644"
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! addresses, roles and the cross-host rules, producing an [`Inventory`]. Both stages collect
 //! every problem, each with file:line:column and a path, before giving up.
 
+pub mod constraint;
+pub mod files;
 mod raw;
 mod validate;
 

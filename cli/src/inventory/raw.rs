@@ -2,8 +2,10 @@
 //! values with positions. Refuses unknown keys and values of the wrong type; applies defaults of
 //! the agent sections. Names and cross-host rules are stage two's (validate.rs).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use super::files::{MAX_INVENTORY_FILE, read_text};
 use crate::diag::{Diagnostics, Pos, display_path};
 use crate::inventory::{
     Accounts, AlertAction, AlertRule, BackendSettings, Engine, Limits, WorkerSettings,
@@ -17,7 +19,9 @@ pub struct Sp<T> {
     pub pos: Pos,
 }
 
-pub type Vars = Vec<(Sp<String>, serde_json::Value)>;
+/// Variables as written: name, and the value's node (checked against its role's constraint in
+/// stage two, with positions down to a list's items).
+pub type Vars = Vec<(Sp<String>, Node)>;
 
 #[derive(Debug, Default)]
 pub struct RawSsh {
@@ -50,7 +54,7 @@ pub struct RawLogd {
 #[derive(Debug)]
 pub struct RawLab {
     pub subnet: Sp<String>,
-    pub suite: String,
+    pub suite: Sp<String>,
 }
 
 #[derive(Debug)]
@@ -71,6 +75,9 @@ pub struct RawInventory {
     pub logd: RawLogd,
     pub lab: Option<RawLab>,
     pub include_dirs: Vec<PathBuf>,
+    /// Paths stage one reported (see `Decoder::reported`), so stage two does not report their
+    /// consequences ("the host has no address" after a misspelt `adress:`).
+    pub reported: BTreeSet<String>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -115,6 +122,7 @@ pub fn read(path: &Path) -> Result<(RawInventory, Diagnostics), Diagnostics> {
         logd: logd(&mut d, f.get("logd")),
         lab: f.get("lab").and_then(|n| lab(&mut d, n)),
         include_dirs: Vec::new(),
+        reported: BTreeSet::new(),
     };
     if let Some(t) = f.get("tls") {
         if let Some(tf) = d.fields(t, "tls", &["public_name", "certificate", "key"]) {
@@ -127,24 +135,36 @@ pub fn read(path: &Path) -> Result<(RawInventory, Diagnostics), Diagnostics> {
     if let Some(inc) = f.get("include") {
         includes(&mut d, inc, path, &mut inv);
     }
+    inv.reported = std::mem::take(&mut d.reported);
     Ok((inv, d.diags))
 }
 
+/// Reads and parses one file: a regular file of at most `MAX_INVENTORY_FILE` bytes.
 fn load_file(path: &Path, from: Option<(&Pos, &str)>) -> Result<Node, Diagnostics> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_text(path, MAX_INVENTORY_FILE).map_err(|e| {
         let mut d = Diagnostics::default();
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound if from.is_some() => {
+                "include paths are relative to the file that includes them"
+            }
+            std::io::ErrorKind::InvalidInput => {
+                "an inventory is made of YAML files (include a file, or a directory of them)"
+            }
+            std::io::ErrorKind::InvalidData => "an inventory file is UTF-8 text of at most 1 MiB",
+            _ => "check the path and its permissions",
+        };
         match from {
             Some((pos, p)) => d.push(
                 pos,
                 p,
                 format!("cannot read included file {}: {e}", display_path(path)),
-                Some("include paths are relative to the file that includes them".into()),
+                Some(hint.into()),
             ),
             None => d.push(
                 &Pos::file_start(path),
                 "",
                 format!("cannot read inventory: {e}"),
-                None,
+                Some(hint.into()),
             ),
         }
         d
@@ -217,13 +237,14 @@ fn includes(d: &mut Decoder, node: &Node, main: &Path, inv: &mut RawInventory) {
     }
 }
 
-/// The `.yaml` and `.yml` files of a directory, sorted by name.
+/// The `.yaml` and `.yml` entries of a directory, sorted by name. Those that are not regular
+/// files (a FIFO, a device) are kept, so reading them reports what they are.
 fn yaml_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();
         let ext = p.extension().and_then(|e| e.to_str());
-        if p.is_file() && matches!(ext, Some("yaml" | "yml")) {
+        if matches!(ext, Some("yaml" | "yml")) {
             files.push(p);
         }
     }
@@ -288,7 +309,7 @@ fn vars(d: &mut Decoder, node: &Node, path: &str) -> Vars {
                     v: k.to_string(),
                     pos: kn.pos.clone(),
                 },
-                yaml::to_json(v),
+                v.clone(),
             )
         })
         .collect()
@@ -420,13 +441,24 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
             &mut l.idle_timeout_seconds,
         );
     }
-    if w.uid_min > w.uid_max {
-        if let Some(n) = f.get("uid_max") {
+    // Checked whichever end was given: `uid_min: 35000` alone is above the default uid_max.
+    // Not when one end was invalid: its default would stand in for what was meant.
+    let bad = |d: &Decoder, k: &str| d.was_reported(&f.path_of(k));
+    if w.uid_min >= w.uid_max && !bad(d, "uid_min") && !bad(d, "uid_max") {
+        if let Some((n, key)) = f
+            .get("uid_max")
+            .map(|n| (n, "uid_max"))
+            .or_else(|| f.get("uid_min").map(|n| (n, "uid_min")))
+        {
+            let (min, max) = (w.uid_min, w.uid_max);
             d.error(
                 n,
-                "worker.uid_max",
-                "uid_max is below uid_min",
-                Some("give a range with uid_min <= uid_max".into()),
+                &f.path_of(key),
+                format!("uid_min ({min}) must be below uid_max ({max})"),
+                Some(format!(
+                    "give a range of uids for workspace users, such as uid_min: {min} and uid_max: {}",
+                    min.saturating_add(9999)
+                )),
             );
         }
     }
@@ -561,7 +593,14 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
     let name = match opt_string(d, &f, "name") {
         Some(n) => n.v,
         None => {
-            d.error(node, path, "an alert rule needs a `name`", None);
+            if !d.was_reported(&f.path_of("name")) {
+                d.error(
+                    node,
+                    path,
+                    "an alert rule needs a `name`",
+                    Some("add `name: backend-errors`: alerts say which rule fired".into()),
+                );
+            }
             String::new()
         }
     };
@@ -585,6 +624,9 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
         window_seconds: 60,
         action: AlertAction::Command(Vec::new()),
     };
+    if let (Some(re), Some(n)) = (&rule.message, f.get("message")) {
+        check_regex(d, n, &f.path_of("message"), re);
+    }
     num(d, &f, "count", 1, 1_000_000_000, &mut rule.count);
     num(
         d,
@@ -596,13 +638,14 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
     );
     match (f.get("command"), f.get("webhook")) {
         (Some(c), None) => {
+            let before = d.diags.len();
             let argv: Vec<String> = d
                 .strings(c, &f.path_of("command"))
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(s, _)| s)
                 .collect();
-            if argv.is_empty() {
+            if argv.is_empty() && d.diags.len() == before {
                 d.error(
                     c,
                     &f.path_of("command"),
@@ -613,16 +656,17 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
             rule.action = AlertAction::Command(argv);
         }
         (None, Some(w)) => {
-            let url = d.string(w, &f.path_of("webhook")).unwrap_or_default();
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                d.error(
-                    w,
-                    &f.path_of("webhook"),
-                    format!("`{url}` is not an http(s) URL"),
-                    None,
-                );
+            if let Some(url) = d.string(w, &f.path_of("webhook")) {
+                if let Some(why) = url_problem(&url) {
+                    d.error(
+                        w,
+                        &f.path_of("webhook"),
+                        format!("`{url}` is not a usable http(s) URL: {why}"),
+                        Some("write it as https://host[:port]/path, without spaces".into()),
+                    );
+                }
+                rule.action = AlertAction::Webhook(url);
             }
-            rule.action = AlertAction::Webhook(url);
         }
         _ => d.error(
             node,
@@ -634,12 +678,80 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
     (d.diags.len() == before).then_some(rule)
 }
 
+/// Compiles an alert's message pattern as logd will (the agent's own code and regex crate),
+/// so a rule that validates is one logd starts with.
+fn check_regex(d: &mut Decoder, node: &Node, path: &str, re: &str) {
+    use sage_agent::logd::alerts::{Alerts, Rule};
+    let rule = serde_json::json!({
+        "name": "check", "level": "error", "target": null, "message": re, "host": null,
+        "count": 1, "window_seconds": 60, "action": {"command": ["true"]},
+    });
+    let rule: Rule = serde_json::from_value(rule).expect("a rule of the agent's shape");
+    if let Err(e) = Alerts::new(vec![rule]) {
+        // The regex crate's message spans lines (the pattern, a caret, then `error: why`).
+        let why = e
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .unwrap_or_else(|| e.rsplit(": ").next().unwrap_or(&e))
+            .to_string();
+        d.error(
+            node,
+            path,
+            format!("not a valid regular expression: {why}"),
+            Some("logd matches it with Rust's regex syntax; put a backslash before ( ) [ ] { } . * + ? | ^ $ to match them literally".into()),
+        );
+    }
+}
+
+/// Why a webhook URL would not reach anything, if it would not: logd writes it into an HTTP
+/// request, so it must be http(s), name a host, and hold no blank or control character.
+fn url_problem(url: &str) -> Option<&'static str> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    let Some(rest) = rest else {
+        return Some("it does not start with https:// or http://");
+    };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("it holds a blank or a control character");
+    }
+    let hostport = rest.split('/').next().unwrap_or("");
+    let (host, port) = match hostport.strip_prefix('[') {
+        // An IPv6 literal: `[fd00::1]` or `[fd00::1]:8080`.
+        Some(v6) => match v6.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => (h, Some(p.strip_prefix(':').unwrap_or("x"))),
+            None => ("", None),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+    {
+        return Some("it names no host");
+    }
+    if let Some(p) = port {
+        if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Some("its port is not a number from 1 to 65535");
+        }
+    }
+    None
+}
+
 fn lab(d: &mut Decoder, node: &Node) -> Option<RawLab> {
     let f = d.fields(node, "lab", &["subnet", "suite"])?;
     let subnet = opt_string(d, &f, "subnet").unwrap_or(Sp {
         v: "10.77.0.0/24".into(),
         pos: node.pos.clone(),
     });
-    let suite = opt_string(d, &f, "suite").map_or("bookworm".to_string(), |s| s.v);
+    let suite = opt_string(d, &f, "suite").unwrap_or(Sp {
+        v: "bookworm".into(),
+        pos: node.pos.clone(),
+    });
     Some(RawLab { subnet, suite })
 }

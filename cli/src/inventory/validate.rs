@@ -5,16 +5,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use super::constraint::Constraint;
 use super::raw::{RawInventory, RawSsh, Sp, Vars};
 use super::{Cidr, Host, Inventory, Lab, LogdSettings, Role, Ssh, Tls};
 use crate::diag::{Diagnostics, Pos, suggest};
 use crate::roles::Catalog;
-use crate::yaml::{index, join};
+use crate::yaml::{Decoder, index, join};
 
 struct V<'a> {
     diags: Diagnostics,
     /// Every variable a role declares, with its default.
     known_vars: BTreeMap<&'a str, &'a serde_json::Value>,
+    /// And what each may hold.
+    types: BTreeMap<&'a str, &'a Constraint>,
+    /// Paths stage one reported: what is missing there was reported as wrong already.
+    reported: &'a BTreeSet<String>,
 }
 
 impl V<'_> {
@@ -26,6 +31,11 @@ impl V<'_> {
         hint: impl Into<Option<String>>,
     ) {
         self.diags.push(pos, path, msg, hint.into());
+    }
+
+    /// Whether stage one reported a problem at `path` (so "missing" would repeat it).
+    fn reported(&self, path: &str) -> bool {
+        self.reported.contains(path)
     }
 }
 
@@ -50,6 +60,8 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
     let mut v = V {
         diags,
         known_vars: catalog.defaults(),
+        types: catalog.types(),
+        reported: &raw.reported,
     };
 
     let name = match &raw.name {
@@ -63,6 +75,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
             );
             String::new()
         }
+        None if v.reported("name") => String::new(),
         None => {
             v.err(
                 &raw.top,
@@ -84,6 +97,9 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
 
     // Hosts: names, addresses, roles.
     let mut hosts = Vec::new();
+    // A misspelt role is reported; the rules between roles would only repeat it ("a `worker`
+    // host needs a `backend` host" after `roles: [backnd]`), so they wait until it is fixed.
+    let mut roles_known = true;
     let mut addresses: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut names = BTreeSet::new();
     for h in &raw.hosts {
@@ -105,6 +121,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
             );
         }
         let address = match &h.address {
+            None if v.reported(&join(&path, "address")) => None,
             None => {
                 v.err(
                     &h.name.pos,
@@ -131,7 +148,8 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
                                 &a.pos,
                                 &join(&path, "address"),
                                 format!("address {ip} is already used by host `{other}`"),
-                                None,
+                                "each host needs an address of its own: one of the two is a copy"
+                                    .to_string(),
                             );
                         }
                         Some(ip)
@@ -144,7 +162,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
             }
         };
         let mut roles = Vec::new();
-        if h.roles.is_empty() {
+        if h.roles.is_empty() && !v.reported(&join(&path, "roles")) {
             v.err(
                 &h.name.pos,
                 &join(&path, "roles"),
@@ -165,15 +183,21 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
                     v.err(&r.pos, &rp, format!("role `{role}` is listed twice"), None)
                 }
                 Some(role) => roles.push(role),
-                None => v.err(
-                    &r.pos,
-                    &rp,
-                    format!("unknown role `{}`", r.v),
-                    Some(suggest(&r.v, &role_names())),
-                ),
+                None => {
+                    roles_known = false;
+                    v.err(
+                        &r.pos,
+                        &rp,
+                        format!("unknown role `{}`", r.v),
+                        Some(suggest(&r.v, &role_names())),
+                    )
+                }
             }
         }
         roles.sort();
+        if let (Some(ip @ IpAddr::V6(_)), Some(a)) = (address, &h.address) {
+            check_v6(&mut v, ip, &roles, &a.pos, &join(&path, "address"));
+        }
         let host_vars = check_vars(&mut v, &h.vars, &join(&path, "vars"));
         // The host's own settings, then the inventory's, then ~/.ssh/config, then defaults.
         // Identity files are relative to the file that names them.
@@ -225,7 +249,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
         .hosts
         .first()
         .map_or(raw.top.clone(), |h| h.name.pos.clone());
-    if raw.hosts.is_empty() {
+    if raw.hosts.is_empty() && !v.reported("hosts") {
         v.err(
             &raw.top,
             "hosts",
@@ -236,7 +260,10 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
 
     // Rules between roles (only meaningful once every host parsed).
     let count = |role: Role| hosts.iter().filter(|h| h.roles.contains(&role)).count();
-    if !raw.hosts.is_empty() && stage_one_clean && hosts.len() == raw.hosts.len() {
+    // Every host made it, with every role understood: counting hosts by role means something.
+    let roles_complete = roles_known && hosts.len() == raw.hosts.len();
+    let rules_apply = !raw.hosts.is_empty() && stage_one_clean && roles_complete;
+    if rules_apply {
         match count(Role::Database) {
             1 => {}
             0 => v.err(
@@ -315,7 +342,8 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
             String::new()
         }
         None => {
-            if count(Role::Loadbalancer) > 0 {
+            if count(Role::Loadbalancer) > 0 && !v.reported("tls.public_name") && !v.reported("tls")
+            {
                 v.err(&raw.top, "tls.public_name", "the site has no public name", "add `tls: {public_name: sagews.example.org}`: HAProxy's certificate is made for it".to_string());
             }
             String::new()
@@ -326,21 +354,33 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
         .parent()
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
-    let mut tls_file = |f: &Option<Sp<String>>, key: &str| -> Option<PathBuf> {
+    let mut tls_file = |f: &Option<Sp<String>>, key: &str, pem: &str| -> Option<PathBuf> {
         let f = f.as_ref()?;
         let p = resolve(&dir, &f.v);
-        if !p.is_file() {
-            v.err(
+        // Read as `render` will, so a file that validates is one it can read.
+        match super::files::read_text(&p, super::files::MAX_INVENTORY_FILE) {
+            Ok(text) if text.contains(pem) => {}
+            Ok(_) => v.err(
                 &f.pos,
                 &join("tls", key),
-                format!("no file at {}", p.display()),
+                format!("{} holds no `{pem}`", p.display()),
+                "give the PEM file HAProxy is to serve".to_string(),
+            ),
+            Err(e) => v.err(
+                &f.pos,
+                &join("tls", key),
+                format!("cannot read {}: {e}", p.display()),
                 "the path is relative to the inventory file".to_string(),
-            );
+            ),
         }
         Some(p)
     };
-    let certificate = tls_file(&raw.certificate, "certificate");
-    let key = tls_file(&raw.key, "key");
+    let certificate = tls_file(
+        &raw.certificate,
+        "certificate",
+        "-----BEGIN CERTIFICATE-----",
+    );
+    let key = tls_file(&raw.key, "key", "PRIVATE KEY-----");
     if certificate.is_some() != key.is_some() {
         let pos = raw
             .certificate
@@ -394,9 +434,9 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
         }
     }
 
-    let logd = check_logd(&mut v, &raw, &hosts);
+    let logd = check_logd(&mut v, &raw, &hosts, roles_complete);
     let lab = check_lab(&mut v, &raw, &hosts);
-    check_ports(&mut v, &raw, &hosts, &vars);
+    check_ports(&mut v, &raw, &catalog, &hosts, &vars);
 
     if !v.diags.is_empty() {
         return Err(v.diags);
@@ -453,10 +493,11 @@ fn merge_ssh(base: &Ssh, o: &RawSsh) -> Ssh {
     }
 }
 
-/// Variables must be ones some role reads: a typo would otherwise be silently ignored.
+/// Variables must be ones some role reads (a typo would otherwise be silently ignored), with a
+/// value its role's constraint allows.
 fn check_vars(v: &mut V<'_>, vars: &Vars, path: &str) -> BTreeMap<String, serde_json::Value> {
     let mut out = BTreeMap::new();
-    for (k, val) in vars {
+    for (k, node) in vars {
         if !v.known_vars.contains_key(k.v.as_str()) {
             let known: Vec<&str> = v.known_vars.keys().copied().collect();
             let hint = match crate::diag::closest(&k.v, known.iter().copied()) {
@@ -471,33 +512,45 @@ fn check_vars(v: &mut V<'_>, vars: &Vars, path: &str) -> BTreeMap<String, serde_
             );
             continue;
         }
-        let default = v.known_vars[k.v.as_str()];
-        if std::mem::discriminant(default) != std::mem::discriminant(val) && !default.is_null() {
-            v.err(
-                &k.pos,
-                &join(path, &k.v),
-                format!("`{}` should be {}", k.v, json_kind(default)),
-                Some(format!("its default is {default}")),
-            );
-            continue;
+        // The catalog gives every declared variable a type (checked when it loads).
+        let c = v.types[k.v.as_str()];
+        let mut d = Decoder::default();
+        if c.check(&mut d, node, &join(path, &k.v)) {
+            out.insert(k.v.clone(), crate::yaml::to_json(node));
         }
-        out.insert(k.v.clone(), val.clone());
+        v.diags.0.extend(d.diags.0);
     }
     out
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "true or false",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "a list",
-        serde_json::Value::Object(_) => "a mapping",
+/// Roles whose configs write `address:port` (agents' listen and peer addresses, nginx's
+/// `listen`), which needs brackets around an IPv6 address that the templates do not write.
+const V6_UNSUPPORTED: [Role; 5] = [
+    Role::Backend,
+    Role::Worker,
+    Role::Logd,
+    Role::Static,
+    Role::Cache,
+];
+
+fn check_v6(v: &mut V<'_>, ip: IpAddr, roles: &[Role], pos: &Pos, path: &str) {
+    if let Some(r) = roles.iter().find(|r| V6_UNSUPPORTED.contains(r)) {
+        v.err(
+            pos,
+            path,
+            format!("a `{r}` host needs an IPv4 address, not {ip}"),
+            "its rendered configs write address:port, which cannot hold an IPv6 address; only database and loadbalancer hosts may have one".to_string(),
+        );
     }
 }
 
-fn check_logd(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> LogdSettings {
+/// `roles_complete`: every host and role was understood, so counting logd hosts means something.
+fn check_logd(
+    v: &mut V<'_>,
+    raw: &RawInventory,
+    hosts: &[Host],
+    roles_complete: bool,
+) -> LogdSettings {
     let l = &raw.logd;
     let mut allow = Vec::new();
     let workers: Vec<&Host> = hosts.iter().filter(|h| h.has(Role::Worker)).collect();
@@ -527,6 +580,7 @@ fn check_logd(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> LogdSettings
     let logds: Vec<&Host> = hosts.iter().filter(|h| h.has(Role::Logd)).collect();
     let mut replica = None;
     match &l.replica {
+        _ if !roles_complete => {}
         Some(r) => match logds.iter().find(|h| h.name == r.v) {
             Some(_) if logds.len() == 2 => replica = Some(r.v.clone()),
             Some(_) => v.err(
@@ -592,8 +646,18 @@ fn check_logd(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> LogdSettings
     }
 }
 
+const LAB_SUBNET_HINT: &str = "use an IPv4 block from /16 to /29, such as 10.77.0.0/24";
+
 fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
     let l = raw.lab.as_ref()?;
+    if !is_label(&l.suite.v) {
+        v.err(
+            &l.suite.pos,
+            "lab.suite",
+            format!("`{}` is not a Debian suite name", l.suite.v),
+            "such as bookworm".to_string(),
+        );
+    }
     let subnet = match l.subnet.v.parse::<Cidr>() {
         Ok(c) if c.addr().is_ipv4() && c.prefix() >= 16 && c.prefix() <= 29 => c,
         Ok(c) => {
@@ -601,7 +665,7 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
                 &l.subnet.pos,
                 "lab.subnet",
                 format!("{c} cannot be a lab subnet"),
-                "use an IPv4 block from /16 to /29, such as 10.77.0.0/24".to_string(),
+                LAB_SUBNET_HINT.to_string(),
             );
             return None;
         }
@@ -610,22 +674,14 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
                 &l.subnet.pos,
                 "lab.subnet",
                 format!("not a valid subnet: {e}"),
-                None,
+                LAB_SUBNET_HINT.to_string(),
             );
             return None;
         }
     };
-    if !is_label(&l.suite) {
-        v.err(
-            &l.subnet.pos,
-            "lab.suite",
-            format!("`{}` is not a Debian suite name", l.suite),
-            None,
-        );
-    }
     let lab = Lab {
         subnet,
-        suite: l.suite.clone(),
+        suite: l.suite.v.clone(),
     };
     for h in hosts {
         let pos = raw
@@ -658,56 +714,91 @@ fn check_lab(v: &mut V<'_>, raw: &RawInventory, hosts: &[Host]) -> Option<Lab> {
     Some(lab)
 }
 
-/// Two services of one host must not want the same port.
+/// Where the inventory set a port, and its path; `None` for a default or a fixed port.
+type SetAt = Option<(Pos, String)>;
+
+/// Two services of one host must not want the same port. The services are the fixed ones of
+/// each role, the agents' settings, and every port variable its role declares a `listener` for,
+/// with the value the host gets (its own, else the inventory's, else the default).
 fn check_ports(
     v: &mut V<'_>,
     raw: &RawInventory,
+    catalog: &Catalog,
     hosts: &[Host],
     vars: &BTreeMap<String, serde_json::Value>,
 ) {
-    for h in hosts {
-        let var_port = |name: &str| -> Option<u16> {
-            let val = h
-                .vars
-                .get(name)
-                .or_else(|| vars.get(name))
-                .or_else(|| v.known_vars.get(name).copied())?;
-            val.as_u64().and_then(|p| u16::try_from(p).ok())
-        };
-        let mut ports: Vec<(u16, String)> = vec![(h.ssh.port, "ssh".into())];
-        for r in &h.roles {
+    for (h, rh) in hosts
+        .iter()
+        .filter_map(|h| Some((h, raw.hosts.iter().find(|r| r.name.v == h.name)?)))
+    {
+        let host_path = join("hosts", &h.name);
+        let mut ports: Vec<(u16, String, SetAt)> = vec![(h.ssh.port, "ssh".into(), None)];
+        let fixed = |p: u16, who: &str| (p, who.to_string(), None);
+        for r in h.all_roles() {
+            for (var, c) in &catalog.role(r).types {
+                let Some(listener) = c.listener() else {
+                    continue;
+                };
+                let set = |vars: &Vars, path: &str| {
+                    vars.iter()
+                        .find(|(k, _)| &k.v == var)
+                        .map(|(k, _)| (k.pos.clone(), join(path, var)))
+                };
+                let given = |vars: &Vars| vars.iter().any(|(k, _)| &k.v == var);
+                // The value the host gets; none when that one was invalid (and reported).
+                let value = if given(&rh.vars) {
+                    h.vars.get(var)
+                } else if given(&raw.vars) {
+                    vars.get(var)
+                } else {
+                    catalog.role(r).defaults.get(var)
+                };
+                let Some(p) = value
+                    .and_then(|x| x.as_u64())
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                let at =
+                    set(&rh.vars, &join(&host_path, "vars")).or_else(|| set(&raw.vars, "vars"));
+                ports.push((p, format!("{listener} (`{var}`)"), at));
+            }
             match r {
                 Role::Loadbalancer => {
-                    ports.push((80, "haproxy http".into()));
-                    ports.push((443, "haproxy https".into()));
+                    ports.push(fixed(80, "haproxy http"));
+                    ports.push(fixed(443, "haproxy https"));
                 }
-                Role::Static => ports.extend(var_port("nginx_port").map(|p| (p, "nginx".into()))),
-                Role::Database => {
-                    ports.extend(var_port("postgres_port").map(|p| (p, "postgresql".into())))
-                }
-                Role::Cache => {
-                    ports.extend(var_port("memcached_port").map(|p| (p, "memcached".into())))
-                }
-                Role::Worker => ports.push((raw.worker.port, "worker.port".into())),
+                Role::Worker => ports.push(fixed(raw.worker.port, "the worker (worker.port)")),
                 Role::Backend => {
-                    ports.push((raw.backend.port, "backend.port".into()));
-                    ports.push((raw.backend.worker_port, "backend.worker_port".into()));
+                    ports.push(fixed(raw.backend.port, "the backend (backend.port)"));
+                    ports.push(fixed(
+                        raw.backend.worker_port,
+                        "the backend (backend.worker_port)",
+                    ));
                 }
                 Role::Logd => {
-                    ports.push((raw.logd.port, "logd.port".into()));
-                    ports.push((raw.logd.http_port, "logd.http_port".into()));
+                    ports.push(fixed(raw.logd.port, "logd (logd.port)"));
+                    ports.push(fixed(raw.logd.http_port, "logd (logd.http_port)"));
                 }
-                Role::Firewall => {}
+                _ => {}
             }
         }
-        let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
-        for (p, who) in &ports {
-            if let Some(other) = seen.insert(*p, who) {
+        let mut seen: BTreeMap<u16, (&str, &SetAt)> = BTreeMap::new();
+        for (p, who, at) in &ports {
+            if let Some((other, other_at)) = seen.insert(*p, (who, at)) {
+                // At whichever of the two the inventory set, else at the host.
+                let (pos, path) = at
+                    .clone()
+                    .or_else(|| other_at.clone())
+                    .unwrap_or((h.pos.clone(), host_path.clone()));
                 v.err(
-                    &h.pos,
-                    &join("hosts", &h.name),
-                    format!("port {p} is wanted by both {other} and {who} on this host"),
-                    "change one of them in the inventory".to_string(),
+                    &pos,
+                    &path,
+                    format!(
+                        "port {p} is wanted by both {other} and {who} on host `{}`",
+                        h.name
+                    ),
+                    "give one of them another port in the inventory".to_string(),
                 );
             }
         }
