@@ -313,3 +313,58 @@ fn not_root_is_a_clear_error() {
     assert!(!o.status.success());
     assert!(err.contains("lab machines need root"), "{err}");
 }
+
+/// Fifteen machines beside the other lab tests' machines: more than Debian's default inotify
+/// limits allow. `lab up` raises the limits for every lab machine on the box, and each machine's
+/// systemd reaches `running` (not `degraded` with "Too many open files").
+#[test]
+fn fifteen_machines_beside_other_labs_all_run() {
+    require("ip");
+    let (_tmp, inv) = scratch_inventory(&common::fixtures().join("lab15.yaml"));
+    let _down = Down(inv.clone());
+    let o = lab(&["up"], &inv);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "lab up:\n{out}\n{err}");
+    let instances: u64 = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        instances >= 128 + 40 * 15,
+        "max_user_instances is {instances}"
+    );
+    let hosts: Vec<String> = (1..=15).map(|i| format!("m{i:02}")).collect();
+    let states: Vec<(String, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                let inv = &inv;
+                s.spawn(move || {
+                    let o = sagectl()
+                        .args(["lab", "ssh"])
+                        .arg(inv)
+                        .arg(h)
+                        .args([
+                            "--",
+                            "timeout",
+                            "120",
+                            "systemctl",
+                            "is-system-running",
+                            "--wait",
+                        ])
+                        .output()
+                        .unwrap();
+                    (h.clone(), text(&o).0.trim().to_string())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (h, state) in &states {
+        if state != "running" {
+            let failed = ssh(&inv, h, &["systemctl", "--failed", "--no-legend"]);
+            panic!("{h} is {state:?}; failed units:\n{failed}");
+        }
+    }
+}

@@ -239,20 +239,50 @@ fn converge_lab_hosts() {
         );
     }
 
-    // A variable that breaks HAProxy's config: refused by haproxy -c; the old config keeps serving.
+    // A value HAProxy cannot take is refused at validation, before any host is contacted.
     set_var(
         &inv,
         "memcached_memory_mb: 96",
         "memcached_memory_mb: 96\n  haproxy_tunnel_timeout: \"1fortnight\"",
     );
+    let o = sagectl().arg("up").arg(&inv).output().unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("vars.haproxy_tunnel_timeout: `1fortnight` is not a duration")
+            && !err.contains("alpha"),
+        "{err}"
+    );
+    set_var(&inv, "\n  haproxy_tunnel_timeout: \"1fortnight\"", "");
+    // A file the host's own tool refuses (a valid value, but this host's haproxy says no: a
+    // stand-in that refuses every check) is never installed; the old config keeps serving.
+    ssh(
+        &inv,
+        "alpha",
+        &[
+            "sh",
+            "-c",
+            "mv /usr/sbin/haproxy /usr/sbin/haproxy.real && printf '#!/bin/sh\\necho \"[ALERT] this host refuses the file\" >&2\\nexit 1\\n' > /usr/sbin/haproxy && chmod +x /usr/sbin/haproxy",
+        ],
+    );
+    set_var(
+        &inv,
+        "memcached_memory_mb: 96",
+        "memcached_memory_mb: 96\n  haproxy_tunnel_timeout: \"2h\"",
+    );
     let (o, recap) = up(&inv, &["--limit", "loadbalancer"]);
+    ssh(
+        &inv,
+        "alpha",
+        &["mv", "/usr/sbin/haproxy.real", "/usr/sbin/haproxy"],
+    );
     assert!(!o.status.success());
     let alpha = host(&recap, "alpha");
     assert_eq!(alpha["failed"], true);
     let e = alpha["error"].as_str().unwrap();
     assert!(
         e.contains("haproxy refused the new /etc/haproxy/haproxy.cfg")
-            && e.contains("unexpected character 'f' in 'timeout tunnel'"),
+            && e.contains("this host refuses the file"),
         "{e}"
     );
     assert!(
@@ -280,7 +310,7 @@ fn converge_lab_hosts() {
         page.contains("Sage workspaces"),
         "HAProxy stopped serving: {page}"
     );
-    set_var(&inv, "\n  haproxy_tunnel_timeout: \"1fortnight\"", "");
+    set_var(&inv, "\n  haproxy_tunnel_timeout: \"2h\"", "");
 
     // A machine that dies mid-run: the others finish, it is unreachable, the exit code says so.
     let bravo_cgroup = kill_file("uptest-bravo");

@@ -259,6 +259,22 @@ impl Runner<'_> {
     }
 }
 
+/// How long a fresh login may take to succeed after a handler: sshd re-executes itself on a
+/// reload and refuses connections for a moment meanwhile.
+const RELOGIN_TIME: Duration = Duration::from_secs(10);
+
+/// Tries `relogin` until it succeeds or `limit` has passed; the last error otherwise.
+async fn relogin_within(relogin: Relogin<'_>, limit: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match relogin().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// Puts back the files a run replaced (`.sagectl-prev`; removes those that were new), then
 /// runs the handler again.
 async fn put_back(
@@ -447,7 +463,7 @@ async fn apply_with(
                 "checking a fresh login after {verb} {}",
                 h.service
             ));
-            if let Err(e) = relogin().await {
+            if let Err(e) = relogin_within(relogin, RELOGIN_TIME).await {
                 let files = uploaded.get(&h.key()).cloned().unwrap_or_default();
                 out.error = Some(match put_back(r, &files, verb, &h.service).await {
                     Ok(()) => format!(

@@ -14,14 +14,38 @@ const PACKAGES: &str =
     "systemd,systemd-sysv,dbus,libpam-systemd,openssh-server,python3,iproute2,ca-certificates";
 const RECIPE: &str = "1";
 
+/// Waits for an exclusive lock on `f` (released when it is closed).
+fn lock_exclusive(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor this function borrows; no memory is involved.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// The base for `suite`, built when missing or made by another recipe.
 pub fn ensure_base(cache: &Path, suite: &str) -> Result<PathBuf, LabError> {
     let base = cache.join(format!("base-{suite}"));
     let stamp = format!("recipe {RECIPE}\npackages {PACKAGES}\n");
-    if std::fs::read_to_string(base.join(".sagectl-base")).is_ok_and(|s| s == stamp) {
+    let built = || std::fs::read_to_string(base.join(".sagectl-base")).is_ok_and(|s| s == stamp);
+    if built() {
         return Ok(base);
     }
     std::fs::create_dir_all(cache).map_err(io(format!("creating {}", cache.display())))?;
+    // One build at a time on this box: two labs coming up together (tests do) would otherwise
+    // build into the same directory. The second waits, then finds the base built.
+    let lock = std::fs::File::create(cache.join(format!(".base-{suite}.lock")))
+        .map_err(io("creating the base image's lock file"))?;
+    lock_exclusive(&lock).map_err(io("locking the base image"))?;
+    if built() {
+        return Ok(base);
+    }
     let tmp = cache.join(format!(".base-{suite}.building"));
     let _ = std::fs::remove_dir_all(&tmp);
     say(format!(

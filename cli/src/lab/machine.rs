@@ -23,6 +23,9 @@ pub struct Record {
     pub netns: String,
     pub veth: String,
     pub cgroup: String,
+    /// The transient systemd unit the machine runs in, on a box whose PID 1 is systemd.
+    #[serde(default)]
+    pub unit: Option<String>,
     pub dir: PathBuf,
     /// The state directory whose keys the machine trusts: another inventory of the same name
     /// (another directory) must not inherit it.
@@ -60,6 +63,70 @@ impl fmt::Display for MachineStatus {
     }
 }
 
+/// How machines are started, chosen by the box's PID 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// PID 1 is not systemd: nspawn is started by us (`setsid`) inside cgroups we make, one
+    /// per machine, and kept there with `--keep-unit` (without its own cgroup each machine's
+    /// systemd would fight the others over one).
+    Direct,
+    /// PID 1 is systemd: each machine is a transient service (`systemd-run`) in
+    /// `sagectl.slice` with `Delegate=yes`, the way `systemd-nspawn@.service` runs; nspawn keeps
+    /// that unit (`--keep-unit`), so the machine's systemd owns a cgroup subtree systemd
+    /// delegated to it, and `systemctl stop` ends it. Machines are not registered with
+    /// machined (`sagectl lab status|ssh` is how to reach them).
+    Systemd,
+}
+
+impl Launch {
+    /// `SAGECTL_LAB_LAUNCH=direct|systemd` overrides the choice (a box without systemd's
+    /// manager running has no `/run/systemd/system`).
+    pub fn for_this_box() -> Launch {
+        match std::env::var("SAGECTL_LAB_LAUNCH").as_deref() {
+            Ok("direct") => Launch::Direct,
+            Ok("systemd") => Launch::Systemd,
+            _ if Path::new("/run/systemd/system").is_dir() => Launch::Systemd,
+            _ => Launch::Direct,
+        }
+    }
+}
+
+/// The command that starts a machine: `nspawn` (systemd-nspawn and its arguments) wrapped as
+/// `launch` needs; `log` receives nspawn's output.
+pub fn launch_argv(
+    launch: Launch,
+    unit: Option<&str>,
+    nspawn: &[String],
+    log: &Path,
+) -> Vec<String> {
+    let mut argv: Vec<String> = match launch {
+        Launch::Direct => [
+            "setsid",
+            "-f",
+            "sh",
+            "-c",
+            "IFS=:; for d in $SAGECTL_CGROUPS; do echo $$ > \"$d/cgroup.procs\" || exit 1; done; unset IFS; exec \"$@\"",
+            "sh",
+        ]
+        .map(String::from)
+        .to_vec(),
+        Launch::Systemd => vec![
+            "systemd-run".into(),
+            "--quiet".into(),
+            "--collect".into(),
+            format!("--unit={}", unit.unwrap_or("sagectl-lab.service")),
+            "--slice=sagectl".into(),
+            "--property=Delegate=yes".into(),
+            "--property=KillMode=mixed".into(),
+            format!("--property=StandardOutput=append:{}", log.display()),
+            format!("--property=StandardError=append:{}", log.display()),
+            "--".into(),
+        ],
+    };
+    argv.extend(nspawn.iter().cloned());
+    argv
+}
+
 /// Every machine recorded under a lab's run directory.
 pub fn recorded(run_dir: &Path) -> Vec<Record> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
@@ -80,12 +147,20 @@ impl<'l> Machine<'l> {
             (IpAddr::V4(a), IpAddr::V4(n)) => u32::from(a).wrapping_sub(u32::from(n)),
             _ => 0,
         };
+        let (cgroup, unit) = match Launch::for_this_box() {
+            Launch::Direct => (format!("sagectl-lab/{}-{}", lab.inv.name, host.name), None),
+            Launch::Systemd => {
+                let unit = format!("sagectl-lab-{}-{}.service", lab.inv.name, host.name);
+                (format!("sagectl.slice/{unit}"), Some(unit))
+            }
+        };
         let rec = Record {
             host: host.name.clone(),
             address: host.address,
             netns: format!("sagectl-{}-{}", lab.inv.name, host.name),
             veth: format!("sgv{}{offset:05}", lab.id),
-            cgroup: format!("sagectl-lab/{}-{}", lab.inv.name, host.name),
+            cgroup,
+            unit,
             dir: lab.run_dir.join(&host.name),
             state_dir: std::path::absolute(&lab.state_dir)
                 .unwrap_or_else(|_| lab.state_dir.clone()),
@@ -270,7 +345,9 @@ impl<'l> Machine<'l> {
 
     fn boot(&self) -> Result<(), LabError> {
         let cg = Cgroup::new(&self.rec.cgroup);
-        cg.create()?;
+        if self.rec.unit.is_none() {
+            cg.create()?; // under systemd, the unit's cgroup is systemd's to make
+        }
         let log = std::fs::File::create(self.rec.dir.join("nspawn.log"))
             .map_err(io("creating nspawn.log"))?;
         let joined = std::env::join_paths(&cg.dirs).map_err(|e| LabError::Machine {
@@ -279,24 +356,50 @@ impl<'l> Machine<'l> {
         })?;
         let root = self.rec.dir.join("root");
         let netns = Path::new("/run/netns").join(&self.rec.netns);
-        // setsid -f: nspawn leaves sagectl's session and is adopted by init, so the machine
-        // outlives this command. The shell joins the machine's cgroups, then becomes nspawn.
-        let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", "IFS=:; for d in $SAGECTL_CGROUPS; do echo $$ > \"$d/cgroup.procs\" || exit 1; done; unset IFS; exec \"$@\"", "sh"])
-            .args(["systemd-nspawn", "--quiet", "--boot", "--directory"])
-            .arg(&root)
-            .arg(format!("--machine={}", self.name()))
-            .args(["--register=no", "--keep-unit", "--console=passive", "--link-journal=no", "--resolv-conf=off", "--timezone=off"])
-            // The machine owns its network namespace, so it may manage its own firewall
-            // (nspawn grants CAP_NET_ADMIN only for networks it made itself).
-            .arg("--capability=CAP_NET_ADMIN")
-            .arg(format!("--network-namespace-path={}", netns.display()))
+        let mut nspawn: Vec<String> = ["systemd-nspawn", "--quiet", "--boot", "--directory"]
+            .map(String::from)
+            .to_vec();
+        nspawn.push(root.display().to_string());
+        nspawn.push(format!("--machine={}", self.name()));
+        nspawn.extend(
+            [
+                "--register=no",
+                "--keep-unit",
+                "--console=passive",
+                "--link-journal=no",
+                "--resolv-conf=off",
+                "--timezone=off",
+                // The machine owns its network namespace, so it may manage its own firewall
+                // (nspawn grants CAP_NET_ADMIN only for networks it made itself).
+                "--capability=CAP_NET_ADMIN",
+            ]
+            .map(String::from),
+        );
+        nspawn.push(format!("--network-namespace-path={}", netns.display()));
+        // Direct: setsid -f makes init adopt nspawn, so the machine outlives this command; the
+        // shell joins the machine's cgroups, then becomes nspawn. Systemd: a transient unit.
+        let launch = if self.rec.unit.is_some() {
+            Launch::Systemd
+        } else {
+            Launch::Direct
+        };
+        let argv = launch_argv(
+            launch,
+            self.rec.unit.as_deref(),
+            &nspawn,
+            &self.rec.dir.join("nspawn.log"),
+        );
+        let status = Command::new(&argv[0])
+            .args(&argv[1..])
             .env("SAGECTL_CGROUPS", joined)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("nspawn.log"))?)
             .stderr(log)
             .status()
-            .map_err(|source| sys::SysError::Spawn { program: "setsid".into(), source })?;
+            .map_err(|source| sys::SysError::Spawn {
+                program: argv[0].clone(),
+                source,
+            })?;
         if !status.success() {
             return Err(LabError::Machine {
                 host: self.host.name.clone(),
@@ -309,6 +412,12 @@ impl<'l> Machine<'l> {
 
 /// Removes a machine: its processes, cgroups, overlay, veth, network namespace and files.
 pub fn teardown(_lab: &Lab<'_>, rec: &Record) -> Result<(), LabError> {
+    if let Some(unit) = &rec.unit {
+        // systemd ends the unit's processes and removes its cgroup; what follows is a no-op
+        // then, and a fallback if the unit was lost.
+        let _ = sys::output(&["systemctl", "stop", unit]);
+        let _ = sys::output(&["systemctl", "reset-failed", unit]);
+    }
     Cgroup::new(&rec.cgroup).kill_and_remove()?;
     let root = rec.dir.join("root");
     if super::is_mountpoint(&root) {
@@ -325,4 +434,36 @@ pub fn teardown(_lab: &Lab<'_>, rec: &Record) -> Result<(), LabError> {
         std::fs::remove_dir_all(&rec.dir).map_err(io(format!("removing {}", rec.dir.display())))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machines_start_in_our_cgroups_or_as_delegated_units() {
+        let nspawn = vec!["systemd-nspawn".to_string(), "--boot".into()];
+        let log = Path::new("/run/x/nspawn.log");
+        let d = launch_argv(Launch::Direct, None, &nspawn, log);
+        assert_eq!(&d[..2], ["setsid", "-f"]);
+        assert!(d[4].contains("cgroup.procs"));
+        assert_eq!(&d[d.len() - 2..], nspawn.as_slice());
+        let s = launch_argv(
+            Launch::Systemd,
+            Some("sagectl-lab-l-h.service"),
+            &nspawn,
+            log,
+        );
+        assert_eq!(s[0], "systemd-run");
+        for want in [
+            "--unit=sagectl-lab-l-h.service",
+            "--property=Delegate=yes",
+            "--slice=sagectl",
+            "--property=StandardOutput=append:/run/x/nspawn.log",
+        ] {
+            assert!(s.iter().any(|a| a == want), "{want} in {s:?}");
+        }
+        let dashdash = s.iter().position(|a| a == "--").unwrap();
+        assert_eq!(&s[dashdash + 1..], nspawn.as_slice());
+    }
 }

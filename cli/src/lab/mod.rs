@@ -14,6 +14,7 @@
 mod acng;
 mod cgroup;
 mod image;
+mod limits;
 mod machine;
 mod net;
 
@@ -127,6 +128,14 @@ impl<'a> Lab<'a> {
         let started = Instant::now();
         preflight()?;
         net::check_subnet(self)?;
+        let new = self
+            .inv
+            .hosts
+            .iter()
+            .filter(|h| !self.run_dir.join(&h.name).join("machine.json").exists())
+            .count() as u64;
+        let run_root = self.run_dir.parent().expect("/run/sagectl-lab/<name>");
+        limits::ensure(limits::machines_on_box(run_root, new))?;
         let base = image::ensure_base(&self.cache_dir, &self.settings.suite)?;
         std::fs::create_dir_all(self.state_dir.join("lab"))
             .map_err(io("creating the state directory"))?;
