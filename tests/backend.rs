@@ -1135,3 +1135,155 @@ async fn a_browser_that_stops_reading_is_closed_and_its_memory_returns() {
     assert!(peak < base + 48 * 1024, "peak {peak} KiB from {base} KiB");
     assert!(after < base + 8 * 1024, "after {after} KiB from {base} KiB");
 }
+
+/// Issue 12: the file ops a browser's editor needs, done by the worker as the workspace's user:
+/// write, list, read, remove; the path rules of publish; no symbolic link followed; size and
+/// text limits with clear errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_are_edited_as_the_workspace_user() {
+    let s = Stack::start(opts(1, 1, 72400)).await;
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": "editor", "password": "a long password"}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": "files"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let w = c
+        .ok(json!({"op": "write", "workspace": ws, "path": "notes/a.txt", "data": "hello ✓"}))
+        .await;
+    assert_eq!(w["size"], "hello ✓".len());
+    let l = c.ok(json!({"op": "files", "workspace": ws})).await;
+    assert_eq!(
+        l["files"],
+        json!([{"path": "notes/a.txt", "size": 9}]),
+        "{l}"
+    );
+    let r = c
+        .ok(json!({"op": "read", "workspace": ws, "path": "./notes//a.txt"}))
+        .await;
+    assert_eq!(
+        (r["path"].as_str(), r["data"].as_str()),
+        (Some("notes/a.txt"), Some("hello ✓"))
+    );
+    // The engine sees the file, owned by the workspace's user.
+    let (out, err, _) = c
+        .run(
+            &ws,
+            "import os\nprint(open('notes/a.txt').read(), os.stat('notes/a.txt').st_uid == os.getuid())",
+        )
+        .await;
+    assert_eq!(out.trim(), "hello ✓ True", "{err}");
+    // Symbolic links are never followed, by name or along the way.
+    let (_, err, st) = c
+        .run(
+            &ws,
+            "import os\nos.symlink('/etc/passwd', 'pw')\nos.symlink('/etc', 'etc')\nopen('big', 'w').write('x' * 2000000)\nopen('bin', 'wb').write(bytes([0xff, 0xfe, 0]))",
+        )
+        .await;
+    assert_eq!(st, "ok", "{err}");
+    let refused = [
+        (json!({"op": "read", "path": "pw"}), "symbolic link"),
+        (
+            json!({"op": "write", "path": "pw", "data": "x"}),
+            "symbolic link",
+        ),
+        (json!({"op": "read", "path": "etc/passwd"}), "symbolic link"),
+        (
+            json!({"op": "write", "path": "etc/evil", "data": "x"}),
+            "symbolic link",
+        ),
+        (json!({"op": "read", "path": "../x"}), "must be relative"),
+        (
+            json!({"op": "read", "path": ".git/config"}),
+            "must be relative",
+        ),
+        (
+            json!({"op": "write", "path": "/tmp/x", "data": "x"}),
+            "must be relative",
+        ),
+        (json!({"op": "read", "path": "big"}), "over 1048576 bytes"),
+        (json!({"op": "read", "path": "bin"}), "not a text file"),
+        (json!({"op": "read", "path": "nothing"}), "no file nothing"),
+        (json!({"op": "remove", "path": "notes"}), "is a directory"),
+        (json!({"op": "read", "path": ""}), "a file path is required"),
+    ];
+    for (mut req, want) in refused {
+        req["workspace"] = ws.clone().into();
+        let r = c.call(req.clone()).await;
+        assert_eq!(r["ok"], false, "{req}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(want), "{req}: {r}");
+    }
+    let l = c.ok(json!({"op": "files", "workspace": ws})).await;
+    let names: Vec<&str> = l["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["big", "bin", "notes/a.txt"], "links are not listed");
+    c.ok(json!({"op": "remove", "workspace": ws, "path": "notes/a.txt"}))
+        .await;
+    let r = c
+        .call(json!({"op": "read", "workspace": ws, "path": "notes/a.txt"}))
+        .await;
+    assert!(r["error"].as_str().unwrap().contains("no file"), "{r}");
+    // A closed workspace has no file ops.
+    c.ok(json!({"op": "close", "workspace": ws})).await;
+    let r = c.call(json!({"op": "files", "workspace": ws})).await;
+    assert!(r["error"].as_str().unwrap().contains("not open"), "{r}");
+    c.close().await;
+}
+
+/// Issue 12: a cell's matplotlib figure arrives as an `image` event (PNG, base64) before its
+/// `done`; the plotting cache stays out of the workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plot_arrives_as_an_image() {
+    use base64::Engine as _;
+    let s = Stack::start(opts(1, 1, 72500)).await;
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": "plotter", "password": "a long password"}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": "plots"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let r = c
+        .ok(json!({"op": "execute", "workspace": ws,
+            "code": "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.title('squares')\nprint('drawn')"}))
+        .await;
+    let id = r["id"].clone();
+    let (mut images, mut out) = (Vec::new(), String::new());
+    loop {
+        let v = c.until(|v| v["id"] == id && v.get("event").is_some()).await;
+        match v["event"].as_str().unwrap() {
+            "stdout" => out.push_str(v["data"].as_str().unwrap()),
+            "stderr" => {}
+            "image" => images.push(v),
+            "done" => {
+                assert_eq!(v["status"], "ok", "{v}");
+                break;
+            }
+            e => panic!("{e}: {v}"),
+        }
+    }
+    assert_eq!(out.trim(), "drawn");
+    assert_eq!(images.len(), 1, "one figure, one image");
+    assert_eq!(images[0]["mime"], "image/png");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(images[0]["data"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+        "{}",
+        png.len()
+    );
+    // Shown once: the next cell has no picture.
+    let (_, _, st) = c.run(&ws, "1").await;
+    assert_eq!(st, "ok");
+    let l = c.ok(json!({"op": "files", "workspace": ws})).await;
+    assert_eq!(l["files"], json!([]), "no cache in the workspace: {l}");
+    c.close().await;
+}

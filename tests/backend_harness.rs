@@ -259,11 +259,13 @@ impl Stack {
             let (ca, crt, key) = creds(&s.state, &s.tmp.path().join(&name), &name, &["worker"]);
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let uid_min = o.uid_base + 20 * i as u32;
+            // Files up to 4 MB, so a file over the editor's 1 MiB can be made.
+            let limits = sagectl_limits_with_files(4);
             let config = json!({
                 "inventory": "btest", "host": name, "listen": addr.to_string(),
                 "tls": {"ca": ca, "cert": crt, "key": key},
                 "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 19,
-                "backend_timeout_seconds": 600, "limits": super::harness::limits(),
+                "backend_timeout_seconds": 600, "limits": limits,
                 "backends": backend_refs,
                 "state_dir": s.tmp.path().join(&name).join("state"), "metrics_listen": null,
                 "heartbeat_seconds": 1,
@@ -732,6 +734,13 @@ impl Drop for Stack {
             let _ = c.wait();
         }
     }
+}
+
+/// The worker harness's limits with files up to `mb` MB.
+fn sagectl_limits_with_files(mb: u64) -> sage_agent::proto::Limits {
+    let mut l = super::harness::limits();
+    l.file_size_mb = mb;
+    l
 }
 
 fn rand_hex() -> String {

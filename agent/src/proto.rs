@@ -62,7 +62,81 @@ pub enum Request {
     Close {
         session: String,
     },
+    /// A file operation in the workspace, done as its user inside the sandbox; answered by
+    /// `file_result`, in order with the session's other commands.
+    File {
+        session: String,
+        op: FileOp,
+    },
     Ping,
+}
+
+/// What a `file` request does. Paths are relative to the workspace, without `..` or `.git`
+/// (`workspace_path`); files only, never through a symbolic link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FileOp {
+    List,
+    Read { path: String },
+    Write { path: String, data: String },
+    Remove { path: String },
+}
+
+/// A file of a workspace, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInfo {
+    pub path: String,
+    pub size: u64,
+}
+
+/// How a file operation ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FileResult {
+    Listed {
+        files: Vec<FileInfo>,
+    },
+    Read {
+        path: String,
+        data: String,
+        size: u64,
+    },
+    Written {
+        path: String,
+        size: u64,
+    },
+    Removed {
+        path: String,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// The largest file the file operations read or write (text edited in a browser).
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// A path inside a workspace as a client gives it: relative, no `..`, no `.git`, no NUL or
+/// backslash, at most 1,000 bytes; returned normalised (`./a//b` is `a/b`). `""` is the
+/// workspace itself.
+pub fn workspace_path(p: &str) -> Result<String, String> {
+    let refuse =
+        || format!("the path {p:?} must be relative and inside the workspace (no '..', no '.git')");
+    if p.len() > 1000 || p.contains('\0') || p.contains('\\') {
+        return Err(refuse());
+    }
+    let mut parts = Vec::new();
+    for c in std::path::Path::new(p).components() {
+        match c {
+            std::path::Component::Normal(n) if n != ".git" => {
+                parts.push(n.to_str().ok_or_else(refuse)?)
+            }
+            std::path::Component::CurDir => {}
+            _ => return Err(refuse()),
+        }
+    }
+    Ok(parts.join("/"))
 }
 
 /// How an execute ended.
@@ -102,6 +176,17 @@ pub enum Event {
         status: Status,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+    },
+    /// A picture a cell made (base64), before its `done`.
+    Image {
+        session: String,
+        id: u64,
+        mime: String,
+        data: String,
+    },
+    FileResult {
+        session: String,
+        result: FileResult,
     },
     Saved {
         session: String,
@@ -158,6 +243,45 @@ pub fn valid_session_id(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workspace_paths() {
+        assert_eq!(workspace_path("").unwrap(), "");
+        assert_eq!(workspace_path("./out//a.txt").unwrap(), "out/a.txt");
+        for bad in [
+            "../etc",
+            "a/../../b",
+            "/etc/passwd",
+            ".git/config",
+            "a/.git",
+            "a\\..\\b",
+            "a\0b",
+        ] {
+            assert!(workspace_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_messages() {
+        let r = Request::File {
+            session: "s1".into(),
+            op: FileOp::Write {
+                path: "a.txt".into(),
+                data: "x".into(),
+            },
+        };
+        let t = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            t,
+            r#"{"type":"file","session":"s1","op":{"kind":"write","path":"a.txt","data":"x"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&t).unwrap(), r);
+        let e: Event = serde_json::from_str(
+            r#"{"type":"file_result","session":"s1","result":{"kind":"listed","files":[{"path":"a","size":1}]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(e, Event::FileResult { .. }));
+    }
 
     #[test]
     fn log_request_wire_format() {

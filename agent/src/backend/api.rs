@@ -4,7 +4,8 @@
 //! Other events: `moved`, `worker_lost`, `reopened`, `closed`, `error`.
 //!
 //! Ops: ping, signup, signin, signout, whoami, list, create, rename, delete, open, close,
-//! execute, interrupt, save, history, revert, publish.
+//! execute, interrupt, save, history, revert, publish, and the file ops of an open workspace:
+//! files, read, write, remove (done by its worker as the workspace's user).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use super::accounts::Account;
 use super::sockjs::Outbound;
 use super::{ApiError, Backend};
+use crate::proto::{FileOp, FileResult};
 
 struct Conn {
     backend: Arc<Backend>,
@@ -276,6 +278,37 @@ impl Conn {
                 let code = str_field(v, "code")?.to_string();
                 b.execute(&ws, id, code).await?;
                 Ok(json!({"workspace": ws.id}))
+            }
+            "files" | "read" | "write" | "remove" => {
+                let ws = self.opened(v).await?;
+                let path = || -> Result<String, ApiError> {
+                    let p = str_field(v, "path")?;
+                    let p = crate::proto::workspace_path(p).map_err(ApiError::bad)?;
+                    if p.is_empty() {
+                        return Err(ApiError::bad("a file path is required"));
+                    }
+                    Ok(p)
+                };
+                let op = match op {
+                    "files" => FileOp::List,
+                    "read" => FileOp::Read { path: path()? },
+                    "remove" => FileOp::Remove { path: path()? },
+                    _ => FileOp::Write {
+                        path: path()?,
+                        data: str_field(v, "data")?.to_string(),
+                    },
+                };
+                Ok(match b.file_op(&ws, op).await? {
+                    FileResult::Listed { files } => json!({"workspace": ws.id, "files": files}),
+                    FileResult::Read { path, data, size } => {
+                        json!({"workspace": ws.id, "path": path, "data": data, "size": size})
+                    }
+                    FileResult::Written { path, size } => {
+                        json!({"workspace": ws.id, "path": path, "size": size})
+                    }
+                    FileResult::Removed { path } => json!({"workspace": ws.id, "path": path}),
+                    FileResult::Failed { message } => return Err(ApiError::bad(message)),
+                })
             }
             "interrupt" => {
                 let ws = self.opened(v).await?;

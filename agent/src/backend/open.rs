@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::workers::Link;
 use super::{ApiError, Backend};
-use crate::proto::{Event, Request, Status};
+use crate::proto::{Event, FileOp, FileResult, Request, Status};
 
 /// A viewer's connection: JSON messages for the browser, serialised once for every viewer.
 /// What waits for the connection is counted; past `max_queued_bytes` the viewer is not reading
@@ -142,6 +142,7 @@ impl OpenWs {
 
 const OPEN_TIMEOUT: Duration = Duration::from_secs(90);
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+const FILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Backend {
     /// Opens (or joins) a workspace for a viewer; returns the worker it runs on.
@@ -401,6 +402,29 @@ impl Backend {
         }
     }
 
+    /// A file operation in an open workspace, done by its worker as the workspace's user.
+    pub async fn file_op(&self, ws: &OpenWs, op: FileOp) -> Result<FileResult, ApiError> {
+        let st = ws.state.lock().await;
+        if st.link.as_ref().is_none_or(|l| l.is_dead()) {
+            return Err(ApiError::busy(
+                "the workspace's session is not running: run a cell to reopen it, then retry",
+            ));
+        }
+        let req = Request::File {
+            session: ws.id.clone(),
+            op,
+        };
+        match self.control(ws, &st, req, FILE_TIMEOUT).await? {
+            Event::FileResult {
+                result: FileResult::Failed { message },
+                ..
+            } => Err(ApiError::bad(message)),
+            Event::FileResult { result, .. } => Ok(result),
+            Event::Error { message, .. } => Err(ApiError::internal(message)),
+            other => Err(ApiError::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     pub async fn store_bundle(&self, id: &str, bytes: &[u8]) -> Result<(), ApiError> {
         self.db()
             .await?
@@ -538,8 +562,15 @@ async fn pump(
                 ws.broadcast(json!({"event": "done", "workspace": ws.id, "id": id,
                     "status": status, "message": message}));
             }
+            Event::Image { id, mime, data, .. } => {
+                if ws.within_cap(id, data.len(), cap) {
+                    ws.broadcast(json!({"event": "image", "workspace": ws.id, "id": id,
+                        "mime": mime, "data": data}))
+                }
+            }
             ev @ (Event::Opened { .. }
             | Event::Saved { .. }
+            | Event::FileResult { .. }
             | Event::Closed { .. }
             | Event::Error { .. }) => {
                 let waiter = ws.control.lock().unwrap().pop_front();

@@ -183,6 +183,8 @@ impl Backend {
                             | Event::Stderr { session, .. }
                             | Event::Done { session, .. }
                             | Event::Saved { session, .. }
+                            | Event::Image { session, .. }
+                            | Event::FileResult { session, .. }
                             | Event::Closed { session, .. } => Some(session.clone()),
                             Event::Error { session, message } => {
                                 if session.is_none() {

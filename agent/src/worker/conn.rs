@@ -95,6 +95,7 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
         | Request::Execute { session, .. }
         | Request::Interrupt { session }
         | Request::Save { session, .. }
+        | Request::File { session, .. }
         | Request::Close { session } => Some(session.clone()),
         Request::Ping => None,
     };
@@ -210,6 +211,7 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
             let cmd = match other {
                 Request::Execute { id, code, .. } => Cmd::Execute { id, code },
                 Request::Save { message, .. } => Cmd::Save { message },
+                Request::File { op, .. } => Cmd::File(op),
                 Request::Close { .. } => Cmd::Close {
                     reason: "closed by the backend".into(),
                 },

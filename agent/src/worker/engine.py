@@ -1,12 +1,14 @@
 # The engine driver: runs inside the session's python3 (or sage's python) as the workspace's
 # user. Cells arrive on fd 3 ("<length>\n<utf-8 code>"); their output goes to fd 1 and fd 2 as
-# any program's would; after each cell a marker ends both streams and the status goes to fd 4.
+# any program's would; after each cell a marker ends both streams, the cell's pictures go to
+# fd 4 ("image <mime> <base64>\n" each), then its status ("ok\n", ...).
 import ast, os, sys, traceback
 
 ctrl = os.fdopen(3, "rb", buffering=0)
 status = os.fdopen(4, "wb", buffering=0)
 marker = os.environ.pop("SAGEWS_MARKER").encode()
 engine = os.environ.pop("SAGEWS_ENGINE", "python3")
+max_image = int(os.environ.pop("SAGEWS_MAX_IMAGE", "2097152"))
 namespace = {"__name__": "__main__", "__builtins__": __builtins__}
 preparse = None
 if engine == "sage":
@@ -60,6 +62,34 @@ def run(code):
         return "error"
 
 
+def figures():
+    """The cell's matplotlib figures as PNG images on fd 4, then closed (a cell's pictures are
+    shown once, as a notebook would)."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    import base64, io
+
+    out = []
+    for n in plt.get_fignums():
+        buf = io.BytesIO()
+        try:
+            plt.figure(n).savefig(buf, format="png", dpi=96, bbox_inches="tight")
+        except Exception as e:
+            print(f"figure {n} could not be drawn: {e}", file=sys.stderr)
+            continue
+        data = buf.getvalue()
+        if len(data) > max_image:
+            print(
+                f"figure {n} is {len(data)} bytes as PNG, over the limit of {max_image}: not shown",
+                file=sys.stderr,
+            )
+            continue
+        out.append(b"image image/png " + base64.b64encode(data) + b"\n")
+    plt.close("all")
+    return out
+
+
 # Only this process speaks for the session: a child forked by a cell closes the control pipes,
 # and one that leaks out of its cell exits instead of reading the next cell.
 main_pid = os.getpid()
@@ -76,10 +106,15 @@ def _in_child():
 os.register_at_fork(after_in_child=_in_child)
 status.write(b"ready\n")
 while True:
+    images = []
     try:
         n = int(readline())
         code = readn(n).decode("utf-8", "replace")
         result = run(code)
+        try:
+            images = figures()
+        except Exception:
+            traceback.print_exc()
     except KeyboardInterrupt:
         result = "interrupted"
     if os.getpid() != main_pid:
@@ -91,4 +126,6 @@ while True:
         pass
     os.write(1, marker)
     os.write(2, marker)
+    for image in images:
+        status.write(image)
     status.write(result.encode() + b"\n")

@@ -19,6 +19,8 @@ use crate::proto::{Limits, Status};
 const DRIVER: &str = include_str!("engine.py");
 const CHUNK: usize = 4096;
 const FLUSH: Duration = Duration::from_millis(50);
+/// The largest picture a cell may show (PNG bytes).
+pub const MAX_IMAGE: usize = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -42,6 +44,16 @@ pub trait Emit: Send {
         stream: Stream,
         text: String,
     ) -> impl std::future::Future<Output = ()> + Send;
+
+    /// A picture the cell made (`data` in base64).
+    fn image(&mut self, mime: String, data: String)
+    -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// The longest line the engine may write on its status pipe: an image of `max_image` bytes
+/// in base64, and its header.
+fn max_status_line(max_image: usize) -> u64 {
+    (max_image as u64).div_ceil(3) * 4 + 256
 }
 
 pub struct Engine {
@@ -106,6 +118,9 @@ impl Engine {
             String::from_utf8_lossy(&marker).into_owned(),
         )
         .env("SAGEWS_ENGINE", kind)
+        .env("SAGEWS_MAX_IMAGE", MAX_IMAGE.to_string())
+        // Pictures are drawn to PNG, never to a screen.
+        .env("MPLBACKEND", "Agg")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -197,16 +212,33 @@ impl Engine {
                 first_pending = Some(Instant::now());
             }
         }
-        let mut line = String::new();
-        match self.status.read_line(&mut line).await {
-            Ok(n) if n > 0 => {}
-            _ => return Err(self.died(limits).await),
+        // Pictures, then the status. The engine runs users' code, so a line is bounded.
+        let max = max_status_line(MAX_IMAGE);
+        loop {
+            let mut line = String::new();
+            match (&mut self.status).take(max).read_line(&mut line).await {
+                Ok(n) if n > 0 && line.ends_with('\n') => {}
+                Ok(n) if n > 0 => {
+                    return Err(EngineError::Died(format!(
+                        "the engine wrote a status line over {max} bytes"
+                    )));
+                }
+                _ => return Err(self.died(limits).await),
+            }
+            if let Some(rest) = line.trim_end().strip_prefix("image ") {
+                if let Some((mime, data)) = rest.split_once(' ') {
+                    if mime.starts_with("image/") && mime.len() < 64 {
+                        emit.image(mime.to_string(), data.to_string()).await;
+                    }
+                }
+                continue;
+            }
+            return Ok(match line.trim() {
+                "ok" => Status::Ok,
+                "interrupted" => Status::Interrupted,
+                _ => Status::Error,
+            });
         }
-        Ok(match line.trim() {
-            "ok" => Status::Ok,
-            "interrupted" => Status::Interrupted,
-            _ => Status::Error,
-        })
     }
 
     async fn died(&mut self, limits: &Limits) -> EngineError {

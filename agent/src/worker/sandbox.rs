@@ -92,12 +92,24 @@ impl Account {
             .map_err(io("chown home"))?;
         std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io("chmod home"))?;
-        Ok(Account {
+        let acct = Account {
             name,
             uid,
             gid: user.gid.as_raw(),
             home,
-        })
+        };
+        let cache = acct.cache_dir();
+        let _ = std::fs::remove_dir_all(&cache); // a leftover of a crash
+        std::fs::create_dir(&cache).map_err(io("creating the cache directory"))?;
+        std::os::unix::fs::chown(&cache, Some(uid), Some(acct.gid)).map_err(io("chown cache"))?;
+        std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io("chmod cache"))?;
+        Ok(acct)
+    }
+
+    /// The user's cache directory, beside its home (`<home>.cache`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.home.with_extension("cache")
     }
 
     /// Kills every process of the user (SIGTERM, then SIGKILL after `grace`), then removes the
@@ -105,11 +117,16 @@ impl Account {
     pub fn destroy(&self, grace: Duration) -> Result<usize, SandboxError> {
         let killed = kill_user(self.uid, grace);
         run(&format!("userdel {}", self.name), &["userdel", &self.name])?;
-        if self.home.exists() {
-            std::fs::remove_dir_all(&self.home).map_err(|source| SandboxError::Io {
-                what: "removing the home directory".into(),
-                source,
-            })?;
+        for (dir, what) in [
+            (self.home.clone(), "removing the home directory"),
+            (self.cache_dir(), "removing the cache directory"),
+        ] {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|source| SandboxError::Io {
+                    what: what.into(),
+                    source,
+                })?;
+            }
         }
         Ok(killed)
     }
@@ -189,6 +206,10 @@ pub fn command(
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LANG", "C.UTF-8")
         .env("PYTHONUNBUFFERED", "1")
+        // Caches (matplotlib's font list, ...) beside the home, not in it: a save commits the
+        // home, and a cache is not the person's work.
+        .env("XDG_CACHE_HOME", acct.cache_dir())
+        .env("MPLCONFIGDIR", acct.cache_dir().join("matplotlib"))
         .current_dir(&acct.home)
         .kill_on_drop(true);
     let (uid, gid) = (Uid::from_raw(acct.uid), Gid::from_raw(acct.gid));

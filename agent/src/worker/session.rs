@@ -13,11 +13,12 @@ use tokio::sync::{Mutex, mpsc};
 use super::Shared;
 use super::engine::{Emit, Engine, EngineError, Stream};
 use super::sandbox::{self, Account};
-use crate::proto::{Event, Limits, Status};
+use crate::proto::{Event, FileOp, FileResult, Limits, MAX_FILE_BYTES, Status};
 
 pub enum Cmd {
     Execute { id: u64, code: String },
     Save { message: String },
+    File(FileOp),
     Close { reason: String },
 }
 
@@ -46,6 +47,85 @@ impl Emit for ToSink {
             Stream::Stderr => Event::Stderr { session, id, data },
         };
         send(&self.sink, e).await;
+    }
+
+    async fn image(&mut self, mime: String, data: String) {
+        let e = Event::Image {
+            session: self.session.clone(),
+            id: self.id,
+            mime,
+            data,
+        };
+        send(&self.sink, e).await;
+    }
+}
+
+const FILES: &str = include_str!("files.py");
+
+/// A file operation, as the workspace's user in the sandbox (`files.py`).
+async fn file_op(acct: &Account, limits: &Limits, op: FileOp) -> FileResult {
+    let checked = match &op {
+        FileOp::List => Ok(String::new()),
+        FileOp::Read { path } | FileOp::Write { path, .. } | FileOp::Remove { path } => {
+            crate::proto::workspace_path(path)
+        }
+    };
+    let path = match checked {
+        Ok(p) => p,
+        Err(message) => return FileResult::Failed { message },
+    };
+    let (verb, stdin) = match op {
+        FileOp::List => ("list", Vec::new()),
+        FileOp::Read { .. } => ("read", Vec::new()),
+        FileOp::Write { data, .. } => ("write", data.into_bytes()),
+        FileOp::Remove { .. } => ("remove", Vec::new()),
+    };
+    if verb != "list" && path.is_empty() {
+        return FileResult::Failed {
+            message: "a file path is required".into(),
+        };
+    }
+    if stdin.len() > MAX_FILE_BYTES {
+        return FileResult::Failed {
+            message: format!("the text is over {MAX_FILE_BYTES} bytes"),
+        };
+    }
+    let mut c = sandbox::command(
+        acct,
+        limits,
+        "python3",
+        &["-I", "-c", FILES, verb, &path],
+        Vec::new(),
+    );
+    c.env("SAGEWS_MAX_FILE", MAX_FILE_BYTES.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let run = async {
+        let mut child = c.spawn().map_err(|e| format!("python3: {e}"))?;
+        let mut input = child.stdin.take().expect("piped");
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = input.write_all(&stdin).await;
+        });
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("python3: {e}"))?;
+        let _ = writer.await;
+        serde_json::from_slice::<FileResult>(&out.stdout).map_err(|_| {
+            format!(
+                "the file operation failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+    };
+    match tokio::time::timeout(Duration::from_secs(30), run).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(message)) => FileResult::Failed { message },
+        Err(_) => FileResult::Failed {
+            message: "the file operation took longer than 30 s".into(),
+        },
     }
 }
 
@@ -323,6 +403,18 @@ async fn run(
                         .await
                     }
                 }
+                idle_at = tokio::time::Instant::now() + idle;
+            }
+            Cmd::File(op) => {
+                let result = file_op(&acct, &limits, op).await;
+                send(
+                    &sink,
+                    Event::FileResult {
+                        session: session.clone(),
+                        result,
+                    },
+                )
+                .await;
                 idle_at = tokio::time::Instant::now() + idle;
             }
             Cmd::Close { reason } => break reason,
