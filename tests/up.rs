@@ -133,6 +133,15 @@ fn converge_lab_hosts() {
             "memcached from backend=true"
         ]
     );
+    // The recap says how to open the site from this box.
+    let site = &recap["site"];
+    assert_eq!(site["url"], "https://sagews.uptest.test/", "{recap}");
+    assert_eq!(site["addresses"], serde_json::json!(["10.81.0.10"]));
+    assert_eq!(site["lab"], true);
+    assert!(
+        Path::new(site["ca_file"].as_str().unwrap()).is_file(),
+        "{site}"
+    );
     // The worker agent runs.
     let checks = host(&recap, "bravo")["checks"].to_string();
     assert!(checks.contains(r#""name":"worker","ok":true"#), "{checks}");

@@ -1,11 +1,7 @@
-//! The browser's JSON messages over SockJS. A request is `{"id": N, "op": "...", ...}` and gets
-//! one reply `{"id": N, "ok": true, ...}` or `{"id": N, "ok": false, "error": "..."}`; an
-//! execute's output then arrives as events `{"event": "stdout"|"stderr"|"done", "id": N, ...}`.
-//! Other events: `moved`, `worker_lost`, `reopened`, `closed`, `error`.
-//!
-//! Ops: ping, signup, signin, signout, whoami, list, create, rename, delete, open, close,
-//! execute, interrupt, save, history, revert, publish, and the file ops of an open workspace:
-//! files, read, write, remove (done by its worker as the workspace's user).
+//! A browser's SockJS session: its requests (`msg::Request`, one at a time, in order), each
+//! answered by one reply `{"id": N, "ok": true, ...msg::Reply}` or `{"id": N, "ok": false,
+//! "error": "...", "status": N}`; the events of the workspaces it has open (`msg::BrowserEvent`)
+//! go out between replies. The messages themselves are typed in `msg.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::accounts::Account;
+use super::msg::{self, Op, Reply, Request, WorkspaceInfo};
 use super::sockjs::Outbound;
 use super::{ApiError, Backend};
 use crate::proto::{FileOp, FileResult};
@@ -70,12 +67,6 @@ pub async fn run(
     }
 }
 
-fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, ApiError> {
-    v.get(k)
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad(format!("field {k:?} (a string) is required")))
-}
-
 /// Workspace names: 1 to 100 characters, no control characters. Anything else (quotes,
 /// semicolons) is stored as given: every query takes parameters.
 fn check_ws_name(name: &str) -> Result<(), ApiError> {
@@ -86,6 +77,23 @@ fn check_ws_name(name: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// A file path of a file op: the workspace's path rules, and not the workspace itself.
+fn file_path(p: &str) -> Result<String, ApiError> {
+    let p = crate::proto::workspace_path(p).map_err(ApiError::bad)?;
+    if p.is_empty() {
+        return Err(ApiError::bad("a file path is required"));
+    }
+    Ok(p)
+}
+
+/// A worker answered a file op with another op's result.
+fn unexpected(r: FileResult) -> ApiError {
+    match r {
+        FileResult::Failed { message } => ApiError::bad(message),
+        other => ApiError::internal(format!("the worker answered {other:?}")),
+    }
 }
 
 fn new_workspace_id() -> String {
@@ -114,12 +122,17 @@ impl Conn {
                 return json!({"id": null, "ok": false, "error": format!("invalid JSON: {e}")});
             }
         };
-        let Some(id) = v.get("id").and_then(Value::as_u64) else {
-            return json!({"id": null, "ok": false, "error": "every request needs an \"id\": a non-negative integer"});
+        let req = match Request::from_value(v) {
+            Ok(r) => r,
+            Err((id, error)) => {
+                self.backend.metrics.inc(&self.backend.metrics.bad_messages);
+                return json!({"id": id, "ok": false, "error": error, "status": 400});
+            }
         };
-        let op = v.get("op").and_then(Value::as_str).unwrap_or("");
-        match self.op(op, id, &v).await {
-            Ok(mut r) => {
+        let id = req.id;
+        match self.op(req).await {
+            Ok(reply) => {
+                let mut r = serde_json::to_value(reply).expect("replies serialise");
                 r["id"] = id.into();
                 r["ok"] = true.into();
                 r
@@ -141,8 +154,7 @@ impl Conn {
     }
 
     /// The workspace `id` if it belongs to this account.
-    async fn owned(&self, v: &Value) -> Result<(String, String), ApiError> {
-        let id = str_field(v, "workspace")?;
+    async fn owned(&self, id: &str) -> Result<(String, String), ApiError> {
         let acct = self.account()?;
         let row = self
             .backend
@@ -161,22 +173,24 @@ impl Conn {
         }
     }
 
-    async fn op(&mut self, op: &str, id: u64, v: &Value) -> Result<Value, ApiError> {
+    async fn op(&mut self, req: Request) -> Result<Reply, ApiError> {
         let b = self.backend.clone();
-        match op {
-            "ping" => Ok(json!({"pong": true})),
-            "signup" | "signin" => {
-                let (name, password) = (str_field(v, "name")?, str_field(v, "password")?);
-                let (acct, token) = if op == "signup" {
-                    b.signup(name, password, self.client).await?
-                } else {
-                    b.signin(name, password, self.client).await?
+        let ws_reply = |workspace: String| Reply::Workspace(msg::WorkspaceReply { workspace });
+        match req.op {
+            Op::Ping => Ok(Reply::Pong(msg::Pong { pong: true })),
+            op @ (Op::Signup { .. } | Op::Signin { .. }) => {
+                let (acct, token) = match &op {
+                    Op::Signup { name, password } => b.signup(name, password, self.client).await?,
+                    Op::Signin { name, password } => b.signin(name, password, self.client).await?,
+                    _ => unreachable!("matched above"),
                 };
                 self.account = Some(acct.clone());
                 self.token = Some(token);
-                Ok(json!({"account": acct.name}))
+                Ok(Reply::Account(msg::AccountReply {
+                    account: Some(acct.name),
+                }))
             }
-            "signout" => {
+            Op::Signout => {
                 if let Some(t) = self.token.take() {
                     b.signout(&t).await?;
                 }
@@ -184,10 +198,12 @@ impl Conn {
                     Box::pin(b.leave(&ws, self.id)).await;
                 }
                 self.account = None;
-                Ok(json!({}))
+                Ok(Reply::Empty(msg::Empty {}))
             }
-            "whoami" => Ok(json!({"account": self.account.as_ref().map(|a| a.name.clone())})),
-            "list" => {
+            Op::Whoami => Ok(Reply::Account(msg::AccountReply {
+                account: self.account.as_ref().map(|a| a.name.clone()),
+            })),
+            Op::List => {
                 let acct = self.account()?;
                 let rows = b
                     .db()
@@ -198,20 +214,21 @@ impl Conn {
                         &[&acct.id],
                     )
                     .await?;
-                let list: Vec<Value> = rows
+                let workspaces = rows
                     .iter()
-                    .map(|r| {
-                        json!({"workspace": r.get::<_, String>(0), "name": r.get::<_, String>(1),
-                            "version": r.get::<_, i64>(2), "updated": r.get::<_, i64>(3),
-                            "published": r.get::<_, bool>(4)})
+                    .map(|r| WorkspaceInfo {
+                        workspace: r.get(0),
+                        name: r.get(1),
+                        version: r.get(2),
+                        updated: r.get(3),
+                        published: r.get(4),
                     })
                     .collect();
-                Ok(json!({"workspaces": list}))
+                Ok(Reply::Workspaces(msg::Workspaces { workspaces }))
             }
-            "create" => {
+            Op::Create { name, bundle } => {
                 let acct = self.account()?.clone();
-                let name = str_field(v, "name")?;
-                let bundle = match v.get("bundle").and_then(Value::as_str) {
+                let bundle = match bundle {
                     Some(b64) => Some(
                         base64::engine::general_purpose::STANDARD
                             .decode(b64)
@@ -219,13 +236,11 @@ impl Conn {
                     ),
                     None => None,
                 };
-                let ws = b.create_workspace(&acct, name, bundle).await?;
-                Ok(json!({"workspace": ws}))
+                Ok(ws_reply(b.create_workspace(&acct, &name, bundle).await?))
             }
-            "rename" => {
-                let (ws, _) = self.owned(v).await?;
-                let name = str_field(v, "name")?;
-                check_ws_name(name)?;
+            Op::Rename { workspace, name } => {
+                let (ws, _) = self.owned(&workspace).await?;
+                check_ws_name(&name)?;
                 let n = b
                     .db()
                     .await?
@@ -240,10 +255,13 @@ impl Conn {
                         "you already have a workspace named {name:?}"
                     )));
                 }
-                Ok(json!({"workspace": ws, "name": name}))
+                Ok(Reply::Renamed(msg::Renamed {
+                    workspace: ws,
+                    name,
+                }))
             }
-            "delete" => {
-                let (ws, name) = self.owned(v).await?;
+            Op::Delete { workspace } => {
+                let (ws, name) = self.owned(&workspace).await?;
                 b.discard(&ws).await;
                 self.open.remove(&ws);
                 b.db()
@@ -255,101 +273,129 @@ impl Conn {
                     self.account()?,
                     json!({"workspace": ws, "name": name}),
                 );
-                Ok(json!({"workspace": ws}))
+                Ok(ws_reply(ws))
             }
-            "open" => {
-                let (ws, name) = self.owned(v).await?;
+            Op::Open { workspace } => {
+                let (ws, name) = self.owned(&workspace).await?;
                 let acct = self.account()?.id;
                 let (_, worker) = b
                     .open_workspace(acct, &ws, self.id, self.viewer.clone())
                     .await?;
                 self.open.insert(ws.clone());
-                Ok(json!({"workspace": ws, "name": name, "worker": worker}))
+                Ok(Reply::Opened(msg::Opened {
+                    workspace: ws,
+                    name,
+                    worker,
+                }))
             }
-            "close" => {
-                let (ws, _) = self.owned(v).await?;
+            Op::Close { workspace } => {
+                let (ws, _) = self.owned(&workspace).await?;
                 if self.open.remove(&ws) {
                     b.leave(&ws, self.id).await;
                 }
-                Ok(json!({"workspace": ws}))
+                Ok(ws_reply(ws))
             }
-            "execute" => {
-                let ws = self.opened(v).await?;
-                let code = str_field(v, "code")?.to_string();
-                b.execute(&ws, id, code).await?;
-                Ok(json!({"workspace": ws.id}))
+            Op::Execute { workspace, code } => {
+                let ws = self.opened(&workspace).await?;
+                b.execute(&ws, req.id, code).await?;
+                Ok(ws_reply(ws.id.clone()))
             }
-            "files" | "read" | "write" | "remove" => {
-                let ws = self.opened(v).await?;
-                let path = || -> Result<String, ApiError> {
-                    let p = str_field(v, "path")?;
-                    let p = crate::proto::workspace_path(p).map_err(ApiError::bad)?;
-                    if p.is_empty() {
-                        return Err(ApiError::bad("a file path is required"));
-                    }
-                    Ok(p)
-                };
-                let op = match op {
-                    "files" => FileOp::List,
-                    "read" => FileOp::Read { path: path()? },
-                    "remove" => FileOp::Remove { path: path()? },
-                    _ => FileOp::Write {
-                        path: path()?,
-                        data: str_field(v, "data")?.to_string(),
-                    },
-                };
-                Ok(match b.file_op(&ws, op).await? {
-                    FileResult::Listed { files } => json!({"workspace": ws.id, "files": files}),
-                    FileResult::Read { path, data, size } => {
-                        json!({"workspace": ws.id, "path": path, "data": data, "size": size})
-                    }
+            Op::Files { workspace } => {
+                let ws = self.opened(&workspace).await?;
+                match b.file_op(&ws, FileOp::List).await? {
+                    FileResult::Listed { files } => Ok(Reply::Files(msg::FilesReply {
+                        workspace: ws.id.clone(),
+                        files,
+                    })),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Op::Read { workspace, path } => {
+                let ws = self.opened(&workspace).await?;
+                let path = file_path(&path)?;
+                match b.file_op(&ws, FileOp::Read { path }).await? {
+                    FileResult::Read { path, data, size } => Ok(Reply::FileRead(msg::FileRead {
+                        workspace: ws.id.clone(),
+                        path,
+                        data,
+                        size,
+                    })),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Op::Write {
+                workspace,
+                path,
+                data,
+            } => {
+                let ws = self.opened(&workspace).await?;
+                let path = file_path(&path)?;
+                match b.file_op(&ws, FileOp::Write { path, data }).await? {
                     FileResult::Written { path, size } => {
-                        json!({"workspace": ws.id, "path": path, "size": size})
+                        Ok(Reply::FileWritten(msg::FileWritten {
+                            workspace: ws.id.clone(),
+                            path,
+                            size,
+                        }))
                     }
-                    FileResult::Removed { path } => json!({"workspace": ws.id, "path": path}),
-                    FileResult::Failed { message } => return Err(ApiError::bad(message)),
-                })
+                    other => Err(unexpected(other)),
+                }
             }
-            "interrupt" => {
-                let ws = self.opened(v).await?;
+            Op::Remove { workspace, path } => {
+                let ws = self.opened(&workspace).await?;
+                let path = file_path(&path)?;
+                match b.file_op(&ws, FileOp::Remove { path }).await? {
+                    FileResult::Removed { path } => Ok(Reply::FileRemoved(msg::FileRemoved {
+                        workspace: ws.id.clone(),
+                        path,
+                    })),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Op::Interrupt { workspace } => {
+                let ws = self.opened(&workspace).await?;
                 b.interrupt(&ws).await?;
-                Ok(json!({"workspace": ws.id}))
+                Ok(ws_reply(ws.id.clone()))
             }
-            "save" => {
-                let ws = self.opened(v).await?;
-                let message = v
-                    .get("message")
-                    .and_then(Value::as_str)
+            Op::Save { workspace, message } => {
+                let ws = self.opened(&workspace).await?;
+                let message: String = message
+                    .as_deref()
                     .unwrap_or("Save")
                     .chars()
                     .take(1000)
-                    .collect::<String>();
+                    .collect();
                 let changed = b.save(&ws, &message).await?;
                 b.audit(
                     "workspace saved",
                     self.account()?,
                     json!({"workspace": ws.id, "changed": changed}),
                 );
-                Ok(json!({"workspace": ws.id, "changed": changed}))
+                Ok(Reply::Saved(msg::Saved {
+                    workspace: ws.id.clone(),
+                    changed,
+                }))
             }
-            "history" => {
-                let (ws, _) = self.owned(v).await?;
+            Op::History { workspace } => {
+                let (ws, _) = self.owned(&workspace).await?;
                 b.save_if_open(&ws).await?;
                 let history = match b.stored_bundle(&ws).await? {
                     Some(bundle) => super::git::history(&bundle, 200).await?,
                     None => Vec::new(),
                 };
-                Ok(json!({"workspace": ws, "history": history}))
+                Ok(Reply::History(msg::HistoryReply {
+                    workspace: ws,
+                    history,
+                }))
             }
-            "revert" => {
-                let (ws, _) = self.owned(v).await?;
-                let commit = str_field(v, "commit")?;
+            Op::Revert { workspace, commit } => {
+                let (ws, _) = self.owned(&workspace).await?;
                 b.save_if_open(&ws).await?;
                 let bundle = b
                     .stored_bundle(&ws)
                     .await?
                     .ok_or_else(|| ApiError::not_found("the workspace has no saved history yet"))?;
-                let (new_bundle, new_commit) = super::git::revert(&bundle, commit).await?;
+                let (new_bundle, new_commit) = super::git::revert(&bundle, &commit).await?;
                 b.store_bundle(&ws, &new_bundle).await?;
                 if let Some(open) = b.open_ws(&ws) {
                     b.reload(&open).await?;
@@ -359,28 +405,27 @@ impl Conn {
                     self.account()?,
                     json!({"workspace": ws, "to": commit, "commit": new_commit}),
                 );
-                Ok(json!({"workspace": ws, "commit": new_commit}))
+                Ok(Reply::Reverted(msg::Reverted {
+                    workspace: ws,
+                    commit: new_commit,
+                }))
             }
-            "publish" => {
-                let (ws, _) = self.owned(v).await?;
-                let path = v.get("path").and_then(Value::as_str).unwrap_or("");
+            Op::Publish { workspace, path } => {
+                let (ws, _) = self.owned(&workspace).await?;
                 b.save_if_open(&ws).await?;
-                let r = b.publish(&ws, path).await?;
+                let r = b.publish(&ws, path.as_deref().unwrap_or("")).await?;
                 b.audit(
                     "workspace published",
                     self.account()?,
-                    json!({"workspace": ws, "url": r["url"]}),
+                    json!({"workspace": ws, "url": r.url}),
                 );
-                Ok(r)
+                Ok(Reply::Published(r))
             }
-            "" => Err(ApiError::bad("field \"op\" (a string) is required")),
-            other => Err(ApiError::bad(format!("unknown op {other:?}"))),
         }
     }
 
     /// The open workspace a request names; it must have been opened on this connection.
-    async fn opened(&self, v: &Value) -> Result<Arc<super::open::OpenWs>, ApiError> {
-        let id = str_field(v, "workspace")?;
+    async fn opened(&self, id: &str) -> Result<Arc<super::open::OpenWs>, ApiError> {
         self.account()?;
         if !self.open.contains(id) {
             return Err(ApiError::bad(format!(

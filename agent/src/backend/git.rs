@@ -103,7 +103,8 @@ pub async fn normalize(bundle: &[u8]) -> Result<Vec<u8>, ApiError> {
     s.bundle().await
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Commit {
     pub commit: String,
     /// Unix seconds.

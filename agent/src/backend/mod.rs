@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod api;
 pub mod cache;
 pub mod git;
+pub mod msg;
 pub mod open;
 pub mod origin;
 pub mod publish;

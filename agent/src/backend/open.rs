@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
+use super::msg::BrowserEvent;
 use super::workers::Link;
 use super::{ApiError, Backend};
 use crate::proto::{Event, FileOp, FileResult, Request, Status};
@@ -103,8 +103,8 @@ struct Placement {
 }
 
 impl OpenWs {
-    fn broadcast(&self, msg: Value) {
-        let text: Arc<str> = msg.to_string().into();
+    fn broadcast(&self, ev: BrowserEvent) {
+        let text: Arc<str> = serde_json::to_string(&ev).expect("events serialise").into();
         self.viewers.lock().unwrap().retain(|(_, v)| v.send(&text));
     }
 
@@ -120,8 +120,11 @@ impl OpenWs {
         }
         drop(m);
         if before <= cap {
-            self.broadcast(json!({"event": "truncated", "workspace": self.id, "id": id,
-                "message": format!("output truncated: this cell printed more than {cap} bytes (the rest is not shown; interrupt it to stop it)")}));
+            self.broadcast(BrowserEvent::Truncated {
+                workspace: self.id.clone(),
+                id,
+                message: format!("output truncated: this cell printed more than {cap} bytes (the rest is not shown; interrupt it to stop it)"),
+            });
         }
         false
     }
@@ -333,10 +336,11 @@ impl Backend {
         if st.link.as_ref().is_none_or(|l| l.is_dead()) {
             self.place(ws, &mut st, &[]).await?;
             let worker = st.link.as_ref().map(|l| l.host.clone());
-            ws.broadcast(
-                json!({"event": "reopened", "workspace": ws.id, "worker": worker,
-                "message": "the workspace was reopened from its last save"}),
-            );
+            ws.broadcast(BrowserEvent::Reopened {
+                workspace: ws.id.clone(),
+                worker,
+                message: "the workspace was reopened from its last save".into(),
+            });
         }
         let link = st.link.clone().expect("placed above");
         ws.running.lock().unwrap().insert(id);
@@ -518,7 +522,11 @@ impl Backend {
         let Some(ws) = self.open.map.lock().unwrap().remove(id) else {
             return;
         };
-        ws.broadcast(json!({"event": "closed", "workspace": id, "reason": "deleted"}));
+        ws.broadcast(BrowserEvent::Closed {
+            workspace: id.to_string(),
+            reason: "deleted".into(),
+            message: None,
+        });
         ws.viewers.lock().unwrap().clear();
         let mut st = ws.state.lock().await;
         self.end_session(&ws, &mut st).await;
@@ -539,16 +547,20 @@ async fn pump(
         match ev {
             Event::Stdout { id, data, .. } => {
                 if ws.within_cap(id, data.len(), cap) {
-                    ws.broadcast(
-                        json!({"event": "stdout", "workspace": ws.id, "id": id, "data": data}),
-                    )
+                    ws.broadcast(BrowserEvent::Stdout {
+                        workspace: ws.id.clone(),
+                        id,
+                        data,
+                    })
                 }
             }
             Event::Stderr { id, data, .. } => {
                 if ws.within_cap(id, data.len(), cap) {
-                    ws.broadcast(
-                        json!({"event": "stderr", "workspace": ws.id, "id": id, "data": data}),
-                    )
+                    ws.broadcast(BrowserEvent::Stderr {
+                        workspace: ws.id.clone(),
+                        id,
+                        data,
+                    })
                 }
             }
             Event::Done {
@@ -559,13 +571,21 @@ async fn pump(
             } => {
                 ws.running.lock().unwrap().remove(&id);
                 ws.output.lock().unwrap().remove(&id);
-                ws.broadcast(json!({"event": "done", "workspace": ws.id, "id": id,
-                    "status": status, "message": message}));
+                ws.broadcast(BrowserEvent::Done {
+                    workspace: ws.id.clone(),
+                    id,
+                    status,
+                    message,
+                });
             }
             Event::Image { id, mime, data, .. } => {
                 if ws.within_cap(id, data.len(), cap) {
-                    ws.broadcast(json!({"event": "image", "workspace": ws.id, "id": id,
-                        "mime": mime, "data": data}))
+                    ws.broadcast(BrowserEvent::Image {
+                        workspace: ws.id.clone(),
+                        id,
+                        mime,
+                        data,
+                    })
                 }
             }
             ev @ (Event::Opened { .. }
@@ -580,8 +600,14 @@ async fn pump(
                     }
                     (None, Event::Closed { reason, .. }) => {
                         // The session ended on its own (a limit, idle): reopen on next use.
-                        ws.broadcast(json!({"event": "closed", "workspace": ws.id, "reason": reason,
-                            "message": "the session ended; the next execute reopens it from the last save"}));
+                        ws.broadcast(BrowserEvent::Closed {
+                            workspace: ws.id.clone(),
+                            reason,
+                            message: Some(
+                                "the session ended; the next execute reopens it from the last save"
+                                    .into(),
+                            ),
+                        });
                         let mut st = ws.state.lock().await;
                         if st.generation == generation {
                             if let Some(l) = st.link.take() {
@@ -590,9 +616,10 @@ async fn pump(
                         }
                         return;
                     }
-                    (None, Event::Error { message, .. }) => ws.broadcast(
-                        json!({"event": "error", "workspace": ws.id, "message": message}),
-                    ),
+                    (None, Event::Error { message, .. }) => ws.broadcast(BrowserEvent::Error {
+                        workspace: ws.id.clone(),
+                        message,
+                    }),
                     (None, _) => {}
                 }
             }
@@ -611,12 +638,17 @@ async fn pump(
     let running: Vec<u64> = ws.running.lock().unwrap().drain().collect();
     ws.output.lock().unwrap().clear();
     for id in running {
-        ws.broadcast(
-            json!({"event": "done", "workspace": ws.id, "id": id, "status": Status::Killed,
-            "message": format!("worker {host} was lost")}),
-        );
+        ws.broadcast(BrowserEvent::Done {
+            workspace: ws.id.clone(),
+            id,
+            status: Status::Killed,
+            message: Some(format!("worker {host} was lost")),
+        });
     }
-    ws.broadcast(json!({"event": "worker_lost", "workspace": ws.id, "worker": host}));
+    ws.broadcast(BrowserEvent::WorkerLost {
+        workspace: ws.id.clone(),
+        worker: host.clone(),
+    });
     st.link = None;
     if ws.viewers() == 0 {
         return;
@@ -627,10 +659,17 @@ async fn pump(
     {
         Ok(()) => {
             let worker = st.link.as_ref().map(|l| l.host.clone());
-            ws.broadcast(json!({"event": "moved", "workspace": ws.id, "worker": worker,
-                "message": format!("worker {host} was lost; the workspace was reopened from its last save")}));
+            ws.broadcast(BrowserEvent::Moved {
+                workspace: ws.id.clone(),
+                worker,
+                message: format!(
+                    "worker {host} was lost; the workspace was reopened from its last save"
+                ),
+            });
         }
-        Err(e) => ws.broadcast(json!({"event": "error", "workspace": ws.id,
-            "message": format!("worker {host} was lost and {}", e.message)})),
+        Err(e) => ws.broadcast(BrowserEvent::Error {
+            workspace: ws.id.clone(),
+            message: format!("worker {host} was lost and {}", e.message),
+        }),
     }
 }

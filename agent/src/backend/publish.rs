@@ -7,11 +7,11 @@
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
-use serde_json::{Value, json};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 use super::git::Blob;
+use super::msg::Published;
 use super::{ApiError, Backend};
 use crate::config::Peer;
 use crate::http1;
@@ -21,7 +21,7 @@ const MAX_FILES: usize = 10_000;
 const MAX_BYTES: u64 = 64 << 20;
 
 impl Backend {
-    pub async fn publish(self: &Arc<Self>, ws: &str, path: &str) -> Result<Value, ApiError> {
+    pub async fn publish(self: &Arc<Self>, ws: &str, path: &str) -> Result<Published, ApiError> {
         let sub = crate::proto::workspace_path(path).map_err(ApiError::bad)?;
         if self.config.static_hosts.is_empty() {
             return Err(ApiError::busy(
@@ -57,12 +57,12 @@ impl Backend {
             )
             .await?;
         self.metrics.inc(&self.metrics.publishes);
-        Ok(json!({
-            "workspace": ws,
-            "url": format!("https://{}/pub/{ws}/", self.config.public_name),
-            "files": list.iter().map(|b| b.path.as_str()).collect::<Vec<_>>(),
-            "hosts": pushed,
-        }))
+        Ok(Published {
+            workspace: ws.to_string(),
+            url: format!("https://{}/pub/{ws}/", self.config.public_name),
+            files: list.into_iter().map(|b| b.path).collect(),
+            hosts: pushed,
+        })
     }
 
     /// Replaces `/pub/<ws>/` on one static host with `list`.

@@ -95,6 +95,70 @@ pub struct Recap {
     pub hosts: Vec<HostRecap>,
     /// What became of the audit record (when the inventory has a logd).
     pub audit: Option<String>,
+    /// How to open the deployed site from this box (after a successful run).
+    pub site: Option<Site>,
+}
+
+/// The site's address and what this box needs to reach it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Site {
+    pub url: String,
+    /// The loadbalancers' addresses, which the public name must resolve to.
+    pub addresses: Vec<String>,
+    /// The CA a browser must trust (`None` when the inventory brings its own certificate).
+    pub ca_file: Option<PathBuf>,
+    /// Lab machines are reachable from this box only, by address: map the name locally.
+    pub lab: bool,
+}
+
+impl Site {
+    fn of(inv: &Inventory, state: &State) -> Option<Site> {
+        let lbs: Vec<String> = inv
+            .with_role(crate::inventory::Role::Loadbalancer)
+            .map(|h| h.address.to_string())
+            .collect();
+        if lbs.is_empty() || inv.tls.public_name.is_empty() {
+            return None;
+        }
+        Some(Site {
+            url: format!("https://{}/", inv.tls.public_name),
+            addresses: lbs,
+            ca_file: inv.tls.certificate.is_none().then(|| {
+                std::path::absolute(state.dir().join("ca.crt"))
+                    .unwrap_or_else(|_| state.dir().join("ca.crt"))
+            }),
+            lab: inv.lab.is_some(),
+        })
+    }
+
+    /// One or two lines a person can act on.
+    pub fn advice(&self, public_name: &str) -> String {
+        let first = &self.addresses[0];
+        let mut s = format!(
+            "open {}
+",
+            self.url
+        );
+        if self.lab {
+            s.push_str(&format!(
+                "  from this box (lab machines are reachable from here only): map the name with `echo '{first} {public_name}' >> /etc/hosts`"
+            ));
+        } else {
+            s.push_str(&format!(
+                "  the name {public_name} must resolve to {}",
+                self.addresses.join(" or ")
+            ));
+        }
+        if let Some(ca) = &self.ca_file {
+            s.push_str(&format!(
+                ", and have the browser trust the deployment's CA {} (Chromium: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n sagectl -i {})",
+                ca.display(),
+                ca.display()
+            ));
+        }
+        s.push('\n');
+        s
+    }
 }
 
 /// Hosts named by `--limit` (host, role or group names); all of them when empty.
@@ -313,9 +377,13 @@ async fn run_all(ctx: Arc<Ctx>, selected: Vec<String>) -> Recap {
         seconds: started.elapsed().as_secs_f64(),
         hosts,
         audit: None,
+        site: None,
     };
     if !ctx.opts.check {
         recap.audit = audit(&ctx, &recap).await;
+        if success {
+            recap.site = Site::of(&ctx.inv, &ctx.state);
+        }
     }
     recap
 }
@@ -690,5 +758,8 @@ fn print_recap(ctx: &Ctx, recap: &Recap) {
         if recap.success { "success" } else { "FAILED" },
         recap.seconds
     ));
+    if let Some(site) = &recap.site {
+        text.push_str(&site.advice(&ctx.inv.tls.public_name));
+    }
     print!("{text}");
 }
