@@ -285,7 +285,8 @@ export class SageREST {
  * The connection to the backend. Options: url (the site's origin; default location.origin),
  * prefix ('/sockjs'), transport (force one), transports (factories by name), order, info
  * (false: skip GET /info), heartbeatTimeout (ms), openTimeout (ms), backoff ({base, max,
- * factor}), fetch, WebSocket, setTimeout, clearTimeout, random, now, autoReconnect.
+ * factor}), requestTimeout (ms, for every request), fetch, WebSocket, setTimeout,
+ * clearTimeout, random, now, autoReconnect, watchOnline.
  */
 export class SageWS extends Emitter {
   constructor(opts = {}) {
@@ -308,6 +309,7 @@ export class SageWS extends Emitter {
     this.openTimeout = opts.openTimeout ?? 10000;
     this.backoff = { base: 500, max: 30000, factor: 2, ...(opts.backoff || {}) };
     this.autoReconnect = opts.autoReconnect !== false;
+    this.requestTimeout = opts.requestTimeout ?? 0; // ms; 0: wait as long as it takes
     this.rest = new SageREST({ url: this.base, fetch: this.env.fetch });
     this.state = 'idle';
     this.transport = null; // the name of the transport in use
@@ -613,15 +615,16 @@ export class SageWS extends Emitter {
         retry: opts.retry ?? SAFE_OPS.has(op), timer: null };
       this._pending.set(id, p);
       if (op === 'execute') this._executions.set(id, { workspace: fields.workspace, onEvent: opts.onEvent });
-      if (opts.timeout) {
+      const timeout = opts.timeout ?? this.requestTimeout;
+      if (timeout) {
         p.timer = this.env.setTimeout(() => {
           if (!this._pending.has(id)) return;
           this._pending.delete(id);
           this._queue = this._queue.filter((q) => q !== p);
           this._inflight = this._inflight.filter((q) => q !== p);
           this._executions.delete(id);
-          reject(new SageError(`no answer to "${op}" in ${Math.round(opts.timeout / 1000)} s`, { code: 'timeout', op }));
-        }, opts.timeout);
+          reject(new SageError(`no answer to "${op}" in ${Math.round(timeout / 1000)} s`, { code: 'timeout', op }));
+        }, timeout);
       }
       if (opts.front) this._queue.unshift(p);
       else this._queue.push(p);
