@@ -45,6 +45,7 @@ const PNG = (() => {
 export function startFakeBackend(port = 0) {
   const accounts = new Map(); // name → {password, workspaces: Map}
   const sessions = new Map(); // sockjs session id → session
+  const streams = new Set(); // responses waiting to stream or poll
   let wsSeq = 0;
 
   const cookieAccount = (req) => {
@@ -215,6 +216,19 @@ export function startFakeBackend(port = 0) {
         res.writeHead(200, { 'Content-Type': 'application/x-git-bundle', 'Content-Disposition': `attachment; filename="${m[1]}.bundle"` });
         return res.end('fake bundle');
       }
+      // Test hooks: drop every connection and forget every session (a backend restart), or
+      // send an event to every session.
+      if (p === '/test/drop') {
+        for (const r of streams) r.destroy();
+        streams.clear();
+        sessions.clear();
+        return json(res, 200, { ok: true });
+      }
+      if (p === '/test/event') {
+        const ev = JSON.parse((await body(req)).toString());
+        for (const x of sessions.values()) if (x.open.has(ev.workspace)) x.push(ev);
+        return json(res, 200, { ok: true });
+      }
       if (p === '/sockjs/info') return json(res, 200, { websocket: true, cookie_needed: false, origins: ['*:*'], entropy: 1 });
       m = /^\/sockjs\/([^/]+)\/([^/]+)\/(xhr|xhr_streaming|xhr_send)$/.exec(p);
       if (m && req.method === 'POST') {
@@ -235,6 +249,7 @@ export function startFakeBackend(port = 0) {
           if (kind === 'xhr') return res.end('o\n');
           res.write('o\n');
         }
+        streams.add(res);
         const beat = setInterval(() => res.write('h\n'), 25000);
         const flush = () => {
           if (!s.out.length) return;
@@ -242,7 +257,7 @@ export function startFakeBackend(port = 0) {
           if (kind === 'xhr') { s.wait = null; clearInterval(beat); res.end(); }
         };
         s.wait = flush;
-        res.on('close', () => { clearInterval(beat); if (s.wait === flush) s.wait = null; });
+        res.on('close', () => { streams.delete(res); clearInterval(beat); if (s.wait === flush) s.wait = null; });
         flush();
         return undefined;
       }
