@@ -353,7 +353,7 @@ export class SageWS extends Emitter {
     this._clearTimers();
     const c = this._conn;
     this._conn = null;
-    if (c) c.t.close();
+    if (c && c.t) c.t.close();
     this.openWorkspaces.clear();
     this._failAll(new SageError('the connection was closed', { code: 'closed' }));
     this._executions.clear();
@@ -527,14 +527,13 @@ export class SageWS extends Emitter {
     const reconnected = this._opened;
     this._opened = true;
     this._heartbeat(conn);
-    this._setState('open', { transport: conn.kind, reconnected });
-    if (this._conn !== conn) return;
     // Workspaces open before the drop first (the server runs requests in order), then the
-    // requests that waited.
+    // requests that waited, then whatever the page sends when told the connection is open.
     const reopen = [...this.openWorkspaces];
     const opens = reopen.map((ws) => this.request('open', { workspace: ws }, { front: true })
       .then(() => ({ ok: ws }), (e) => ({ failed: { workspace: ws, error: e } })));
     this._flush();
+    this._setState('open', { transport: conn.kind, reconnected });
     if (reopen.length) {
       Promise.all(opens).then((rs) => {
         const failed = rs.filter((r) => r.failed).map((r) => r.failed);

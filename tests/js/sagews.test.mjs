@@ -377,3 +377,27 @@ test('SageWS exports a default and works without options in a page-like global',
   assert.equal(c.base, 'https://x.test');
   assert.equal(c.rest.bundleUrl('w1'), 'https://x.test/api/workspaces/w1/bundle');
 });
+
+test('after a reconnect, the workspaces are opened before anything the page sends on "open"', async () => {
+  const { client, net, clock } = await openClient();
+  await openWs(client, net.last(), 'w1');
+  client.on('open', () => { client.execute('w1', 'x', () => {}); });
+  net.last().end();
+  client.save('w1', 'asked for while the connection was down');
+  await clock.advance(1000);
+  net.last().frame('o');
+  assert.deepEqual(net.last().requests().map((r) => r.op), ['open', 'save', 'execute']);
+});
+
+test('close() while /info is being asked stops that attempt', async () => {
+  let answer;
+  const fetch = () => new Promise((r) => { answer = r; });
+  const { client, net } = makeClient({ info: true, fetch });
+  client.connect();
+  await tick();
+  client.close();
+  answer(new Response('{"websocket":true}'));
+  await tick();
+  assert.equal(net.made.length, 0);
+  assert.equal(client.state, 'closed');
+});
