@@ -1,0 +1,199 @@
+// Drives the page in headless Chromium (through chromedriver, by plain WebDriver HTTP calls)
+// against tests/js/fake_backend.mjs, at phone and desktop widths, and fails on any console
+// error (a CSP violation shows there). Not part of `node --test` (it needs a browser):
+//   node tests/js/page_smoke.mjs [screenshot-dir]
+import { spawn } from 'node:child_process';
+import { writeFile } from 'node:fs/promises';
+import assert from 'node:assert/strict';
+import { startFakeBackend } from './fake_backend.mjs';
+
+const shots = process.argv[2];
+const server = await startFakeBackend(0);
+const base = `http://127.0.0.1:${server.address().port}`;
+const port = 9515 + Math.floor(Math.random() * 400);
+const driver = spawn('chromedriver', [`--port=${port}`], { stdio: 'ignore' });
+const wd = `http://127.0.0.1:${port}`;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function call(method, path, body) {
+  const r = await fetch(wd + path, { method, headers: { 'Content-Type': 'application/json' }, body: body && JSON.stringify(body) });
+  const j = await r.json();
+  if (j.value && j.value.error) throw new Error(`${path}: ${j.value.message}`);
+  return j.value;
+}
+
+let sid;
+const ELEM = 'element-6066-11e4-a52e-4f735466cecf';
+const s = (p, b) => call('POST', `/session/${sid}${p}`, b);
+const g = (p) => call('GET', `/session/${sid}${p}`);
+const find = async (css) => { const v = await s("/element", { using: "css selector", value: css }); if (!v || !v[ELEM]) throw new Error(`find ${css}: ${JSON.stringify(v)}`); return v[ELEM]; };
+const findAll = async (css) => (await s('/elements', { using: 'css selector', value: css })).map((e) => e[ELEM]);
+const click = async (css) => s(`/element/${await find(css)}/click`, {});
+const type = async (css, text) => s(`/element/${await find(css)}/value`, { text });
+const clear = async (css) => s(`/element/${await find(css)}/clear`, {});
+const text = async (css) => g(`/element/${await find(css)}/text`);
+const js = (script, args = []) => s('/execute/sync', { script, args });
+async function until(what, fn, ms = 8000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    try { const v = await fn(); if (v) return v; } catch { /* not yet */ }
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(100);
+  }
+}
+async function shot(name) {
+  if (!shots) return;
+  await writeFile(`${shots}/${name}.png`, Buffer.from(await g('/screenshot'), 'base64'));
+}
+
+try {
+  for (let i = 0; ; i++) {
+    try { await call('GET', '/status'); break; } catch { if (i > 50) throw new Error('no chromedriver'); await sleep(100); }
+  }
+  sid = (await call('POST', '/session', { capabilities: { alwaysMatch: {
+    browserName: 'chrome',
+    'goog:chromeOptions': { args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--window-size=375,800'] },
+    'goog:loggingPrefs': { browser: 'ALL' },
+  } } })).sessionId;
+
+  const cdp = (cmd, params = {}) => s('/goog/cdp/execute', { cmd, params });
+  await cdp('Emulation.setDeviceMetricsOverride', { width: 375, height: 800, deviceScaleFactor: 1, mobile: true });
+  await s('/url', { url: base });
+  await until('the sign-in form', async () => !(await js('return document.querySelector("#auth-view").hidden')));
+  await shot('1-signin-phone');
+  await type('#signin-name', 'ada');
+  await type('#signin-password', 'wrong password');
+  await click('#signin-button');
+  await until('a sign-in error', async () => (await text('#signin-error')).includes('wrong name or password'));
+  await type('#signup-name', 'ada');
+  await type('#signup-password', 'a long password');
+  await click('#signup-button');
+  await until('the workspace list', async () => (await findAll('.workspace-item')).length === 1);
+  assert.equal(await text('#account-name'), 'ada');
+  await until('the connection', async () => (await js('return document.querySelector("#connection-state").dataset.state')) === 'open');
+
+  await type('#new-workspace-name', 'Notes');
+  await click('#create-workspace');
+  await until('two workspaces', async () => (await findAll('.workspace-item')).length === 2);
+  await shot('2-list-phone');
+  const id = await js('return [...document.querySelectorAll(".workspace-item")].find(e => e.textContent.includes("Notes")).dataset.workspaceId');
+  await click(`#open-${id}`);
+  await until('the workspace', async () => (await text('#worker-name')) === 'on worker1');
+  assert.equal(await text('#workspace-title'), 'Notes');
+
+  // A long cell streams while another runs; Shift+Enter runs and moves on.
+  await type('.cell textarea', 'sleep(4)');
+  await click('.cell .run');
+  await click('#add-cell');
+  const cells = await findAll('.cell textarea');
+  assert.equal(cells.length, 2);
+  await s(`/element/${cells[1]}/value`, { text: 'plot()' });
+  await s('/actions', { actions: [{ type: 'key', id: 'k', actions: [
+    { type: 'keyDown', value: '\uE008' }, { type: 'keyDown', value: '\uE007' }, { type: 'keyUp', value: '\uE007' }, { type: 'keyUp', value: '\uE008' }] }] });
+  await until('the figure', async () => (await findAll('.cell:nth-child(2) .output img.figure')).length === 1);
+  assert.equal((await findAll('.cell')).length, 3, 'Shift+Enter on the last cell adds one');
+  await until('streamed output', async () => /tick 1/.test(await text('.cell:nth-child(1) .output')));
+  assert.equal(await js('return document.querySelector(".cell:nth-child(1)").dataset.status'), 'running');
+  await until('the long cell to end', async () => (await js('return document.querySelector(".cell:nth-child(1)").dataset.status')) === 'ok');
+  assert.match(await text('.cell:nth-child(1) .output'), /tick 10/);
+  await s(`/element/${(await findAll('.cell textarea'))[2]}/value`, { text: 'error' });
+  await click('.cell:nth-child(3) .run');
+  await until('an error', async () => (await js('return document.querySelector(".cell:nth-child(3)").dataset.status')) === 'error');
+  assert.equal((await findAll('.cell:nth-child(3) .output .stderr')).length, 1);
+  await shot('3-cells-phone');
+
+  // Interrupt.
+  await clear('.cell:nth-child(1) textarea');
+  await type('.cell:nth-child(1) textarea', 'sleep(10)');
+  await click('.cell:nth-child(1) .run');
+  await until('output', async () => /tick 1/.test(await text('.cell:nth-child(1) .output')));
+  await click('.cell:nth-child(1) .interrupt');
+  await until('interrupted', async () => (await text('.cell:nth-child(1) .status')) === 'Interrupted');
+
+  // Workspace events reach the banner.
+  const post = (path, obj) => fetch(base + path, { method: 'POST', body: JSON.stringify(obj || {}) });
+  await post('/test/event', { event: 'worker_lost', workspace: id, worker: 'worker1' });
+  await until('worker lost', async () => (await js('return document.querySelector("#connection-state").dataset.state')) === 'worker_lost');
+  await post('/test/event', { event: 'moved', workspace: id, worker: 'worker2', message: 'worker worker1 was lost; the workspace was reopened from its last save' });
+  await until('moved', async () => /Moved to worker worker2/.test(await text('#connection-text')));
+  assert.equal(await text('#worker-name'), 'on worker2');
+
+  // The backend goes away while a cell runs: the cell is marked, the page reconnects, the
+  // workspace is opened again and cells run again.
+  await clear('.cell:nth-child(1) textarea');
+  await type('.cell:nth-child(1) textarea', 'sleep(10)');
+  await click('.cell:nth-child(1) .run');
+  await until('output', async () => /tick 1/.test(await text('.cell:nth-child(1) .output')));
+  await post('/test/drop');
+  await until('the cell marked lost', async () => (await js('return document.querySelector(".cell:nth-child(1)").dataset.status')) === 'lost');
+  await until('reconnected', async () => /Reconnected/.test(await text('#connection-text')), 15000);
+  await clear('.cell:nth-child(1) textarea');
+  await type('.cell:nth-child(1) textarea', '1+1');
+  await click('.cell:nth-child(1) .run');
+  await until('a run after the reconnect', async () => /ran: 1\+1/.test(await text('.cell:nth-child(1) .output')));
+
+  // Files.
+  await click('#file-new');
+  await type('#file-path', 'notes/a.py');
+  await type('#file-editor', 'x = 1\n');
+  await click('#file-save');
+  await until('the new file in the list', async () => (await findAll('#files-list .file-item[data-path="notes/a.py"]')).length === 1);
+  await click('#files-list .file-item[data-path="README.md"]');
+  await until('README in the editor', async () => (await js('return document.querySelector("#file-editor").value')).startsWith('# Notes'));
+
+  // Save, history, publish.
+  await type('#save-message', 'First draft');
+  await click('#save');
+  await until('saved', async () => (await text('#save-result')).startsWith('Saved'));
+  await until('the history', async () => (await findAll('#history-list .history-item')).length === 1);
+  await click('#files-list .file-item[data-path="notes/a.py"]');
+  await until('a.py open', async () => (await js('return document.querySelector("#file-path").value')) === 'notes/a.py');
+  await click('#file-delete');
+  await click('#dialog-ok');
+  await until('a.py gone', async () => (await findAll('#files-list .file-item[data-path="notes/a.py"]')).length === 0);
+  await type('#save-message', 'Removed a.py');
+  await click('#save');
+  await until('two saves', async () => (await findAll('#history-list .history-item')).length === 2);
+  await click('#history-list .history-item:nth-child(2) .revert');
+  await click('#dialog-ok');
+  await until('a.py back', async () => (await findAll('#files-list .file-item[data-path="notes/a.py"]')).length === 1);
+  await click('#publish');
+  await until('the link', async () => (await text('#publish-link')) === `https://sage.example.org/pub/${id}/`);
+  await shot('4-side-phone');
+
+  // Desktop width, then back to the list: rename and delete.
+  await s('/window/rect', { width: 1280, height: 900 });
+  await cdp('Emulation.clearDeviceMetricsOverride');
+  await js('window.scrollTo(0, 0)');
+  await shot('5-workspace-desktop');
+  await click('#back');
+  await until('the list', async () => !(await js('return document.querySelector("#list-view").hidden')));
+  await click(`#rename-${id}`);
+  await clear('#dialog-input');
+  await type('#dialog-input', 'Lecture notes');
+  await click('#dialog-ok');
+  await until('renamed', async () => (await text(`#open-${id}`)) === 'Lecture notes');
+  assert.match(await text(`.workspace-item[data-workspace-id="${id}"]`), /published/);
+  await shot('6-list-desktop');
+  await click(`#delete-${id}`);
+  await click('#dialog-ok');
+  await until('deleted', async () => (await findAll('.workspace-item')).length === 1);
+  await click('#signout');
+  await until('signed out', async () => !(await js('return document.querySelector("#auth-view").hidden')));
+
+  const logs = await s('/se/log', { type: 'browser' });
+  const bad = logs.filter((l) => l.level === 'SEVERE' && !/401 \(Unauthorized\)|wrong name or password/.test(l.message)
+    && !/WebSocket connection .* failed/.test(l.message)
+    && !/xhr_streaming - Failed to load resource: net::ERR_INCOMPLETE_CHUNKED_ENCODING/.test(l.message)); // the drop above
+  assert.deepEqual(bad, [], `console errors: ${JSON.stringify(bad, null, 1)}`);
+  console.log('page smoke: ok');
+} catch (e) {
+  try { await shot('failure'); } catch { /* no session */ }
+  console.error(e);
+  process.exitCode = 1;
+} finally {
+  if (sid) await call('DELETE', `/session/${sid}`).catch(() => {});
+  driver.kill();
+  server.close();
+  server.closeAllConnections();
+}
