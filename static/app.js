@@ -36,7 +36,10 @@ const el = (tag, props = {}, ...kids) => {
   return e;
 };
 
-const client = new SageWS({ requestTimeout: 180000 });
+// `?transport=xhr-polling` (or websocket, xhr-streaming) forces one: for tests, and for people
+// behind a proxy that breaks the others.
+const forced = new URLSearchParams(location.search).get('transport');
+const client = new SageWS({ requestTimeout: 180000, ...(forced ? { transport: forced } : {}) });
 const rest = client.rest;
 const app = {
   account: null,

@@ -40,6 +40,9 @@ export const SERVER_EVENTS = ['stdout', 'stderr', 'done', 'truncated', 'image', 
 export const TRANSPORTS = ['websocket', 'xhr-streaming', 'xhr-polling'];
 
 /** An error for people: the server's text, plus its HTTP-like status and Retry-After. */
+/** How long a workspace is tried again after a reconnect while the backend has no worker. */
+const REOPEN_PATIENCE = 60000;
+
 export class SageError extends Error {
   constructor(message, { status = null, retryAfter = null, op = null, code = null, reply = null } = {}) {
     super(message);
@@ -319,6 +322,7 @@ export class SageWS extends Emitter {
     this._inflight = []; // requests sent and not answered, in the order sent
     this._executions = new Map(); // execute id → {workspace, onEvent}
     this.openWorkspaces = new Set();
+    this._reopening = new Map(); // workspace → its reopen after a reconnect, while it runs
     this._conn = null;
     this._attempt = 0; // failed attempts since the last stable connection
     this._preferred = null;
@@ -530,8 +534,30 @@ export class SageWS extends Emitter {
     // Workspaces open before the drop first (the server runs requests in order), then the
     // requests that waited, then whatever the page sends when told the connection is open.
     const reopen = [...this.openWorkspaces];
-    const opens = reopen.map((ws) => this.request('open', { workspace: ws }, { front: true })
-      .then(() => ({ ok: ws }), (e) => ({ failed: { workspace: ws, error: e } })));
+    // A backend that has just started may not have heard from any worker yet (503): the open
+    // is tried again, backing off, for a minute while this connection lasts.
+    const reopenOne = async (ws) => {
+      const until = this.env.now() + REOPEN_PATIENCE;
+      let delay = 500;
+      for (let first = true; ; first = false) {
+        try {
+          await this.request('open', { workspace: ws }, { front: first });
+          return { ok: ws };
+        } catch (e) {
+          if (e.status !== 503 || this.env.now() > until || this._conn !== conn) {
+            return { failed: { workspace: ws, error: e } };
+          }
+          await new Promise((r) => this.env.setTimeout(r, delay));
+          delay = Math.min(delay * 2, 8000);
+        }
+      }
+    };
+    const opens = reopen.map((ws) => {
+      const p = reopenOne(ws);
+      this._reopening.set(ws, p);
+      p.finally(() => { if (this._reopening.get(ws) === p) this._reopening.delete(ws); });
+      return p;
+    });
     this._flush();
     this._setState('open', { transport: conn.kind, reconnected });
     if (reopen.length) {
@@ -602,6 +628,13 @@ export class SageWS extends Emitter {
    * only), timeout (ms).
    */
   request(op, fields = {}, opts = {}) {
+    // A workspace being opened again after a reconnect: its requests wait for that.
+    const reopening = op !== 'open' && fields.workspace ? this._reopening.get(fields.workspace) : null;
+    if (reopening) return reopening.then(() => this._request(op, fields, opts));
+    return this._request(op, fields, opts);
+  }
+
+  _request(op, fields, opts) {
     if (this.state === 'idle') this.connect();
     const id = this.nextId++;
     const text = JSON.stringify({ id, op, ...fields });

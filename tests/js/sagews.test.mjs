@@ -386,7 +386,36 @@ test('after a reconnect, the workspaces are opened before anything the page send
   client.save('w1', 'asked for while the connection was down');
   await clock.advance(1000);
   net.last().frame('o');
+  // The save was queued before the reconnect; the execute waits for the workspace's reopen.
+  assert.deepEqual(net.last().requests().map((r) => r.op), ['open', 'save']);
+  const open = net.last().requests()[0];
+  net.last().msg({ id: open.id, ok: true, workspace: 'w1', name: 'w1', worker: 'worker1' });
+  for (let i = 0; i < 5; i++) await Promise.resolve();
   assert.deepEqual(net.last().requests().map((r) => r.op), ['open', 'save', 'execute']);
+});
+
+test('a reopen refused with 503 (the backend has no worker yet) is tried again', async () => {
+  const { client, net, clock, events } = await openClient();
+  await openWs(client, net.last(), 'w1');
+  net.last().end();
+  await clock.advance(1000);
+  net.last().frame('o');
+  const first = net.last().requests().at(-1);
+  assert.equal(first.op, 'open');
+  const ran = client.execute('w1', '1+1', () => {});
+  net.last().msg({ id: first.id, ok: false, error: 'no worker is available; try again shortly', status: 503 });
+  for (let i = 0; i < 5; i++) await Promise.resolve();
+  assert.equal(net.last().requests().filter((r) => r.op === 'open').length, 1, 'not at once');
+  await clock.advance(600);
+  const again = net.last().requests().at(-1);
+  assert.equal(again.op, 'open', 'tried again after a wait');
+  net.last().msg({ id: again.id, ok: true, workspace: 'w1', name: 'w1', worker: 'worker2' });
+  for (let i = 0; i < 5; i++) await Promise.resolve();
+  const exec = net.last().requests().at(-1);
+  assert.equal(exec.op, 'execute', 'the execute went after the reopen');
+  net.last().msg({ id: exec.id, ok: true, workspace: 'w1' });
+  await ran;
+  assert.ok(events.some(([n, e]) => n === 'resumed' && e.workspaces.includes('w1')));
 });
 
 test('close() while /info is being asked stops that attempt', async () => {

@@ -310,15 +310,13 @@ async fn save(
         &["-C", &home, "bundle", "create", "-q", "-", "--all"],
         max,
     )
-    .await
-    .map_err(|e| {
-        if e.contains("empty bundle") {
-            "nothing to save: the workspace has no commits and no files".to_string()
-        } else {
-            e
-        }
-    })?;
-    Ok((bundle, changed))
+    .await;
+    match bundle {
+        Ok(b) => Ok((b, changed)),
+        // A new workspace with no file yet: nothing to keep, and nothing wrong.
+        Err(e) if e.contains("empty bundle") && !changed => Ok((Vec::new(), false)),
+        Err(e) => Err(e),
+    }
 }
 
 async fn run(

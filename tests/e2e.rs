@@ -1,0 +1,170 @@
+//! The browser client end to end, as root: lab machines deployed by `sagectl up`, and a real
+//! headless Chromium (Debian's chromium and chromium-driver) driven over WebDriver by
+//! `tests/js/e2e.mjs` through HAProxy, trusting the deployment's CA from an NSS database (not
+//! by ignoring certificate errors). Two people at once (one on a phone-sized screen), then the
+//! xhr-streaming and xhr-polling transports forced, then the backend SIGKILLed during a
+//! session: every run signs up, runs code, streams and interrupts, plots, edits and saves a
+//! file, saves, reverts, publishes and signs out and in; the CSP is enforced and Chromium
+//! reports no violation. Screenshots go to `target/e2e-screenshots/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{require, root, sagectl, scratch_inventory, text};
+use serde_json::Value;
+
+struct Down(PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
+    }
+}
+
+/// An NSS database under `home` trusting `ca` for web sites, as Chromium reads it.
+fn trust_ca(home: &Path, ca: &Path) {
+    let db = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&db).unwrap();
+    let db = format!("sql:{}", db.display());
+    let o = Command::new("certutil")
+        .args(["-N", "--empty-password", "-d", &db])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "certutil -N: {}", text(&o).1);
+    let o = Command::new("certutil")
+        .args(["-A", "-t", "C,,", "-n", "sagectl-e2e", "-d", &db, "-i"])
+        .arg(ca)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "certutil -A: {}", text(&o).1);
+}
+
+struct Person<'a> {
+    user: &'a str,
+    transport: &'a str,
+    phone: bool,
+    kill: Option<Vec<String>>,
+}
+
+fn browse(site: &Value, home: &Path, shots: &Path, p: &Person<'_>) -> std::process::Child {
+    let mut c = Command::new("node");
+    c.arg(root().join("tests/js/e2e.mjs"))
+        .env("HOME", home)
+        .env("SAGEWS_URL", site["url"].as_str().unwrap())
+        .env("SAGEWS_ADDRESS", site["addresses"][0].as_str().unwrap())
+        .env("SAGEWS_CA", site["ca_file"].as_str().unwrap())
+        .env("SAGEWS_USER", p.user)
+        .env("SAGEWS_TRANSPORT", p.transport)
+        .env("SAGEWS_PHONE", if p.phone { "1" } else { "0" })
+        .env("SAGEWS_SHOTS", shots)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(k) = &p.kill {
+        c.env("SAGEWS_KILL", serde_json::to_string(k).unwrap());
+    }
+    c.spawn().expect("node")
+}
+
+fn finished(name: &str, o: Output) -> Value {
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{name} failed:\n{err}");
+    let v: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{name}: {e}: {out}"));
+    eprintln!("{name}: {v}");
+    v
+}
+
+#[test]
+fn people_use_the_site_in_a_real_browser() {
+    require("ip");
+    for tool in ["chromium", "chromedriver", "node", "certutil"] {
+        require(tool);
+    }
+    let (tmp, inv) = scratch_inventory(&common::fixtures().join("e2e.yaml"));
+    let _down = Down(inv.clone());
+    let o = sagectl()
+        .arg("up")
+        .arg(&inv)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let recap: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no recap ({e}): {}", text(&o).1));
+    assert!(o.status.success(), "up failed: {recap}");
+    let site = recap["site"].clone();
+    let home = tmp.path().join("browser-home");
+    trust_ca(&home, Path::new(site["ca_file"].as_str().unwrap()));
+    let shots = root().join("target/e2e-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    // Two people at once, one on a phone.
+    let ada = browse(
+        &site,
+        &home,
+        &shots,
+        &Person {
+            user: "ada",
+            transport: "websocket",
+            phone: false,
+            kill: None,
+        },
+    );
+    let bob = browse(
+        &site,
+        &home,
+        &shots,
+        &Person {
+            user: "bob",
+            transport: "websocket",
+            phone: true,
+            kill: None,
+        },
+    );
+    let a = finished("ada", ada.wait_with_output().unwrap());
+    let b = finished("bob", bob.wait_with_output().unwrap());
+    assert_ne!(a["workspace"], b["workspace"]);
+    // The polling transports, forced.
+    for (user, transport) in [("carol", "xhr-streaming"), ("dave", "xhr-polling")] {
+        let p = browse(
+            &site,
+            &home,
+            &shots,
+            &Person {
+                user,
+                transport,
+                phone: false,
+                kill: None,
+            },
+        );
+        let v = finished(user, p.wait_with_output().unwrap());
+        assert_eq!(v["transport"], transport);
+    }
+    // The backend SIGKILLed during a session: the page reconnects by itself.
+    let kill = vec![
+        env!("CARGO_BIN_EXE_sagectl").to_string(),
+        "lab".into(),
+        "ssh".into(),
+        inv.display().to_string(),
+        "alpha".into(),
+        "--".into(),
+        "systemctl".into(),
+        "kill".into(),
+        "--signal=KILL".into(),
+        "sage-backend".into(),
+    ];
+    let p = browse(
+        &site,
+        &home,
+        &shots,
+        &Person {
+            user: "erin",
+            transport: "websocket",
+            phone: false,
+            kill: Some(kill),
+        },
+    );
+    let v = finished("erin", p.wait_with_output().unwrap());
+    assert!(v["reconnect_ms"].as_u64().is_some(), "{v}");
+}
