@@ -46,6 +46,7 @@ struct Person<'a> {
     transport: &'a str,
     phone: bool,
     kill: Option<Vec<String>>,
+    bench: Option<u32>,
 }
 
 fn browse(site: &Value, home: &Path, shots: &Path, p: &Person<'_>) -> std::process::Child {
@@ -64,6 +65,9 @@ fn browse(site: &Value, home: &Path, shots: &Path, p: &Person<'_>) -> std::proce
     if let Some(k) = &p.kill {
         c.env("SAGEWS_KILL", serde_json::to_string(k).unwrap());
     }
+    if let Some(n) = p.bench {
+        c.env("SAGEWS_BENCH", n.to_string());
+    }
     c.spawn().expect("node")
 }
 
@@ -76,14 +80,23 @@ fn finished(name: &str, o: Output) -> Value {
     v
 }
 
-#[test]
-fn people_use_the_site_in_a_real_browser() {
+/// The lab deployed, a browser home trusting its CA, and the screenshot directory.
+struct Deployed {
+    _tmp: tempfile::TempDir,
+    inv: PathBuf,
+    _down: Down,
+    site: Value,
+    home: PathBuf,
+    shots: PathBuf,
+}
+
+fn deploy() -> Deployed {
     require("ip");
     for tool in ["chromium", "chromedriver", "node", "certutil"] {
         require(tool);
     }
     let (tmp, inv) = scratch_inventory(&common::fixtures().join("e2e.yaml"));
-    let _down = Down(inv.clone());
+    let down = Down(inv.clone());
     let o = sagectl()
         .arg("up")
         .arg(&inv)
@@ -98,28 +111,83 @@ fn people_use_the_site_in_a_real_browser() {
     trust_ca(&home, Path::new(site["ca_file"].as_str().unwrap()));
     let shots = root().join("target/e2e-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
+    Deployed {
+        _tmp: tmp,
+        inv,
+        _down: down,
+        site,
+        home,
+        shots,
+    }
+}
 
+/// The browser bench (prints figures; not a timed test): page load through HAProxy to
+/// interactive and Run `1+1` click to output painted, measured in the browser. Run it with
+/// `cargo test -p sagectl --test e2e -- --ignored --nocapture` (as root).
+#[test]
+#[ignore = "a benchmark: run it on purpose"]
+fn bench_the_page() {
+    let d = deploy();
+    let n: u32 = std::env::var("SAGEWS_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let bench = Person {
+        user: "bench",
+        transport: "websocket",
+        phone: false,
+        kill: None,
+        bench: Some(n),
+    };
+    let v = finished(
+        "bench",
+        browse(&d.site, &d.home, &d.shots, &bench)
+            .wait_with_output()
+            .unwrap(),
+    );
+    let b = &v["bench"];
+    let (l, r) = (&b["load_to_interactive_ms"], &b["run_1_plus_1_ms"]);
+    println!(
+        "page load through HAProxy to interactive: p50 {} ms, p99 {} ms ({} loads)",
+        l["p50"], l["p99"], l["n"]
+    );
+    println!(
+        "Run 1+1, click to output painted: p50 {} ms, p99 {} ms, max {} ms ({} runs)",
+        r["p50"], r["p99"], r["max"], r["n"]
+    );
+    println!(
+        "static assets, gzipped: {} bytes",
+        b["static_gzipped_bytes"]
+    );
+}
+
+#[test]
+fn people_use_the_site_in_a_real_browser() {
+    let d = deploy();
+    let (inv, site, home, shots) = (&d.inv, &d.site, &d.home, &d.shots);
     // Two people at once, one on a phone.
     let ada = browse(
-        &site,
-        &home,
-        &shots,
+        site,
+        home,
+        shots,
         &Person {
             user: "ada",
             transport: "websocket",
             phone: false,
             kill: None,
+            bench: None,
         },
     );
     let bob = browse(
-        &site,
-        &home,
-        &shots,
+        site,
+        home,
+        shots,
         &Person {
             user: "bob",
             transport: "websocket",
             phone: true,
             kill: None,
+            bench: None,
         },
     );
     let a = finished("ada", ada.wait_with_output().unwrap());
@@ -136,6 +204,7 @@ fn people_use_the_site_in_a_real_browser() {
                 transport,
                 phone: false,
                 kill: None,
+                bench: None,
             },
         );
         let v = finished(user, p.wait_with_output().unwrap());
@@ -155,14 +224,15 @@ fn people_use_the_site_in_a_real_browser() {
         "sage-backend".into(),
     ];
     let p = browse(
-        &site,
-        &home,
-        &shots,
+        site,
+        home,
+        shots,
         &Person {
             user: "erin",
             transport: "websocket",
             phone: false,
             kill: Some(kill),
+            bench: None,
         },
     );
     let v = finished("erin", p.wait_with_output().unwrap());

@@ -13,6 +13,9 @@
 //   SAGEWS_SHOTS      a directory for screenshots (optional)
 //   SAGEWS_KILL       a JSON argv that SIGKILLs the backend (optional): the page must
 //                     reconnect by itself and run again
+//   SAGEWS_BENCH      N: after the flow, measure in the browser (performance.now()) page load
+//                     to interactive (N/10 fresh loads) and Run `1+1` click to output painted
+//                     (N runs), and print p50/p99 and the static assets' gzipped sizes
 // Prints one JSON line with what it measured; exits non-zero on any failure.
 import { spawn, execFile } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
@@ -97,6 +100,58 @@ function fetchPublished(path) {
   });
 }
 
+const pct = (xs, p) => {
+  const v = [...xs].sort((a, b) => a - b);
+  return Math.round(v[Math.min(v.length - 1, Math.floor((p / 100) * v.length))] * 10) / 10;
+};
+
+// Measured in the page: fresh loads to the first usable view, then Run clicks to the answer
+// painted (a MutationObserver sees the output, the next animation frame is the paint).
+async function bench(n, id) {
+  step(`bench: ${Math.max(5, Math.round(n / 10))} loads, ${n} runs`);
+  await s('/timeouts', { script: 600000 });
+  const loads = [];
+  for (let i = 0; i < Math.max(5, Math.round(n / 10)); i++) {
+    await s('/url', { url: `${url.origin}/?transport=${transport}&load=${i}#w/${id}` });
+    await until('interactive', async () => js('return performance.getEntriesByName("sagews-interactive").length > 0'));
+    loads.push(await js('return performance.getEntriesByName("sagews-interactive")[0].startTime'));
+  }
+  await until('the workspace', async () => /^on \S/.test(await text('#worker-name')));
+  const runs = await s('/execute/async', { args: [n], script: `
+    const [n, done] = arguments;
+    const cell = document.querySelector('.cell');
+    const code = cell.querySelector('textarea'), out = cell.querySelector('.output');
+    (async () => {
+      const times = [];
+      for (let i = 0; i < n; i++) {
+        code.value = i + '+1';
+        code.dispatchEvent(new Event('input', { bubbles: true }));
+        const want = String(i + 1);
+        const t = performance.now();
+        const seen = new Promise((resolve) => {
+          const ok = () => cell.dataset.status === 'ok' && out.textContent.trim() === want;
+          const obs = new MutationObserver(() => { if (ok()) { obs.disconnect(); requestAnimationFrame(() => resolve()); } });
+          obs.observe(cell, { subtree: true, childList: true, characterData: true, attributes: true });
+        });
+        cell.querySelector('.run').click();
+        await seen;
+        times.push(performance.now() - t);
+      }
+      done(times);
+    })().catch((e) => done({ error: String(e) }));` });
+  if (!Array.isArray(runs)) throw new Error(`bench runs: ${JSON.stringify(runs)}`);
+  const { gzipSync } = await import('node:zlib');
+  const { readdir } = await import('node:fs/promises');
+  const dir = new URL('../../static/', import.meta.url);
+  let gz = 0;
+  for (const f of await readdir(dir)) gz += gzipSync(await readFile(new URL(f, dir)), { level: 5 }).length;
+  return {
+    load_to_interactive_ms: { n: loads.length, p50: pct(loads, 50), p99: pct(loads, 99) },
+    run_1_plus_1_ms: { n: runs.length, p50: pct(runs, 50), p99: pct(runs, 99), max: pct(runs, 100) },
+    static_gzipped_bytes: gz,
+  };
+}
+
 const measured = { user, transport, phone };
 try {
   for (let i = 0; ; i++) {
@@ -137,6 +192,13 @@ try {
   await until('the workspace', async () => /^on \S/.test(await text('#worker-name')));
   const notice = await js('return document.querySelector("#notice").hidden ? "" : document.querySelector("#notice-text").textContent');
   assert.doesNotMatch(notice, /fail|error/i, 'no error shown on opening');
+
+  // Every control has an accessible name.
+  const unnamed = await js(`return [...document.querySelectorAll('button, input, textarea, select, a[href]')]
+    .filter((e) => !e.closest('[hidden]') && !e.closest('template'))
+    .filter((e) => !((e.labels && e.labels.length) || e.getAttribute('aria-label') || e.getAttribute('aria-labelledby') || e.textContent.trim() || e.title))
+    .map((e) => e.outerHTML.slice(0, 80))`);
+  assert.deepEqual(unnamed, [], 'controls without an accessible name');
 
   step('run 2+2');
   assert.match(await run(1, '2+2'), /^4\s*$/);
@@ -214,6 +276,12 @@ try {
     times.push((await js('return performance.now()')) - t);
   }
   measured.run_ms = times;
+
+  if (env.SAGEWS_BENCH) {
+    measured.bench = await bench(Number(env.SAGEWS_BENCH), id);
+    await s('/url', { url: `${url.origin}/?transport=${transport}#w/${id}` });
+    await until('the workspace again', async () => /^on \S/.test(await text('#worker-name')));
+  }
 
   step('sign out and in: the workspace is there, nobody else\'s');
   await click('#back');
