@@ -196,9 +196,9 @@ fn people_use_the_site_in_a_real_browser() {
     // The polling transports, forced.
     for (user, transport) in [("carol", "xhr-streaming"), ("dave", "xhr-polling")] {
         let p = browse(
-            &site,
-            &home,
-            &shots,
+            site,
+            home,
+            shots,
             &Person {
                 user,
                 transport,
