@@ -24,6 +24,27 @@ fn opts(workers: usize, backends: usize, uid_base: u32) -> Options {
     }
 }
 
+/// A new account `name` (password "a long password") on backend 0 over a websocket, with a new
+/// workspace `ws_name`: the session and the workspace's id. `open` opens it too.
+async fn account_with_workspace(
+    s: &Stack,
+    name: &str,
+    ws_name: &str,
+    open: bool,
+) -> (stack::Sock, String) {
+    let mut c = s.sock(0, Transport::Websocket, None).await;
+    c.ok(json!({"op": "signup", "name": name, "password": "a long password"}))
+        .await;
+    let ws = c.ok(json!({"op": "create", "name": ws_name})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if open {
+        c.ok(json!({"op": "open", "workspace": ws})).await;
+    }
+    (c, ws)
+}
+
 fn git(dir: &std::path::Path, args: &[&str]) -> String {
     let o = std::process::Command::new("git")
         .args(args)
@@ -270,14 +291,7 @@ async fn publish_never_follows_a_symbolic_link() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.ends_with(".key"))
         .expect("the backend's key file");
-    let mut c = s.sock(0, Transport::Websocket, None).await;
-    c.ok(json!({"op": "signup", "name": "mallory", "password": "a long password"}))
-        .await;
-    let ws = c.ok(json!({"op": "create", "name": "links"})).await["workspace"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let (mut c, ws) = account_with_workspace(&s, "mallory", "links", true).await;
     let code = format!(
         "import os\nos.symlink({:?}, 'keys')\nos.symlink('/etc', 'etc')\nos.symlink('/etc/passwd', 'pw')\nopen('ok.txt', 'w').write('fine')",
         key_dir.display().to_string()
@@ -1037,15 +1051,7 @@ async fn a_browser_that_stops_reading_cannot_grow_the_backend() {
         ..opts(1, 1, 72200)
     })
     .await;
-    let pw = "a long password";
-    let mut c = s.sock(0, Transport::Websocket, None).await;
-    c.ok(json!({"op": "signup", "name": "reader", "password": pw}))
-        .await;
-    let ws = c.ok(json!({"op": "create", "name": "loud"})).await["workspace"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let (mut c, ws) = account_with_workspace(&s, "reader", "loud", true).await;
     // A reading browser: a cell printing 8 MB shows 1 MB, then `truncated`, then `done`.
     let r = c
         .ok(json!({"op": "execute", "workspace": ws, "code": "for i in range(8000): print('y' * 999)"}))
@@ -1085,13 +1091,7 @@ async fn a_browser_that_stops_reading_is_closed_and_its_memory_returns() {
     })
     .await;
     let pw = "a long password";
-    let mut c = s.sock(0, Transport::Websocket, None).await;
-    c.ok(json!({"op": "signup", "name": "sleeper", "password": pw}))
-        .await;
-    let ws = c.ok(json!({"op": "create", "name": "loud"})).await["workspace"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (c, ws) = account_with_workspace(&s, "sleeper", "loud", false).await;
     c.close().await;
     // Six cells of 8 MB each (4 MB shown of each: the default cap), nothing read: more than
     // the kernel's socket buffers hold, so the backend's queue fills.
@@ -1142,14 +1142,7 @@ async fn a_browser_that_stops_reading_is_closed_and_its_memory_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn files_are_edited_as_the_workspace_user() {
     let s = Stack::start(opts(1, 1, 72400)).await;
-    let mut c = s.sock(0, Transport::Websocket, None).await;
-    c.ok(json!({"op": "signup", "name": "editor", "password": "a long password"}))
-        .await;
-    let ws = c.ok(json!({"op": "create", "name": "files"})).await["workspace"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let (mut c, ws) = account_with_workspace(&s, "editor", "files", true).await;
     let w = c
         .ok(json!({"op": "write", "workspace": ws, "path": "notes/a.txt", "data": "hello ✓"}))
         .await;
@@ -1242,14 +1235,7 @@ async fn files_are_edited_as_the_workspace_user() {
 async fn a_plot_arrives_as_an_image() {
     use base64::Engine as _;
     let s = Stack::start(opts(1, 1, 72500)).await;
-    let mut c = s.sock(0, Transport::Websocket, None).await;
-    c.ok(json!({"op": "signup", "name": "plotter", "password": "a long password"}))
-        .await;
-    let ws = c.ok(json!({"op": "create", "name": "plots"})).await["workspace"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    c.ok(json!({"op": "open", "workspace": ws})).await;
+    let (mut c, ws) = account_with_workspace(&s, "plotter", "plots", true).await;
     let r = c
         .ok(json!({"op": "execute", "workspace": ws,
             "code": "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.title('squares')\nprint('drawn')"}))

@@ -44,6 +44,13 @@ fn host<'a>(recap: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{name} not in recap"))
 }
 
+/// `up --limit h`, which must fail on `h`: its error.
+fn failure(inv: &Path, h: &str) -> String {
+    let (o, recap) = up(inv, &["--limit", h]);
+    assert!(!o.status.success(), "{recap}");
+    host(&recap, h)["error"].as_str().unwrap().to_string()
+}
+
 fn ssh(inv: &Path, h: &str, argv: &[&str]) -> String {
     let o = sagectl()
         .args(["lab", "ssh"])
@@ -365,12 +372,7 @@ fn converge_lab_hosts() {
             "rm -f /etc/ssh/ssh_host_* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh",
         ],
     );
-    let (o, recap) = up(&inv, &["--limit", "charlie"]);
-    assert!(!o.status.success());
-    let e = host(&recap, "charlie")["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let e = failure(&inv, "charlie");
     assert!(
         e.contains("HOST KEY CHANGED for charlie (10.81.0.12): pinned SHA256:")
             && e.contains(", offered SHA256:"),
@@ -603,12 +605,7 @@ fn sshd_is_hardened_and_cannot_lock_sagectl_out(inv: &Path) {
         "memcached_memory_mb: 64",
         "memcached_memory_mb: 64\n  ssh_allow_users: [nobody]",
     );
-    let (o, recap) = up(inv, &["--limit", "charlie"]);
-    assert!(!o.status.success());
-    let e = host(&recap, "charlie")["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let e = failure(inv, "charlie");
     assert!(
         e.contains("a fresh login failed") && e.contains("was put back"),
         "{e}"

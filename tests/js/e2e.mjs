@@ -17,61 +17,32 @@
 //                     to interactive (N/10 fresh loads) and Run `1+1` click to output painted
 //                     (N runs), and print p50/p99 and the static assets' gzipped sizes
 // Prints one JSON line with what it measured; exits non-zero on any failure.
-import { spawn, execFile } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import https from 'node:https';
 import assert from 'node:assert/strict';
+import { open, until } from './webdriver.mjs';
 
 const env = process.env;
 const url = new URL(env.SAGEWS_URL);
 const user = env.SAGEWS_USER;
 const transport = env.SAGEWS_TRANSPORT || 'websocket';
 const phone = env.SAGEWS_PHONE === '1';
-const shots = env.SAGEWS_SHOTS;
 const tag = `${user}-${transport}${phone ? '-phone' : ''}`;
-const port = 9600 + Math.floor(Math.random() * 2000);
-const driver = spawn('chromedriver', [`--port=${port}`], { stdio: 'ignore' });
-const wd = `http://127.0.0.1:${port}`;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const step = (what) => console.error(`[${tag}] ${what}`);
 
-async function call(method, path, body) {
-  const r = await fetch(wd + path, { method, headers: { 'Content-Type': 'application/json' }, body: body && JSON.stringify(body) });
-  const j = await r.json();
-  if (j.value && j.value.error) throw new Error(`${path}: ${j.value.message}`);
-  return j.value;
-}
-
-let sid;
-const ELEM = 'element-6066-11e4-a52e-4f735466cecf';
-const s = (p, b) => call('POST', `/session/${sid}${p}`, b);
-const g = (p) => call('GET', `/session/${sid}${p}`);
-const find = async (css) => {
-  const v = await s('/element', { using: 'css selector', value: css });
-  if (!v || !v[ELEM]) throw new Error(`find ${css}: ${JSON.stringify(v)}`);
-  return v[ELEM];
-};
-const findAll = async (css) => (await s('/elements', { using: 'css selector', value: css })).map((e) => e[ELEM]);
-const click = async (css) => s(`/element/${await find(css)}/click`, {});
-const type = async (css, text) => s(`/element/${await find(css)}/value`, { text });
-const clear = async (css) => s(`/element/${await find(css)}/clear`, {});
-const text = async (css) => g(`/element/${await find(css)}/text`);
-const js = (script, args = []) => s('/execute/sync', { script, args });
+let b; // the browser: ./webdriver.mjs's helpers
+const s = (p, body) => b.s(p, body);
+const g = (p) => b.g(p);
+const findAll = (css) => b.findAll(css);
+const click = (css) => b.click(css);
+const type = (css, text) => b.type(css, text);
+const clear = (css) => b.clear(css);
+const text = (css) => b.text(css);
+const js = (script, args) => b.js(script, args);
+const shot = (name) => b.shot(name);
 const state = () => js('return document.querySelector("#connection-state").dataset.state');
 const cellStatus = (n) => js(`return document.querySelector(".cell:nth-child(${n})").dataset.status`);
-async function until(what, fn, ms = 30000) {
-  const end = Date.now() + ms;
-  let last;
-  for (;;) {
-    try { const v = await fn(); if (v) return v; } catch (e) { last = e; }
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}${last ? `: ${last.message}` : ''}`);
-    await sleep(100);
-  }
-}
-async function shot(name) {
-  if (!shots) return;
-  await writeFile(`${shots}/${tag}-${name}.png`, Buffer.from(await g('/screenshot'), 'base64'));
-}
 async function setCode(n, code) {
   await clear(`.cell:nth-child(${n}) textarea`);
   await type(`.cell:nth-child(${n}) textarea`, code);
@@ -154,19 +125,10 @@ async function bench(n, id) {
 
 const measured = { user, transport, phone };
 try {
-  for (let i = 0; ; i++) {
-    try { await call('GET', '/status'); break; } catch { if (i > 100) throw new Error('no chromedriver'); await sleep(100); }
-  }
-  const args = ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+  b = await open(['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
     `--host-resolver-rules=MAP ${url.hostname} ${env.SAGEWS_ADDRESS}`,
-    phone ? '--window-size=375,800' : '--window-size=1280,900'];
-  sid = (await call('POST', '/session', { capabilities: { alwaysMatch: {
-    browserName: 'chrome', acceptInsecureCerts: false,
-    'goog:chromeOptions': { args },
-    'goog:loggingPrefs': { browser: 'ALL' },
-  } } })).sessionId;
-  const cdp = (cmd, params = {}) => s('/goog/cdp/execute', { cmd, params });
-  if (phone) await cdp('Emulation.setDeviceMetricsOverride', { width: 375, height: 800, deviceScaleFactor: 2, mobile: true });
+    phone ? '--window-size=375,800' : '--window-size=1280,900'], { shots: env.SAGEWS_SHOTS, prefix: `${tag}-` });
+  if (phone) await b.cdp('Emulation.setDeviceMetricsOverride', { width: 375, height: 800, deviceScaleFactor: 2, mobile: true });
 
   step('load the page');
   const t0 = Date.now();
@@ -295,7 +257,7 @@ try {
   assert.deepEqual(names, [name], 'only this account\'s workspaces');
   await shot('5-list-again');
 
-  const logs = await s('/se/log', { type: 'browser' });
+  const logs = await b.logs();
   const csp = logs.filter((l) => /Content.Security.Policy|Refused to/i.test(l.message));
   assert.deepEqual(csp, [], `CSP violations: ${JSON.stringify(csp)}`);
   // Expected: the page asks whoami before anyone signed in (401).
@@ -310,6 +272,5 @@ try {
   console.error(`[${tag}] FAILED: ${e.stack || e}`);
   process.exitCode = 1;
 } finally {
-  if (sid) await call('DELETE', `/session/${sid}`).catch(() => {});
-  driver.kill();
+  if (b) await b.close();
 }

@@ -2,61 +2,29 @@
 // against tests/js/fake_backend.mjs, at phone and desktop widths, and fails on any console
 // error (a CSP violation shows there). Not part of `node --test` (it needs a browser):
 //   node tests/js/page_smoke.mjs [screenshot-dir]
-import { spawn } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
 import assert from 'node:assert/strict';
 import { startFakeBackend } from './fake_backend.mjs';
+import { open, until as wait } from './webdriver.mjs';
 
 const shots = process.argv[2];
 const server = await startFakeBackend(0);
 const base = `http://127.0.0.1:${server.address().port}`;
-const port = 9515 + Math.floor(Math.random() * 400);
-const driver = spawn('chromedriver', [`--port=${port}`], { stdio: 'ignore' });
-const wd = `http://127.0.0.1:${port}`;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function call(method, path, body) {
-  const r = await fetch(wd + path, { method, headers: { 'Content-Type': 'application/json' }, body: body && JSON.stringify(body) });
-  const j = await r.json();
-  if (j.value && j.value.error) throw new Error(`${path}: ${j.value.message}`);
-  return j.value;
-}
-
-let sid;
-const ELEM = 'element-6066-11e4-a52e-4f735466cecf';
-const s = (p, b) => call('POST', `/session/${sid}${p}`, b);
-const g = (p) => call('GET', `/session/${sid}${p}`);
-const find = async (css) => { const v = await s("/element", { using: "css selector", value: css }); if (!v || !v[ELEM]) throw new Error(`find ${css}: ${JSON.stringify(v)}`); return v[ELEM]; };
-const findAll = async (css) => (await s('/elements', { using: 'css selector', value: css })).map((e) => e[ELEM]);
-const click = async (css) => s(`/element/${await find(css)}/click`, {});
-const type = async (css, text) => s(`/element/${await find(css)}/value`, { text });
-const clear = async (css) => s(`/element/${await find(css)}/clear`, {});
-const text = async (css) => g(`/element/${await find(css)}/text`);
-const js = (script, args = []) => s('/execute/sync', { script, args });
-async function until(what, fn, ms = 8000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    try { const v = await fn(); if (v) return v; } catch { /* not yet */ }
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
-async function shot(name) {
-  if (!shots) return;
-  await writeFile(`${shots}/${name}.png`, Buffer.from(await g('/screenshot'), 'base64'));
-}
+let b; // the browser: ./webdriver.mjs's helpers
+const s = (p, body) => b.s(p, body);
+const find = (css) => b.find(css);
+const findAll = (css) => b.findAll(css);
+const click = (css) => b.click(css);
+const type = (css, text) => b.type(css, text);
+const clear = (css) => b.clear(css);
+const text = (css) => b.text(css);
+const js = (script, args) => b.js(script, args);
+const shot = (name) => b.shot(name);
+const until = (what, fn, ms = 8000) => wait(what, fn, ms);
 
 try {
-  for (let i = 0; ; i++) {
-    try { await call('GET', '/status'); break; } catch { if (i > 50) throw new Error('no chromedriver'); await sleep(100); }
-  }
-  sid = (await call('POST', '/session', { capabilities: { alwaysMatch: {
-    browserName: 'chrome',
-    'goog:chromeOptions': { args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--window-size=375,800'] },
-    'goog:loggingPrefs': { browser: 'ALL' },
-  } } })).sessionId;
-
-  const cdp = (cmd, params = {}) => s('/goog/cdp/execute', { cmd, params });
+  b = await open(['--headless=new', '--no-sandbox', '--disable-gpu', '--window-size=375,800'], { shots });
+  const cdp = (cmd, params) => b.cdp(cmd, params);
   await cdp('Emulation.setDeviceMetricsOverride', { width: 375, height: 800, deviceScaleFactor: 1, mobile: true });
   await s('/url', { url: base });
   await until('the sign-in form', async () => !(await js('return document.querySelector("#auth-view").hidden')));
@@ -181,7 +149,7 @@ try {
   await click('#signout');
   await until('signed out', async () => !(await js('return document.querySelector("#auth-view").hidden')));
 
-  const logs = await s('/se/log', { type: 'browser' });
+  const logs = await b.logs();
   const bad = logs.filter((l) => l.level === 'SEVERE' && !/401 \(Unauthorized\)|wrong name or password/.test(l.message)
     && !/WebSocket connection .* failed/.test(l.message)
     && !/xhr_streaming - Failed to load resource: net::ERR_INCOMPLETE_CHUNKED_ENCODING/.test(l.message)); // the drop above
@@ -192,8 +160,7 @@ try {
   console.error(e);
   process.exitCode = 1;
 } finally {
-  if (sid) await call('DELETE', `/session/${sid}`).catch(() => {});
-  driver.kill();
+  if (b) await b.close();
   server.close();
   server.closeAllConnections();
 }

@@ -7,37 +7,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Linux's O_NONBLOCK where it is 0o4000 (every architecture Debian builds for but alpha,
-/// mips, parisc and sparc; `libc` is not a dependency of sagectl). Opening a FIFO so returns at
-/// once, and a file that blocks on read (`/proc/kmsg`) fails instead of hanging.
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "aarch64",
-        target_arch = "arm",
-        target_arch = "riscv64",
-        target_arch = "powerpc64",
-        target_arch = "s390x",
-        target_arch = "loongarch64"
-    )
-))]
-const O_NONBLOCK: i32 = 0o4000;
-#[cfg(not(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "aarch64",
-        target_arch = "arm",
-        target_arch = "riscv64",
-        target_arch = "powerpc64",
-        target_arch = "s390x",
-        target_arch = "loongarch64"
-    )
-)))]
-const O_NONBLOCK: i32 = 0;
+/// Opening a FIFO with O_NONBLOCK returns at once, and a file that blocks on read
+/// (`/proc/kmsg`) fails instead of hanging.
+const O_NONBLOCK: i32 = libc::O_NONBLOCK;
 
 /// The most sagectl reads of one inventory file: far more than any inventory needs.
 pub const MAX_INVENTORY_FILE: u64 = 1 << 20;
