@@ -31,16 +31,8 @@ const phone = env.SAGEWS_PHONE === '1';
 const tag = `${user}-${transport}${phone ? '-phone' : ''}`;
 const step = (what) => console.error(`[${tag}] ${what}`);
 
-let b; // the browser: ./webdriver.mjs's helpers
-const s = (p, body) => b.s(p, body);
-const g = (p) => b.g(p);
-const findAll = (css) => b.findAll(css);
-const click = (css) => b.click(css);
-const type = (css, text) => b.type(css, text);
-const clear = (css) => b.clear(css);
-const text = (css) => b.text(css);
-const js = (script, args) => b.js(script, args);
-const shot = (name) => b.shot(name);
+// The browser (./webdriver.mjs), and its helpers once it is open.
+let b, s, g, find, findAll, click, type, clear, text, js, shot; // eslint-disable-line one-var
 const state = () => js('return document.querySelector("#connection-state").dataset.state');
 const cellStatus = (n) => js(`return document.querySelector(".cell:nth-child(${n})").dataset.status`);
 async function setCode(n, code) {
@@ -128,6 +120,7 @@ try {
   b = await open(['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
     `--host-resolver-rules=MAP ${url.hostname} ${env.SAGEWS_ADDRESS}`,
     phone ? '--window-size=375,800' : '--window-size=1280,900'], { shots: env.SAGEWS_SHOTS, prefix: `${tag}-` });
+  ({ s, g, find, findAll, click, type, clear, text, js, shot } = b);
   if (phone) await b.cdp('Emulation.setDeviceMetricsOverride', { width: 375, height: 800, deviceScaleFactor: 2, mobile: true });
 
   step('load the page');

@@ -10,20 +10,13 @@ const shots = process.argv[2];
 const server = await startFakeBackend(0);
 const base = `http://127.0.0.1:${server.address().port}`;
 
-let b; // the browser: ./webdriver.mjs's helpers
-const s = (p, body) => b.s(p, body);
-const find = (css) => b.find(css);
-const findAll = (css) => b.findAll(css);
-const click = (css) => b.click(css);
-const type = (css, text) => b.type(css, text);
-const clear = (css) => b.clear(css);
-const text = (css) => b.text(css);
-const js = (script, args) => b.js(script, args);
-const shot = (name) => b.shot(name);
+// The browser (./webdriver.mjs), and its helpers once it is open.
+let b, s, g, find, findAll, click, type, clear, text, js, shot; // eslint-disable-line one-var
 const until = (what, fn, ms = 8000) => wait(what, fn, ms);
 
 try {
   b = await open(['--headless=new', '--no-sandbox', '--disable-gpu', '--window-size=375,800'], { shots });
+  ({ s, g, find, findAll, click, type, clear, text, js, shot } = b);
   const cdp = (cmd, params) => b.cdp(cmd, params);
   await cdp('Emulation.setDeviceMetricsOverride', { width: 375, height: 800, deviceScaleFactor: 1, mobile: true });
   await s('/url', { url: base });
