@@ -82,9 +82,10 @@ fn finished(name: &str, o: Output) -> Value {
 
 /// The lab deployed, a browser home trusting its CA, and the screenshot directory.
 struct Deployed {
+    // Fields drop in order: the machines go before the directory holding their inventory.
+    _down: Down,
     _tmp: tempfile::TempDir,
     inv: PathBuf,
-    _down: Down,
     site: Value,
     home: PathBuf,
     shots: PathBuf,
@@ -112,9 +113,9 @@ fn deploy() -> Deployed {
     let shots = root().join("target/e2e-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     Deployed {
+        _down: down,
         _tmp: tmp,
         inv,
-        _down: down,
         site,
         home,
         shots,
