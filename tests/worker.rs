@@ -487,3 +487,104 @@ async fn sage_engine_factors() {
     c.close("sage-ws").await;
     w.stop().await;
 }
+
+/// Issue 13 (closing really ends a session): a cell that ignores SIGINT and has started a
+/// process in a session of its own is ended by a close, and by the wall-clock limit, within
+/// seconds, with a clear message; nothing of the user is left running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_cell_is_ended_by_close_and_by_the_wall_clock() {
+    let mut l = limits();
+    l.wall_clock_seconds = 6;
+    let w = Worker::start(66000, l, 600).await;
+    let mut c = w.client().await;
+    let stuck = "import signal, subprocess, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nsubprocess.Popen(['setsid', 'sleep', '1000'])\nprint('stuck', flush=True)\nwhile True:\n    time.sleep(0.1)";
+    c.open("ws-stuck", None).await;
+    let opened = Instant::now();
+    c.send(Request::Execute {
+        session: "ws-stuck".into(),
+        id: 1,
+        code: stuck.into(),
+    })
+    .await;
+    match c.next().await {
+        Event::Stdout { data, .. } => assert_eq!(data, "stuck\n"),
+        e => panic!("{e:?}"),
+    }
+    c.send(Request::Interrupt {
+        session: "ws-stuck".into(),
+    })
+    .await;
+    let still = tokio::time::timeout(Duration::from_millis(800), c.next()).await;
+    assert!(
+        still.is_err(),
+        "SIGINT is ignored: the cell runs on ({still:?})"
+    );
+    let closing = Instant::now();
+    c.send(Request::Close {
+        session: "ws-stuck".into(),
+    })
+    .await;
+    match c.next().await {
+        Event::Done {
+            id: 1,
+            status,
+            message,
+            ..
+        } => {
+            assert_eq!(status, Status::Killed);
+            assert!(message.unwrap().contains("closed while this cell ran"));
+        }
+        e => panic!("{e:?}"),
+    }
+    loop {
+        if let Event::Closed { session, .. } = c.next().await {
+            assert_eq!(session, "ws-stuck");
+            break;
+        }
+    }
+    let took = closing.elapsed();
+    assert!(took < Duration::from_secs(5), "closed in {took:?}");
+    assert!(
+        opened.elapsed() < Duration::from_secs(6),
+        "before the wall clock"
+    );
+    assert!(
+        sage_agent::worker::sandbox::pids_of(66000).is_empty(),
+        "nothing of the session is left, not even the process in its own session"
+    );
+    eprintln!("a stuck cell ended {took:?} after close");
+
+    // The wall clock acts while a cell runs.
+    c.open("ws-wall", None).await;
+    let opened = Instant::now();
+    c.send(Request::Execute {
+        session: "ws-wall".into(),
+        id: 2,
+        code: stuck.into(),
+    })
+    .await;
+    let done = loop {
+        match c.next().await {
+            Event::Done {
+                id: 2,
+                status,
+                message,
+                ..
+            } => break (status, message.unwrap()),
+            Event::Stdout { .. } => {}
+            e => panic!("{e:?}"),
+        }
+    };
+    let took = opened.elapsed();
+    assert_eq!(done.0, Status::Killed);
+    assert!(
+        done.1.contains("wall-clock limit reached (6 s)"),
+        "{}",
+        done.1
+    );
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    w.stop().await;
+}

@@ -155,6 +155,7 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
             let session_sink: Sink = Arc::new(tokio::sync::Mutex::new(sink.lock().await.clone()));
             let placeholder = Arc::new(session::Handle {
                 tx: mpsc::channel(1).0,
+                stop: Default::default(),
                 sink: session_sink.clone(),
                 pid: 0,
                 uid: 0,
@@ -212,9 +213,13 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
                 Request::Execute { id, code, .. } => Cmd::Execute { id, code },
                 Request::Save { message, .. } => Cmd::Save { message },
                 Request::File { op, .. } => Cmd::File(op),
-                Request::Close { .. } => Cmd::Close {
-                    reason: "closed by the backend".into(),
-                },
+                Request::Close { .. } => {
+                    // A running cell ends now; the close itself follows the queued commands.
+                    h.stop.notify_one();
+                    Cmd::Close {
+                        reason: "closed by the backend".into(),
+                    }
+                }
                 Request::Interrupt { .. } => {
                     let _ = killpg(Pid::from_raw(h.pid), Signal::SIGINT);
                     return;

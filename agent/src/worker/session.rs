@@ -27,6 +27,9 @@ pub type Sink = Arc<Mutex<Option<mpsc::Sender<Event>>>>;
 
 pub struct Handle {
     pub tx: mpsc::Sender<Cmd>,
+    /// Ends a running cell at once when the session is closed (the close command itself waits
+    /// in `tx` behind it).
+    pub stop: Arc<tokio::sync::Notify>,
     pub sink: Sink,
     /// The engine's pid (its process group), for interrupts.
     pub pid: i32,
@@ -194,8 +197,23 @@ pub async fn open(
         engine: engine.kind.clone(),
         ready_ms: started.elapsed().as_millis() as u64,
     };
-    tokio::spawn(run(shared, session, acct, engine, limits, rx, sink.clone()));
-    Ok((Handle { tx, sink, pid, uid }, opened))
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let session_io = Io {
+        rx,
+        sink: sink.clone(),
+        stop: stop.clone(),
+    };
+    tokio::spawn(run(shared, session, acct, engine, limits, session_io));
+    Ok((
+        Handle {
+            tx,
+            stop: stop.clone(),
+            sink,
+            pid,
+            uid,
+        },
+        opened,
+    ))
 }
 
 /// Runs a git command in the workspace, as its user, in the sandbox; returns stdout.
@@ -319,15 +337,22 @@ async fn save(
     }
 }
 
+/// What a session's task hears and speaks through.
+struct Io {
+    rx: mpsc::Receiver<Cmd>,
+    sink: Sink,
+    stop: Arc<tokio::sync::Notify>,
+}
+
 async fn run(
     shared: Arc<Shared>,
     session: String,
     acct: Account,
     mut engine: Engine,
     limits: Limits,
-    mut rx: mpsc::Receiver<Cmd>,
-    sink: Sink,
+    io: Io,
 ) {
+    let Io { mut rx, sink, stop } = io;
     let wall = tokio::time::Instant::now() + Duration::from_secs(limits.wall_clock_seconds);
     let idle = Duration::from_secs(limits.idle_timeout_seconds);
     let mut idle_at = tokio::time::Instant::now() + idle;
@@ -345,7 +370,32 @@ async fn run(
                     session: session.clone(),
                     id,
                 };
-                let result = engine.execute(&code, &limits, &mut to).await;
+                // A close or the wall-clock limit ends the cell whatever it does (it may ignore
+                // SIGINT, or never print): the engine's process group is stopped, then every
+                // process of the user when the session ends.
+                let ended = tokio::select! {
+                    r = engine.execute(&code, &limits, &mut to) => Ok(r),
+                    _ = stop.notified() => Err("the session was closed while this cell ran".to_string()),
+                    _ = tokio::time::sleep_until(wall) => Err(format!("wall-clock limit reached ({} s)", limits.wall_clock_seconds)),
+                };
+                let result = match ended {
+                    Ok(r) => r,
+                    Err(why) => {
+                        engine.stop().await;
+                        shared.metrics.limit_kills.fetch_add(1, Ordering::Relaxed);
+                        send(
+                            &sink,
+                            Event::Done {
+                                session: session.clone(),
+                                id,
+                                status: Status::Killed,
+                                message: Some(why.clone()),
+                            },
+                        )
+                        .await;
+                        break why;
+                    }
+                };
                 match result {
                     Ok(status) => {
                         send(
