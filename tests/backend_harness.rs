@@ -177,15 +177,8 @@ pub struct Options {
 impl Stack {
     pub async fn start(o: Options) -> Stack {
         require_root();
-        let tmp = tempfile::Builder::new()
-            .prefix("sagews-stack")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(
-            tmp.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        // Outside /tmp: the workers' homes live here (see `state_tempdir`).
+        let tmp = super::harness::state_tempdir();
         let state = State::open_at(&tmp.path().join("pki"), "btest").unwrap();
         let pg = Pg::for_ca(&state, false).await;
         pg.create_db("sagews", DB_PASSWORD);

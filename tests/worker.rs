@@ -342,7 +342,7 @@ async fn sessions_stop_when_no_backend_is_heard_from() {
 async fn registers_with_backends_heartbeats_and_serves_metrics() {
     use sage_agent::proto::{Announce, AnnounceReply};
     require_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = harness::state_tempdir();
     let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
     // A backend's worker port, as the backend will serve it: TLS, worker certificates only.
     let (ca, crt, key) = creds(
@@ -461,7 +461,7 @@ async fn sage_engine_factors() {
         return;
     }
     require_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = harness::state_tempdir();
     let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
     let mut l = limits();
     l.cpu_seconds = 300;
@@ -586,5 +586,81 @@ async fn a_stuck_cell_is_ended_by_close_and_by_the_wall_clock() {
         took >= Duration::from_secs(5) && took < Duration::from_secs(10),
         "{took:?}"
     );
+    w.stop().await;
+}
+
+/// Issue 13 (a session is a small container): its own /tmp, /dev/shm, SysV IPC, /run and host
+/// name, and a /proc that shows only its own processes. What one session leaves there is gone
+/// for the next user of its uid; a symlink planted in /tmp catches nothing; another tenant's
+/// processes are invisible; the journal and syslog cannot be reached.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_share_no_tmp_shm_ipc_proc_or_journal() {
+    let w = Worker::start(67000, limits(), 600).await;
+    let mut c = w.client().await;
+    c.open("ws-a", None).await;
+    let plant = "import ctypes, os\n\
+open('/tmp/secret', 'w').write('a-secret'); os.chmod('/tmp/secret', 0o600)\n\
+open('/dev/shm/secret', 'w').write('a-secret')\n\
+open(os.path.expanduser('~/victim.txt'), 'w').write('untouched')\n\
+os.symlink(os.path.expanduser('~/victim.txt'), '/tmp/report.txt')\n\
+libc = ctypes.CDLL(None, use_errno=True)\n\
+libc.shmat.restype = ctypes.c_void_p\n\
+shmid = libc.shmget(0x5a6e, 4096, 0o1000 | 0o600)\n\
+assert shmid >= 0, ctypes.get_errno()\n\
+ctypes.memmove(libc.shmat(shmid, None, 0), b'a-secret', 8)\n\
+print(os.getpid(), os.getuid())";
+    let cell = c.run("ws-a", 1, plant).await;
+    assert_eq!(cell.status, Some(Status::Ok), "{}", cell.stderr);
+    let mut it = cell.stdout.split_whitespace();
+    let (a_pid, a_uid) = (
+        it.next().unwrap().to_string(),
+        it.next().unwrap().to_string(),
+    );
+    assert_eq!(a_uid, "67000");
+    assert!(
+        !std::path::Path::new("/tmp/report.txt").exists(),
+        "the machine's /tmp is untouched"
+    );
+
+    // Another tenant, at the same time.
+    c.open("ws-b", None).await;
+    let probe = format!(
+        "import ctypes, os, socket\n\
+print('tmp', os.path.exists('/tmp/secret'), os.path.exists('/dev/shm/secret'))\n\
+open('/tmp/report.txt', 'w').write('captured?')\n\
+print('proc', os.path.exists('/proc/{a_pid}'), sorted({{os.stat('/proc/' + p).st_uid for p in os.listdir('/proc') if p.isdigit()}}) == [os.getuid()])\n\
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+try:\n    s.connect('/dev/log'); print('log', 'reached')\nexcept OSError:\n    print('log', 'refused')\n\
+print('journal', os.path.exists('/run/systemd/journal/socket'), os.path.exists('/run/dbus/system_bus_socket'))\n\
+print('host', socket.gethostname())\n\
+print('shm', ctypes.CDLL(None).shmget(0x5a6e, 0, 0))"
+    );
+    let cell = c.run("ws-b", 2, &probe).await;
+    assert_eq!(cell.status, Some(Status::Ok), "{}", cell.stderr);
+    assert_eq!(
+        cell.stdout,
+        "tmp False False\nproc False True\nlog refused\njournal False False\nhost sagews\nshm -1\n"
+    );
+    // The planted link caught nothing: A's file is as A left it.
+    let cell = c
+        .run(
+            "ws-a",
+            3,
+            "import os\nprint(open(os.path.expanduser('~/victim.txt')).read())",
+        )
+        .await;
+    assert_eq!(cell.stdout, "untouched\n");
+
+    // A closes; the next session gets its uid and finds nothing of it.
+    c.close("ws-a").await;
+    c.open("ws-c", None).await;
+    let cell = c
+        .run(
+            "ws-c",
+            4,
+            "import ctypes, os\nprint(os.getuid(), os.path.exists('/tmp/secret'), os.path.exists('/dev/shm/secret'), ctypes.CDLL(None).shmget(0x5a6e, 0, 0))",
+        )
+        .await;
+    assert_eq!(cell.stdout, "67000 False False -1\n", "{}", cell.stderr);
     w.stop().await;
 }

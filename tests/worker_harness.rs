@@ -47,6 +47,24 @@ pub fn creds(state: &State, dir: &Path, name: &str, roles: &[&str]) -> (PathBuf,
     (ca, crt, key)
 }
 
+/// A scratch directory for a worker's state, outside /tmp: sessions get a /tmp (and /var/tmp,
+/// /dev/shm, /run) of their own, so homes under /tmp would vanish from their view (the worker
+/// refuses such a state directory). Readable by all, as /var/lib/sage-worker is.
+pub fn state_tempdir() -> tempfile::TempDir {
+    let base = std::path::Path::new("/var/lib/sagectl-tests");
+    std::fs::create_dir_all(base).unwrap();
+    let d = tempfile::Builder::new()
+        .prefix("worker")
+        .tempdir_in(base)
+        .unwrap();
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    d
+}
+
 pub fn limits() -> Limits {
     Limits {
         cpu_seconds: 3,
@@ -70,7 +88,7 @@ pub struct Worker {
 impl Worker {
     pub async fn start(uid_min: u32, limits: Limits, backend_timeout: u64) -> Worker {
         require_root();
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = state_tempdir();
         let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
         Worker::start_with(
             uid_min,

@@ -89,6 +89,14 @@ impl Config {
             "{}: engine must be python3 or sage",
             path.display()
         );
+        let private = ["/tmp", "/var/tmp", "/dev/shm", "/run", "/proc"];
+        anyhow::ensure!(
+            c.state_dir.is_absolute() && !private.iter().any(|p| c.state_dir.starts_with(p)),
+            "{}: state_dir {} must be an absolute path outside {}: sessions get their own of those, so homes there would vanish from their view (use /var/lib/sage-worker)",
+            path.display(),
+            c.state_dir.display(),
+            private.join(", ")
+        );
         Ok(c)
     }
 

@@ -1,6 +1,7 @@
 //! Where users' code runs: a unix user per workspace, its processes started with rlimits, in a
-//! new session (process group), in an empty network namespace, without supplementary groups, with
-//! no_new_privs, as that user. All of it happens in `pre_exec`, in the child, before the uid
+//! new session (process group), in new network (empty), mount, IPC and UTS namespaces (a private
+//! /tmp, /var/tmp, /dev/shm and /run, a /proc showing only its own processes: see
+//! `session_mounts`), without supplementary groups, with no_new_privs, as that user. All of it happens in `pre_exec`, in the child, before the uid
 //! drop (std's own `Command::uid` would drop first, after which limits could no longer be set
 //! and namespaces no longer made).
 
@@ -189,6 +190,85 @@ pub fn kill_user(uid: u32, grace: Duration) -> usize {
 
 const MB: u64 = 1 << 20;
 
+/// A mount made in a session's own mount namespace: everything as C strings made before the
+/// fork (the child of a threaded process must not allocate).
+struct Mount {
+    source: std::ffi::CString,
+    target: std::ffi::CString,
+    fstype: std::ffi::CString,
+    flags: nix::libc::c_ulong,
+    data: std::ffi::CString,
+}
+
+impl Mount {
+    fn new(
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: nix::libc::c_ulong,
+        data: &str,
+    ) -> Mount {
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in mount arguments");
+        Mount {
+            source: c(source),
+            target: c(target),
+            fstype: c(fstype),
+            flags,
+            data: c(data),
+        }
+    }
+
+    /// In the child, before exec.
+    fn apply(&self) -> std::io::Result<()> {
+        // SAFETY: every pointer is a valid NUL-terminated string owned by `self`.
+        let r = unsafe {
+            nix::libc::mount(
+                self.source.as_ptr(),
+                self.target.as_ptr(),
+                self.fstype.as_ptr(),
+                self.flags,
+                self.data.as_ptr().cast(),
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+/// What a session sees of the machine's file systems, in a mount namespace of its own: its own
+/// `/tmp`, `/var/tmp` and `/dev/shm` (size-limited tmpfs that vanish with its last process, so
+/// nothing passes to the next user of the uid and nothing planted by another tenant is found
+/// there), an empty `/run` (no journal, syslog, D-Bus or systemd socket), and a `/proc` that
+/// shows only its own user's processes (`hidepid=2`: another tenant's command lines are
+/// invisible).
+fn session_mounts(limits: &Limits) -> Vec<Mount> {
+    use nix::libc::{MS_NODEV, MS_NOEXEC, MS_NOSUID};
+    let tmp = format!("size={}m,mode=1777", (limits.memory_mb / 4).max(16));
+    let shm = format!("size={}m,mode=1777", (limits.memory_mb / 8).max(8));
+    vec![
+        Mount::new("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, &tmp),
+        Mount::new("tmpfs", "/var/tmp", "tmpfs", MS_NOSUID | MS_NODEV, &tmp),
+        Mount::new("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, &shm),
+        Mount::new(
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "size=64k,mode=755",
+        ),
+        Mount::new(
+            "proc",
+            "/proc",
+            "proc",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "hidepid=2",
+        ),
+    ]
+}
+
 /// A command that runs as `acct` under `limits`; `fds` are (parent fd, child fd) to pass.
 pub fn command(
     acct: &Account,
@@ -214,8 +294,12 @@ pub fn command(
         .kill_on_drop(true);
     let (uid, gid) = (Uid::from_raw(acct.uid), Gid::from_raw(acct.gid));
     let l = limits.clone();
+    let mounts = session_mounts(limits);
+    let root = std::ffi::CString::new("/").expect("static");
+    let none = std::ffi::CString::new("none").expect("static");
     // SAFETY: the closure runs in the forked child before exec; it only makes system calls
-    // (dup2, setsid, unshare, setrlimit, setgroups, setgid, setuid, prctl) and allocates nothing.
+    // (dup2, setsid, unshare, mount, sethostname, setrlimit, setgroups, setgid, setuid, prctl)
+    // on data prepared before the fork, and allocates nothing.
     unsafe {
         c.pre_exec(move || {
             for (from, to) in &fds {
@@ -224,7 +308,29 @@ pub fn command(
                 }
             }
             setsid()?;
-            unshare(CloneFlags::CLONE_NEWNET)?;
+            unshare(
+                CloneFlags::CLONE_NEWNET
+                    | CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWIPC
+                    | CloneFlags::CLONE_NEWUTS,
+            )?;
+            // Nothing mounted here propagates back to the machine.
+            if nix::libc::mount(
+                none.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                nix::libc::MS_REC | nix::libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            for m in &mounts {
+                m.apply()?;
+            }
+            if nix::libc::sethostname(c"sagews".as_ptr(), 6) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // CPU: SIGXCPU at the limit, SIGKILL five seconds of CPU later.
             setrlimit(Resource::RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 5)?;
             setrlimit(Resource::RLIMIT_AS, l.memory_mb * MB, l.memory_mb * MB)?;
