@@ -1273,3 +1273,40 @@ async fn a_plot_arrives_as_an_image() {
     assert_eq!(l["files"], json!([]), "no cache in the workspace: {l}");
     c.close().await;
 }
+
+/// Issue 13 (fair shares): an account is refused past its cap of open workspaces, across
+/// backends, with the cap named, while another account still opens; closing one frees a place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_account_at_its_cap_is_refused_while_another_opens() {
+    let s = Stack::start(Options {
+        backend_extra: json!({"accounts": {"signup": true, "max_workspaces": 10, "session_days": 7,
+            "min_password_length": 8, "max_open_workspaces": 2}}),
+        ..opts(1, 2, 72600)
+    })
+    .await;
+    let (mut eve, first) = account_with_workspace(&s, "eve", "one", true).await;
+    let second = eve.ok(json!({"op": "create", "name": "two"})).await["workspace"].clone();
+    let third = eve.ok(json!({"op": "create", "name": "three"})).await["workspace"].clone();
+    eve.ok(json!({"op": "open", "workspace": second})).await;
+    // The cap holds across backends: the third, opened through the other backend, is refused.
+    let cookie = s.cookie(1, "eve", "a long password").await;
+    let mut eve2 = s.sock(1, Transport::Websocket, Some(&cookie)).await;
+    let r = eve2.call(json!({"op": "open", "workspace": third})).await;
+    assert_eq!(r["status"], 409, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("the most one account may have at once (2)"),
+        "{r}"
+    );
+    // Another account opens meanwhile.
+    let (_dan, _) = account_with_workspace(&s, "dan", "his", true).await;
+    // Closing one frees a place.
+    eve.ok(json!({"op": "close", "workspace": first})).await;
+    eve2.ok(json!({"op": "open", "workspace": third})).await;
+    assert_eq!(
+        s.pg.query("sagews", "SELECT count(*) FROM open_sessions"),
+        "3"
+    );
+}

@@ -36,6 +36,9 @@ use crate::tls::Identity;
 pub struct AccountsConfig {
     pub signup: bool,
     pub max_workspaces: u32,
+    /// Workspaces one account may have open at once, across backends and workers.
+    #[serde(default = "default_max_open")]
+    pub max_open_workspaces: u32,
     pub session_days: u32,
     pub min_password_length: u32,
     /// Failed sign-ins for one account within `limit_window_seconds` before it is refused.
@@ -51,6 +54,9 @@ pub struct AccountsConfig {
     pub limit_window_seconds: u32,
 }
 
+fn default_max_open() -> u32 {
+    3
+}
 fn default_failed_per_account() -> u32 {
     10
 }
@@ -299,6 +305,17 @@ CREATE TABLE auth_events (
 );
 CREATE INDEX auth_events_key_at ON auth_events (key, at);
 "#,
+    // Workspaces open on workers, per account, across backends (fair shares).
+    r#"
+CREATE TABLE open_sessions (
+    workspace text PRIMARY KEY REFERENCES workspaces ON DELETE CASCADE,
+    account_id bigint NOT NULL,
+    backend text NOT NULL,
+    worker text NOT NULL,
+    since timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX open_sessions_account ON open_sessions (account_id);
+"#,
 ];
 
 /// The advisory lock serialising migrations of the backend's database.
@@ -386,6 +403,16 @@ pub async fn run(
     });
     tokio::spawn(serve_workers(backend.clone(), worker_listener));
     tokio::spawn(sockjs::reaper(backend.clone()));
+    // What this backend held open before a crash is not open through it any more.
+    backend
+        .db()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?
+        .execute(
+            "DELETE FROM open_sessions WHERE backend = $1",
+            &[&backend.config.host],
+        )
+        .await?;
     tokio::spawn(expire_sessions(backend.clone()));
     let https = backend.identity.server_config(&["loadbalancer"])?;
     let mut https = Arc::unwrap_or_clone(https);
@@ -412,6 +439,16 @@ async fn expire_sessions(backend: Arc<Backend>) {
             "expired sign-in sessions",
             "DELETE FROM sessions WHERE token_hash IN
              (SELECT token_hash FROM sessions WHERE expires < now() LIMIT 1000)",
+            &[],
+        )
+        .await;
+        // Open sessions a backend recorded and never cleared (it died and did not come back):
+        // no session outlives a day.
+        delete_in_batches(
+            &backend,
+            "open-session records older than a day",
+            "DELETE FROM open_sessions WHERE workspace IN (SELECT workspace FROM open_sessions
+             WHERE since < now() - interval '1 day' LIMIT 1000)",
             &[],
         )
         .await;

@@ -213,6 +213,7 @@ impl Backend {
             .ok_or_else(|| ApiError::not_found(format!("workspace {} was deleted", ws.id)))?
             .get(0);
         let b64 = bundle.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let account_on = self.fair_shares(ws).await?;
         let mut tried: Vec<String> = exclude.to_vec();
         let mut last_err = String::from("no worker is available");
         for attempt in 0..4 {
@@ -220,8 +221,14 @@ impl Backend {
                 // A failed attempt's waiter must not take the next attempt's answer.
                 ws.control.lock().unwrap().clear();
             }
-            let Some((host, address)) = self.workers.pick(&tried) else {
-                break;
+            let (host, address) = match self.workers.pick(&tried, &account_on) {
+                Ok(w) => w,
+                Err(share) => {
+                    if share {
+                        last_err = "your open workspaces already hold half of every worker with room (the share one account may have, so others always find room): close one".into();
+                    }
+                    break;
+                }
             };
             tried.push(host.clone());
             let link = match self.link(&host, &address).await {
@@ -281,14 +288,69 @@ impl Backend {
             }
             st.link = Some(link);
             st.closing = false;
+            self.db()
+                .await?
+                .execute(
+                    "INSERT INTO open_sessions (workspace, account_id, backend, worker) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (workspace) DO UPDATE SET account_id = $2, backend = $3, worker = $4, since = now()",
+                    &[&ws.id, &ws.account_id, &self.config.host, &host],
+                )
+                .await?;
             tracing::info!(workspace = %ws.id, worker = %host, "workspace opened");
             return Ok(());
         }
         ws.control.lock().unwrap().clear();
         st.link = None;
+        self.forget_open(&ws.id).await;
         Err(ApiError::busy(format!(
             "cannot open the workspace: {last_err}; try again shortly"
         )))
+    }
+
+    /// The account's open workspaces per worker (but `ws`), across backends; refuses when the
+    /// account is at its cap of open workspaces.
+    async fn fair_shares(&self, ws: &OpenWs) -> Result<HashMap<String, u32>, ApiError> {
+        let rows = self
+            .db()
+            .await?
+            .query(
+                "SELECT worker, count(*) FROM open_sessions WHERE account_id = $1 AND workspace <> $2 GROUP BY worker",
+                &[&ws.account_id, &ws.id],
+            )
+            .await?;
+        let on: HashMap<String, u32> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+            .collect();
+        let open: u32 = on.values().sum();
+        let cap = self.config.accounts.max_open_workspaces;
+        if open >= cap {
+            return Err(ApiError::new(
+                409,
+                format!(
+                    "you have {open} workspaces open, the most one account may have at once ({cap}): close one first"
+                ),
+            ));
+        }
+        Ok(on)
+    }
+
+    /// This backend no longer holds `ws` open.
+    async fn forget_open(&self, ws: &str) {
+        let r = async {
+            self.db()
+                .await?
+                .execute(
+                    "DELETE FROM open_sessions WHERE workspace = $1 AND backend = $2",
+                    &[&ws, &self.config.host],
+                )
+                .await
+                .map_err(ApiError::from)
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(workspace = %ws, "forgetting an open session: {}", e.message);
+        }
     }
 
     /// `place` behind a box: the failover in `pump` calls it, and `place` spawns `pump`.
@@ -506,6 +568,7 @@ impl Backend {
         if let Some(l) = st.link.take() {
             l.unroute(&ws.id);
         }
+        self.forget_open(&ws.id).await;
     }
 
     /// At shutdown: save and close everything open.

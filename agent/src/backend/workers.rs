@@ -80,6 +80,11 @@ impl Link {
     }
 }
 
+/// The slots of a worker of `capacity` one account may hold: half, at least one.
+pub fn fair_share(capacity: u32) -> u32 {
+    (capacity / 2).max(1)
+}
+
 impl Registry {
     pub fn healthy(&self) -> usize {
         let now = Instant::now();
@@ -91,22 +96,36 @@ impl Registry {
             .count()
     }
 
-    /// The least loaded healthy worker with room, not in `exclude`.
-    pub fn pick(&self, exclude: &[String]) -> Option<(String, String)> {
+    /// The least loaded healthy worker with room, not in `exclude`, where the account does not
+    /// already hold half the slots (`account_on`: its open workspaces per worker), so one
+    /// account can never fill a worker and others always find room. `Err(true)` when workers
+    /// had room but only past that share.
+    pub fn pick(
+        &self,
+        exclude: &[String],
+        account_on: &HashMap<String, u32>,
+    ) -> Result<(String, String), bool> {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
+        let mut share_refused = false;
         let best = entries
             .values_mut()
             .filter(|e| e.announcing && now - e.last_seen < STALE)
             .filter(|e| !exclude.contains(&e.host))
             .filter(|e| e.sessions + e.placed < e.capacity)
+            .filter(|e| {
+                let fair = account_on.get(&e.host).copied().unwrap_or(0) < fair_share(e.capacity);
+                share_refused |= !fair;
+                fair
+            })
             .min_by(|a, b| {
                 let la = f64::from(a.sessions + a.placed) / f64::from(a.capacity.max(1));
                 let lb = f64::from(b.sessions + b.placed) / f64::from(b.capacity.max(1));
                 la.total_cmp(&lb).then_with(|| a.host.cmp(&b.host))
-            })?;
+            })
+            .ok_or(share_refused)?;
         best.placed += 1;
-        Some((best.host.clone(), best.address.clone()))
+        Ok((best.host.clone(), best.address.clone()))
     }
 
     /// Forgets a worker that failed us until it announces itself again.
@@ -320,5 +339,48 @@ impl Backend {
         if let Err(e) = r {
             tracing::warn!("recording worker {host}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(workers: &[(&str, u32, u32)]) -> Registry {
+        let r = Registry::default();
+        for (host, capacity, sessions) in workers {
+            r.entries.lock().unwrap().insert(
+                host.to_string(),
+                Entry {
+                    host: host.to_string(),
+                    address: format!("{host}:1"),
+                    capacity: *capacity,
+                    engines: vec!["python3".into()],
+                    sessions: *sessions,
+                    placed: 0,
+                    last_seen: Instant::now(),
+                    announcing: true,
+                },
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn one_account_never_takes_more_than_half_a_worker() {
+        let r = registry(&[("w1", 8, 0), ("w2", 8, 6)]);
+        let none = HashMap::new();
+        assert_eq!(r.pick(&[], &none).unwrap().0, "w1", "the least loaded");
+        // The account already holds half of w1: w2 then, though it is busier.
+        let on = HashMap::from([("w1".to_string(), 4)]);
+        assert_eq!(r.pick(&[], &on).unwrap().0, "w2");
+        // Half of both: refused, and the refusal says it is the share.
+        let on = HashMap::from([("w1".to_string(), 4), ("w2".to_string(), 4)]);
+        assert_eq!(r.pick(&[], &on), Err(true));
+        // A full worker is no share refusal.
+        let full = registry(&[("w1", 2, 2)]);
+        assert_eq!(full.pick(&[], &none), Err(false));
+        assert_eq!(fair_share(1), 1);
+        assert_eq!(fair_share(9), 4);
     }
 }

@@ -216,6 +216,8 @@ pub struct Accounts {
     /// Whether anyone may sign up.
     pub signup: bool,
     pub max_workspaces: u32,
+    /// Workspaces one account may have open (sessions on workers) at once, across backends.
+    pub max_open_workspaces: u32,
     pub session_days: u32,
     pub min_password_length: u32,
 }

@@ -474,6 +474,7 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
         accounts: Accounts {
             signup: true,
             max_workspaces: 50,
+            max_open_workspaces: 3,
             session_days: 14,
             min_password_length: 10,
         },
@@ -495,6 +496,7 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
     let keys = [
         "signup",
         "max_workspaces",
+        "max_open_workspaces",
         "session_days",
         "min_password_length",
     ];
@@ -511,6 +513,14 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
             1,
             1_000_000,
             &mut a.max_workspaces,
+        );
+        num(
+            d,
+            &af,
+            "max_open_workspaces",
+            1,
+            10_000,
+            &mut a.max_open_workspaces,
         );
         num(d, &af, "session_days", 1, 3650, &mut a.session_days);
         num(
