@@ -149,6 +149,20 @@ fn converge_lab_hosts() {
         Path::new(site["ca_file"].as_str().unwrap()).is_file(),
         "{site}"
     );
+    // The worker's unit exposes little: `systemd-analyze security` at most 4.0 (issue 13).
+    let report = ssh(
+        &inv,
+        "bravo",
+        &["systemd-analyze", "security", "sage-worker", "--no-pager"],
+    );
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split("sage-worker.service: ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in:\n{report}"));
+    eprintln!("systemd-analyze security sage-worker: {score}");
+    assert!(score <= 4.0, "sage-worker's exposure {score}:\n{report}");
     // The worker agent runs.
     let checks = host(&recap, "bravo")["checks"].to_string();
     assert!(checks.contains(r#""name":"worker","ok":true"#), "{checks}");
