@@ -269,6 +269,76 @@ fn session_mounts(limits: &Limits) -> Vec<Mount> {
     ]
 }
 
+/// After the fork into a new PID namespace, in the process that stays outside it (`pid` is the
+/// namespace's init): closes every descriptor (so the worker's `spawn` sees the exec of the
+/// engine, and its pipes end with it), ignores SIGINT (meant for the engine), waits for the init
+/// and ends as it did: `128 + n` from the init is death by signal `n`, raised again here so the
+/// worker reads the engine's real cause (SIGXCPU, SIGKILL...). In the init (`pid == 0`),
+/// returns. Only system calls: this runs between fork and exec.
+unsafe fn stand_in_until_exit(pid: nix::libc::pid_t) -> std::io::Result<()> {
+    use nix::libc;
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain system calls on this process's own state; nothing is allocated.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        let code = wait_for(pid);
+        if code > 128 && code < 128 + 65 {
+            let sig = code - 128;
+            libc::signal(sig, libc::SIG_DFL);
+            libc::kill(libc::getpid(), sig);
+        }
+        libc::_exit(code)
+    }
+}
+
+/// In the PID namespace's init (`pid` is the engine, forked from it): the same as the stand-in
+/// outside, but an init cannot die of a signal it does not handle, so it reports the engine's
+/// signal `n` as exit status `128 + n`. It reaps whatever is orphaned into it meanwhile, and
+/// when it ends, the kernel ends every process left in the session. Why an init of our own
+/// rather than the engine as PID 1: the kernel ignores signals without a handler sent to a
+/// namespace's init (SIGTERM, SIGXCPU at the CPU limit), which would change how a session ends.
+/// In the engine (`pid == 0`), returns.
+unsafe fn pid_namespace_init(pid: nix::libc::pid_t) -> std::io::Result<()> {
+    use nix::libc;
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        libc::_exit(wait_for(pid))
+    }
+}
+
+/// Waits for `pid` (reaping any other child meanwhile); its exit code, or `128 + signal`.
+unsafe fn wait_for(pid: nix::libc::pid_t) -> i32 {
+    use nix::libc;
+    loop {
+        let mut status = 0;
+        // SAFETY: waits on this process's own children.
+        let got = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if got == pid {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+        } else if got < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 127;
+        }
+    }
+}
+
 /// A command that runs as `acct` under `limits`; `fds` are (parent fd, child fd) to pass.
 pub fn command(
     acct: &Account,
@@ -298,8 +368,8 @@ pub fn command(
     let root = std::ffi::CString::new("/").expect("static");
     let none = std::ffi::CString::new("none").expect("static");
     // SAFETY: the closure runs in the forked child before exec; it only makes system calls
-    // (dup2, setsid, unshare, mount, sethostname, setrlimit, setgroups, setgid, setuid, prctl)
-    // on data prepared before the fork, and allocates nothing.
+    // (dup2, setsid, unshare, fork, waitpid, mount, sethostname, setrlimit, setgroups, setgid,
+    // setuid, prctl) on data prepared before the fork, and allocates nothing.
     unsafe {
         c.pre_exec(move || {
             for (from, to) in &fds {
@@ -308,12 +378,20 @@ pub fn command(
                 }
             }
             setsid()?;
+            setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
             unshare(
                 CloneFlags::CLONE_NEWNET
                     | CloneFlags::CLONE_NEWNS
                     | CloneFlags::CLONE_NEWIPC
-                    | CloneFlags::CLONE_NEWUTS,
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWPID,
             )?;
+            // The new PID namespace takes our children: the first is its init (PID 1), which
+            // mounts the session's /proc and forks the engine. This process stays outside to
+            // stand for the session toward the worker (its pid, its exit status), doing nothing
+            // else. See `pid_namespace_init` for why two of them.
+            stand_in_until_exit(nix::libc::fork())?;
+            // PID 1 of the session.
             // Nothing mounted here propagates back to the machine.
             if nix::libc::mount(
                 none.as_ptr(),
@@ -331,6 +409,8 @@ pub fn command(
             if nix::libc::sethostname(c"sagews".as_ptr(), 6) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            pid_namespace_init(nix::libc::fork())?;
+            // The engine (PID 2): limits, then the user.
             // CPU: SIGXCPU at the limit, SIGKILL five seconds of CPU later.
             setrlimit(Resource::RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 5)?;
             setrlimit(Resource::RLIMIT_AS, l.memory_mb * MB, l.memory_mb * MB)?;
@@ -341,7 +421,6 @@ pub fn command(
                 l.file_size_mb * MB,
                 l.file_size_mb * MB,
             )?;
-            setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
             setgroups(&[])?;
             setgid(gid)?;
             setuid(uid)?;
