@@ -74,11 +74,12 @@ export function parseFrame(text) {
   }
 }
 
-/** Random ids: 3 digits for the server, 16 letters and digits for the session. */
+/** Random ids: 3 digits for the server, 128 bits from the platform's CSPRNG for the session
+ * (the id is what names a SockJS session on the server: it must not be guessable). */
 export function randomIds(random = Math.random) {
-  const abc = 'abcdefghijklmnopqrstuvwxyz0123456789';
-  let session = '';
-  for (let i = 0; i < 16; i++) session += abc[Math.floor(random() * abc.length)];
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  const session = [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
   const server = String(Math.floor(random() * 1000)).padStart(3, '0');
   return { server, session };
 }

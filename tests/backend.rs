@@ -829,6 +829,34 @@ async fn foreign_origins_are_refused_on_every_transport_and_route() {
     let mut c = s.sock_with(0, Transport::Websocket, &own).await.unwrap();
     assert_eq!(c.ok(json!({"op": "whoami"})).await["account"], "olivia");
     c.close().await;
+    // Credentials are small: a huge sign-in body is refused, not read into memory.
+    let big = format!(
+        "{{\"name\": \"{}\", \"password\": \"x\"}}",
+        "n".repeat(64 << 10)
+    );
+    let r = s
+        .https(
+            0,
+            "POST",
+            "/api/signin",
+            &[("Content-Type", "application/json")],
+            big.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    // A polling session opened with a cookie answers that cookie only: its id is not enough.
+    let path = "/sockjs/000/cookiebound/xhr";
+    let mine = [("Cookie", cookie.as_str())];
+    let r = s.https(0, "POST", path, &mine, b"").await;
+    assert_eq!(r.body, b"o\n");
+    let send = "/sockjs/000/cookiebound/xhr_send";
+    let ping = serde_json::to_string(&[json!({"id": 1, "op": "whoami"}).to_string()]).unwrap();
+    for other in [vec![], vec![("Cookie", "sagews_session=someone-else")]] {
+        let r = s.https(0, "POST", send, &other, ping.as_bytes()).await;
+        assert_eq!(r.status, 404, "{other:?}");
+    }
+    let r = s.https(0, "POST", send, &mine, ping.as_bytes()).await;
+    assert_eq!(r.status, 204);
 }
 
 /// Issue 11: failed sign-ins are limited per account and per client address (the address

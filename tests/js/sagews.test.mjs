@@ -27,7 +27,7 @@ test('frames: o, h, the streaming prelude, a[...], m, c[...], escaped unicode, g
 test('ids: a 3-digit server id and a random session id', () => {
   const { server, session } = randomIds();
   assert.match(server, /^\d{3}$/);
-  assert.match(session, /^[a-z0-9]{16}$/);
+  assert.match(session, /^[0-9a-f]{32}$/);
   assert.notEqual(randomIds().session, session);
 });
 

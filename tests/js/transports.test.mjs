@@ -55,7 +55,7 @@ test('websocket: wss URL, frames in, JSON arrays out, a drop before "o" falls ba
   c.connect();
   await tick();
   const ws = FakeWebSocket.made[0];
-  assert.match(ws.url, /^wss:\/\/sage\.test\/sockjs\/\d{3}\/[a-z0-9]{16}\/websocket$/);
+  assert.match(ws.url, /^wss:\/\/sage\.test\/sockjs\/\d{3}\/[0-9a-f]{32}\/websocket$/);
   ws.serve('o');
   assert.equal(c.state, 'open');
   const p = c.ping();
@@ -72,7 +72,7 @@ test('websocket: wss URL, frames in, JSON arrays out, a drop before "o" falls ba
   await tick();
   FakeWebSocket.made.at(-1).drop();
   await tick();
-  assert.match(fetch.calls.at(-1).url, /^https:\/\/sage\.test\/sockjs\/\d{3}\/[a-z0-9]{16}\/xhr_streaming$/);
+  assert.match(fetch.calls.at(-1).url, /^https:\/\/sage\.test\/sockjs\/\d{3}\/[0-9a-f]{32}\/xhr_streaming$/);
   assert.equal(fetch.calls.at(-1).init.method, 'POST');
   d.close();
 });

@@ -278,6 +278,13 @@ pub async fn files(bundle: &[u8], sub: &str, limits: FileLimits) -> Result<Vec<B
                 String::from_utf8_lossy(&e.path)
             ))
         })?;
+        // A tree made by hand may name `..` or `.git` (git's fsck refuses them, but not every
+        // git runs it on a bundle): such a path would leave `/pub/<workspace>/`.
+        if crate::proto::workspace_path(&rel).as_deref() != Ok(rel.as_str()) {
+            return Err(ApiError::bad(format!(
+                "the saved tree holds the path {rel:?}, which cannot be published"
+            )));
+        }
         total += e.size.unwrap_or(0);
         chosen.push((rel, e.oid.clone()));
         if chosen.len() > limits.max_files {
@@ -491,6 +498,55 @@ mod tests {
             ..lim
         };
         assert_eq!(files(&b, "", small).await.unwrap_err().status, 413);
+    }
+
+    /// A tree made by hand with a `..` entry (git's fsck would refuse it; a bundle need not
+    /// have been checked) is refused rather than published outside the workspace's directory.
+    #[tokio::test]
+    async fn a_hand_made_tree_with_dot_dot_is_not_published() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let out = |args: &[&str], input: &str| -> String {
+            use std::io::Write;
+            let mut c = std::process::Command::new("git")
+                .args(args)
+                .current_dir(p)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@t")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@t")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{args:?}");
+            String::from_utf8(o.stdout).unwrap().trim().to_string()
+        };
+        sh(p, &["init", "-q", "-b", "main"]);
+        let blob = out(&["hash-object", "-w", "--stdin"], "overwritten");
+        let inner = out(&["mktree"], &format!("100644 blob {blob}\tindex.html\n"));
+        let top = out(
+            &["mktree"],
+            &format!("040000 tree {inner}\t..\n100644 blob {blob}\tok.txt\n"),
+        );
+        let commit = out(&["commit-tree", &top, "-m", "evil"], "");
+        sh(p, &["update-ref", "refs/heads/main", &commit]);
+        sh(p, &["bundle", "create", "-q", "b.bundle", "--all"]);
+        let b = std::fs::read(p.join("b.bundle")).unwrap();
+        let lim = FileLimits {
+            max_files: 10,
+            max_bytes: 1 << 20,
+        };
+        match files(&b, "", lim).await {
+            Err(e) => assert!(e.message.contains("cannot be published"), "{e:?}"),
+            // This git refused the tree on the way in: nothing to publish either way.
+            Ok(v) => panic!(
+                "published {:?}",
+                v.iter().map(|b| &b.path).collect::<Vec<_>>()
+            ),
+        }
     }
 
     #[tokio::test]

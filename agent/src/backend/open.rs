@@ -283,6 +283,13 @@ impl Backend {
                 Err(_) => {
                     last_err = format!("worker {host} did not open the workspace in time");
                     link.unroute(&ws.id);
+                    // It may still finish there: close it, or it runs unseen until its idle
+                    // timeout.
+                    let _ = link
+                        .send(Request::Close {
+                            session: ws.id.clone(),
+                        })
+                        .await;
                     continue;
                 }
             }
@@ -308,11 +315,18 @@ impl Backend {
     }
 
     /// The account's open workspaces per worker (but `ws`), across backends; refuses when the
-    /// account is at its cap of open workspaces.
+    /// account is at its cap of open workspaces, and otherwise reserves `ws`'s place (a row with
+    /// no worker yet) in the same transaction, under a lock per account, so opens started at
+    /// once cannot all pass the count.
     async fn fair_shares(&self, ws: &OpenWs) -> Result<HashMap<String, u32>, ApiError> {
-        let rows = self
-            .db()
-            .await?
+        let mut db = self.db().await?;
+        let tx = db.transaction().await?;
+        tx.execute(
+            "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&ws.account_id],
+        )
+        .await?;
+        let rows = tx
             .query(
                 "SELECT worker, count(*) FROM open_sessions WHERE account_id = $1 AND workspace <> $2 GROUP BY worker",
                 &[&ws.account_id, &ws.id],
@@ -332,6 +346,13 @@ impl Backend {
                 ),
             ));
         }
+        tx.execute(
+            "INSERT INTO open_sessions (workspace, account_id, backend, worker) VALUES ($1, $2, $3, '')
+             ON CONFLICT (workspace) DO UPDATE SET account_id = $2, backend = $3, since = now()",
+            &[&ws.id, &ws.account_id, &self.config.host],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(on)
     }
 

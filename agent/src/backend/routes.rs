@@ -21,8 +21,15 @@ pub fn router(backend: Arc<Backend>) -> Router {
     Router::new()
         .route("/api/health", get(health))
         .route("/api/metrics", get(metrics))
-        .route("/api/signup", post(signup))
-        .route("/api/signin", post(signin))
+        // Credentials are small: a body past 16 KiB is refused before it is read on.
+        .route(
+            "/api/signup",
+            post(signup).layer(axum::extract::DefaultBodyLimit::max(16 << 10)),
+        )
+        .route(
+            "/api/signin",
+            post(signin).layer(axum::extract::DefaultBodyLimit::max(16 << 10)),
+        )
         .route("/api/signout", post(signout))
         .route("/api/whoami", get(whoami))
         .route("/api/workspaces", post(upload))
@@ -384,7 +391,7 @@ async fn websocket(
     }
     // Our own limit (with a clear error) applies first; this one stops the absurd.
     // Small buffers: an idle session should cost kilobytes (tungstenite's defaults are 128 KiB).
-    ws.max_message_size(64 << 20)
+    ws.max_message_size(b.config.max_message_bytes * 2 + 1024)
         .read_buffer_size(1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| sockjs::websocket(b, session, headers, socket))

@@ -33,8 +33,11 @@ impl Sessions {
     pub fn count(&self) -> usize {
         self.map.lock().unwrap().len()
     }
-    fn get(&self, id: &str) -> Option<Arc<SjSession>> {
-        self.map.lock().unwrap().get(id).cloned()
+    /// The session `id` if this request may use it: one opened with a sign-in cookie only with
+    /// the same cookie (an anonymous one is guarded by its unguessable id alone).
+    fn get(&self, id: &str, headers: &HeaderMap) -> Option<Arc<SjSession>> {
+        let s = self.map.lock().unwrap().get(id).cloned()?;
+        (s.owner.is_none() || s.owner == owner_of(headers)).then_some(s)
     }
     fn remove(&self, id: &str) {
         let removed = self.map.lock().unwrap().remove(id);
@@ -53,6 +56,9 @@ impl Sessions {
 
 pub struct SjSession {
     pub id: String,
+    /// The SHA-256 of the sign-in cookie that opened the session (if any): later requests of
+    /// a polling transport must carry the same, so knowing a session's id is not enough.
+    owner: Option<Vec<u8>>,
     /// More than this waiting to be sent: the browser is not reading, the session is closed.
     max_queued: usize,
     /// Messages from the browser, to the api connection; dropped when the session ends.
@@ -221,6 +227,15 @@ pub fn parse_client_frame(text: &str) -> Result<Vec<String>, &'static str> {
     }
 }
 
+/// The SHA-256 of a request's sign-in cookie.
+fn owner_of(headers: &HeaderMap) -> Option<Vec<u8>> {
+    super::accounts::token_from_cookies(headers).map(|t| {
+        ring::digest::digest(&ring::digest::SHA256, t.as_bytes())
+            .as_ref()
+            .to_vec()
+    })
+}
+
 /// Server and session ids: 1 to 64 of letters, digits, '_' and '-' (the protocol forbids dots).
 pub fn valid_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
@@ -241,6 +256,7 @@ impl Backend {
         id: &str,
         account: Option<Account>,
         client: Option<std::net::IpAddr>,
+        owner: Option<Vec<u8>>,
     ) -> Result<Arc<SjSession>, String> {
         let mut map = self.sockjs.map.lock().unwrap();
         if map.contains_key(id) {
@@ -259,6 +275,7 @@ impl Backend {
         let (tx, rx) = mpsc::channel(32);
         let s = Arc::new(SjSession {
             id: id.to_string(),
+            owner,
             max_queued: self.config.max_queued_bytes,
             inbound: Mutex::new(Some(tx)),
             out: Mutex::new(Outbox::default()),
@@ -446,10 +463,10 @@ pub async fn xhr(
     if !valid_ids(&server, &session) {
         return not_found(&headers);
     }
-    let Some(s) = backend.sockjs.get(&session) else {
+    let Some(s) = backend.sockjs.get(&session, &headers) else {
         let account = backend.cookie_account(&headers).await;
         let client = super::throttle::client_address(&headers);
-        return match backend.new_sockjs_session(&session, account, client) {
+        return match backend.new_sockjs_session(&session, account, client, owner_of(&headers)) {
             Ok(s) => {
                 s.detach();
                 js(&headers, StatusCode::OK, "o\n")
@@ -486,7 +503,7 @@ pub async fn xhr_send(
     if !valid_ids(&server, &session) {
         return not_found(&headers);
     }
-    let Some(s) = backend.sockjs.get(&session) else {
+    let Some(s) = backend.sockjs.get(&session, &headers) else {
         return not_found(&headers);
     };
     if body.is_empty() {
@@ -536,7 +553,7 @@ pub async fn xhr_streaming(
     }
     let mut first = "h".repeat(2048);
     first.push('\n');
-    let s = match backend.sockjs.get(&session) {
+    let s = match backend.sockjs.get(&session, &headers) {
         Some(s) => {
             if !s.attach() {
                 first.push_str(&close_frame(2010, "Another connection still open"));
@@ -548,7 +565,7 @@ pub async fn xhr_streaming(
         None => {
             let account = backend.cookie_account(&headers).await;
             let client = super::throttle::client_address(&headers);
-            match backend.new_sockjs_session(&session, account, client) {
+            match backend.new_sockjs_session(&session, account, client, owner_of(&headers)) {
                 Ok(s) => {
                     s.attach();
                     first.push_str("o\n");
@@ -603,9 +620,10 @@ pub async fn websocket(backend: Arc<Backend>, session: String, headers: HeaderMa
     // session, and its size is what an idle session costs.
     let account = Box::pin(backend.cookie_account(&headers)).await;
     let client = super::throttle::client_address(&headers);
+    let owner = owner_of(&headers);
     drop(headers);
     let mut ws = ws;
-    let s = match backend.new_sockjs_session(&session, account, client) {
+    let s = match backend.new_sockjs_session(&session, account, client, owner) {
         Ok(s) => s,
         Err(close) => {
             let _ = ws.send(Message::Text(close.into())).await;

@@ -76,9 +76,11 @@ try:
         if len(data) > MAX:
             fail(f"the text is over {MAX} bytes")
         d, name = parent_dir(path, True)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=d)
+        # Checked before truncating, and without blocking on a FIFO.
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644, dir_fd=d)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             fail(f"{path} is not a regular file")
+        os.ftruncate(fd, 0)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         answer(kind="written", path=path, size=len(data))

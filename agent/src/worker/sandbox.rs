@@ -285,10 +285,27 @@ unsafe fn stand_in_until_exit(pid: nix::libc::pid_t) -> std::io::Result<()> {
     }
     // SAFETY: plain system calls on this process's own state; nothing is allocated.
     unsafe {
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        become_a_waiter();
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         let code = wait_for(pid);
-        if code > 128 && code < 128 + 65 {
+        // Re-raise only signals that end a process (never one that stops it, or is ignored).
+        let ending = [
+            libc::SIGHUP,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGILL,
+            libc::SIGABRT,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGKILL,
+            libc::SIGSEGV,
+            libc::SIGPIPE,
+            libc::SIGALRM,
+            libc::SIGTERM,
+            libc::SIGXCPU,
+            libc::SIGXFSZ,
+        ];
+        if code > 128 && ending.contains(&(code - 128)) {
             let sig = code - 128;
             libc::signal(sig, libc::SIG_DFL);
             libc::kill(libc::getpid(), sig);
@@ -314,8 +331,24 @@ unsafe fn pid_namespace_init(pid: nix::libc::pid_t) -> std::io::Result<()> {
     }
     // SAFETY: as above.
     unsafe {
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        become_a_waiter();
         libc::_exit(wait_for(pid))
+    }
+}
+
+/// What the stand-in and the init do first: hold no descriptor (so the worker's `spawn` sees the
+/// engine's exec, and the engine's pipes end with it) and never dump core (they are forks of the
+/// worker, whose memory holds its key).
+unsafe fn become_a_waiter() {
+    use nix::libc;
+    // SAFETY: system calls on this process's own descriptors and flags.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            for fd in 0..65536 {
+                libc::close(fd);
+            }
+        }
     }
 }
 
@@ -362,6 +395,10 @@ pub fn command(
         .env("MPLCONFIGDIR", acct.cache_dir().join("matplotlib"))
         .current_dir(&acct.home)
         .kill_on_drop(true);
+    assert!(
+        fds.len() <= 8,
+        "at most 8 descriptors are passed to a session's process"
+    );
     let (uid, gid) = (Uid::from_raw(acct.uid), Gid::from_raw(acct.gid));
     let l = limits.clone();
     let mounts = session_mounts(limits);
@@ -372,8 +409,16 @@ pub fn command(
     // setuid, prctl) on data prepared before the fork, and allocates nothing.
     unsafe {
         c.pre_exec(move || {
-            for (from, to) in &fds {
-                if nix::libc::dup2(*from, *to) < 0 {
+            // Each source moved above the targets first, so no dup2 overwrites another's source.
+            let mut moved = [-1; 8];
+            for (i, (from, _)) in fds.iter().enumerate().take(8) {
+                moved[i] = nix::libc::fcntl(*from, nix::libc::F_DUPFD_CLOEXEC, 16);
+                if moved[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, (_, to)) in fds.iter().enumerate().take(8) {
+                if nix::libc::dup2(moved[i], *to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

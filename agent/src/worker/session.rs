@@ -104,8 +104,16 @@ async fn file_op(acct: &Account, limits: &Limits, op: FileOp) -> FileResult {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
+    let mut child = match c.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return FileResult::Failed {
+                message: format!("python3: {e}"),
+            };
+        }
+    };
+    let group = child.id();
     let run = async {
-        let mut child = c.spawn().map_err(|e| format!("python3: {e}"))?;
         let mut input = child.stdin.take().expect("piped");
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
@@ -126,9 +134,23 @@ async fn file_op(acct: &Account, limits: &Limits, op: FileOp) -> FileResult {
     match tokio::time::timeout(Duration::from_secs(30), run).await {
         Ok(Ok(r)) => r,
         Ok(Err(message)) => FileResult::Failed { message },
-        Err(_) => FileResult::Failed {
-            message: "the file operation took longer than 30 s".into(),
-        },
+        Err(_) => {
+            kill_group(group);
+            FileResult::Failed {
+                message: "the file operation took longer than 30 s".into(),
+            }
+        }
+    }
+}
+
+/// SIGKILL to a sandboxed command's process group (its stand-in, init and everything under it):
+/// dropping the command kills the stand-in only.
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -241,10 +263,15 @@ async fn git(
     c.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let o = tokio::time::timeout(Duration::from_secs(120), c.output())
-        .await
-        .map_err(|_| format!("git {} timed out", args[0]))?
-        .map_err(|e| format!("git: {e}"))?;
+    let child = c.spawn().map_err(|e| format!("git: {e}"))?;
+    let group = child.id();
+    let o = match tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await {
+        Ok(o) => o.map_err(|e| format!("git: {e}"))?,
+        Err(_) => {
+            kill_group(group);
+            return Err(format!("git {} timed out", args[0]));
+        }
+    };
     if !o.status.success() {
         return Err(format!(
             "git {} failed: {}",

@@ -421,8 +421,10 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
         let l = &mut w.limits;
         num(d, &lf, "cpu_seconds", 1, BIG, &mut l.cpu_seconds);
         num(d, &lf, "memory_mb", 16, BIG, &mut l.memory_mb);
-        num(d, &lf, "processes", 1, 1_000_000, &mut l.processes);
-        num(d, &lf, "open_files", 16, 1_000_000, &mut l.open_files);
+        // Within the worker unit's own limits (LimitNOFILE=65536): a session cannot be given more
+        // than the worker has (setrlimit would fail and no session could start).
+        num(d, &lf, "processes", 1, 32_768, &mut l.processes);
+        num(d, &lf, "open_files", 16, 65_536, &mut l.open_files);
         num(d, &lf, "file_size_mb", 1, BIG, &mut l.file_size_mb);
         num(
             d,
