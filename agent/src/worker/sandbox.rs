@@ -277,10 +277,7 @@ fn session_mounts(limits: &Limits) -> Vec<Mount> {
 /// returns. Only system calls: this runs between fork and exec.
 unsafe fn stand_in_until_exit(pid: nix::libc::pid_t) -> std::io::Result<()> {
     use nix::libc;
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if pid == 0 {
+    if !is_parent(pid)? {
         return Ok(());
     }
     // SAFETY: plain system calls on this process's own state; nothing is allocated.
@@ -323,10 +320,7 @@ unsafe fn stand_in_until_exit(pid: nix::libc::pid_t) -> std::io::Result<()> {
 /// In the engine (`pid == 0`), returns.
 unsafe fn pid_namespace_init(pid: nix::libc::pid_t) -> std::io::Result<()> {
     use nix::libc;
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if pid == 0 {
+    if !is_parent(pid)? {
         return Ok(());
     }
     // SAFETY: as above.
@@ -334,6 +328,14 @@ unsafe fn pid_namespace_init(pid: nix::libc::pid_t) -> std::io::Result<()> {
         become_a_waiter();
         libc::_exit(wait_for(pid))
     }
+}
+
+/// After a fork: true in the parent, false in the child.
+fn is_parent(pid: nix::libc::pid_t) -> std::io::Result<bool> {
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(pid != 0)
 }
 
 /// What the stand-in and the init do first: hold no descriptor (so the worker's `spawn` sees the

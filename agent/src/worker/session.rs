@@ -405,51 +405,32 @@ async fn run(
                     _ = stop.notified() => Err("the session was closed while this cell ran".to_string()),
                     _ = tokio::time::sleep_until(wall) => Err(format!("wall-clock limit reached ({} s)", limits.wall_clock_seconds)),
                 };
-                let result = match ended {
-                    Ok(r) => r,
+                // How the cell ended; a reason ends the session too.
+                let (status, why) = match ended {
+                    Ok(Ok(status)) => (status, None),
+                    Ok(Err(EngineError::Died(why) | EngineError::Start(why))) => {
+                        (Status::Killed, Some(why))
+                    }
                     Err(why) => {
                         engine.stop().await;
-                        shared.metrics.limit_kills.fetch_add(1, Ordering::Relaxed);
-                        send(
-                            &sink,
-                            Event::Done {
-                                session: session.clone(),
-                                id,
-                                status: Status::Killed,
-                                message: Some(why.clone()),
-                            },
-                        )
-                        .await;
-                        break why;
+                        (Status::Killed, Some(why))
                     }
                 };
-                match result {
-                    Ok(status) => {
-                        send(
-                            &sink,
-                            Event::Done {
-                                session: session.clone(),
-                                id,
-                                status,
-                                message: None,
-                            },
-                        )
-                        .await
-                    }
-                    Err(EngineError::Died(why)) | Err(EngineError::Start(why)) => {
-                        shared.metrics.limit_kills.fetch_add(1, Ordering::Relaxed);
-                        send(
-                            &sink,
-                            Event::Done {
-                                session: session.clone(),
-                                id,
-                                status: Status::Killed,
-                                message: Some(why.clone()),
-                            },
-                        )
-                        .await;
-                        break why;
-                    }
+                if why.is_some() {
+                    shared.metrics.limit_kills.fetch_add(1, Ordering::Relaxed);
+                }
+                send(
+                    &sink,
+                    Event::Done {
+                        session: session.clone(),
+                        id,
+                        status,
+                        message: why.clone(),
+                    },
+                )
+                .await;
+                if let Some(why) = why {
+                    break why;
                 }
                 idle_at = tokio::time::Instant::now() + idle;
             }
