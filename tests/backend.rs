@@ -969,6 +969,18 @@ async fn a_dropped_request_is_replaced_within_seconds() {
     let mut s = Stack::start(opts(0, 1, 72100)).await;
     let port = s.start_haproxy();
     let ping = serde_json::to_string(&[json!({"id": 1, "op": "ping"}).to_string()]).unwrap();
+    let send_ping = async |base: &str| {
+        let r = s
+            .haproxy_https(
+                port,
+                "POST",
+                &format!("{base}/xhr_send"),
+                &[],
+                ping.as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 204);
+    };
     let raw = async |path: &str| {
         // A request whose connection is dropped before any answer.
         let mut c = s.via_haproxy(port).await;
@@ -987,16 +999,7 @@ async fn a_dropped_request_is_replaced_within_seconds() {
     drop(c);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = std::time::Instant::now();
-    let r = s
-        .haproxy_https(
-            port,
-            "POST",
-            &format!("{base}/xhr_send"),
-            &[],
-            ping.as_bytes(),
-        )
-        .await;
-    assert_eq!(r.status, 204);
+    send_ping(base).await;
     let r = s
         .haproxy_https(port, "POST", &format!("{base}/xhr"), &[], b"")
         .await;
@@ -1013,16 +1016,7 @@ async fn a_dropped_request_is_replaced_within_seconds() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = std::time::Instant::now();
     let mut c = raw(&format!("{base}/xhr_streaming")).await;
-    let r = s
-        .haproxy_https(
-            port,
-            "POST",
-            &format!("{base}/xhr_send"),
-            &[],
-            ping.as_bytes(),
-        )
-        .await;
-    assert_eq!(r.status, 204);
+    send_ping(base).await;
     let mut got = String::new();
     while !got.contains("pong") && !got.contains("c[") {
         let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))

@@ -2,6 +2,7 @@
 //! role-checking verifiers (`tls`), the worker's protocol (`proto`). One module tree per agent.
 
 pub mod backend;
+pub mod civil;
 pub mod config;
 pub mod db;
 pub mod frame;
