@@ -163,9 +163,15 @@ fn converge_lab_hosts() {
         .unwrap_or_else(|| panic!("no score in:\n{report}"));
     eprintln!("systemd-analyze security sage-worker: {score}");
     assert!(score <= 4.0, "sage-worker's exposure {score}:\n{report}");
-    // The worker agent runs.
+    // The worker agent runs, with a cgroup per session (v1 controllers on this box's lab
+    // machines: see ARCHITECTURE.md §8).
     let checks = host(&recap, "bravo")["checks"].to_string();
     assert!(checks.contains(r#""name":"worker","ok":true"#), "{checks}");
+    assert!(
+        checks.contains("sessions: a cgroup1 cgroup per session")
+            || checks.contains("sessions: a cgroup2 cgroup per session"),
+        "{checks}"
+    );
     // logd runs and answers queries; the run was recorded in it (who, what changed).
     let checks = host(&recap, "charlie")["checks"].to_string();
     assert!(checks.contains(r#""name":"logd","ok":true"#), "{checks}");

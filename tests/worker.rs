@@ -3,6 +3,7 @@
 //! hostile code contained with a clear message while other sessions keep working, connections
 //! refused for the wrong role, no certificate or another CA, and bad frames refused without harm.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[path = "worker_harness.rs"]
@@ -16,11 +17,50 @@ use sagectl::pki::State;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-fn user_exists(uid: u32) -> bool {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .is_some()
+/// The v1 memory cgroup of the session of `uid` (these tests run on this box's hybrid cgroups,
+/// under the test process's own memory cgroup).
+fn session_cgroup(uid: u32) -> PathBuf {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+        .expect("a v1 memory cgroup");
+    PathBuf::from(format!(
+        "/sys/fs/cgroup/memory{}/sagews/ws{uid}",
+        path.trim_end_matches('/')
+    ))
+}
+
+/// Waits for the worker to say that `session` ended (by itself).
+async fn closed(c: &mut Client, session: &str) -> String {
+    loop {
+        if let Event::Closed { session: s, reason } = c.next().await
+            && s == session
+        {
+            return reason;
+        }
+    }
+}
+
+/// What is left of the session of `uid`: processes, homes, its cgroup.
+fn leftovers(w: &Worker, uid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let pids = sage_agent::worker::sandbox::pids_of(uid);
+    if !pids.is_empty() {
+        out.push(format!("processes {pids:?}"));
+    }
+    if let Ok(homes) = std::fs::read_dir(w.tmp.path().join("state/homes")) {
+        for e in homes.flatten() {
+            let owner = std::os::unix::fs::MetadataExt::uid(&e.metadata().unwrap());
+            if owner == uid {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    if session_cgroup(uid).exists() {
+        out.push(session_cgroup(uid).display().to_string());
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -29,7 +69,12 @@ async fn session_lifecycle() {
     let mut c = w.client().await;
     let ready = c.open("ws-life", None).await;
     eprintln!("session ready in {ready} ms");
-    assert!(user_exists(61000), "the workspace has its own unix user");
+    assert_eq!(
+        leftovers(&w, 61000).len(),
+        4,
+        "the workspace has its own uid, with processes, a home, a cache and a cgroup: {:?}",
+        leftovers(&w, 61000)
+    );
 
     let cell = c.run("ws-life", 1, "x = 2").await;
     assert_eq!((cell.status, cell.stdout.as_str()), (Some(Status::Ok), ""));
@@ -114,10 +159,10 @@ async fn session_lifecycle() {
     );
     let reason = c.close("ws-life").await;
     assert_eq!(reason, "closed by the backend");
-    assert!(!user_exists(61000), "the user is removed on close");
-    assert!(
-        sage_agent::worker::sandbox::pids_of(61000).is_empty(),
-        "and its processes"
+    assert_eq!(
+        leftovers(&w, 61000),
+        Vec::<String>::new(),
+        "nothing of the session is left after close"
     );
 
     c.open("ws-copy", Some(bundle)).await;
@@ -138,7 +183,7 @@ async fn session_lifecycle() {
         }
         e => panic!("{e:?}"),
     }
-    assert!(!user_exists(61000) && !user_exists(61001));
+    assert!(leftovers(&w, 61000).is_empty() && leftovers(&w, 61001).is_empty());
     w.stop().await;
 }
 
@@ -153,7 +198,6 @@ async fn hostile_code_is_contained() {
     let home = w.tmp.path().join("state/homes");
     let cases: Vec<(&str, String, &str)> = vec![
         ("fork bomb", "import os\npids = []\nwhile True:\n    pids.append(os.fork())\n    if pids[-1] == 0:\n        import time; time.sleep(30)".into(), "BlockingIOError"),
-        ("memory bomb", "x = bytearray(8 * 1024**3)".into(), "MemoryError"),
         ("file over the size limit", "open('big', 'wb').write(b'x' * (2 * 1024 * 1024))".into(), "File too large"),
         ("thousands of files", "fs = [open('/dev/null') for _ in range(5000)]".into(), "Too many open files"),
         ("another workspace's home", format!("print(open('{}/victim/secret.txt').read())", home.display()), "PermissionError"),
@@ -180,7 +224,7 @@ async fn hostile_code_is_contained() {
         cell.message
             .as_deref()
             .unwrap_or("")
-            .contains("CPU time limit reached (3 s of CPU)"),
+            .contains("CPU time limit reached (3 s of CPU"),
         "{cell:?}"
     );
     assert!(
@@ -335,7 +379,7 @@ async fn sessions_stop_when_no_backend_is_heard_from() {
     };
     assert!(reason.starts_with("no backend heard from for"), "{reason}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(!user_exists(64000));
+    assert_eq!(leftovers(&w, 64000), Vec::<String>::new());
     w.stop().await;
 }
 
@@ -675,5 +719,120 @@ print('shm', ctypes.CDLL(None).shmget(0x5a6e, 0, 0))";
         )
         .await;
     assert_eq!(cell.stdout, "67000 False False -1\n", "{}", cell.stderr);
+    w.stop().await;
+}
+
+/// The session's cgroup counts all its processes together: three processes that each fit cannot
+/// pass the memory limit together once the session's tmpfs files are counted; children share
+/// one core's quota; their CPU time adds up to the session's limit; a cell that needs more memory
+/// than the session has is ended with a message that names the memory limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_limits_count_all_processes_together() {
+    let mut l = limits();
+    l.memory_mb = 512;
+    l.processes = 64;
+    l.cpu_seconds = 4;
+    l.file_size_mb = 512;
+    let w = Worker::start(68000, l, 600).await;
+    let mut c = w.client().await;
+    c.open("mem", None).await;
+    let three = "import subprocess, sys\n\
+hold = 'import sys, time; b = bytearray(140 << 20); b[::4096] = b\"x\" * len(b[::4096]); print(\"ok\", flush=True); time.sleep(2)'\n\
+ps = [subprocess.Popen([sys.executable, '-c', hold], stdout=subprocess.PIPE) for _ in range(3)]\n\
+print(sorted(p.wait() for p in ps))";
+    // The control: 3 × 140 MB fit in 512 MB.
+    let cell = c.run("mem", 1, three).await;
+    assert_eq!(cell.stdout, "[0, 0, 0]\n", "{cell:?}");
+    // 150 MB of files in the session's /tmp (tmpfs) count too: one of the three is killed.
+    let cell = c
+        .run(
+            "mem",
+            2,
+            "open('/tmp/fill', 'wb').write(b'f' * (150 << 20))",
+        )
+        .await;
+    assert_eq!(cell.status, Some(Status::Ok), "{cell:?}");
+    let cell = c.run("mem", 3, three).await;
+    assert!(
+        cell.stdout.contains("-9"),
+        "a process was killed at the session's memory limit: {cell:?}"
+    );
+    // A cell that needs more than the session's memory ends with a message that says so.
+    let cell = c.run("mem", 4, "x = b'x' * (600 << 20)").await;
+    assert_eq!(cell.status, Some(Status::Killed), "{cell:?}");
+    let message = cell.message.unwrap_or_default();
+    assert!(
+        message.contains("memory limit reached (512 MB"),
+        "{message}"
+    );
+    closed(&mut c, "mem").await;
+    assert_eq!(leftovers(&w, 68000), Vec::<String>::new(), "the session ended whole");
+
+    // CPU: two busy children for 1.5 s of wall clock get one core between them (the session's
+    // quota, 100 % of a core), not one each.
+    c.open("cpu", None).await;
+    let spin = "import os, subprocess, sys, time\n\
+burn = 'import time\\nend = time.time() + 1.5\\nwhile time.time() < end: pass'\n\
+ps = [subprocess.Popen([sys.executable, '-c', burn]) for _ in range(2)]\n\
+[p.wait() for p in ps]\n\
+t = os.times()\n\
+print(round(t.children_user + t.children_system, 2))";
+    let cell = c.run("cpu", 1, spin).await;
+    let used: f64 = cell.stdout.trim().parse().unwrap_or_else(|_| panic!("{cell:?}"));
+    eprintln!("two busy children for 1.5 s used {used} s of CPU together");
+    assert!(used < 1.9, "the session's processes shared one core: {used} s");
+    // Children's CPU time adds up: the session ends at its limit (4 s) whoever spends it.
+    let cell = c.run("cpu", 2, "import subprocess, sys\nburn = 'while True: pass'\nps = [subprocess.Popen([sys.executable, '-c', burn]) for _ in range(3)]\n[p.wait() for p in ps]").await;
+    assert_eq!(cell.status, Some(Status::Killed), "{cell:?}");
+    assert!(
+        cell.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("CPU time limit reached (4 s of CPU for the session's processes together)"),
+        "{cell:?}"
+    );
+    closed(&mut c, "cpu").await;
+    assert_eq!(leftovers(&w, 68000), Vec::<String>::new());
+    w.stop().await;
+}
+
+/// Outside its home, a session sees the machine read-only: nothing it writes there can outlive
+/// it; the system calls no notebook needs are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_see_a_read_only_machine_and_a_narrow_kernel() {
+    let w = Worker::start(69000, limits(), 600).await;
+    let mut c = w.client().await;
+    c.open("ro", None).await;
+    let state = w.tmp.path().join("state");
+    let probe = format!(
+        "import ctypes, errno, os\n\
+def tries(p):\n    try:\n        open(p, 'w').write('x'); return 'wrote'\n    except OSError as e:\n        return errno.errorcode[e.errno]\n\
+print(tries('{state}/planted'), tries('/etc/planted'), tries('/var/planted'), tries(os.path.expanduser('~/mine')), tries('/tmp/mine'))\n\
+libc = ctypes.CDLL(None, use_errno=True)\n\
+def call(nr, *a):\n    r = libc.syscall(nr, *a)\n    return errno.errorcode.get(ctypes.get_errno(), '?') if r < 0 else 'ok'\n\
+# keyctl, bpf, perf_event_open, userfaultfd, unshare(CLONE_NEWUSER), io_uring_setup, ptrace\n\
+print(call(250, 0, 0, 0, 0), call(321, 0, 0, 0), call(298, 0, 0, 0, 0, 0), call(323, 0), call(272, 0x10000000), call(425, 1, 0), call(101, 0, 1, 0, 0))\n\
+print(os.path.exists('/sys/fs/cgroup/memory'), os.listdir('/sys/fs/cgroup'))",
+        state = state.display()
+    );
+    let cell = c.run("ro", 1, &probe).await;
+    assert_eq!(cell.status, Some(Status::Ok), "{cell:?}");
+    assert_eq!(
+        cell.stdout,
+        "EROFS EROFS EROFS wrote wrote\nEPERM EPERM EPERM EPERM EPERM EPERM EPERM\nFalse []\n",
+        "{}",
+        cell.stderr
+    );
+    assert!(!state.join("planted").exists());
+    // Threads and processes still start (clone3 answers ENOSYS, the C library uses clone).
+    let cell = c
+        .run(
+            "ro",
+            2,
+            "import threading, subprocess\nt = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\nprint(subprocess.run(['echo', 'child'], capture_output=True, text=True).stdout.strip())",
+        )
+        .await;
+    assert_eq!(cell.stdout, "thread\nchild\n", "{cell:?}");
+    c.close("ro").await;
     w.stop().await;
 }

@@ -74,6 +74,7 @@ pub fn limits() -> Limits {
         file_size_mb: 1,
         wall_clock_seconds: 600,
         idle_timeout_seconds: 600,
+        cpu_percent: 100,
     }
 }
 

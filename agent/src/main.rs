@@ -110,6 +110,8 @@ where
 
 fn worker(o: &AgentOpts) -> anyhow::Result<()> {
     let config = sage_agent::worker::Config::load(&o.config)?;
+    // Before any thread: a mount namespace may be needed to reach the cgroup hierarchies.
+    sage_agent::worker::cgroup::private_mounts()?;
     serve(config.listen, |l| {
         sage_agent::worker::run(config, l, shutdown())
     })

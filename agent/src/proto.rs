@@ -15,6 +15,13 @@ pub struct Limits {
     pub file_size_mb: u64,
     pub wall_clock_seconds: u64,
     pub idle_timeout_seconds: u64,
+    /// CPU bandwidth of the whole session, in percent of one core (its cgroup's quota).
+    #[serde(default = "default_cpu_percent")]
+    pub cpu_percent: u64,
+}
+
+fn default_cpu_percent() -> u64 {
+    100
 }
 
 impl Limits {
@@ -28,6 +35,7 @@ impl Limits {
             file_size_mb: self.file_size_mb.min(other.file_size_mb),
             wall_clock_seconds: self.wall_clock_seconds.min(other.wall_clock_seconds),
             idle_timeout_seconds: self.idle_timeout_seconds.min(other.idle_timeout_seconds),
+            cpu_percent: self.cpu_percent.min(other.cpu_percent),
         }
     }
 }

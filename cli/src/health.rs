@@ -112,8 +112,16 @@ pub async fn check_all(
         if h.has(Role::Worker) {
             let r = retry(|| async {
                 let o = run(s, &["python3", "-c", WORKER_METRICS], b"").await?;
-                if o.contains("sagews_worker_sessions_open") {
-                    Ok("sage-worker runs and serves its metrics".to_string())
+                let mode = o.lines().find_map(|l| {
+                    l.strip_prefix("sagews_worker_limits{mode=\"")
+                        .and_then(|r| r.split('"').next())
+                });
+                if let (true, Some(mode)) = (o.contains("sagews_worker_sessions_open"), mode) {
+                    let how = match mode {
+                        "rlimits" => "per-process rlimits only: no cgroup controllers".to_string(),
+                        m => format!("a {m} cgroup per session"),
+                    };
+                    Ok(format!("sage-worker runs and serves its metrics; sessions: {how}"))
                 } else {
                     Err(format!("no metrics from sage-worker: {o}"))
                 }

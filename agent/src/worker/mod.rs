@@ -2,10 +2,12 @@
 //! mini-redis: a listener (TLS 1.3, backend certificates only), a connection per backend
 //! (frames in, events out), shared state (sessions, uids, metrics), and shutdown.
 
+pub mod cgroup;
 mod conn;
 mod engine;
 mod register;
 pub mod sandbox;
+mod seccomp;
 mod session;
 
 use std::collections::{BTreeSet, HashMap};
@@ -50,6 +52,13 @@ pub struct Config {
     /// A new connection must send its first frame within this many seconds.
     #[serde(default = "default_first_frame")]
     pub first_frame_seconds: u64,
+    /// Refuse to start without cgroup controllers for sessions (false: rlimits only).
+    #[serde(default = "default_true")]
+    pub require_cgroups: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_first_frame() -> u64 {
@@ -119,17 +128,22 @@ pub struct Shared {
     pub config: Config,
     pub sessions: Mutex<HashMap<String, Arc<session::Handle>>>,
     uids: Mutex<BTreeSet<u32>>,
+    /// Uids whose last session left something behind: never given out again by this run.
+    held: Mutex<BTreeSet<u32>>,
+    pub cgroups: cgroup::Cgroups,
     pub metrics: Metrics,
     /// When a backend was last heard from (a request, or an answer to a heartbeat).
     pub last_backend: Mutex<Instant>,
 }
 
 impl Shared {
-    fn new(config: Config) -> Shared {
+    fn new(config: Config, cgroups: cgroup::Cgroups) -> Shared {
         Shared {
             config,
             sessions: Mutex::default(),
             uids: Mutex::default(),
+            held: Mutex::default(),
+            cgroups,
             metrics: Metrics::default(),
             last_backend: Mutex::new(Instant::now()),
         }
@@ -139,21 +153,24 @@ impl Shared {
         *self.last_backend.lock().unwrap() = Instant::now();
     }
 
-    /// A free uid of the range (neither used by a session nor by any account on the host).
+    /// A free uid of the range: used by no session, not held, and no account of the machine's.
     pub fn allocate_uid(&self) -> Option<u32> {
         let mut used = self.uids.lock().unwrap();
+        let held = self.held.lock().unwrap();
         let uid = (self.config.uid_min..=self.config.uid_max).find(|u| {
-            !used.contains(u)
-                && nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*u))
-                    .ok()
-                    .flatten()
-                    .is_none()
+            !used.contains(u) && !held.contains(u) && sandbox::check_uid_is_ours(*u).is_ok()
         })?;
         used.insert(uid);
         Some(uid)
     }
 
     pub fn release_uid(&self, uid: u32) {
+        self.uids.lock().unwrap().remove(&uid);
+    }
+
+    /// The session of `uid` could not be removed whole: the uid is not given out again.
+    pub fn hold_uid(&self, uid: u32) {
+        self.held.lock().unwrap().insert(uid);
         self.uids.lock().unwrap().remove(&uid);
     }
 
@@ -168,8 +185,10 @@ impl Shared {
     fn metrics_text(&self) -> String {
         let m = &self.metrics;
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let mode = self.cgroups.mode().label();
+        let held = self.held.lock().unwrap().len();
         format!(
-            "# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
+            "# HELP sagews_worker_limits How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only).\n# TYPE sagews_worker_limits gauge\nsagews_worker_limits{{mode=\"{mode}\"}} 1\n# TYPE sagews_worker_uids_held gauge\nsagews_worker_uids_held {held}\n# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
             self.session_count(),
             g(&m.sessions_opened),
             g(&m.executes),
@@ -197,36 +216,20 @@ impl Shared {
     }
 }
 
-/// Removes workspace users left by an earlier run that did not end cleanly.
-fn clean_stale_accounts(config: &Config) {
-    let Ok(passwd) = std::fs::read_to_string("/etc/passwd") else {
+/// Ends what an earlier run that did not end cleanly left: processes of the uid range and
+/// homes (its session cgroups are removed by `Cgroups::discover`).
+fn clean_stale_sessions(config: &Config) {
+    for uid in sandbox::uids_running(config.uid_min..=config.uid_max) {
+        let n = sandbox::kill_user(uid, Duration::from_secs(1));
+        tracing::warn!(uid, "ended the processes of a session left by an earlier run ({n} needed SIGKILL)");
+    }
+    let Ok(entries) = std::fs::read_dir(config.state_dir.join("homes")) else {
         return;
     };
-    for line in passwd.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        let (Some(name), Some(uid), Some(comment)) = (
-            f.first(),
-            f.get(2).and_then(|u| u.parse::<u32>().ok()),
-            f.get(4),
-        ) else {
-            continue;
-        };
-        if (config.uid_min..=config.uid_max).contains(&uid) && *comment == "sagews workspace" {
-            let home = PathBuf::from(f.get(5).copied().unwrap_or(""));
-            let acct = sandbox::Account {
-                name: name.to_string(),
-                uid,
-                gid: uid,
-                home,
-            };
-            match acct.destroy(Duration::from_secs(1)) {
-                Ok(_) => {
-                    tracing::warn!(user = %name, "removed a workspace user left by an earlier run")
-                }
-                Err(e) => {
-                    tracing::error!(user = %name, "could not remove a stale workspace user: {e}")
-                }
-            }
+    for e in entries.flatten() {
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::warn!(path = %e.path().display(), "removed a home left by an earlier run"),
+            Err(err) => tracing::error!(path = %e.path().display(), "could not remove a stale home: {err}"),
         }
     }
 }
@@ -244,15 +247,10 @@ pub async fn run(
         config.state_dir.join("homes"),
         std::os::unix::fs::PermissionsExt::from_mode(0o711),
     )?;
-    clean_stale_accounts(&config);
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        tracing::info!(
-            "cgroup v2: session limits are rlimits (per-session cgroups are not made yet)"
-        );
-    } else {
-        tracing::info!("no delegated cgroup v2 on this host: session limits are rlimits only");
-    }
-    let shared = Arc::new(Shared::new(config));
+    clean_stale_sessions(&config);
+    let cgroups = cgroup::Cgroups::discover(config.require_cgroups, config.uid_min..=config.uid_max)?;
+    tracing::info!(mode = cgroups.mode().label(), "session limits");
+    let shared = Arc::new(Shared::new(config, cgroups));
     if let Some(addr) = shared.config.metrics_listen {
         match TcpListener::bind(addr).await {
             Ok(l) => {

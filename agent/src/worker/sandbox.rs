@@ -1,12 +1,15 @@
-//! Where users' code runs: a unix user per workspace, its processes started with rlimits, in a
-//! new session (process group), in new network (empty), mount, IPC and UTS namespaces (a private
+//! Where users' code runs: a uid per workspace, its processes in the session's cgroup (see
+//! `cgroup`), started with rlimits, in a new session (process group), in new network (empty),
+//! mount, IPC, UTS and PID namespaces (a read-only view of the machine but for its home, its own
 //! /tmp, /var/tmp, /dev/shm and /run, a /proc showing only its own processes: see
-//! `session_mounts`), without supplementary groups, with no_new_privs, as that user. All of it happens in `pre_exec`, in the child, before the uid
-//! drop (std's own `Command::uid` would drop first, after which limits could no longer be set
-//! and namespaces no longer made).
+//! `session_view`), without supplementary groups, with no_new_privs and a seccomp filter (see
+//! `seccomp`), as that user. All of it happens in `pre_exec`, in the child, before the uid drop
+//! (std's own `Command::uid` would drop first, after which limits could no longer be set and
+//! namespaces no longer made).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, unshare};
@@ -14,6 +17,7 @@ use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, setgid, setgroups, setsid, setuid};
 
+use super::{cgroup, seccomp};
 use crate::proto::Limits;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,84 +31,82 @@ pub enum SandboxError {
     },
 }
 
-/// A workspace's unix user.
+/// A workspace's unix user: a uid (and gid) of the worker's range, its home and its cgroup.
+/// No passwd entry is made (the worker's unit keeps /etc read-only): the session is given
+/// `HOME`, `USER` and `LOGNAME`, and git its identity, in the environment.
 #[derive(Clone, Debug)]
 pub struct Account {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
     pub home: PathBuf,
+    /// Every process of the session joins it (absent in rlimits-only mode).
+    pub cgroup: Option<Arc<cgroup::Session>>,
 }
 
-fn run(what: &str, argv: &[&str]) -> Result<(), SandboxError> {
-    let o = std::process::Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .map_err(|source| SandboxError::Io {
-            what: what.to_string(),
-            source,
-        })?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(SandboxError::Command {
-            what: what.to_string(),
-            detail: String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        })
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.to_string();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// A uid of the range that the machine's user database gives to someone else is never used.
+pub fn check_uid_is_ours(uid: u32) -> Result<(), SandboxError> {
+    match nix::unistd::User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(u)) if u.name != format!("ws{uid}") => Err(SandboxError::Command {
+            what: format!("uid {uid}"),
+            detail: format!(
+                "it belongs to the user `{}` of this machine; give the worker a uid range no account uses (worker.uid_min, worker.uid_max)",
+                u.name
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
 impl Account {
-    /// Makes the user `ws<uid>` with home `homes/<session>` (0700, its own).
-    pub fn create(uid: u32, homes: &Path, session: &str) -> Result<Account, SandboxError> {
+    /// Prepares uid `uid` for a session: home `homes/<session>` and a cache directory beside it
+    /// (0700, its own), and a cgroup with `limits`.
+    pub fn create(
+        uid: u32,
+        homes: &Path,
+        session: &str,
+        cgroups: &cgroup::Cgroups,
+        limits: &Limits,
+    ) -> Result<Account, SandboxError> {
+        check_uid_is_ours(uid)?;
         let name = format!("ws{uid}");
         let home = homes.join(session);
-        let (uid_s, home_s) = (uid.to_string(), home.display().to_string());
-        run(
-            &format!("useradd {name}"),
-            &[
-                "useradd",
-                "--uid",
-                &uid_s,
-                "--user-group",
-                "--home-dir",
-                &home_s,
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--comment",
-                "sagews workspace",
-                &name,
-            ],
-        )?;
-        let user = nix::unistd::User::from_name(&name)
-            .ok()
-            .flatten()
-            .ok_or_else(|| SandboxError::Command {
-                what: format!("user {name}"),
-                detail: "not found after useradd".into(),
-            })?;
-        let io = |what: &str| {
-            let what = what.to_string();
-            move |source| SandboxError::Io { what, source }
-        };
-        std::fs::create_dir(&home).map_err(io("creating the home directory"))?;
-        std::os::unix::fs::chown(&home, Some(uid), Some(user.gid.as_raw()))
-            .map_err(io("chown home"))?;
-        std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io("chmod home"))?;
+        let cgroup = cgroups
+            .create(&name, limits)
+            .map_err(|e| SandboxError::Command {
+                what: "the session's cgroup".into(),
+                detail: format!("{e:#}"),
+            })?
+            .map(Arc::new);
         let acct = Account {
             name,
             uid,
-            gid: user.gid.as_raw(),
+            gid: uid,
             home,
+            cgroup,
         };
-        let cache = acct.cache_dir();
-        let _ = std::fs::remove_dir_all(&cache); // a leftover of a crash
-        std::fs::create_dir(&cache).map_err(io("creating the cache directory"))?;
-        std::os::unix::fs::chown(&cache, Some(uid), Some(acct.gid)).map_err(io("chown cache"))?;
-        std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io("chmod cache"))?;
+        let made = (|| {
+            for dir in [acct.home.clone(), acct.cache_dir()] {
+                let _ = std::fs::remove_dir_all(&dir); // a leftover of a crash
+                std::fs::create_dir(&dir).map_err(io("creating the home directory"))?;
+                std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(io("chown home"))?;
+                std::fs::set_permissions(
+                    &dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                )
+                .map_err(io("chmod home"))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = acct.destroy(Duration::ZERO);
+            return Err(e);
+        }
         Ok(acct)
     }
 
@@ -113,28 +115,39 @@ impl Account {
         self.home.with_extension("cache")
     }
 
-    /// Kills every process of the user (SIGTERM, then SIGKILL after `grace`), then removes the
-    /// user, its group and its home. Returns how many processes needed SIGKILL.
+    /// Ends every process of the session (SIGTERM, then SIGKILL to the whole cgroup after
+    /// `grace`), removes its cgroup, home and cache, and checks that nothing of it is left: an
+    /// error means the uid must not be given to another session. Returns how many processes
+    /// needed SIGKILL.
     pub fn destroy(&self, grace: Duration) -> Result<usize, SandboxError> {
         let killed = kill_user(self.uid, grace);
-        run(&format!("userdel {}", self.name), &["userdel", &self.name])?;
+        if let Some(cg) = &self.cgroup {
+            cg.remove(grace).map_err(|e| SandboxError::Command {
+                what: "removing the session's cgroup".into(),
+                detail: format!("{e:#}"),
+            })?;
+        }
         for (dir, what) in [
             (self.home.clone(), "removing the home directory"),
             (self.cache_dir(), "removing the cache directory"),
         ] {
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|source| SandboxError::Io {
-                    what: what.into(),
-                    source,
-                })?;
+                std::fs::remove_dir_all(&dir).map_err(io(what))?;
             }
+        }
+        let left = pids_of(self.uid);
+        if !left.is_empty() {
+            return Err(SandboxError::Command {
+                what: format!("uid {}", self.uid),
+                detail: format!("{} processes are left: {left:?}", left.len()),
+            });
         }
         Ok(killed)
     }
 }
 
-/// Live processes of `uid`.
-pub fn pids_of(uid: u32) -> Vec<i32> {
+/// Every live process of the machine (zombies left out): (pid, real uid).
+fn processes() -> Vec<(i32, u32)> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;
@@ -143,6 +156,8 @@ pub fn pids_of(uid: u32) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
+        // The status file, not the directory's owner: a process that is not dumpable shows a
+        // directory owned by root.
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
             continue;
         };
@@ -154,11 +169,29 @@ pub fn pids_of(uid: u32) -> Vec<i32> {
             .find(|l| l.starts_with("Uid:"))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|u| u.parse::<u32>().ok());
-        if owner == Some(uid) && !zombie {
-            out.push(pid);
+        if let (Some(uid), false) = (owner, zombie) {
+            out.push((pid, uid));
         }
     }
     out
+}
+
+/// Live processes of `uid`.
+pub fn pids_of(uid: u32) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|(_, u)| *u == uid)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// The uids of `range` that have a live process.
+pub fn uids_running(range: std::ops::RangeInclusive<u32>) -> std::collections::BTreeSet<u32> {
+    processes()
+        .into_iter()
+        .map(|(_, u)| u)
+        .filter(|u| range.contains(u))
+        .collect()
 }
 
 /// SIGTERM to every process of `uid`, then SIGKILL to what is left after `grace`, until none is
@@ -190,83 +223,158 @@ pub fn kill_user(uid: u32, grace: Duration) -> usize {
 
 const MB: u64 = 1 << 20;
 
-/// A mount made in a session's own mount namespace: everything as C strings made before the
-/// fork (the child of a threaded process must not allocate).
-struct Mount {
-    source: std::ffi::CString,
-    target: std::ffi::CString,
-    fstype: std::ffi::CString,
-    flags: nix::libc::c_ulong,
-    data: std::ffi::CString,
+fn cstring(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).expect("no NUL in mount arguments")
 }
 
-impl Mount {
-    fn new(
-        source: &str,
-        target: &str,
-        fstype: &str,
+/// A step of a session's view of the file systems, made in its own mount namespace: everything
+/// as C strings made before the fork (the child of a threaded process must not allocate).
+enum Step {
+    /// Every mount read-only (`mount_setattr`, recursively from `/`).
+    ReadOnly,
+    /// `path` bound onto itself, writable (the home and cache in the read-only view).
+    Writable(std::ffi::CString),
+    /// A new mount.
+    Mount {
+        source: std::ffi::CString,
+        target: std::ffi::CString,
+        fstype: std::ffi::CString,
         flags: nix::libc::c_ulong,
-        data: &str,
-    ) -> Mount {
-        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in mount arguments");
-        Mount {
-            source: c(source),
-            target: c(target),
-            fstype: c(fstype),
+        data: std::ffi::CString,
+    },
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: nix::libc::c_int = 0x8000;
+
+fn check(r: nix::libc::c_long) -> std::io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Step {
+    fn mount(source: &str, target: &str, fstype: &str, flags: nix::libc::c_ulong, data: &str) -> Step {
+        Step::Mount {
+            source: cstring(source),
+            target: cstring(target),
+            fstype: cstring(fstype),
             flags,
-            data: c(data),
+            data: cstring(data),
         }
     }
 
     /// In the child, before exec.
     fn apply(&self) -> std::io::Result<()> {
-        // SAFETY: every pointer is a valid NUL-terminated string owned by `self`.
-        let r = unsafe {
-            nix::libc::mount(
-                self.source.as_ptr(),
-                self.target.as_ptr(),
-                self.fstype.as_ptr(),
-                self.flags,
-                self.data.as_ptr().cast(),
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
+        use nix::libc::{self, MS_BIND, MS_NODEV, MS_NOSUID, MS_REMOUNT};
+        // SAFETY: every pointer is a valid NUL-terminated string owned by `self`, or null where
+        // the call allows it; `attr` lives through the call.
+        unsafe {
+            match self {
+                Step::ReadOnly => {
+                    let attr = MountAttr {
+                        attr_set: MOUNT_ATTR_RDONLY,
+                        attr_clr: 0,
+                        propagation: 0,
+                        userns_fd: 0,
+                    };
+                    check(libc::syscall(
+                        libc::SYS_mount_setattr,
+                        libc::AT_FDCWD,
+                        c"/".as_ptr(),
+                        AT_RECURSIVE,
+                        &attr as *const MountAttr,
+                        std::mem::size_of::<MountAttr>(),
+                    ))
+                }
+                Step::Writable(path) => {
+                    check(libc::mount(
+                        path.as_ptr(),
+                        path.as_ptr(),
+                        std::ptr::null(),
+                        MS_BIND,
+                        std::ptr::null(),
+                    ) as libc::c_long)?;
+                    // A bind keeps the read-only flag it was made from; remounting without it
+                    // makes this one writable.
+                    check(libc::mount(
+                        std::ptr::null(),
+                        path.as_ptr(),
+                        std::ptr::null(),
+                        MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV,
+                        std::ptr::null(),
+                    ) as libc::c_long)
+                }
+                Step::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                } => check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    *flags,
+                    data.as_ptr().cast(),
+                ) as libc::c_long),
+            }
         }
     }
 }
 
-/// What a session sees of the machine's file systems, in a mount namespace of its own: its own
-/// `/tmp`, `/var/tmp` and `/dev/shm` (size-limited tmpfs that vanish with its last process, so
-/// nothing passes to the next user of the uid and nothing planted by another tenant is found
-/// there), an empty `/run` (no journal, syslog, D-Bus or systemd socket), and a `/proc` that
-/// shows only its own user's processes (`hidepid=2`: another tenant's command lines are
-/// invisible).
-fn session_mounts(limits: &Limits) -> Vec<Mount> {
-    use nix::libc::{MS_NODEV, MS_NOEXEC, MS_NOSUID};
-    let tmp = format!("size={}m,mode=1777", (limits.memory_mb / 4).max(16));
-    let shm = format!("size={}m,mode=1777", (limits.memory_mb / 8).max(8));
-    vec![
-        Mount::new("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, &tmp),
-        Mount::new("tmpfs", "/var/tmp", "tmpfs", MS_NOSUID | MS_NODEV, &tmp),
-        Mount::new("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, &shm),
-        Mount::new(
+/// What a session sees of the machine's file systems, in a mount namespace of its own: all of
+/// it read-only but its home and cache; its own `/tmp`, `/var/tmp` and `/dev/shm` (size-limited
+/// tmpfs that vanish with its last process, so nothing passes to the next user of the uid and
+/// nothing planted by another tenant is found there; their pages are charged to its cgroup); an
+/// empty `/run` (no journal, syslog, D-Bus or systemd socket); a `/proc` that shows only its own
+/// user's processes (`hidepid=2`: another tenant's command lines are invisible); no cgroup tree.
+fn session_view(acct: &Account, limits: &Limits) -> Vec<Step> {
+    use nix::libc::{MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+    let tmp = format!("size={}m,mode=1777", (limits.memory_mb / 2).max(16));
+    let shm = format!("size={}m,mode=1777", (limits.memory_mb / 4).max(8));
+    let mut steps = vec![
+        Step::ReadOnly,
+        Step::Writable(cstring(&acct.home.display().to_string())),
+        Step::Writable(cstring(&acct.cache_dir().display().to_string())),
+        Step::mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, &tmp),
+        Step::mount("tmpfs", "/var/tmp", "tmpfs", MS_NOSUID | MS_NODEV, &tmp),
+        Step::mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, &shm),
+        Step::mount(
             "tmpfs",
             "/run",
             "tmpfs",
             MS_NOSUID | MS_NODEV | MS_NOEXEC,
             "size=64k,mode=755",
         ),
-        Mount::new(
+        Step::mount(
             "proc",
             "/proc",
             "proc",
             MS_NOSUID | MS_NODEV | MS_NOEXEC,
             "hidepid=2",
         ),
-    ]
+    ];
+    if Path::new("/sys/fs/cgroup").is_dir() {
+        steps.push(Step::mount(
+            "tmpfs",
+            "/sys/fs/cgroup",
+            "tmpfs",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+            "size=4k,mode=755",
+        ));
+    }
+    steps
 }
 
 /// After the fork into a new PID namespace, in the process that stays outside it (`pid` is the
@@ -403,14 +511,32 @@ pub fn command(
     );
     let (uid, gid) = (Uid::from_raw(acct.uid), Gid::from_raw(acct.gid));
     let l = limits.clone();
-    let mounts = session_mounts(limits);
+    let view = session_view(acct, limits);
+    let home = cstring(&acct.home.display().to_string());
     let root = std::ffi::CString::new("/").expect("static");
     let none = std::ffi::CString::new("none").expect("static");
+    // The session's cgroup, in every hierarchy: the child joins it before anything else. Without
+    // one (rlimits only), the address-space limit stands in for the cgroup's memory limit.
+    let join: Vec<std::os::fd::OwnedFd> = match &acct.cgroup {
+        Some(cg) => cg.join_fds().unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let (no_cgroup, joins_needed) = (acct.cgroup.is_none(), acct.cgroup.is_some());
+    let filters = seccomp::filters();
     // SAFETY: the closure runs in the forked child before exec; it only makes system calls
-    // (dup2, setsid, unshare, fork, waitpid, mount, sethostname, setrlimit, setgroups, setgid,
-    // setuid, prctl) on data prepared before the fork, and allocates nothing.
+    // (write, dup2, setsid, unshare, fork, waitpid, mount, mount_setattr, sethostname,
+    // setrlimit, setgroups, setgid, setuid, prctl, seccomp) on data prepared before the fork,
+    // and allocates nothing.
     unsafe {
         c.pre_exec(move || {
+            if joins_needed && join.is_empty() {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ENOENT));
+            }
+            for fd in &join {
+                if nix::libc::write(fd.as_raw_fd(), c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // Each source moved above the targets first, so no dup2 overwrites another's source.
             let mut moved = [-1; 8];
             for (i, (from, _)) in fds.iter().enumerate().take(8) {
@@ -450,8 +576,13 @@ pub fn command(
             {
                 return Err(std::io::Error::last_os_error());
             }
-            for m in &mounts {
-                m.apply()?;
+            for step in &view {
+                step.apply()?;
+            }
+            // The working directory was entered before the home was bound writable on top of
+            // itself: enter it again, through the new mount.
+            if nix::libc::chdir(home.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
             if nix::libc::sethostname(c"sagews".as_ptr(), 6) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -460,7 +591,9 @@ pub fn command(
             // The engine (PID 2): limits, then the user.
             // CPU: SIGXCPU at the limit, SIGKILL five seconds of CPU later.
             setrlimit(Resource::RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 5)?;
-            setrlimit(Resource::RLIMIT_AS, l.memory_mb * MB, l.memory_mb * MB)?;
+            if no_cgroup {
+                setrlimit(Resource::RLIMIT_AS, l.memory_mb * MB, l.memory_mb * MB)?;
+            }
             setrlimit(Resource::RLIMIT_NPROC, l.processes, l.processes)?;
             setrlimit(Resource::RLIMIT_NOFILE, l.open_files, l.open_files)?;
             setrlimit(
@@ -472,6 +605,7 @@ pub fn command(
             setgid(gid)?;
             setuid(uid)?;
             nix::sys::prctl::set_no_new_privs()?;
+            seccomp::apply(&filters)?;
             Ok(())
         });
     }

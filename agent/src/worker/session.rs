@@ -178,9 +178,12 @@ pub async fn open(
     let homes = shared.config.state_dir.join("homes");
     let acct = {
         let (homes, session) = (homes.clone(), session.clone());
-        tokio::task::spawn_blocking(move || Account::create(uid, &homes, &session))
-            .await
-            .map_err(|e| e.to_string())?
+        let (cgroups, limits) = (shared.cgroups.clone(), limits.clone());
+        tokio::task::spawn_blocking(move || {
+            Account::create(uid, &homes, &session, &cgroups, &limits)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     };
     let acct = match acct {
         Ok(a) => a,
@@ -190,8 +193,7 @@ pub async fn open(
         }
     };
     let fail = |acct: Account, shared: Arc<Shared>, why: String| async move {
-        let _ = tokio::task::spawn_blocking(move || acct.destroy(Duration::from_secs(1))).await;
-        shared.release_uid(uid);
+        remove(&shared, acct, Duration::from_secs(1), "").await;
         why
     };
     if let Err(e) = checkout(
@@ -364,6 +366,23 @@ async fn save(
     }
 }
 
+/// Removes the session's processes, cgroup and files; its uid is given out again only when
+/// nothing of it is left.
+async fn remove(shared: &Shared, acct: Account, grace: Duration, session: &str) {
+    let uid = acct.uid;
+    match tokio::task::spawn_blocking(move || acct.destroy(grace)).await {
+        Ok(Ok(_)) => shared.release_uid(uid),
+        Ok(Err(e)) => {
+            tracing::error!(session = %session, uid, "the session could not be removed whole, so its uid is held: {e}");
+            shared.hold_uid(uid);
+        }
+        Err(e) => {
+            tracing::error!(session = %session, uid, "removing the session: {e}");
+            shared.hold_uid(uid);
+        }
+    }
+}
+
 /// What a session's task hears and speaks through.
 struct Io {
     rx: mpsc::Receiver<Cmd>,
@@ -380,6 +399,17 @@ async fn run(
     io: Io,
 ) {
     let Io { mut rx, sink, stop } = io;
+    // The session's CPU time (all its processes) is looked at every second, whatever it does.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let cpu_over = |acct: &Account| {
+        let used = acct.cgroup.as_ref()?.cpu_used();
+        (used.as_secs() >= limits.cpu_seconds).then(|| {
+            format!(
+                "CPU time limit reached ({} s of CPU for the session's processes together)",
+                limits.cpu_seconds
+            )
+        })
+    };
     let wall = tokio::time::Instant::now() + Duration::from_secs(limits.wall_clock_seconds);
     let idle = Duration::from_secs(limits.idle_timeout_seconds);
     let mut idle_at = tokio::time::Instant::now() + idle;
@@ -388,6 +418,10 @@ async fn run(
             c = rx.recv() => match c { Some(c) => c, None => break "the worker is shutting down".to_string() },
             _ = tokio::time::sleep_until(wall) => break format!("wall-clock limit reached ({} s)", limits.wall_clock_seconds),
             _ = tokio::time::sleep_until(idle_at) => break format!("idle for {} s", limits.idle_timeout_seconds),
+            _ = tick.tick() => match cpu_over(&acct) {
+                Some(why) => break why,
+                None => continue,
+            },
         };
         match cmd {
             Cmd::Execute { id, code } => {
@@ -400,15 +434,34 @@ async fn run(
                 // A close or the wall-clock limit ends the cell whatever it does (it may ignore
                 // SIGINT, or never print): the engine's process group is stopped, then every
                 // process of the user when the session ends.
-                let ended = tokio::select! {
-                    r = engine.execute(&code, &limits, &mut to) => Ok(r),
-                    _ = stop.notified() => Err("the session was closed while this cell ran".to_string()),
-                    _ = tokio::time::sleep_until(wall) => Err(format!("wall-clock limit reached ({} s)", limits.wall_clock_seconds)),
+                let ended = {
+                    let cell = engine.execute(&code, &limits, &mut to);
+                    tokio::pin!(cell);
+                    loop {
+                        tokio::select! {
+                            r = &mut cell => break Ok(r),
+                            _ = stop.notified() => break Err("the session was closed while this cell ran".to_string()),
+                            _ = tokio::time::sleep_until(wall) => break Err(format!("wall-clock limit reached ({} s)", limits.wall_clock_seconds)),
+                            _ = tick.tick() => if let Some(why) = cpu_over(&acct) { break Err(why) },
+                        }
+                    }
                 };
                 // How the cell ended; a reason ends the session too.
                 let (status, why) = match ended {
                     Ok(Ok(status)) => (status, None),
                     Ok(Err(EngineError::Died(why) | EngineError::Start(why))) => {
+                        // Killed by the kernel at the session's memory limit: say so.
+                        let oom = acct.cgroup.as_ref().is_some_and(|cg| {
+                            cg.verdicts().contains(&super::cgroup::Verdict::Memory)
+                        });
+                        let why = if oom {
+                            format!(
+                                "memory limit reached ({} MB for the session's processes and files together)",
+                                limits.memory_mb
+                            )
+                        } else {
+                            why
+                        };
                         (Status::Killed, Some(why))
                     }
                     Err(why) => {
@@ -478,12 +531,7 @@ async fn run(
     };
     engine.stop().await;
     shared.forget(&session);
-    let uid = acct.uid;
-    let destroyed = tokio::task::spawn_blocking(move || acct.destroy(Duration::from_secs(2))).await;
-    if let Ok(Err(e)) = &destroyed {
-        tracing::error!(session = %session, "removing the workspace user failed: {e}");
-    }
-    shared.release_uid(uid);
+    remove(&shared, acct, Duration::from_secs(2), &session).await;
     tracing::info!(session = %session, reason = %reason, "session closed");
     send(&sink, Event::Closed { session, reason }).await;
 }

@@ -193,6 +193,9 @@ pub struct WorkerSettings {
     /// Close every session when no backend has been heard from for this long.
     pub backend_timeout_seconds: u32,
     pub limits: Limits,
+    /// Sessions only with their cgroup (memory, pids, CPU for all their processes together);
+    /// false lets a machine without the controllers run sessions under per-process rlimits.
+    pub require_cgroups: bool,
 }
 
 /// Resource limits applied to every session process: the worker protocol's own type, so the

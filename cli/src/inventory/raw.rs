@@ -367,7 +367,9 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
             file_size_mb: 256,
             wall_clock_seconds: 86400,
             idle_timeout_seconds: 1800,
+            cpu_percent: 100,
         },
+        require_cgroups: true,
     };
     let keys = [
         "engine",
@@ -377,6 +379,7 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
         "uid_max",
         "backend_timeout_seconds",
         "limits",
+        "require_cgroups",
     ];
     let Some(f) = node.and_then(|n| d.fields(n, "worker", &keys)) else {
         return w;
@@ -415,6 +418,7 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
             "file_size_mb",
             "wall_clock_seconds",
             "idle_timeout_seconds",
+            "cpu_percent",
         ];
         d.fields(n, "worker.limits", &keys)
     }) {
@@ -442,7 +446,10 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
             BIG,
             &mut l.idle_timeout_seconds,
         );
+        // Percent of one core for the whole session (its cgroup's CPU quota).
+        num(d, &lf, "cpu_percent", 1, 100_000, &mut l.cpu_percent);
     }
+    flag(d, &f, "require_cgroups", &mut w.require_cgroups);
     // Checked whichever end was given: `uid_min: 35000` alone is above the default uid_max.
     // Not when one end was invalid: its default would stand in for what was meant.
     let bad = |d: &Decoder, k: &str| d.was_reported(&f.path_of(k));
