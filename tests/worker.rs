@@ -766,7 +766,11 @@ print(sorted(p.wait() for p in ps))";
         "{message}"
     );
     closed(&mut c, "mem").await;
-    assert_eq!(leftovers(&w, 68000), Vec::<String>::new(), "the session ended whole");
+    assert_eq!(
+        leftovers(&w, 68000),
+        Vec::<String>::new(),
+        "the session ended whole"
+    );
 
     // CPU: two busy children for 1.5 s of wall clock get one core between them (the session's
     // quota, 100 % of a core), not one each.
@@ -778,9 +782,16 @@ ps = [subprocess.Popen([sys.executable, '-c', burn]) for _ in range(2)]\n\
 t = os.times()\n\
 print(round(t.children_user + t.children_system, 2))";
     let cell = c.run("cpu", 1, spin).await;
-    let used: f64 = cell.stdout.trim().parse().unwrap_or_else(|_| panic!("{cell:?}"));
+    let used: f64 = cell
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{cell:?}"));
     eprintln!("two busy children for 1.5 s used {used} s of CPU together");
-    assert!(used < 1.9, "the session's processes shared one core: {used} s");
+    assert!(
+        used < 1.9,
+        "the session's processes shared one core: {used} s"
+    );
     // Children's CPU time adds up: the session ends at its limit (4 s) whoever spends it.
     let cell = c.run("cpu", 2, "import subprocess, sys\nburn = 'while True: pass'\nps = [subprocess.Popen([sys.executable, '-c', burn]) for _ in range(3)]\n[p.wait() for p in ps]").await;
     assert_eq!(cell.status, Some(Status::Killed), "{cell:?}");

@@ -121,7 +121,9 @@ pub async fn check_all(
                         "rlimits" => "per-process rlimits only: no cgroup controllers".to_string(),
                         m => format!("a {m} cgroup per session"),
                     };
-                    Ok(format!("sage-worker runs and serves its metrics; sessions: {how}"))
+                    Ok(format!(
+                        "sage-worker runs and serves its metrics; sessions: {how}"
+                    ))
                 } else {
                     Err(format!("no metrics from sage-worker: {o}"))
                 }

@@ -179,8 +179,14 @@ pub fn private_mounts() -> anyhow::Result<()> {
         };
         let at = base.join(&dir);
         std::fs::create_dir_all(&at).map_err(io(format!("creating {}", at.display())))?;
-        mount(Some("cgroup"), &at, Some(fstype), flags, Some(opts.as_str()))
-            .map_err(|e| anyhow::anyhow!("mounting the {dir} cgroup hierarchy: {e}"))?;
+        mount(
+            Some("cgroup"),
+            &at,
+            Some(fstype),
+            flags,
+            Some(opts.as_str()),
+        )
+        .map_err(|e| anyhow::anyhow!("mounting the {dir} cgroup hierarchy: {e}"))?;
     }
     Ok(())
 }
@@ -247,7 +253,10 @@ impl Cgroups {
         }
         // Only leaves hold processes: the worker moves to `worker`, sessions go to `sagews`.
         let (base, leaf) = if dir.ends_with("worker") {
-            (dir.parent().map(Path::to_path_buf).unwrap_or(dir.clone()), dir.clone())
+            (
+                dir.parent().map(Path::to_path_buf).unwrap_or(dir.clone()),
+                dir.clone(),
+            )
         } else {
             (dir.clone(), dir.join("worker"))
         };
@@ -372,10 +381,7 @@ pub enum Verdict {
 
 impl Session {
     fn file(&self, name: &str) -> Option<PathBuf> {
-        self.dirs
-            .iter()
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
+        self.dirs.iter().map(|d| d.join(name)).find(|p| p.exists())
     }
 
     fn set_limits(&self, l: &Limits) -> anyhow::Result<()> {
@@ -457,7 +463,9 @@ impl Session {
     pub fn verdicts(&self) -> Vec<Verdict> {
         let mut out = Vec::new();
         let oom = match self.mode {
-            Mode::V2 => self.file("memory.events").map(|p| keyed(&read(&p), "oom_kill")),
+            Mode::V2 => self
+                .file("memory.events")
+                .map(|p| keyed(&read(&p), "oom_kill")),
             _ => self
                 .file("memory.oom_control")
                 .map(|p| keyed(&read(&p), "oom_kill")),
@@ -596,7 +604,11 @@ mod tests {
         ] {
             std::fs::write(d.path().join(f), "").unwrap();
         }
-        std::fs::write(d.path().join("cpu.stat"), "usage_usec 2500000\nuser_usec 1\n").unwrap();
+        std::fs::write(
+            d.path().join("cpu.stat"),
+            "usage_usec 2500000\nuser_usec 1\n",
+        )
+        .unwrap();
         std::fs::write(d.path().join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
         std::fs::write(d.path().join("pids.events"), "max 0\n").unwrap();
         let s = Session {

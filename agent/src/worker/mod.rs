@@ -221,15 +221,22 @@ impl Shared {
 fn clean_stale_sessions(config: &Config) {
     for uid in sandbox::uids_running(config.uid_min..=config.uid_max) {
         let n = sandbox::kill_user(uid, Duration::from_secs(1));
-        tracing::warn!(uid, "ended the processes of a session left by an earlier run ({n} needed SIGKILL)");
+        tracing::warn!(
+            uid,
+            "ended the processes of a session left by an earlier run ({n} needed SIGKILL)"
+        );
     }
     let Ok(entries) = std::fs::read_dir(config.state_dir.join("homes")) else {
         return;
     };
     for e in entries.flatten() {
         match std::fs::remove_dir_all(e.path()) {
-            Ok(()) => tracing::warn!(path = %e.path().display(), "removed a home left by an earlier run"),
-            Err(err) => tracing::error!(path = %e.path().display(), "could not remove a stale home: {err}"),
+            Ok(()) => {
+                tracing::warn!(path = %e.path().display(), "removed a home left by an earlier run")
+            }
+            Err(err) => {
+                tracing::error!(path = %e.path().display(), "could not remove a stale home: {err}")
+            }
         }
     }
 }
@@ -248,7 +255,8 @@ pub async fn run(
         std::os::unix::fs::PermissionsExt::from_mode(0o711),
     )?;
     clean_stale_sessions(&config);
-    let cgroups = cgroup::Cgroups::discover(config.require_cgroups, config.uid_min..=config.uid_max)?;
+    let cgroups =
+        cgroup::Cgroups::discover(config.require_cgroups, config.uid_min..=config.uid_max)?;
     tracing::info!(mode = cgroups.mode().label(), "session limits");
     let shared = Arc::new(Shared::new(config, cgroups));
     if let Some(addr) = shared.config.metrics_listen {

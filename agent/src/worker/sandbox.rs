@@ -95,11 +95,8 @@ impl Account {
                 let _ = std::fs::remove_dir_all(&dir); // a leftover of a crash
                 std::fs::create_dir(&dir).map_err(io("creating the home directory"))?;
                 std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(io("chown home"))?;
-                std::fs::set_permissions(
-                    &dir,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
-                )
-                .map_err(io("chmod home"))?;
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .map_err(io("chmod home"))?;
             }
             Ok(())
         })();
@@ -264,7 +261,13 @@ fn check(r: nix::libc::c_long) -> std::io::Result<()> {
 }
 
 impl Step {
-    fn mount(source: &str, target: &str, fstype: &str, flags: nix::libc::c_ulong, data: &str) -> Step {
+    fn mount(
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: nix::libc::c_ulong,
+        data: &str,
+    ) -> Step {
         Step::Mount {
             source: cstring(source),
             target: cstring(target),
