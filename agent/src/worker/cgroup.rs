@@ -581,6 +581,22 @@ mod tests {
         assert_eq!(under_mount("/x", Path::new("/mnt/cpu"), "/z"), None);
     }
 
+    /// Without the controllers neither layout is found (the worker then refuses to start unless
+    /// the configuration allows rlimits only).
+    #[test]
+    fn missing_controllers_are_no_layout() {
+        let own = own_cgroups("4:memory:/\n1:cpu,cpuacct:/\n0::/\n");
+        let mounts = cgroup_mounts(
+            "35 30 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+             36 30 0:31 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+             37 30 0:32 / /nonexistent/unified rw - cgroup2 cgroup2 rw\n",
+        );
+        // No pids hierarchy: no v1 layout (nothing is created on the way).
+        assert!(Cgroups::v1(&mounts, &own).unwrap().is_none());
+        // A v2 tree whose cgroup lists no controllers: none either.
+        assert!(Cgroups::v2(&mounts, &own).unwrap().is_none());
+    }
+
     #[test]
     fn reads_keyed_files() {
         let events = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n";
