@@ -227,6 +227,7 @@ async fn hostile_code_is_contained() {
             .contains("CPU time limit reached (3 s of CPU"),
         "{cell:?}"
     );
+    closed(&mut c, "attacker").await;
     assert!(
         sage_agent::worker::sandbox::pids_of(62001).is_empty(),
         "nothing of the attacker is left running"
