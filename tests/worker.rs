@@ -479,10 +479,11 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
         .await
         .unwrap();
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    // (Sessions opened before this test's: the harness's probes of the engine server.)
     for line in [
         "sagews_worker_sessions_open 1",
-        "sagews_worker_sessions_opened_total 1",
         "sagews_worker_executes_total 1",
+        "sagews_worker_engine_server{mode=\"zygote\"} 1",
     ] {
         assert!(body.contains(line), "{line} not in\n{body}");
     }

@@ -129,15 +129,38 @@ impl Worker {
         std::fs::write(&path, config.to_string()).unwrap();
         let config = sage_agent::worker::Config::load(&path).unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let forks = config.engine_server == "zygote";
         let task = tokio::spawn(sage_agent::worker::run(config, listener, async move {
             let _ = rx.await;
         }));
-        Worker {
+        let w = Worker {
             addr,
             tmp,
             state,
             stop: Some(stop),
             task: Some(task),
+        };
+        if forks {
+            w.wait_for_engine_server().await;
+        }
+        w
+    }
+
+    /// Until sessions are forked from the engine server (it imports its modules first).
+    pub async fn wait_for_engine_server(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut c = self.client().await;
+        loop {
+            c.open("engine-server-probe", None).await;
+            c.close("engine-server-probe").await;
+            if c.last_forked {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the engine server did not start within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -161,6 +184,8 @@ impl Worker {
 pub struct Client {
     pub rd: ReadHalf<TlsStream<TcpStream>>,
     pub wr: WriteHalf<TlsStream<TcpStream>>,
+    /// Whether the last session opened was forked from the engine server.
+    pub last_forked: bool,
 }
 
 #[derive(Debug, Default)]
@@ -190,7 +215,11 @@ impl Client {
             .map_err(std::io::Error::other)?;
         assert!(matches!(pong, Event::Pong { .. }), "{pong:?}");
         let (rd, wr) = tokio::io::split(tls);
-        Ok(Client { rd, wr })
+        Ok(Client {
+            rd,
+            wr,
+            last_forked: false,
+        })
     }
 
     pub async fn send(&mut self, r: Request) {
@@ -215,9 +244,11 @@ impl Client {
                 session,
                 ready_ms,
                 engine,
+                forked,
             } => {
                 assert_eq!(session.as_str(), s);
                 assert!(["python3", "sage"].contains(&engine.as_str()), "{engine}");
+                self.last_forked = forked;
                 ready_ms
             }
             e => panic!("open {s}: {e:?}"),

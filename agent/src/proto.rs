@@ -167,6 +167,9 @@ pub enum Event {
         session: String,
         engine: String,
         ready_ms: u64,
+        /// Forked from the worker's engine server (else started as a fresh process).
+        #[serde(default)]
+        forked: bool,
     },
     Stdout {
         session: String,

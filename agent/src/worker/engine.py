@@ -2,17 +2,15 @@
 # user. Cells arrive on fd 3 ("<length>\n<utf-8 code>"); their output goes to fd 1 and fd 2 as
 # any program's would; after each cell a marker ends both streams, the cell's pictures go to
 # fd 4 ("image <mime> <base64>\n" each), then its status ("ok\n", ...).
+# The same code serves a session forked from the engine server (zygote.py, appended to this
+# file there): it prepares `base` once, and each session's `serve` starts from a copy of it.
 import ast, os, sys, traceback
 
-ctrl = os.fdopen(3, "rb", buffering=0)
-status = os.fdopen(4, "wb", buffering=0)
-marker = os.environ.pop("SAGEWS_MARKER").encode()
 engine = os.environ.pop("SAGEWS_ENGINE", "python3")
-max_image = int(os.environ.pop("SAGEWS_MAX_IMAGE", "2097152"))
-namespace = {"__name__": "__main__", "__builtins__": __builtins__}
 preparse = None
+base = {"__name__": "__main__", "__builtins__": __builtins__}
 if engine == "sage":
-    exec("from sage.all import *", namespace)
+    exec("from sage.all import *", base)
     from sage.repl.preparse import preparse_file as preparse
 
 
@@ -90,42 +88,52 @@ def figures():
     return out
 
 
-# Only this process speaks for the session: a child forked by a cell closes the control pipes,
-# and one that leaks out of its cell exits instead of reading the next cell.
-main_pid = os.getpid()
+def serve():
+    """Runs cells from fd 3 until it closes. Only this process speaks for the session: a child
+    forked by a cell closes the control pipes, and one that leaks out of its cell exits instead
+    of reading the next cell."""
+    global ctrl, status, marker, max_image, namespace
+    ctrl = os.fdopen(3, "rb", buffering=0)
+    status = os.fdopen(4, "wb", buffering=0)
+    marker = os.environ.pop("SAGEWS_MARKER").encode()
+    max_image = int(os.environ.pop("SAGEWS_MAX_IMAGE", "2097152"))
+    namespace = dict(base)
+    main_pid = os.getpid()
 
+    def _in_child():
+        for fd in (3, 4):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
-def _in_child():
-    for fd in (3, 4):
+    os.register_at_fork(after_in_child=_in_child)
+    status.write(b"ready\n")
+    while True:
+        images = []
         try:
-            os.close(fd)
-        except OSError:
+            n = int(readline())
+            code = readn(n).decode("utf-8", "replace")
+            result = run(code)
+            try:
+                images = figures()
+            except Exception:
+                traceback.print_exc()
+        except KeyboardInterrupt:
+            result = "interrupted"
+        if os.getpid() != main_pid:
+            os._exit(0)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
             pass
+        os.write(1, marker)
+        os.write(2, marker)
+        for image in images:
+            status.write(image)
+        status.write(result.encode() + b"\n")
 
 
-os.register_at_fork(after_in_child=_in_child)
-status.write(b"ready\n")
-while True:
-    images = []
-    try:
-        n = int(readline())
-        code = readn(n).decode("utf-8", "replace")
-        result = run(code)
-        try:
-            images = figures()
-        except Exception:
-            traceback.print_exc()
-    except KeyboardInterrupt:
-        result = "interrupted"
-    if os.getpid() != main_pid:
-        os._exit(0)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    os.write(1, marker)
-    os.write(2, marker)
-    for image in images:
-        status.write(image)
-    status.write(result.encode() + b"\n")
+if "SAGEWS_ZYGOTE" not in os.environ:
+    serve()

@@ -11,9 +11,11 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::process::Child;
+use tokio::sync::oneshot;
 
 use super::sandbox::{self, Account};
+use super::zygote::Zygote;
 use crate::proto::{Limits, Status};
 
 const DRIVER: &str = include_str!("engine.py");
@@ -56,15 +58,69 @@ fn max_status_line(max_image: usize) -> u64 {
     (max_image as u64).div_ceil(3) * 4 + 256
 }
 
+/// The engine's process: a child of the worker, or forked by the engine server (which sends
+/// its wait status when it ends).
+enum Proc {
+    Fresh(Child),
+    Forked {
+        exit: Option<oneshot::Receiver<i32>>,
+        status: Option<std::process::ExitStatus>,
+    },
+}
+
+impl Proc {
+    /// Waits for the end; `None`: the engine server died before telling.
+    async fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            Proc::Fresh(c) => c.wait().await.ok(),
+            Proc::Forked { exit, status } => {
+                if status.is_none()
+                    && let Some(rx) = exit.take()
+                {
+                    *status = rx.await.ok().map(std::process::ExitStatus::from_raw);
+                }
+                *status
+            }
+        }
+    }
+}
+
 pub struct Engine {
-    child: Child,
+    proc: Proc,
     ctrl: pipe::Sender,
     status: BufReader<pipe::Receiver>,
-    out: ChildStdout,
-    err: ChildStderr,
+    out: pipe::Receiver,
+    err: pipe::Receiver,
     marker: Vec<u8>,
     pub pid: i32,
     pub kind: String,
+    /// Forked from the engine server (else a fresh process).
+    pub forked: bool,
+}
+
+/// The engine's four pipes: (ours, the engine's) for ctrl (fd 3), status (fd 4), stdout,
+/// stderr.
+struct Pipes {
+    ctrl: (OwnedFd, OwnedFd),
+    status: (OwnedFd, OwnedFd),
+    out: (OwnedFd, OwnedFd),
+    err: (OwnedFd, OwnedFd),
+}
+
+impl Pipes {
+    fn new() -> Result<Pipes, EngineError> {
+        let (ctrl_r, ctrl_w) = pipe_pair()?;
+        let (status_r, status_w) = pipe_pair()?;
+        let (out_r, out_w) = pipe_pair()?;
+        let (err_r, err_w) = pipe_pair()?;
+        Ok(Pipes {
+            ctrl: (ctrl_w, ctrl_r),
+            status: (status_r, status_w),
+            out: (out_r, out_w),
+            err: (err_r, err_w),
+        })
+    }
 }
 
 fn random_marker() -> Vec<u8> {
@@ -102,51 +158,109 @@ pub fn describe_exit(status: std::process::ExitStatus, limits: &Limits) -> Strin
 }
 
 impl Engine {
-    /// Starts the engine as `acct` and waits until it is ready.
-    pub async fn start(acct: &Account, limits: &Limits, kind: &str) -> Result<Engine, EngineError> {
-        let (ctrl_r, ctrl_w) = pipe_pair()?;
-        let (status_r, status_w) = pipe_pair()?;
-        let fds = vec![(ctrl_r.as_raw_fd(), 3), (status_w.as_raw_fd(), 4)];
+    /// Starts the engine as `acct` and waits until it is ready: forked from the engine server
+    /// when there is one running, else as a fresh process.
+    pub async fn start(
+        acct: &Account,
+        limits: &Limits,
+        kind: &str,
+        zygote: Option<&Zygote>,
+    ) -> Result<Engine, EngineError> {
+        let marker = random_marker();
+        let env = [
+            (
+                "SAGEWS_MARKER",
+                String::from_utf8_lossy(&marker).into_owned(),
+            ),
+            ("SAGEWS_ENGINE", kind.to_string()),
+            ("SAGEWS_MAX_IMAGE", MAX_IMAGE.to_string()),
+            // Pictures are drawn to PNG, never to a screen.
+            ("MPLBACKEND", "Agg".to_string()),
+        ];
+        if let Some(z) = zygote.filter(|z| z.is_up()) {
+            let p = Pipes::new()?;
+            let mut spec = sandbox::zygote_spec(acct, limits);
+            for (k, v) in &env {
+                spec["env"][*k] = serde_json::Value::from(v.as_str());
+            }
+            let mut fds = vec![p.ctrl.1, p.status.1, p.out.1, p.err.1];
+            if let Some(cg) = &acct.cgroup {
+                fds.extend(
+                    cg.join_fds()
+                        .map_err(|e| EngineError::Start(format!("the session's cgroup: {e}")))?,
+                );
+            }
+            match z.fork(spec, fds).await {
+                Ok((pid, exit)) => {
+                    let proc = Proc::Forked {
+                        exit: Some(exit),
+                        status: None,
+                    };
+                    return Engine::ready(
+                        proc,
+                        pid,
+                        (p.ctrl.0, p.status.0, p.out.0, p.err.0),
+                        marker,
+                        kind,
+                        true,
+                    )
+                    .await;
+                }
+                Err(e) => tracing::warn!("{e}: starting a fresh engine process instead"),
+            }
+        }
+        let p = Pipes::new()?;
+        let fds = vec![
+            (p.ctrl.1.as_raw_fd(), 3),
+            (p.status.1.as_raw_fd(), 4),
+            (p.out.1.as_raw_fd(), 1),
+            (p.err.1.as_raw_fd(), 2),
+        ];
         let (program, args): (&str, Vec<&str>) = match kind {
             "sage" => ("sage", vec!["-python", "-u", "-c", DRIVER]),
             _ => ("python3", vec!["-I", "-u", "-c", DRIVER]),
         };
-        let marker = random_marker();
         let mut cmd = sandbox::command(acct, limits, program, &args, fds);
-        cmd.env(
-            "SAGEWS_MARKER",
-            String::from_utf8_lossy(&marker).into_owned(),
-        )
-        .env("SAGEWS_ENGINE", kind)
-        .env("SAGEWS_MAX_IMAGE", MAX_IMAGE.to_string())
-        // Pictures are drawn to PNG, never to a screen.
-        .env("MPLBACKEND", "Agg")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-        let mut child = cmd
+        cmd.envs(env)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd
             .spawn()
             .map_err(|e| EngineError::Start(format!("{program}: {e}")))?;
-        drop(ctrl_r);
-        drop(status_w);
-        let ctrl =
-            pipe::Sender::from_owned_fd(ctrl_w).map_err(|e| EngineError::Start(e.to_string()))?;
-        let status = BufReader::new(
-            pipe::Receiver::from_owned_fd(status_r)
-                .map_err(|e| EngineError::Start(e.to_string()))?,
-        );
-        let out = child.stdout.take().expect("piped");
-        let err = child.stderr.take().expect("piped");
+        drop((p.ctrl.1, p.status.1, p.out.1, p.err.1));
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        Engine::ready(
+            Proc::Fresh(child),
+            pid,
+            (p.ctrl.0, p.status.0, p.out.0, p.err.0),
+            marker,
+            kind,
+            false,
+        )
+        .await
+    }
+
+    /// Waits for the engine's `ready`.
+    async fn ready(
+        proc: Proc,
+        pid: i32,
+        (ctrl, status, out, err): (OwnedFd, OwnedFd, OwnedFd, OwnedFd),
+        marker: Vec<u8>,
+        kind: &str,
+        forked: bool,
+    ) -> Result<Engine, EngineError> {
+        let start = |e: std::io::Error| EngineError::Start(e.to_string());
         let mut e = Engine {
-            child,
-            ctrl,
-            status,
-            out,
-            err,
+            proc,
+            ctrl: pipe::Sender::from_owned_fd(ctrl).map_err(start)?,
+            status: BufReader::new(pipe::Receiver::from_owned_fd(status).map_err(start)?),
+            out: pipe::Receiver::from_owned_fd(out).map_err(start)?,
+            err: pipe::Receiver::from_owned_fd(err).map_err(start)?,
             marker,
             pid,
             kind: kind.to_string(),
+            forked,
         };
         let mut line = String::new();
         let ready =
@@ -155,9 +269,9 @@ impl Engine {
             let mut stderr = Vec::new();
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), e.err.read_to_end(&mut stderr)).await;
-            let _ = e.child.start_kill();
+            e.stop().await;
             return Err(EngineError::Start(format!(
-                "{program} did not start: {}",
+                "the {kind} engine did not start: {}",
                 String::from_utf8_lossy(&stderr).trim()
             )));
         }
@@ -242,22 +356,25 @@ impl Engine {
     }
 
     async fn died(&mut self, limits: &Limits) -> EngineError {
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let status = tokio::time::timeout(Duration::from_secs(10), self.proc.wait()).await;
         EngineError::Died(match status {
-            Ok(Ok(s)) => describe_exit(s, limits),
-            _ => "the engine stopped answering".to_string(),
+            Ok(Some(s)) => describe_exit(s, limits),
+            Ok(None) => "the engine server stopped, and this session with it".to_string(),
+            Err(_) => "the engine stopped answering".to_string(),
         })
     }
 
     /// Stops the engine (SIGTERM, then SIGKILL).
     pub async fn stop(&mut self) {
         let _ = killpg(Pid::from_raw(self.pid), Signal::SIGTERM);
-        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+        if tokio::time::timeout(Duration::from_secs(2), self.proc.wait())
             .await
             .is_err()
         {
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let _ = self.child.kill().await;
+            if let Proc::Fresh(c) = &mut self.proc {
+                let _ = c.kill().await;
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ mod register;
 pub mod sandbox;
 mod seccomp;
 mod session;
+pub mod zygote;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -55,6 +56,23 @@ pub struct Config {
     /// Refuse to start without cgroup controllers for sessions (false: rlimits only).
     #[serde(default = "default_true")]
     pub require_cgroups: bool,
+    /// How engines start: `zygote` (forked from the engine server, fresh processes while it is
+    /// down) or `fresh` (a new process each).
+    #[serde(default = "default_engine_server")]
+    pub engine_server: String,
+    /// Modules the engine server imports once for every session (python3).
+    #[serde(default = "default_preload")]
+    pub preload: Vec<String>,
+}
+
+fn default_engine_server() -> String {
+    "zygote".into()
+}
+
+fn default_preload() -> Vec<String> {
+    ["numpy", "matplotlib", "matplotlib.pyplot"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_true() -> bool {
@@ -98,6 +116,11 @@ impl Config {
             "{}: engine must be python3 or sage",
             path.display()
         );
+        anyhow::ensure!(
+            ["zygote", "fresh"].contains(&c.engine_server.as_str()),
+            "{}: engine_server must be zygote or fresh",
+            path.display()
+        );
         let private = ["/tmp", "/var/tmp", "/dev/shm", "/run", "/proc"];
         anyhow::ensure!(
             c.state_dir.is_absolute() && !private.iter().any(|p| c.state_dir.starts_with(p)),
@@ -117,6 +140,8 @@ impl Config {
 #[derive(Default)]
 pub struct Metrics {
     pub sessions_opened: AtomicU64,
+    pub engines_forked: AtomicU64,
+    pub engines_fresh: AtomicU64,
     pub executes: AtomicU64,
     pub limit_kills: AtomicU64,
     pub refused_connections: AtomicU64,
@@ -131,6 +156,8 @@ pub struct Shared {
     /// Uids whose last session left something behind: never given out again by this run.
     held: Mutex<BTreeSet<u32>>,
     pub cgroups: cgroup::Cgroups,
+    /// The engine server, when the configuration asks for one.
+    pub zygote: Option<Arc<zygote::Zygote>>,
     pub metrics: Metrics,
     /// When a backend was last heard from (a request, or an answer to a heartbeat).
     pub last_backend: Mutex<Instant>,
@@ -138,7 +165,15 @@ pub struct Shared {
 
 impl Shared {
     fn new(config: Config, cgroups: cgroup::Cgroups) -> Shared {
+        let zygote = (config.engine_server == "zygote").then(|| {
+            Arc::new(zygote::Zygote::new(
+                &config.engine,
+                config.preload.clone(),
+                config.state_dir.join("engine-server"),
+            ))
+        });
         Shared {
+            zygote,
             config,
             sessions: Mutex::default(),
             uids: Mutex::default(),
@@ -187,15 +222,35 @@ impl Shared {
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let mode = self.cgroups.mode().label();
         let held = self.held.lock().unwrap().len();
-        format!(
-            "# HELP sagews_worker_limits How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only).\n# TYPE sagews_worker_limits gauge\nsagews_worker_limits{{mode=\"{mode}\"}} 1\n# TYPE sagews_worker_uids_held gauge\nsagews_worker_uids_held {held}\n# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
-            self.session_count(),
-            g(&m.sessions_opened),
-            g(&m.executes),
-            g(&m.limit_kills),
-            g(&m.refused_connections),
-            g(&m.bad_frames)
-        )
+        let server = match &self.zygote {
+            None => "# HELP sagews_worker_engine_server How engines start: fresh (configured), or zygote (forked from the engine server; up 0 while it is being restarted).\n# TYPE sagews_worker_engine_server gauge\nsagews_worker_engine_server{mode=\"fresh\"} 1\n".to_string(),
+            Some(z) => format!(
+                "# HELP sagews_worker_engine_server How engines start: fresh (configured), or zygote (forked from the engine server; up 0 while it is being restarted).\n# TYPE sagews_worker_engine_server gauge\nsagews_worker_engine_server{{mode=\"zygote\"}} {}\n# TYPE sagews_worker_engine_server_restarts_total counter\nsagews_worker_engine_server_restarts_total {}\n",
+                u8::from(z.is_up()),
+                z.restarts.load(Ordering::Relaxed)
+            ),
+        };
+        let engines = format!(
+            "# TYPE sagews_worker_engines_started_total counter\nsagews_worker_engines_started_total{{how=\"forked\"}} {}\nsagews_worker_engines_started_total{{how=\"fresh\"}} {}\n",
+            self.metrics.engines_forked.load(Ordering::Relaxed),
+            self.metrics.engines_fresh.load(Ordering::Relaxed)
+        );
+        server
+            + &engines
+            + &format!(
+                "# HELP sagews_worker_limits How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only).\n# TYPE sagews_worker_limits gauge\nsagews_worker_limits{{mode=\"{mode}\"}} 1\n# TYPE sagews_worker_uids_held gauge\nsagews_worker_uids_held {held}\n# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
+                self.session_count(),
+                g(&m.sessions_opened),
+                g(&m.executes),
+                g(&m.limit_kills),
+                g(&m.refused_connections),
+                g(&m.bad_frames)
+            )
+    }
+
+    /// The engine server's pid, when one is running.
+    pub fn engine_server_pid(&self) -> Option<i32> {
+        self.zygote.as_ref().and_then(|z| z.pid())
     }
 
     /// Closes every session (autostop, shutdown).
@@ -259,6 +314,9 @@ pub async fn run(
         cgroup::Cgroups::discover(config.require_cgroups, config.uid_min..=config.uid_max)?;
     tracing::info!(mode = cgroups.mode().label(), "session limits");
     let shared = Arc::new(Shared::new(config, cgroups));
+    if let Some(z) = &shared.zygote {
+        tokio::spawn(z.clone().supervise());
+    }
     if let Some(addr) = shared.config.metrics_listen {
         match TcpListener::bind(addr).await {
             Ok(l) => {

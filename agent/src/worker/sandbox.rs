@@ -277,6 +277,25 @@ impl Step {
         }
     }
 
+    /// For the engine server, which takes the same steps in its forked children.
+    fn describe(&self) -> serde_json::Value {
+        let text = |c: &std::ffi::CString| c.to_string_lossy().into_owned();
+        match self {
+            Step::ReadOnly => serde_json::json!({"op": "read_only"}),
+            Step::Writable(p) => serde_json::json!({"op": "writable", "path": text(p)}),
+            Step::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => serde_json::json!({
+                "op": "mount", "source": text(source), "target": text(target),
+                "fstype": text(fstype), "flags": flags, "data": text(data),
+            }),
+        }
+    }
+
     /// In the child, before exec.
     fn apply(&self) -> std::io::Result<()> {
         use nix::libc::{self, MS_BIND, MS_NODEV, MS_NOSUID, MS_REMOUNT};
@@ -485,6 +504,90 @@ unsafe fn wait_for(pid: nix::libc::pid_t) -> i32 {
     }
 }
 
+/// The environment of every process of a session.
+pub fn session_env(acct: &Account) -> Vec<(String, String)> {
+    let cache = acct.cache_dir();
+    [
+        ("HOME", acct.home.display().to_string()),
+        ("USER", acct.name.clone()),
+        ("LOGNAME", acct.name.clone()),
+        ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
+        ("LANG", "C.UTF-8".into()),
+        ("PYTHONUNBUFFERED", "1".into()),
+        // Caches (matplotlib's font list, ...) beside the home, not in it: a save commits the
+        // home, and a cache is not the person's work.
+        ("XDG_CACHE_HOME", cache.display().to_string()),
+        (
+            "MPLCONFIGDIR",
+            cache.join("matplotlib").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The rlimits of a session's engine: CPU (SIGXCPU at the limit, SIGKILL five seconds of CPU
+/// later), processes of its uid, open files, file size; the address space only when there is no
+/// cgroup to count memory (it counts every mapping, shared ones too).
+fn rlimits(l: &Limits, cgroup: bool) -> Vec<(Resource, u64, u64)> {
+    let mut out = vec![
+        (Resource::RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 5),
+        (Resource::RLIMIT_NPROC, l.processes, l.processes),
+        (Resource::RLIMIT_NOFILE, l.open_files, l.open_files),
+        (
+            Resource::RLIMIT_FSIZE,
+            l.file_size_mb * MB,
+            l.file_size_mb * MB,
+        ),
+    ];
+    if !cgroup {
+        out.push((Resource::RLIMIT_AS, l.memory_mb * MB, l.memory_mb * MB));
+    }
+    out
+}
+
+/// What the engine server (`zygote.py`) needs to put a forked process in the same sandbox as
+/// `command` puts a fresh one: the same view, limits, uid, filter and environment, made by the
+/// same functions; it executes the steps, the policy stays here.
+pub fn zygote_spec(acct: &Account, limits: &Limits) -> serde_json::Value {
+    use base64::Engine as _;
+    let view: Vec<serde_json::Value> = session_view(acct, limits)
+        .iter()
+        .map(Step::describe)
+        .collect();
+    let rlimits: Vec<(i32, u64, u64)> = rlimits(limits, acct.cgroup.is_some())
+        .into_iter()
+        .map(|(r, soft, hard)| (r as i32, soft, hard))
+        .collect();
+    let seccomp: Vec<String> = seccomp::filters()
+        .iter()
+        .map(|prog| {
+            let bytes: Vec<u8> = prog
+                .iter()
+                .flat_map(|f| {
+                    let mut b = Vec::with_capacity(8);
+                    b.extend_from_slice(&f.code.to_ne_bytes());
+                    b.push(f.jt);
+                    b.push(f.jf);
+                    b.extend_from_slice(&f.k.to_ne_bytes());
+                    b
+                })
+                .collect();
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        })
+        .collect();
+    serde_json::json!({
+        "uid": acct.uid,
+        "gid": acct.gid,
+        "home": acct.home,
+        "view": view,
+        "rlimits": rlimits,
+        "seccomp": seccomp,
+        "env": session_env(acct).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+    })
+}
+
 /// A command that runs as `acct` under `limits`; `fds` are (parent fd, child fd) to pass.
 pub fn command(
     acct: &Account,
@@ -496,16 +599,7 @@ pub fn command(
     let mut c = tokio::process::Command::new(program);
     c.args(args)
         .env_clear()
-        .env("HOME", &acct.home)
-        .env("USER", &acct.name)
-        .env("LOGNAME", &acct.name)
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("LANG", "C.UTF-8")
-        .env("PYTHONUNBUFFERED", "1")
-        // Caches (matplotlib's font list, ...) beside the home, not in it: a save commits the
-        // home, and a cache is not the person's work.
-        .env("XDG_CACHE_HOME", acct.cache_dir())
-        .env("MPLCONFIGDIR", acct.cache_dir().join("matplotlib"))
+        .envs(session_env(acct))
         .current_dir(&acct.home)
         .kill_on_drop(true);
     assert!(
@@ -513,7 +607,7 @@ pub fn command(
         "at most 8 descriptors are passed to a session's process"
     );
     let (uid, gid) = (Uid::from_raw(acct.uid), Gid::from_raw(acct.gid));
-    let l = limits.clone();
+    let rlimits = rlimits(limits, acct.cgroup.is_some());
     let view = session_view(acct, limits);
     let home = cstring(&acct.home.display().to_string());
     let root = std::ffi::CString::new("/").expect("static");
@@ -524,7 +618,7 @@ pub fn command(
         Some(cg) => cg.join_fds().unwrap_or_default(),
         None => Vec::new(),
     };
-    let (no_cgroup, joins_needed) = (acct.cgroup.is_none(), acct.cgroup.is_some());
+    let joins_needed = acct.cgroup.is_some();
     let filters = seccomp::filters();
     // SAFETY: the closure runs in the forked child before exec; it only makes system calls
     // (write, dup2, setsid, unshare, fork, waitpid, mount, mount_setattr, sethostname,
@@ -592,18 +686,9 @@ pub fn command(
             }
             pid_namespace_init(nix::libc::fork())?;
             // The engine (PID 2): limits, then the user.
-            // CPU: SIGXCPU at the limit, SIGKILL five seconds of CPU later.
-            setrlimit(Resource::RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 5)?;
-            if no_cgroup {
-                setrlimit(Resource::RLIMIT_AS, l.memory_mb * MB, l.memory_mb * MB)?;
+            for (resource, soft, hard) in &rlimits {
+                setrlimit(*resource, *soft, *hard)?;
             }
-            setrlimit(Resource::RLIMIT_NPROC, l.processes, l.processes)?;
-            setrlimit(Resource::RLIMIT_NOFILE, l.open_files, l.open_files)?;
-            setrlimit(
-                Resource::RLIMIT_FSIZE,
-                l.file_size_mb * MB,
-                l.file_size_mb * MB,
-            )?;
             setgroups(&[])?;
             setgid(gid)?;
             setuid(uid)?;

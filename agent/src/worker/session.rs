@@ -206,7 +206,14 @@ pub async fn open(
     {
         return Err(fail(acct, shared, e).await);
     }
-    let engine = match Engine::start(&acct, &limits, &shared.config.engine).await {
+    let engine = match Engine::start(
+        &acct,
+        &limits,
+        &shared.config.engine,
+        shared.zygote.as_deref(),
+    )
+    .await
+    {
         Ok(e) => e,
         Err(e) => return Err(fail(acct, shared, e.to_string()).await),
     };
@@ -216,10 +223,19 @@ pub async fn open(
         .metrics
         .sessions_opened
         .fetch_add(1, Ordering::Relaxed);
+    if engine.forked {
+        shared
+            .metrics
+            .engines_forked
+            .fetch_add(1, Ordering::Relaxed);
+    } else {
+        shared.metrics.engines_fresh.fetch_add(1, Ordering::Relaxed);
+    }
     let opened = Event::Opened {
         session: session.clone(),
         engine: engine.kind.clone(),
         ready_ms: started.elapsed().as_millis() as u64,
+        forked: engine.forked,
     };
     let stop = Arc::new(tokio::sync::Notify::new());
     let session_io = Io {
