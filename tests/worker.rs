@@ -849,3 +849,119 @@ print(os.path.exists('/sys/fs/cgroup/memory'), os.listdir('/sys/fs/cgroup'))",
     c.close("ro").await;
     w.stop().await;
 }
+
+/// The engine server of a worker: the process whose HOME is its directory in the state dir.
+fn engine_server_pid(w: &Worker) -> Option<i32> {
+    let home = format!(
+        "HOME={}",
+        w.tmp.path().join("state/engine-server").display()
+    );
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        // The server itself (a child of this test process), not a session forked from it.
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse::<u32>()
+            .ok()?;
+        (ppid == std::process::id()
+            && env.split(|b| *b == 0).any(|v| v == home.as_bytes())
+            && String::from_utf8_lossy(&cmd).contains("engine server"))
+        .then_some(pid)
+    })
+}
+
+/// Sessions forked from the engine server (issue 14): each starts from the server's modules and
+/// changes only its own copy; the server holds nothing of the worker's key; killed under an
+/// open session, that session ends with a clear message, and sessions are forked again once a
+/// new server is up.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_forked_from_the_engine_server() {
+    let w = Worker::start(70000, limits(), 600).await;
+    let key = w.tmp.path().join("worker/worker1.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut c = w.client().await;
+    c.open("za", None).await;
+    assert!(c.last_forked, "forked from the engine server");
+    let cell = c
+        .run(
+            "za",
+            1,
+            "import numpy, json\nnumpy.sagews_mark = 1\njson.dumps = None\nx = 41",
+        )
+        .await;
+    assert_eq!(cell.status, Some(Status::Ok), "{cell:?}");
+    assert_eq!(c.run("za", 2, "x + 1").await.stdout, "42\n", "state kept");
+    c.open("zb", None).await;
+    assert!(c.last_forked);
+    let cell = c
+        .run(
+            "zb",
+            1,
+            &format!(
+                "import sys, json, numpy\nprint('numpy' in sys.modules, hasattr(numpy, 'sagews_mark'), json.dumps([1]), 'x' in dir())\ntry:\n    open('{}').read(); print('key read')\nexcept OSError as e:\n    print(type(e).__name__)",
+                key.display()
+            ),
+        )
+        .await;
+    assert_eq!(
+        cell.stdout, "True False [1] False\nPermissionError\n",
+        "numpy came preloaded; A's changes are A's own; the key is out of reach: {cell:?}"
+    );
+
+    // The server holds nothing of the key: not in its environment or command line, no
+    // descriptor or mapping of the key file.
+    let server = engine_server_pid(&w).expect("the engine server runs");
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    let key_body = key_text.lines().nth(1).unwrap();
+    for f in ["environ", "cmdline", "maps"] {
+        let text = String::from_utf8_lossy(&std::fs::read(format!("/proc/{server}/{f}")).unwrap())
+            .into_owned();
+        assert!(
+            !text.contains(key_body) && !text.contains(&key.display().to_string()),
+            "{f} of the engine server"
+        );
+    }
+    let mut targets = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{server}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert_ne!(target, key, "a descriptor of the engine server");
+        targets.push(target.display().to_string());
+    }
+    eprintln!("the engine server's descriptors: {targets:?}");
+    let fds = std::fs::read_dir(format!("/proc/{server}/fd"))
+        .unwrap()
+        .count();
+    assert!(
+        fds <= 8,
+        "the server holds its socket, stdio, a wakeup pipe and its poller: {fds}"
+    );
+
+    // Killed under open sessions: they end with a clear message, nothing of them is left.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let reason = closed(&mut c, "za").await;
+    assert!(reason.contains("the engine server stopped"), "{reason}");
+    let reason = closed(&mut c, "zb").await;
+    assert!(reason.contains("the engine server stopped"), "{reason}");
+    assert_eq!(leftovers(&w, 70000), Vec::<String>::new());
+    assert_eq!(leftovers(&w, 70001), Vec::<String>::new());
+    // A new server comes up by itself; sessions are forked from it again.
+    w.wait_for_engine_server().await;
+    assert_ne!(engine_server_pid(&w), Some(server), "a new engine server");
+    c.open("zc", None).await;
+    assert!(c.last_forked);
+    assert_eq!(c.run("zc", 1, "1 + 1").await.stdout, "2\n");
+    c.close("zc").await;
+    w.stop().await;
+}

@@ -64,23 +64,26 @@ enum Proc {
     Fresh(Child),
     Forked {
         exit: Option<oneshot::Receiver<i32>>,
-        status: Option<std::process::ExitStatus>,
+        /// Once ended: its status, or `None` when the server died before telling.
+        status: Option<Option<std::process::ExitStatus>>,
     },
 }
 
 impl Proc {
-    /// Waits for the end; `None`: the engine server died before telling.
+    /// Waits for the end (cancel-safe); `None`: the engine server died before telling.
     async fn wait(&mut self) -> Option<std::process::ExitStatus> {
         use std::os::unix::process::ExitStatusExt;
         match self {
             Proc::Fresh(c) => c.wait().await.ok(),
             Proc::Forked { exit, status } => {
                 if status.is_none()
-                    && let Some(rx) = exit.take()
+                    && let Some(rx) = exit.as_mut()
                 {
-                    *status = rx.await.ok().map(std::process::ExitStatus::from_raw);
+                    let r = rx.await;
+                    *exit = None;
+                    *status = Some(r.ok().map(std::process::ExitStatus::from_raw));
                 }
-                *status
+                status.flatten()
             }
         }
     }
@@ -352,6 +355,14 @@ impl Engine {
                 "interrupted" => Status::Interrupted,
                 _ => Status::Error,
             });
+        }
+    }
+
+    /// Completes when the engine's process ends by itself (between cells), saying why.
+    pub async fn ended(&mut self, limits: &Limits) -> String {
+        match self.proc.wait().await {
+            Some(s) => describe_exit(s, limits),
+            None => "the engine server stopped, and this session with it".to_string(),
         }
     }
 

@@ -438,6 +438,7 @@ async fn run(
                 Some(why) => break why,
                 None => continue,
             },
+            why = engine.ended(&limits) => break why,
         };
         match cmd {
             Cmd::Execute { id, code } => {

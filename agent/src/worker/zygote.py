@@ -161,6 +161,8 @@ def reseed():
 
 
 def main():
+    # Nothing but stdio and the socket (fd 3), whatever the worker's process held.
+    os.closerange(4, 65536)
     os.environ.pop("SAGEWS_ZYGOTE", None)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     for name in filter(None, os.environ.pop("SAGEWS_PRELOAD", "").split(",")):
