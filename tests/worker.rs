@@ -515,7 +515,7 @@ async fn sage_engine_factors() {
     l.memory_mb = 4096;
     l.processes = 200;
     let w = Worker::start_with(
-        67000,
+        71000,
         l,
         600,
         tmp,
@@ -525,12 +525,52 @@ async fn sage_engine_factors() {
     .await;
     let mut c = w.client().await;
     c.open("sage-ws", None).await;
+    assert!(c.last_forked, "forked from the Sage engine server");
     let cell = c.run("sage-ws", 1, "factor(2^64+1)").await;
     assert_eq!(
         (cell.status, cell.stdout.trim()),
         (Some(Status::Ok), "274177 * 67280421310721"),
         "{cell:?}"
     );
+    // The preparser on every cell; state kept between cells.
+    let cell = c.run("sage-ws", 2, "R.<x> = QQ[]\nf = x^2 - 1\n2^10").await;
+    assert_eq!(cell.stdout, "1024\n", "{cell:?}");
+    let cell = c.run("sage-ws", 3, "f.factor()").await;
+    assert_eq!(cell.stdout, "(x - 1) * (x + 1)\n", "{cell:?}");
+    // Errors: the traceback starts at the user's code (none of the driver's frames).
+    let cell = c.run("sage-ws", 4, "1/0").await;
+    assert_eq!(cell.status, Some(Status::Error));
+    assert!(
+        cell.stderr.contains("File \"<cell>\", line 1")
+            && cell.stderr.contains("ZeroDivisionError")
+            && !cell.stderr.contains("def run"),
+        "{}",
+        cell.stderr
+    );
+    // A plot echoed by a cell is a picture.
+    c.send(Request::Execute {
+        session: "sage-ws".into(),
+        id: 5,
+        code: "plot(sin(x), (x, 0, 6))".into(),
+    })
+    .await;
+    let (mut image, mut done) = (None, None);
+    while done.is_none() {
+        match c.next().await {
+            Event::Image { mime, data, .. } => image = Some((mime, data.len())),
+            Event::Done { status, .. } => done = Some(status),
+            _ => {}
+        }
+    }
+    assert_eq!(done, Some(Status::Ok));
+    let (mime, len) = image.expect("an image event");
+    assert_eq!(mime, "image/png");
+    assert!(len > 1000, "a real picture: {len} bytes of base64");
+    // Sessions forked from one server do not share state.
+    c.open("sage-2", None).await;
+    let cell = c.run("sage-2", 1, "'f' in globals(), 2^3").await;
+    assert_eq!(cell.stdout, "(False, 8)\n", "{cell:?}");
+    c.close("sage-2").await;
     c.close("sage-ws").await;
     w.stop().await;
 }

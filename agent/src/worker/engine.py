@@ -11,7 +11,8 @@ preparse = None
 base = {"__name__": "__main__", "__builtins__": __builtins__}
 if engine == "sage":
     exec("from sage.all import *", base)
-    from sage.repl.preparse import preparse_file as preparse
+    # Line for line (as Sage's own REPL does): tracebacks name the lines the person wrote.
+    from sage.repl.preparse import preparse
 
 
 def readline():
@@ -47,7 +48,8 @@ def run(code):
             value = eval(compile(last, "<cell>", "eval"), namespace)
             if value is not None:
                 namespace["_"] = value
-                print(repr(value))
+                if not show_graphics(value):
+                    print(repr(value))
         return "ok"
     except KeyboardInterrupt:
         print("KeyboardInterrupt", file=sys.stderr)
@@ -60,15 +62,42 @@ def run(code):
         return "error"
 
 
+# Pictures made by the cell other than matplotlib's figures (Sage's graphics), as status lines.
+pictures = []
+
+
+def show_graphics(value):
+    """A Sage plot echoed by a cell is shown as a picture, as Sage's notebook does."""
+    if engine != "sage":
+        return False
+    from sage.plot.graphics import Graphics
+
+    multi = type(value).__name__ in ("GraphicsArray", "MultiGraphics")
+    if not (isinstance(value, Graphics) or multi):
+        return False
+    import base64, tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:
+        value.save(f.name, dpi=96)
+        data = open(f.name, "rb").read()
+    if len(data) > max_image:
+        print(f"the picture is {len(data)} bytes as PNG, over the limit of {max_image}: not shown",
+              file=sys.stderr)
+    else:
+        pictures.append(b"image image/png " + base64.b64encode(data) + b"\n")
+    return True
+
+
 def figures():
     """The cell's matplotlib figures as PNG images on fd 4, then closed (a cell's pictures are
     shown once, as a notebook would)."""
+    out = pictures[:]
+    pictures.clear()
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is None:
-        return []
+        return out
     import base64, io
 
-    out = []
     for n in plt.get_fignums():
         buf = io.BytesIO()
         try:
