@@ -241,7 +241,7 @@ fn firewall_opens_exactly_the_arrows() {
     let output = w.split("chain output").nth(1).unwrap();
     assert!(output.contains("policy drop"));
     assert!(output.contains("ip daddr 10.77.0.13 tcp dport 8444 accept"));
-    assert!(output.contains("meta skuid 0 ip daddr 10.77.0.1 tcp dport 3149 accept"));
+    assert!(output.contains("meta skuid { root, _apt } ip daddr 10.77.0.1 tcp dport 3149 accept"));
     // Nothing else: no port 53/80/443 to anywhere (issue 13).
     let rules: Vec<&str> = output
         .lines()
@@ -259,8 +259,8 @@ fn firewall_opens_exactly_the_arrows() {
     let output = w.split("chain output").nth(1).unwrap();
     let packages: Vec<&str> = output
         .lines()
-        .filter(|l| l.contains("meta skuid 0"))
-        .map(|l| l.split_whitespace().nth(5).unwrap())
+        .filter(|l| l.contains("meta skuid { root, _apt }"))
+        .map(|l| l.split_whitespace().nth(8).unwrap())
         .collect();
     assert_eq!(packages, ["192.0.2.53/32", "198.51.100.0/24"]);
     for h in ["db", "backend1", "lb", "logs"] {

@@ -9,6 +9,7 @@ pub mod frame;
 pub mod http1;
 pub mod logclient;
 pub mod logd;
+pub mod probe;
 pub mod proto;
 pub mod tls;
 pub mod worker;

@@ -28,6 +28,31 @@ enum Agent {
     Logd(AgentOpts),
     /// List the agents this binary implements (sagectl starts only those).
     Built,
+    /// Run one cell on a worker through its protocol, with a backend's certificate (the
+    /// deploy's health check); prints the cell's output.
+    Probe(ProbeOpts),
+}
+
+#[derive(clap::Args)]
+struct ProbeOpts {
+    /// The deployment's CA certificate.
+    #[arg(long, default_value = "/etc/sage-agent/ca.crt")]
+    ca: PathBuf,
+    /// A certificate with the backend role.
+    #[arg(long, default_value = "/etc/sage-agent/host.crt")]
+    cert: PathBuf,
+    /// Its private key (a path: the key never travels in arguments).
+    #[arg(long, default_value = "/etc/sage-agent/host.key")]
+    key: PathBuf,
+    /// The worker's name (as in its certificate).
+    #[arg(long)]
+    worker: String,
+    /// The worker's session address, HOST:PORT.
+    #[arg(long)]
+    address: String,
+    /// The cell to run.
+    #[arg(long)]
+    code: String,
 }
 
 /// The agents complete enough for sagectl to start; it installs the others' units without
@@ -68,6 +93,7 @@ fn main() -> ExitCode {
             }
             return ExitCode::SUCCESS;
         }
+        Agent::Probe(o) => probe(&o),
         Agent::Worker(o) => worker(&o),
         Agent::Backend(o) => backend(&o),
         Agent::Logd(o) => logd(&o),
@@ -115,6 +141,25 @@ fn worker(o: &AgentOpts) -> anyhow::Result<()> {
     serve(config.listen, |l| {
         sage_agent::worker::run(config, l, shutdown())
     })
+}
+
+fn probe(o: &ProbeOpts) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (out, engine, opened) = rt.block_on(sage_agent::probe::run(
+        (&o.ca, &o.cert, &o.key),
+        &o.worker,
+        &o.address,
+        &o.code,
+    ))?;
+    eprintln!(
+        "{}: {engine} session opened in {} ms",
+        o.worker,
+        opened.as_millis()
+    );
+    print!("{out}");
+    Ok(())
 }
 
 fn logd(o: &AgentOpts) -> anyhow::Result<()> {

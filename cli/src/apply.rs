@@ -359,8 +359,61 @@ async fn apply_with(
     let mut uploaded: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Handler key -> index of the last change that notified it.
     let mut notified: BTreeMap<String, usize> = BTreeMap::new();
-    for p in &plan.pending {
-        notified.entry(p.clone()).or_insert(0);
+    // Handlers an earlier run recorded but did not reach (it failed after the change) run first:
+    // what they load may be what this run's tasks need (new firewall rules letting apt out).
+    if !plan.pending.is_empty() {
+        if let Err(e) = r.daemon_reload().await {
+            out.error = Some(e);
+            return out;
+        }
+        for h in plan
+            .handlers
+            .iter()
+            .filter(|h| plan.pending.contains(&h.key()) && !plan.skipped_units.contains(&h.service))
+        {
+            let verb = match h.action {
+                HandlerAction::Restart => "restart",
+                HandlerAction::Reload => "reload-or-restart",
+            };
+            progress(&format!(
+                "handler left by an earlier run: {verb} {}",
+                h.service
+            ));
+            // Only a running service: one that is not running starts with its tasks below.
+            let argv = [
+                "sh",
+                "-c",
+                "if systemctl is-active --quiet \"$2\"; then systemctl \"$1\" \"$2\"; fi",
+                "sh",
+                verb,
+                &h.service,
+            ];
+            if let Err(e) = r
+                .must(
+                    &format!("systemctl {verb} {}", h.service),
+                    &argv,
+                    b"",
+                    SHORT,
+                )
+                .await
+            {
+                out.error = Some(format!(
+                    "handler `{}` (left by an earlier run): {e}",
+                    h.name
+                ));
+                return out;
+            }
+            out.handlers.push(format!("{verb} {}", h.service));
+            if h.check_login {
+                if let Err(e) = relogin_within(relogin, RELOGIN_TIME).await {
+                    out.error = Some(format!(
+                        "handler `{}` (left by an earlier run): a fresh login failed after it ({e}): this run's connection is the only way in",
+                        h.name
+                    ));
+                    return out;
+                }
+            }
+        }
     }
     let mut started: BTreeMap<String, usize> = BTreeMap::new();
     let mut daemon_reload = false;

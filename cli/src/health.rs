@@ -130,6 +130,45 @@ pub async fn check_all(
             })
             .await;
             push("worker", r);
+            // A real cell on the engine, through the worker's protocol, with a backend's
+            // certificate (from a backend host, as sessions come): a worker that cannot run its
+            // engine is a failed deploy.
+            if let Some(b) = backend {
+                let bs = &sessions[&b.name];
+                let (code, want) = match inv.worker.engine {
+                    crate::inventory::Engine::Sage => ("factor(2^64+1)", "274177 * 67280421310721"),
+                    crate::inventory::Engine::Python3 => ("print(6 * 7)", "42"),
+                };
+                let address = format!("{}:{}", h.address, inv.worker.port);
+                let r = retry(|| async {
+                    let o = run(
+                        bs,
+                        &[
+                            "/usr/local/bin/sage-agent",
+                            "probe",
+                            "--worker",
+                            &h.name,
+                            "--address",
+                            &address,
+                            "--code",
+                            code,
+                        ],
+                        b"",
+                    )
+                    .await?;
+                    if o.trim() == want {
+                        Ok(format!("`{code}` from {} gives `{want}`", b.name))
+                    } else {
+                        Err(format!(
+                            "`{code}` from {} gave `{}`, not `{want}`",
+                            b.name,
+                            o.trim()
+                        ))
+                    }
+                })
+                .await;
+                push("engine", r);
+            }
         }
         if h.has(Role::Loadbalancer) {
             let r = retry(|| async {

@@ -370,11 +370,18 @@ pub fn host_steps(
                     }
                 }
                 Action::Apt(pkgs) => {
-                    let pkgs = pkgs
+                    // A name that renders empty is no package (`"{{ 'x' if ... else '' }}"`); a
+                    // task left with none has nothing to do on this host.
+                    let pkgs: Vec<String> = pkgs
                         .iter()
                         .map(|p| render_str(p))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    push(StepKind::Packages(pkgs));
+                        .collect::<Result<Vec<_>, _>>()?
+                        .into_iter()
+                        .filter(|p| !p.trim().is_empty())
+                        .collect();
+                    if !pkgs.is_empty() {
+                        push(StepKind::Packages(pkgs));
+                    }
                 }
                 Action::User { name, home } => push(StepKind::User {
                     name: render_str(name)?,

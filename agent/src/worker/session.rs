@@ -196,26 +196,31 @@ pub async fn open(
         remove(&shared, acct, Duration::from_secs(1), "").await;
         why
     };
-    if let Err(e) = checkout(
-        &acct,
-        &limits,
-        bundle.as_deref(),
-        shared.config.max_bundle_bytes(),
-    )
-    .await
-    {
-        return Err(fail(acct, shared, e).await);
-    }
-    let engine = match Engine::start(
-        &acct,
-        &limits,
-        &shared.config.engine,
-        shared.zygote.as_deref(),
-    )
-    .await
-    {
-        Ok(e) => e,
-        Err(e) => return Err(fail(acct, shared, e.to_string()).await),
+    // The files and the engine at the same time: the engine writes nothing in the home while
+    // it starts (its caches are beside it), so the checkout finds it empty.
+    let (files, engine) = tokio::join!(
+        checkout(
+            &acct,
+            &limits,
+            bundle.as_deref(),
+            shared.config.max_bundle_bytes(),
+        ),
+        Engine::start(
+            &acct,
+            &limits,
+            &shared.config.engine,
+            shared.zygote.as_deref(),
+        )
+    );
+    let engine = match (files, engine) {
+        (Ok(()), Ok(e)) => e,
+        (Err(e), engine) => {
+            if let Ok(mut engine) = engine {
+                engine.stop().await;
+            }
+            return Err(fail(acct, shared, e).await);
+        }
+        (Ok(()), Err(e)) => return Err(fail(acct, shared, e.to_string()).await),
     };
     let (tx, rx) = mpsc::channel(64);
     let pid = engine.pid;

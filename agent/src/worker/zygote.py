@@ -172,6 +172,11 @@ def main():
                 sys.modules["matplotlib"].use("Agg")
         except Exception as e:
             print(f"preloading {name}: {e}", file=sys.stderr)
+    # What every session shares stays shared: the collector never walks (and so never copies)
+    # the objects made so far.
+    import gc
+    gc.collect()
+    gc.freeze()
     sock = socket.socket(fileno=3)
     sock.setblocking(True)
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

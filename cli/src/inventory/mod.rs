@@ -196,6 +196,10 @@ pub struct WorkerSettings {
     /// Sessions only with their cgroup (memory, pids, CPU for all their processes together);
     /// false lets a machine without the controllers run sessions under per-process rlimits.
     pub require_cgroups: bool,
+    /// How engines start: `zygote` (forked from an engine server per worker) or `fresh`.
+    pub engine_server: String,
+    /// Modules the python3 engine server imports once for every session.
+    pub preload: Vec<String>,
 }
 
 /// Resource limits applied to every session process: the worker protocol's own type, so the

@@ -370,6 +370,10 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
             cpu_percent: 100,
         },
         require_cgroups: true,
+        engine_server: "zygote".into(),
+        preload: ["numpy", "matplotlib", "matplotlib.pyplot"]
+            .map(String::from)
+            .to_vec(),
     };
     let keys = [
         "engine",
@@ -380,6 +384,8 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
         "backend_timeout_seconds",
         "limits",
         "require_cgroups",
+        "engine_server",
+        "preload",
     ];
     let Some(f) = node.and_then(|n| d.fields(n, "worker", &keys)) else {
         return w;
@@ -450,6 +456,45 @@ fn worker(d: &mut Decoder, node: Option<&Node>) -> WorkerSettings {
         num(d, &lf, "cpu_percent", 1, 100_000, &mut l.cpu_percent);
     }
     flag(d, &f, "require_cgroups", &mut w.require_cgroups);
+    if let Some(n) = f.get("engine_server") {
+        match d.string(n, "worker.engine_server").as_deref() {
+            Some(v @ ("zygote" | "fresh")) => w.engine_server = v.to_string(),
+            Some(other) => d.error(
+                n,
+                "worker.engine_server",
+                format!("unknown engine server `{other}`"),
+                Some("use zygote (sessions forked from one process that imported the engine) or fresh (a new process per session)".into()),
+            ),
+            None => {}
+        }
+    }
+    if let Some(n) = f.get("preload")
+        && let Some(items) = d.strings(n, "worker.preload")
+    {
+        let module = |m: &str| {
+            !m.is_empty()
+                && m.split('.').all(|p| {
+                    p.chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+        };
+        let mut ok = Vec::new();
+        for (i, (m, node)) in items.into_iter().enumerate() {
+            if module(&m) {
+                ok.push(m);
+            } else {
+                d.error(
+                    &node,
+                    &format!("worker.preload[{i}]"),
+                    format!("`{m}` is not a Python module name"),
+                    Some("write dotted module names, such as numpy or matplotlib.pyplot".into()),
+                );
+            }
+        }
+        w.preload = ok;
+    }
     // Checked whichever end was given: `uid_min: 35000` alone is above the default uid_max.
     // Not when one end was invalid: its default would stand in for what was meant.
     let bad = |d: &Decoder, k: &str| d.was_reported(&f.path_of(k));
