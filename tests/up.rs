@@ -436,6 +436,15 @@ async fn https(
     https_with(inv, method, path, &headers, body).await
 }
 
+/// The lab's site as a browser sees it.
+fn site(inv: &Path) -> common::browser::Site {
+    common::browser::Site {
+        name: "sagews.uptest.test".into(),
+        addr: "10.81.0.10:443".parse().unwrap(),
+        ca: inv.parent().unwrap().join(".sagectl/uptest/ca.crt"),
+    }
+}
+
 /// HTTPS to the lab's HAProxy with the given headers.
 async fn https_with(
     inv: &Path,
@@ -444,35 +453,7 @@ async fn https_with(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> sage_agent::http1::Response {
-    let ca = inv.parent().unwrap().join(".sagectl/uptest/ca.crt");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::pem::PemObject::pem_file_iter(&ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    sage_agent::tls::init();
-    let cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect("10.81.0.10:443")
-        .await
-        .unwrap();
-    let name = rustls_pki_types::ServerName::try_from("sagews.uptest.test").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let mut s = tokio::io::BufReader::new(tls);
-    sage_agent::http1::request(
-        &mut s,
-        method,
-        "sagews.uptest.test",
-        path,
-        headers,
-        body,
-        1 << 20,
-    )
-    .await
-    .unwrap()
+    site(inv).https(method, path, headers, body).await
 }
 
 /// Headers on real responses through HAProxy, no listing of /pub/, foreign origins refused,
@@ -650,72 +631,27 @@ fn publish_survives_the_backends(inv: &Path) -> String {
         .enable_all()
         .build()
         .unwrap();
+    let site = site(inv);
     let path = rt.block_on(async {
-        let creds =
-            serde_json::json!({"name": "lab-user", "password": "a lab password"}).to_string();
-        let r = https(inv, "POST", "/api/signup", "", creds.as_bytes()).await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let set: Vec<String> = r
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
-            .map(|(_, v)| v.split(';').next().unwrap().to_string())
-            .collect();
-        // The session cookie and HAProxy's stickiness cookie.
-        let cookie = set.join("; ");
-        assert!(cookie.contains("sagews_session="), "{set:?}");
-        // SockJS over xhr-polling: requests, then poll until each reply arrives.
-        let base = "/sockjs/000/labsession";
-        let r = https(inv, "POST", &format!("{base}/xhr"), &cookie, b"").await;
-        assert_eq!(String::from_utf8_lossy(&r.body), "o\n");
-        let mut replies: Vec<Value> = Vec::new();
-        let mut call = async |id: u64, req: Value| -> Value {
-            let mut req = req;
-            req["id"] = id.into();
-            let frame = serde_json::to_string(&[req.to_string()]).unwrap();
-            let r = https(
-                inv,
-                "POST",
-                &format!("{base}/xhr_send"),
-                &cookie,
-                frame.as_bytes(),
-            )
-            .await;
-            assert_eq!(r.status, 204);
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                if let Some(i) = replies
-                    .iter()
-                    .position(|v| v["id"] == id && v.get("ok").is_some())
-                {
-                    let v = replies.remove(i);
-                    assert_eq!(v["ok"], true, "{v}");
-                    return v;
-                }
-                assert!(Instant::now() < deadline, "no reply to {id}");
-                let r = https(inv, "POST", &format!("{base}/xhr"), &cookie, b"").await;
-                let body = String::from_utf8_lossy(&r.body).to_string();
-                if let Some(a) = body.trim_end().strip_prefix('a') {
-                    let msgs: Vec<String> = serde_json::from_str(a).unwrap();
-                    replies.extend(
-                        msgs.iter()
-                            .map(|m| serde_json::from_str::<Value>(m).unwrap()),
-                    );
-                }
-            }
-        };
-        let ws = call(1, serde_json::json!({"op": "create", "name": "lab"})).await["workspace"]
+        let cookie = site.sign_up("lab-user", "a lab password").await;
+        let mut s = common::browser::Sockjs::open(&site, &cookie, "labsession").await;
+        let ws = s
+            .call(1, serde_json::json!({"op": "create", "name": "lab"}))
+            .await["workspace"]
             .as_str()
             .unwrap()
             .to_string();
-        call(2, serde_json::json!({"op": "open", "workspace": ws})).await;
-        call(
+        s.call(2, serde_json::json!({"op": "open", "workspace": ws}))
+            .await;
+        s.call(
             3,
             serde_json::json!({"op": "execute", "workspace": ws,
             "code": "open('index.txt', 'w').write('published from the lab')"}),
         )
         .await;
-        let p = call(4, serde_json::json!({"op": "publish", "workspace": ws})).await;
+        let p = s
+            .call(4, serde_json::json!({"op": "publish", "workspace": ws}))
+            .await;
         assert_eq!(
             p["url"],
             format!("https://sagews.uptest.test/pub/{ws}/"),

@@ -272,9 +272,13 @@ impl Engine {
             let mut stderr = Vec::new();
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), e.err.read_to_end(&mut stderr)).await;
+            let how = match tokio::time::timeout(Duration::from_millis(500), e.proc.wait()).await {
+                Ok(Some(s)) => format!(" ({s})"),
+                _ => String::new(),
+            };
             e.stop().await;
             return Err(EngineError::Start(format!(
-                "the {kind} engine did not start: {}",
+                "the {kind} engine did not start{how}: {}",
                 String::from_utf8_lossy(&stderr).trim()
             )));
         }

@@ -3,11 +3,11 @@
 # Runs as root with the engine's heavy modules imported once (above: `base`; here the preload
 # list), never runs users' code, and holds no key: the worker starts it with a clean
 # environment and no descriptor but its socket (fd 3). Per session the worker sends a spec
-# (JSON) and the session's descriptors; this process forks the session's stand-in and answers
-# its pid; the stand-in enters the sandbox the spec describes (the policy is the worker's: the
-# same steps its own pre-exec takes for a fresh process) and forks the session's init, which
-# forks the engine: it drops to the session's uid, installs the seccomp filter, and serves
-# cells from a copy of `base`. When a stand-in ends, its wait status goes back to the worker.
+# (JSON) and the session's descriptors; this process makes a PID namespace, forks its init
+# (the session's pid for the worker) and answers its pid; the init enters the sandbox the spec
+# describes (the policy is the worker's: the same steps its own pre-exec takes for a fresh
+# process) and forks the engine: it drops to the session's uid, installs the seccomp filter, and
+# serves cells from a copy of `base`. When an init ends, its wait status goes to the worker.
 import base64, ctypes, json, resource, selectors, signal, socket, struct
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -80,11 +80,17 @@ ENDING = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGILL, signal.SI
 
 
 def session(spec, fds):
-    """In the forked stand-in: never returns."""
+    """In the forked child, PID 1 of the session's new PID namespace: never returns. (The server
+    makes the namespace before forking, so a session costs two forks of this large process, not
+    three.)"""
     try:
         # The server's signal plumbing is not the session's.
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # An init with a handler takes the SIGINT meant for the engine's group (Python gave it
+        # one): it ignores it, as a C init would; SIGTERM has none, so only the engine gets it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         ctrl, status, out, err = fds[:4]
         # Into the session's cgroup before anything else.
         for fd in fds[4:]:
@@ -92,36 +98,21 @@ def session(spec, fds):
         os.setsid()
         # The session's descriptors at 1-4 (moved clear of those numbers first), nothing else.
         moved = [os.dup(fd) for fd in (out, err, ctrl, status)]
-        for fd in moved:
-            os.set_inheritable(fd, False)
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         for target, fd in zip((1, 2, 3, 4), moved):
             os.dup2(fd, target)
         os.closerange(5, 65536)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-                           | CLONE_NEWPID), "new namespaces")
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        pid = os.fork()
-        if pid:
-            # The stand-in: holds nothing open, passes the session's end on.
-            os.closerange(0, 5)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            code = wait_for(pid)
-            if code > 128 and code - 128 in ENDING:
-                signal.signal(code - 128, signal.SIG_DFL)
-                os.kill(os.getpid(), code - 128)
-            os._exit(code)
-        # PID 1 of the session. Python gave it a SIGINT handler, and an init with a handler
-        # takes the signal meant for the engine's group: it ignores it, as a C init would.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS),
+              "new namespaces")
         apply_view(spec["view"])
         check(libc.sethostname(b"sagews", 6), "host name")
         os.chdir(spec["home"])
         pid = os.fork()
         if pid:
+            # The init: holds nothing open, reaps orphans, ends as the engine did (128 + n for
+            # signal n: the server reports that as death by signal n).
             os.closerange(0, 5)
             os._exit(wait_for(pid))
         # The engine (PID 2): limits, the user, the filter, then cells (an interrupt is a
@@ -138,15 +129,32 @@ def session(spec, fds):
             buf = ctypes.create_string_buffer(raw, len(raw))
             fprog = SockFprog(len(raw) // 8, ctypes.addressof(buf))
             check(libc.syscall(SYS_SECCOMP, 1, 0, ctypes.byref(fprog)), "seccomp filter")
-        os.environ.clear()
         os.environ.update(spec["env"])
         os.environ["SAGEWS_ZYGOTE"] = "1"
         reseed()
         serve()
     except BaseException:
-        traceback.print_exc()
+        # To the session's stderr (the worker shows it as why the engine did not start), from
+        # wherever that is now.
+        text = traceback.format_exc().encode()
+        for fd in (2, fds[3]):
+            try:
+                os.write(fd, text)
+                break
+            except OSError:
+                continue
     finally:
         os._exit(1)
+
+
+def wait_status(st):
+    """The init's wait status as the worker reads it: its `128 + n` is the engine's death by
+    signal n."""
+    if os.WIFEXITED(st):
+        code = os.WEXITSTATUS(st)
+        if code > 128 and code - 128 in ENDING:
+            return code - 128
+    return st
 
 
 def reseed():
@@ -179,6 +187,7 @@ def main():
     gc.freeze()
     sock = socket.socket(fileno=3)
     sock.setblocking(True)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -197,7 +206,14 @@ def main():
                     os._exit(0)  # the worker is gone
                 req = json.loads(msg)
                 try:
-                    pid = os.fork()
+                    # The child is PID 1 of a new PID namespace; later children are ours again.
+                    check(libc.unshare(CLONE_NEWPID), "a PID namespace")
+                    pid = -1
+                    try:
+                        pid = os.fork()
+                    finally:
+                        if pid != 0:
+                            check(libc.setns(own_pidns, CLONE_NEWPID), "back to our PID namespace")
                 except OSError as e:
                     for fd in fds:
                         os.close(fd)
@@ -221,7 +237,7 @@ def main():
                 break
             if pid == 0:
                 break
-            sock.send(json.dumps({"exit": pid, "status": st}).encode())
+            sock.send(json.dumps({"exit": pid, "status": wait_status(st)}).encode())
 
 
 main()

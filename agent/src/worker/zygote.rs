@@ -7,8 +7,8 @@
 //! descriptors, and never runs users' code (its children drop to the session's uid first).
 //! Per session the worker sends `sandbox::zygote_spec` (the same view, limits, uid, seccomp
 //! filter and environment as a fresh process gets) with the session's pipes and cgroup
-//! descriptors (SCM_RIGHTS); the answer is the stand-in's pid; its wait status follows when it
-//! ends. When the server dies its sessions end with it (each of their processes has a parent-death
+//! descriptors (SCM_RIGHTS); the answer is the pid of the session's init (PID 1 of its PID
+//! namespace, forked straight from the server); its wait status follows when it ends. When the server dies its sessions end with it (each of their processes has a parent-death
 //! signal up to the server) and the worker starts a new one; meanwhile sessions start as fresh
 //! processes, and the metrics say which way each started.
 
@@ -29,10 +29,10 @@ use tokio::sync::oneshot;
 const DRIVER: &str = include_str!("engine.py");
 const SERVER: &str = include_str!("zygote.py");
 
-/// What a fork request is answered with: the stand-in's pid.
+/// What a fork request is answered with: the session init's pid.
 type Reply = Result<i32, String>;
 
-/// Requests waiting for their pid, each with the sender of its stand-in's wait status.
+/// Requests waiting for their pid, each with the sender of its init's wait status.
 type Pending = Mutex<HashMap<u64, (oneshot::Sender<Reply>, oneshot::Sender<i32>)>>;
 
 /// A running server.
@@ -228,7 +228,7 @@ impl Zygote {
     }
 
     /// The server's messages until its socket ends: pids for requests, wait statuses of
-    /// stand-ins.
+    /// sessions' inits.
     fn read_events(&self, live: &Live) {
         let mut exits: HashMap<i32, oneshot::Sender<i32>> = HashMap::new();
         loop {
@@ -262,7 +262,7 @@ impl Zygote {
     }
 
     /// Forks a session from the server: `fds` are the session's ctrl (read end), status (write
-    /// end), stdout and stderr (write ends) and its cgroup descriptors. The stand-in's pid, and
+    /// end), stdout and stderr (write ends) and its cgroup descriptors. The init's pid, and
     /// its wait status when it ends (an error there: the server died first).
     pub async fn fork(
         &self,
