@@ -10,7 +10,7 @@ use sagectl::inventory::{Inventory, Role};
 
 #[test]
 fn shipped_inventories_validate() {
-    for name in ["lab.yaml", "example.yaml"] {
+    for name in ["lab.yaml", "lab-sage.yaml", "example.yaml"] {
         let path = root().join("inventories").join(name);
         let o = sagectl().arg("validate").arg(&path).output().unwrap();
         let (out, err) = text(&o);
