@@ -319,11 +319,10 @@ async fn checkout(
     bundle: Option<&str>,
     max: usize,
 ) -> Result<(), String> {
-    let home = acct.home.display().to_string();
     match bundle {
-        None => git(acct, limits, &["init", "-q", &home], 1 << 20)
-            .await
-            .map(drop),
+        // A new workspace: its repository is made at its first save (a git process is most
+        // of what opening an empty workspace would cost).
+        None => Ok(()),
         Some(b64) => {
             if b64.len() / 4 * 3 > max {
                 return Err(format!(
@@ -338,6 +337,7 @@ async fn checkout(
             std::os::unix::fs::chown(&path, Some(acct.uid), Some(acct.gid))
                 .map_err(|e| e.to_string())?;
             let p = path.display().to_string();
+            let home = acct.home.display().to_string();
             let r = git(acct, limits, &["clone", "-q", &p, &home], 1 << 20)
                 .await
                 .map_err(|e| format!("not a valid git bundle: {e}"));
@@ -354,6 +354,10 @@ async fn save(
     max: usize,
 ) -> Result<(Vec<u8>, bool), String> {
     let home = acct.home.display().to_string();
+    // The repository of a new workspace is made here (see `checkout`).
+    if std::fs::symlink_metadata(acct.home.join(".git")).is_err() {
+        git(acct, limits, &["init", "-q", &home], 1 << 20).await?;
+    }
     git(acct, limits, &["-C", &home, "add", "-A"], 1 << 20).await?;
     let staged = git(
         acct,
