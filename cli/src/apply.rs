@@ -414,6 +414,19 @@ async fn apply_with(
                 }
             }
         }
+        // Done: what this run notifies from here is recorded anew.
+        if let Err(e) = r
+            .must(
+                "clearing pending handlers",
+                &["rm", "-f", PENDING],
+                b"",
+                SHORT,
+            )
+            .await
+        {
+            out.error = Some(e);
+            return out;
+        }
     }
     let mut started: BTreeMap<String, usize> = BTreeMap::new();
     let mut daemon_reload = false;
