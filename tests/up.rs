@@ -428,7 +428,7 @@ async fn https(
     path: &str,
     cookie: &str,
     body: &[u8],
-) -> sage_agent::http1::Response {
+) -> sagews_wire::http1::Response {
     let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
     if !cookie.is_empty() {
         headers.push(("Cookie", cookie));
@@ -452,7 +452,7 @@ async fn https_with(
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> sage_agent::http1::Response {
+) -> sagews_wire::http1::Response {
     site(inv).https(method, path, headers, body).await
 }
 

@@ -1,15 +1,11 @@
-//! sage-agent: the agents sagectl installs. Shared parts: the frame codec (`frame`), TLS with
-//! role-checking verifiers (`tls`), the worker's protocol (`proto`). One module tree per agent.
+//! sage-agent: the agents sagectl installs, one module tree per agent. What they share with
+//! sagectl (frames, TLS, protocols, the log client) is the `sagews-wire` crate, re-exported here.
 
 pub mod backend;
-pub mod civil;
+// Shared with sagectl (crate `sagews-wire`), under their old paths.
+pub use sagews_wire::{civil, frame, http1, logclient, proto, tls};
 pub mod config;
 pub mod db;
-pub mod frame;
-pub mod http1;
-pub mod logclient;
 pub mod logd;
 pub mod probe;
-pub mod proto;
-pub mod tls;
 pub mod worker;

@@ -28,6 +28,13 @@ enum Agent {
     Logd(AgentOpts),
     /// List the agents this binary implements (sagectl starts only those).
     Built,
+    /// Check that an agent's config file loads (as `nginx -t` does): sagectl runs it on a
+    /// rendered file before it replaces the live one.
+    CheckConfig {
+        /// worker, backend or logd.
+        agent: String,
+        file: PathBuf,
+    },
     /// Run one cell on a worker through its protocol, with a backend's certificate (the
     /// deploy's health check); prints the cell's output.
     Probe(ProbeOpts),
@@ -94,6 +101,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Agent::Probe(o) => probe(&o),
+        Agent::CheckConfig { agent, file } => check_config(&agent, &file),
         Agent::Worker(o) => worker(&o),
         Agent::Backend(o) => backend(&o),
         Agent::Logd(o) => logd(&o),
@@ -141,6 +149,17 @@ fn worker(o: &AgentOpts) -> anyhow::Result<()> {
     serve(config.listen, |l| {
         sage_agent::worker::run(config, l, shutdown())
     })
+}
+
+fn check_config(agent: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    match agent {
+        "worker" => sage_agent::worker::Config::load(file).map(drop),
+        "backend" => sage_agent::backend::Config::load(file).map(drop),
+        "logd" => sage_agent::logd::Config::load(file).map(drop),
+        other => anyhow::bail!("unknown agent `{other}`: worker, backend or logd"),
+    }?;
+    println!("{}: a valid {agent} configuration", file.display());
+    Ok(())
 }
 
 fn probe(o: &ProbeOpts) -> anyhow::Result<()> {

@@ -23,12 +23,12 @@ impl Site {
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
-    ) -> sage_agent::http1::Response {
+    ) -> sagews_wire::http1::Response {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::pem::PemObject::pem_file_iter(&self.ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
-        sage_agent::tls::init();
+        sagews_wire::tls::init();
         let cfg = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -39,7 +39,7 @@ impl Site {
             .await
             .unwrap();
         let mut s = tokio::io::BufReader::new(tls);
-        sage_agent::http1::request(&mut s, method, &self.name, path, headers, body, 1 << 20)
+        sagews_wire::http1::request(&mut s, method, &self.name, path, headers, body, 1 << 20)
             .await
             .unwrap()
     }
@@ -51,7 +51,7 @@ impl Site {
         path: &str,
         cookie: &str,
         body: &[u8],
-    ) -> sage_agent::http1::Response {
+    ) -> sagews_wire::http1::Response {
         let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
         if !cookie.is_empty() {
             headers.push(("Cookie", cookie));

@@ -5,7 +5,7 @@
 //! acknowledged only after commit; while the database is away nothing is acknowledged and the
 //! bounded queue pushes back on the senders.
 
-pub mod alerts;
+pub use sagews_wire::alerts;
 pub mod query;
 pub mod store;
 

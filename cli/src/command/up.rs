@@ -391,7 +391,7 @@ async fn run_all(ctx: Arc<Ctx>, selected: Vec<String>) -> Recap {
 /// Records who ran `up` on which inventory and what changed, in logd (spooled in the state
 /// directory when logd cannot take it, and sent with the next run's).
 async fn audit(ctx: &Ctx, recap: &Recap) -> Option<String> {
-    use sage_agent::proto::Level;
+    use sagews_wire::proto::Level;
     let logd = ctx
         .inv
         .with_role(Role::Logd)
@@ -400,7 +400,7 @@ async fn audit(ctx: &Ctx, recap: &Recap) -> Option<String> {
     if let Err(e) = ctx.state.admin() {
         return Some(format!("not recorded: {e}"));
     }
-    let identity = match sage_agent::tls::Identity::load(
+    let identity = match sagews_wire::tls::Identity::load(
         &dir.join("ca.crt"),
         &dir.join("admin.crt"),
         &dir.join("admin.key"),
@@ -446,8 +446,8 @@ async fn audit(ctx: &Ctx, recap: &Recap) -> Option<String> {
     } else {
         Level::Warn
     };
-    let record = sage_agent::logclient::record("sagectl", level, "sagectl::up", &message, fields);
-    let settings = sage_agent::logclient::Settings {
+    let record = sagews_wire::logclient::record("sagectl", level, "sagectl::up", &message, fields);
+    let settings = sagews_wire::logclient::Settings {
         address: format!("{}:{}", logd.address, ctx.inv.logd.port),
         server_name: logd.name.clone(),
         identity,
@@ -457,7 +457,7 @@ async fn audit(ctx: &Ctx, recap: &Recap) -> Option<String> {
         batch: 100,
     };
     Some(
-        match sage_agent::logclient::deliver_or_spool(&settings, vec![record]).await {
+        match sagews_wire::logclient::deliver_or_spool(&settings, vec![record]).await {
             Ok(true) => format!("recorded in logd on {}", logd.name),
             Ok(false) => format!(
                 "logd on {} did not take it: kept in {}, sent next time",

@@ -204,7 +204,7 @@ pub struct WorkerSettings {
 
 /// Resource limits applied to every session process: the worker protocol's own type, so the
 /// inventory and the wire cannot drift apart.
-pub use sage_agent::proto::Limits;
+pub use sagews_wire::proto::Limits;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendSettings {

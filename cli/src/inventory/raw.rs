@@ -745,7 +745,7 @@ fn alert(d: &mut Decoder, node: &Node, path: &str) -> Option<AlertRule> {
 /// Compiles an alert's message pattern as logd will (the agent's own code and regex crate),
 /// so a rule that validates is one logd starts with.
 fn check_regex(d: &mut Decoder, node: &Node, path: &str, re: &str) {
-    use sage_agent::logd::alerts::{Alerts, Rule};
+    use sagews_wire::alerts::{Alerts, Rule};
     let rule = serde_json::json!({
         "name": "check", "level": "error", "target": null, "message": re, "host": null,
         "count": 1, "window_seconds": 60, "action": {"command": ["true"]},
