@@ -80,11 +80,7 @@ pub struct State {
 }
 
 /// Names of the generated secrets, fixed so templates can name them.
-pub const SECRET_NAMES: [&str; 3] = [
-    "postgres_backend_password",
-    "postgres_logd_password",
-    "backend_cookie_key",
-];
+pub const SECRET_NAMES: [&str; 2] = ["postgres_backend_password", "postgres_logd_password"];
 
 impl State {
     /// `.sagectl/<name>/` beside the inventory file.

@@ -1,4 +1,5 @@
-//! `sage-agent logd` (in progress: ingestion only). A TLS 1.3 listener that first checks the
+//! `sage-agent logd`: records from backends and sagectl into PostgreSQL, alert rules,
+//! retention, replication to a peer, and queries (`query`). A TLS 1.3 listener that first checks the
 //! peer's IP address against the allow-list (the address alone: the 2012 server compared the
 //! (address, port) pair and so refused everyone), then requires a certificate of the deployment
 //! with the backend, logd or admin role (never worker). Records are batched into PostgreSQL and
