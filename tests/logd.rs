@@ -430,13 +430,35 @@ async fn zero_loss_through_crashes_and_a_database_restart() {
     let _ = logd.wait();
 }
 
+/// The alerts the test's command wrote into `dir` (one whole file each).
+fn read_alerts(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    names.sort();
+    let mut alerts: Vec<serde_json::Value> = names
+        .iter()
+        .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+        .collect();
+    // In the order of the records that fired them.
+    alerts.sort_by_key(|a| a["last"]["ts_ms"].as_i64());
+    alerts
+}
+
 /// An alert rule fires once per window for a burst, and again in the next window; its command
 /// gets the alert as JSON on stdin.
 #[tokio::test(flavor = "multi_thread")]
 async fn alert_fires_once_per_window() {
     let out = tempfile::tempdir().unwrap();
-    let file = out.path().join("alerts.jsonl");
-    let script = format!("cat >> {}; echo >> {}", file.display(), file.display());
+    // Each alert into a file of its own, moved into place whole: two alerts may run at once.
+    let dir = out.path().to_path_buf();
+    let script = format!(
+        "t=$(mktemp -p {d} .part.XXXXXX) && cat > \"$t\" && mv \"$t\" \"{d}/alert-${{t##*.}}.json\"",
+        d = dir.display()
+    );
     let rule = serde_json::json!([{
         "name": "db-refused", "level": "error", "target": "backend::db", "message": "database .* refused",
         "host": null, "count": 3, "window_seconds": 60, "action": {"command": ["sh", "-c", script]}
@@ -486,23 +508,14 @@ async fn alert_fires_once_per_window() {
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let alerts = loop {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let alerts: Vec<serde_json::Value> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let alerts = read_alerts(&dir);
         if alerts.len() >= 2 || std::time::Instant::now() > deadline {
             break alerts;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let again = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count();
+    let again = read_alerts(&dir).len();
     assert_eq!(
         (alerts.len(), again),
         (2, 2),
