@@ -1014,3 +1014,101 @@ async fn sessions_forked_from_the_engine_server() {
     c.close("zc").await;
     w.stop().await;
 }
+
+/// `sage-agent worker` (the binary, as systemd runs it) exits within 2 s of SIGTERM, even with
+/// a session whose cell ignores SIGTERM, and leaves nothing: no process of the session, no
+/// session cgroup, no engine server (issue 15).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_the_worker_within_two_seconds() {
+    require_root();
+    let tmp = harness::state_tempdir();
+    let state = State::open_at(&tmp.path().join("pki"), "wtest").unwrap();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let config = harness::write_config(
+        tmp.path(),
+        &state,
+        addr,
+        73000,
+        limits(),
+        600,
+        serde_json::json!({}),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
+        .args(["worker", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = harness::creds(
+        &state,
+        &tmp.path().join("backend"),
+        "backend1",
+        &["backend"],
+    );
+    let id = Identity::load(&id.0, &id.1, &id.2).unwrap();
+    let mut c = loop {
+        match Client::connect(addr, &id).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    c.open("stubborn", None).await;
+    c.send(Request::Execute {
+        session: "stubborn".into(),
+        id: 1,
+        code: "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\nwhile True: pass".into(),
+    })
+    .await;
+    loop {
+        if let Event::Stdout { data, .. } = c.next().await
+            && data.contains("ready")
+        {
+            break;
+        }
+    }
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the worker still runs 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = started.elapsed();
+    eprintln!("the worker exited {took:?} after SIGTERM ({status})");
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(
+        sage_agent::worker::sandbox::pids_of(73000),
+        Vec::<i32>::new()
+    );
+    assert!(!session_cgroup(73000).exists());
+    // The engine server went with it (its socket closed).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let server_gone = loop {
+        let running = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0).any(|v| {
+                    v == format!("HOME={}", tmp.path().join("state/engine-server").display())
+                        .as_bytes()
+                })
+            })
+        });
+        if !running || Instant::now() > deadline {
+            break !running;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(server_gone, "the engine server outlived the worker");
+}

@@ -78,6 +78,33 @@ pub fn limits() -> Limits {
     }
 }
 
+/// Writes a worker's config (and its certificate) under `dir`: the test defaults with `extra`'s
+/// fields on top; its path.
+pub fn write_config(
+    dir: &Path,
+    state: &State,
+    addr: SocketAddr,
+    uid_min: u32,
+    limits: Limits,
+    backend_timeout: u64,
+    extra: serde_json::Value,
+) -> PathBuf {
+    let (ca, crt, key) = creds(state, &dir.join("worker"), "worker1", &["worker"]);
+    let mut config = serde_json::json!({
+        "inventory": "wtest", "host": "worker1", "listen": addr.to_string(),
+        "tls": {"ca": ca, "cert": crt, "key": key},
+        "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 20,
+        "backend_timeout_seconds": backend_timeout, "limits": limits, "backends": [],
+        "state_dir": dir.join("state"), "metrics_listen": null, "first_frame_seconds": 2
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    let path = dir.join("worker.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
 pub struct Worker {
     pub addr: SocketAddr,
     pub tmp: tempfile::TempDir,
@@ -112,21 +139,17 @@ impl Worker {
         extra: serde_json::Value,
     ) -> Worker {
         require_root();
-        let (ca, crt, key) = creds(&state, &tmp.path().join("worker"), "worker1", &["worker"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut config = serde_json::json!({
-            "inventory": "wtest", "host": "worker1", "listen": addr.to_string(),
-            "tls": {"ca": ca, "cert": crt, "key": key},
-            "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 20,
-            "backend_timeout_seconds": backend_timeout, "limits": limits, "backends": [],
-            "state_dir": tmp.path().join("state"), "metrics_listen": null, "first_frame_seconds": 2
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        let path = tmp.path().join("worker.json");
-        std::fs::write(&path, config.to_string()).unwrap();
+        let path = write_config(
+            tmp.path(),
+            &state,
+            addr,
+            uid_min,
+            limits,
+            backend_timeout,
+            extra,
+        );
         let config = sage_agent::worker::Config::load(&path).unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let forks = config.engine_server == "zygote";

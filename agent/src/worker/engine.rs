@@ -276,7 +276,7 @@ impl Engine {
                 Ok(Some(s)) => format!(" ({s})"),
                 _ => String::new(),
             };
-            e.stop().await;
+            e.stop(Duration::from_secs(2)).await;
             return Err(EngineError::Start(format!(
                 "the {kind} engine did not start{how}: {}",
                 String::from_utf8_lossy(&stderr).trim()
@@ -379,13 +379,10 @@ impl Engine {
         })
     }
 
-    /// Stops the engine (SIGTERM, then SIGKILL).
-    pub async fn stop(&mut self) {
+    /// Stops the engine (SIGTERM, then SIGKILL after `grace`).
+    pub async fn stop(&mut self, grace: Duration) {
         let _ = killpg(Pid::from_raw(self.pid), Signal::SIGTERM);
-        if tokio::time::timeout(Duration::from_secs(2), self.proc.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.proc.wait()).await.is_err() {
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
             if let Proc::Fresh(c) = &mut self.proc {
                 let _ = c.kill().await;

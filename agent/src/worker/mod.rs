@@ -156,6 +156,8 @@ pub struct Shared {
     /// Uids whose last session left something behind: never given out again by this run.
     held: Mutex<BTreeSet<u32>>,
     pub cgroups: cgroup::Cgroups,
+    /// Set when the worker stops: sessions end with a short grace.
+    pub stopping: std::sync::atomic::AtomicBool,
     /// The engine server, when the configuration asks for one.
     pub zygote: Option<Arc<zygote::Zygote>>,
     pub metrics: Metrics,
@@ -173,6 +175,7 @@ impl Shared {
             ))
         });
         Shared {
+            stopping: Default::default(),
             zygote,
             config,
             sessions: Mutex::default(),
@@ -181,6 +184,16 @@ impl Shared {
             cgroups,
             metrics: Metrics::default(),
             last_backend: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// How long a session's processes get between SIGTERM and SIGKILL: 2 s, or 300 ms once the
+    /// worker is stopping (systemd waits for it; it exits within 2 s of SIGTERM).
+    pub fn grace(&self) -> Duration {
+        if self.stopping.load(Ordering::Relaxed) {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
         }
     }
 
@@ -258,6 +271,8 @@ impl Shared {
         let handles: Vec<Arc<session::Handle>> =
             self.sessions.lock().unwrap().values().cloned().collect();
         for h in handles {
+            // A running cell ends at once; the close waits behind it in the queue.
+            h.stop.notify_one();
             let _ =
                 h.tx.send(session::Cmd::Close {
                     reason: reason.to_string(),
@@ -351,6 +366,7 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down: closing sessions");
+    shared.stopping.store(true, Ordering::Relaxed);
     shared.close_all("the worker is shutting down").await;
     Ok(())
 }

@@ -216,7 +216,7 @@ pub async fn open(
         (Ok(()), Ok(e)) => e,
         (Err(e), engine) => {
             if let Ok(mut engine) = engine {
-                engine.stop().await;
+                engine.stop(shared.grace()).await;
             }
             return Err(fail(acct, shared, e).await);
         }
@@ -491,7 +491,7 @@ async fn run(
                         (Status::Killed, Some(why))
                     }
                     Err(why) => {
-                        engine.stop().await;
+                        engine.stop(shared.grace()).await;
                         (Status::Killed, Some(why))
                     }
                 };
@@ -555,9 +555,9 @@ async fn run(
             Cmd::Close { reason } => break reason,
         }
     };
-    engine.stop().await;
+    engine.stop(shared.grace()).await;
     shared.forget(&session);
-    remove(&shared, acct, Duration::from_secs(2), &session).await;
+    remove(&shared, acct, shared.grace(), &session).await;
     tracing::info!(session = %session, reason = %reason, "session closed");
     send(&sink, Event::Closed { session, reason }).await;
 }
