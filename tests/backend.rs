@@ -1332,3 +1332,50 @@ async fn an_account_at_its_cap_is_refused_while_another_opens() {
         "3"
     );
 }
+
+/// `sage-agent backend` exits within 2 s of SIGTERM with a browser's websocket open (browsers
+/// keep theirs: a graceful stop would otherwise wait for them until systemd's timeout), and
+/// what the browser left open is saved on the way out (issue 15).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_the_backend_within_two_seconds() {
+    let mut s = Stack::start(opts(1, 1, 72600)).await;
+    let (mut c, ws) = account_with_workspace(&s, "stopper", "kept", true).await;
+    c.ok(json!({"op": "execute", "workspace": ws, "code": "open('unsaved.txt', 'w').write('typed')"}))
+        .await;
+    // And a browser holding an xhr-streaming request open, as one does between messages.
+    let mut stream = tokio::io::BufReader::new(s.tls(0).await.unwrap());
+    tokio::io::AsyncWriteExt::write_all(
+        stream.get_mut(),
+        b"POST /sockjs/000/held/xhr_streaming HTTP/1.1\r\nHost: sagews.test\r\nOrigin: https://sagews.test\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    loop {
+        let mut l = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut l)
+            .await
+            .unwrap();
+        if l == "\r\n" {
+            break;
+        }
+    }
+    let mut seen = String::new();
+    read_chunks_until(&mut stream, &mut seen, "o\n").await;
+    let (took, clean) = s.backends[0].stop();
+    eprintln!("the backend exited {took:?} after SIGTERM");
+    assert!(clean, "the backend exited with an error");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // The workspace was saved on the way out: it has a bundle now.
+    assert!(ws.chars().all(|c| c.is_ascii_alphanumeric()), "{ws}");
+    let size: u64 =
+        s.pg.query(
+            "sagews",
+            &format!("SELECT coalesce(length(bundle), 0) FROM workspaces WHERE id = '{ws}'"),
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        size > 0,
+        "the open workspace was saved before the backend exited"
+    );
+}

@@ -130,20 +130,23 @@ impl Proc {
         self.killed = true;
     }
 
-    /// SIGTERM and wait (workers close their sessions and remove their users).
-    pub fn stop(&mut self) {
+    /// SIGTERM and wait (workers close their sessions and remove their users): how long it
+    /// took the process to exit, and whether it exited cleanly.
+    pub fn stop(&mut self) -> (Duration, bool) {
+        let started = Instant::now();
         self.signal("-TERM");
         if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
-                if c.try_wait().unwrap().is_some() {
-                    return;
+                if let Some(status) = c.try_wait().unwrap() {
+                    return (started.elapsed(), status.success());
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();
             let _ = c.wait();
         }
+        (started.elapsed(), false)
     }
 }
 

@@ -515,7 +515,7 @@ async fn sage_engine_factors() {
     l.memory_mb = 4096;
     l.processes = 200;
     let w = Worker::start_with(
-        71000,
+        74000,
         l,
         600,
         tmp,

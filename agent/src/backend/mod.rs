@@ -16,6 +16,7 @@ pub mod sockjs;
 pub mod throttle;
 pub mod workers;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -420,11 +421,30 @@ pub async fn run(
     let tls = TlsListener::start(listener, Arc::new(https));
     tracing::info!(listen = %backend.config.listen, workers = %backend.config.worker_listen, "backend ready");
     let app = routes::router(backend.clone());
-    axum::serve(tls, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    // On stop: no new connection; open ones (long polls, websockets that browsers keep) get a
+    // second to finish, then go: the agent exits within 2 s of SIGTERM, and browsers reconnect
+    // to another backend.
+    let (stopped, mut stop) = tokio::sync::watch::channel(false);
+    let server = axum::serve(tls, app.into_make_service())
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stopped.send(true);
+        })
+        .into_future();
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } => tracing::info!("connections still open a second after the stop: closed"),
+    }
     // Save what browsers left open, so nothing typed since the last save is lost.
-    backend.close_all().await;
+    if tokio::time::timeout(Duration::from_secs(10), backend.close_all())
+        .await
+        .is_err()
+    {
+        tracing::error!("saving the open workspaces took over 10 s: stopped");
+    }
     Ok(())
 }
 
