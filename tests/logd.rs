@@ -789,3 +789,63 @@ async fn queries_through_sagectl_logs() {
     };
     assert!(refused, "a backend certificate cannot query logs");
 }
+
+/// `sage-agent logd` exits within 2 s of SIGTERM with a client connected (issue 15).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_logd_within_two_seconds() {
+    let l = start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = config_variant(&l, "logd-term.json", |cfg| {
+        cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
+    });
+    let mut logd = spawn_logd(&path);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let _held = loop {
+        match connect_to(
+            addr,
+            &l.state,
+            l.tmp.path(),
+            "127.0.0.1",
+            "backend1",
+            &["backend"],
+        )
+        .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "logd did not start: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(logd.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = loop {
+        if let Some(s) = logd.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "logd still runs 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = started.elapsed();
+    eprintln!("logd exited {took:?} after SIGTERM ({status})");
+    assert!(
+        status.success() && took < Duration::from_secs(2),
+        "{status} after {took:?}"
+    );
+}
