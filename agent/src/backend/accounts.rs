@@ -106,7 +106,9 @@ impl Backend {
         }
         check_name(name)?;
         let addr = client.map(|a| a.to_string());
-        let keys: Vec<(Kind, &str)> = addr
+        // Counted per address, per /64 for IPv6 (`address_key`); logged as it is.
+        let counted = client.map(super::throttle::address_key);
+        let keys: Vec<(Kind, &str)> = counted
             .iter()
             .map(|a| (Kind::SignupAddress, a.as_str()))
             .collect();
@@ -163,8 +165,9 @@ impl Backend {
             return Err(denied());
         }
         let addr = client.map(|a| a.to_string());
+        let counted = client.map(super::throttle::address_key);
         let mut keys = vec![(Kind::FailedSigninAccount, name)];
-        if let Some(a) = &addr {
+        if let Some(a) = &counted {
             keys.push((Kind::FailedSigninAddress, a.as_str()));
         }
         self.throttle(&keys).await?;

@@ -27,6 +27,23 @@ pub fn client_address(headers: &HeaderMap) -> Option<IpAddr> {
         .ok()
 }
 
+/// What a client address is counted as: an IPv4 address itself (also when written as
+/// IPv4-mapped IPv6), an IPv6 address by its /64, one host's usual share (a client rotating
+/// addresses within its /64 gains nothing), as HAProxy's stick table does.
+pub fn address_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{net}/64")
+            }
+        },
+    }
+}
+
 /// What is being counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -103,5 +120,23 @@ impl Backend {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::address_key;
+
+    #[test]
+    fn ipv6_counts_by_its_slash_64() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            key("2001:db8:1:2:bbbb:cccc:dddd:eeee"),
+            key("2001:db8:1:2::9")
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 }
