@@ -1379,3 +1379,66 @@ async fn sigterm_ends_the_backend_within_two_seconds() {
         "the open workspace was saved before the backend exited"
     );
 }
+
+/// Parallel guesses cannot pass the failed-sign-in limit together: each attempt is counted
+/// before its password is checked (before, all of a burst passed the check before any was
+/// counted); refused guesses and right passwords do not count as failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_guesses_cannot_pass_the_limit() {
+    let mut s = Stack::start(Options {
+        backend_extra: json!({"accounts": {"signup": true, "max_workspaces": 5, "session_days": 7,
+            "min_password_length": 8, "failed_signins_per_account": 3,
+            "failed_signins_per_address": 100, "signups_per_address": 10,
+            "limit_window_seconds": 600}}),
+        ..opts(0, 1, 72700)
+    })
+    .await;
+    let port = s.start_haproxy();
+    let s = &s;
+    let post = async |name: &str, password: &str| {
+        let body = json!({"name": name, "password": password}).to_string();
+        s.haproxy_https(
+            port,
+            "POST",
+            "/api/signin",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await
+        .status
+    };
+    let body = json!({"name": "burst", "password": "the right password"}).to_string();
+    let r = s
+        .haproxy_https(
+            port,
+            "POST",
+            "/api/signup",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Right passwords are not failures: five sign-ins, all in.
+    for _ in 0..5 {
+        assert_eq!(post("burst", "the right password").await, 200);
+    }
+    // Twelve wrong guesses at once.
+    let guesses: Vec<_> = (0..12)
+        .map(|i| post("burst", if i % 2 == 0 { "guess a" } else { "guess b" }))
+        .collect();
+    let statuses = futures_util::future::join_all(guesses).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    eprintln!("12 parallel guesses: {checked} checked, {refused} refused");
+    assert!(checked <= 3, "{statuses:?}");
+    assert_eq!(checked + refused, 12, "{statuses:?}");
+    // Only the checked guesses count (refused ones never reached the password, the right ones
+    // were uncounted).
+    assert_eq!(
+        s.pg.query(
+            "sagews",
+            "SELECT count(*) FROM auth_events WHERE key = 'signin-fail:account:burst'"
+        ),
+        checked.to_string()
+    );
+}

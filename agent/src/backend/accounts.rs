@@ -170,7 +170,8 @@ impl Backend {
         if let Some(a) = &counted {
             keys.push((Kind::FailedSigninAddress, a.as_str()));
         }
-        self.throttle(&keys).await?;
+        // Counted as a failure now, uncounted below if the password is right.
+        let reserved = self.reserve(&keys).await?;
         let row = self
             .db()
             .await?
@@ -185,13 +186,13 @@ impl Backend {
         };
         if !verify_password(password.to_string(), hash).await || row.is_none() {
             self.metrics.inc(&self.metrics.signin_failures);
-            self.count_attempt(&keys).await?;
             self.audit_event(
                 "sign-in failed",
                 serde_json::json!({"account": name, "address": addr}),
             );
             return Err(denied());
         }
+        self.release(&reserved).await;
         let account = Account {
             id,
             name: name.to_string(),

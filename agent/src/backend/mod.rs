@@ -317,6 +317,11 @@ CREATE TABLE open_sessions (
 );
 CREATE INDEX open_sessions_account ON open_sessions (account_id);
 "#,
+    // A sign-in attempt is counted before its password is checked, and uncounted if it was
+    // right (throttle.rs `reserve`): rows need an identity.
+    r#"
+ALTER TABLE auth_events ADD COLUMN id bigserial;
+"#,
 ];
 
 /// The advisory lock serialising migrations of the backend's database.

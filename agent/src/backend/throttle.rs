@@ -74,10 +74,52 @@ impl Backend {
 
     /// Refuses (429, with the seconds to wait) when any of `checks` is at its limit.
     pub async fn throttle(&self, checks: &[(Kind, &str)]) -> Result<(), ApiError> {
+        self.over_limit(checks, 0).await
+    }
+
+    /// Counts an attempt for each of `keys` *before* it is made, then refuses (and uncounts it)
+    /// when that puts any key over its limit: parallel attempts cannot all pass a check made
+    /// before any of them is counted. The ids to `release` if the attempt turns out not to
+    /// count (a right password).
+    pub async fn reserve(&self, keys: &[(Kind, &str)]) -> Result<Vec<i64>, ApiError> {
+        let mut ids = Vec::new();
+        {
+            let db = self.db().await?;
+            for &(kind, what) in keys {
+                let row = db
+                    .query_one(
+                        "INSERT INTO auth_events (key) VALUES ($1) RETURNING id",
+                        &[&kind.key(what)],
+                    )
+                    .await?;
+                ids.push(row.get::<_, i64>(0));
+            }
+        }
+        if let Err(e) = self.over_limit(keys, 1).await {
+            self.release(&ids).await;
+            return Err(e);
+        }
+        Ok(ids)
+    }
+
+    /// Uncounts what `reserve` counted.
+    pub async fn release(&self, ids: &[i64]) {
+        if let Ok(db) = self.db().await
+            && let Err(e) = db
+                .execute("DELETE FROM auth_events WHERE id = ANY($1)", &[&ids])
+                .await
+        {
+            tracing::warn!("uncounting a sign-in attempt: {e}");
+        }
+    }
+
+    /// Refuses when a key has more than its limit of events in the window, `own` of them this
+    /// attempt's.
+    async fn over_limit(&self, checks: &[(Kind, &str)], own: i64) -> Result<(), ApiError> {
         let window = self.config.accounts.limit_window_seconds as f64;
         let db = self.db().await?;
         for &(kind, what) in checks {
-            let max = i64::from(self.limit(kind));
+            let max = i64::from(self.limit(kind)) + own;
             // The newest `max` events in the window: when there are `max`, the oldest of them
             // leaving the window is when the next attempt may come.
             let row = db
