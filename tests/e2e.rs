@@ -12,16 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{require, root, sagectl, scratch_inventory, text};
+use common::{Down, require, root, scratch_inventory, text};
 use serde_json::Value;
-
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
-    }
-}
 
 /// An NSS database under `home` trusting `ca` for web sites, as Chromium reads it.
 fn trust_ca(home: &Path, ca: &Path) {
@@ -98,14 +90,7 @@ fn deploy() -> Deployed {
     }
     let (tmp, inv) = scratch_inventory(&common::fixtures().join("e2e.yaml"));
     let down = Down(inv.clone());
-    let o = sagectl()
-        .arg("up")
-        .arg(&inv)
-        .arg("--json")
-        .output()
-        .unwrap();
-    let recap: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("no recap ({e}): {}", text(&o).1));
+    let (o, recap) = common::up(&inv, &[]);
     assert!(o.status.success(), "up failed: {recap}");
     let site = recap["site"].clone();
     let home = tmp.path().join("browser-home");

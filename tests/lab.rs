@@ -4,21 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{require, sagectl, scratch_inventory, text};
+use common::{Down, require, sagectl, scratch_inventory, text};
 
 /// Runs `lab down` when dropped, so a failing test leaves no machines behind.
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
-    }
-}
-
 fn lab(args: &[&str], inv: &Path) -> Output {
     sagectl()
         .arg("lab")

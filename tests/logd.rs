@@ -83,6 +83,19 @@ fn config_variant(
     path
 }
 
+/// The config of a logd in a process of its own, on a free port of its own: (port, path).
+fn own_process_config(l: &Logd, name: &str) -> (u16, std::path::PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = config_variant(l, name, |cfg| {
+        cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
+    });
+    (port, path)
+}
+
 /// A logd in a process of its own (the tests kill it with SIGKILL).
 fn spawn_logd(config: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
@@ -346,14 +359,7 @@ async fn zero_loss_through_crashes_and_a_database_restart() {
     use sage_agent::logclient::{LogClient, Settings};
     let mut l = start().await;
     // A logd of its own in a separate process (this test kills it), on a fixed port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let path2 = config_variant(&l, "logd-proc.json", |cfg| {
-        cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
-    });
+    let (port, path2) = own_process_config(&l, "logd-proc.json");
     let spawn = || spawn_logd(&path2);
     let mut logd = spawn();
     let (ca, crt, key) = harness::creds(
@@ -794,14 +800,7 @@ async fn queries_through_sagectl_logs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_logd_within_two_seconds() {
     let l = start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let path = config_variant(&l, "logd-term.json", |cfg| {
-        cfg["listen"] = serde_json::json!(format!("127.0.0.1:{port}"));
-    });
+    let (port, path) = own_process_config(&l, "logd-term.json");
     let mut logd = spawn_logd(&path);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -826,23 +825,7 @@ async fn sigterm_ends_logd_within_two_seconds() {
             }
         }
     };
-    let started = std::time::Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(logd.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = loop {
-        if let Some(s) = logd.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "logd still runs 5 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = started.elapsed();
+    let (took, status) = harness::sigterm_and_wait(&mut logd).await;
     eprintln!("logd exited {took:?} after SIGTERM ({status})");
     assert!(
         status.success() && took < Duration::from_secs(2),

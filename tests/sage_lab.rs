@@ -6,19 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use common::browser::{Site, Sockjs};
-use common::{require, sagectl, scratch_inventory, text};
-
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
-    }
-}
+use common::{Down, require, sagectl, scratch_inventory, text};
 
 fn ssh(inv: &Path, argv: &[&str]) -> String {
     let o = sagectl()
@@ -42,14 +34,7 @@ fn sage_deploys_and_runs_through_haproxy() {
     let (tmp, inv) = scratch_inventory(&common::fixtures().join("sage.yaml"));
     let _down = Down(inv.clone());
     let started = Instant::now();
-    let o = sagectl()
-        .arg("up")
-        .arg(&inv)
-        .arg("--json")
-        .output()
-        .unwrap();
-    let recap: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("no JSON recap ({e}):\n{}", text(&o).1));
+    let (o, recap) = common::up(&inv, &[]);
     assert!(o.status.success(), "up failed:\n{recap:#}\n{}", text(&o).1);
     eprintln!(
         "first deploy with Sage (machine, packages, sagemath): {:.1} s",
@@ -80,14 +65,7 @@ fn sage_deploys_and_runs_through_haproxy() {
     rt.block_on(async {
         let cookie = site.sign_up("sage-user", "a sage password").await;
         let mut s = Sockjs::open(&site, &cookie, "sagesession").await;
-        let ws = s
-            .call(1, serde_json::json!({"op": "create", "name": "sage"}))
-            .await["workspace"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        s.call(2, serde_json::json!({"op": "open", "workspace": ws}))
-            .await;
+        let ws = s.create_and_open(1, "sage").await;
         let (out, status) = s.execute(3, &ws, "factor(2^64+1)").await;
         assert_eq!(
             (out.as_str(), status.as_str()),

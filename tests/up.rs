@@ -8,32 +8,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{require, sagectl, scratch_inventory, text};
+use common::{Down, require, sagectl, scratch_inventory, text, up};
 use serde_json::Value;
-
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
-    }
-}
-
-fn up(inv: &Path, args: &[&str]) -> (Output, Value) {
-    let o = sagectl()
-        .arg("up")
-        .arg(inv)
-        .arg("--json")
-        .args(args)
-        .output()
-        .unwrap();
-    let recap: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("no JSON recap ({e}):\n{}\n{}", text(&o).0, text(&o).1));
-    (o, recap)
-}
 
 fn host<'a>(recap: &'a Value, name: &str) -> &'a Value {
     recap["hosts"]
@@ -429,11 +407,7 @@ async fn https(
     cookie: &str,
     body: &[u8],
 ) -> sagews_wire::http1::Response {
-    let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
-    if !cookie.is_empty() {
-        headers.push(("Cookie", cookie));
-    }
-    https_with(inv, method, path, &headers, body).await
+    site(inv).json(method, path, cookie, body).await
 }
 
 /// The lab's site as a browser sees it.
@@ -635,14 +609,7 @@ fn publish_survives_the_backends(inv: &Path) -> String {
     let path = rt.block_on(async {
         let cookie = site.sign_up("lab-user", "a lab password").await;
         let mut s = common::browser::Sockjs::open(&site, &cookie, "labsession").await;
-        let ws = s
-            .call(1, serde_json::json!({"op": "create", "name": "lab"}))
-            .await["workspace"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        s.call(2, serde_json::json!({"op": "open", "workspace": ws}))
-            .await;
+        let ws = s.create_and_open(1, "lab").await;
         s.call(
             3,
             serde_json::json!({"op": "execute", "workspace": ws,

@@ -1069,23 +1069,7 @@ async fn sigterm_ends_the_worker_within_two_seconds() {
             break;
         }
     }
-    let started = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the worker still runs 5 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = started.elapsed();
+    let (took, status) = harness::sigterm_and_wait(&mut child).await;
     eprintln!("the worker exited {took:?} after SIGTERM ({status})");
     assert!(status.success(), "{status}");
     assert!(took < Duration::from_secs(2), "{took:?}");

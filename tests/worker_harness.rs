@@ -345,3 +345,26 @@ impl Client {
         }
     }
 }
+
+/// Sends SIGTERM to `child` and waits for it (at most 5 s, then the test fails): how long it
+/// took and how it ended.
+pub async fn sigterm_and_wait(
+    child: &mut std::process::Child,
+) -> (Duration, std::process::ExitStatus) {
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return (started.elapsed(), s);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

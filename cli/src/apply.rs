@@ -371,10 +371,7 @@ async fn apply_with(
             .iter()
             .filter(|h| plan.pending.contains(&h.key()) && !plan.skipped_units.contains(&h.service))
         {
-            let verb = match h.action {
-                HandlerAction::Restart => "restart",
-                HandlerAction::Reload => "reload-or-restart",
-            };
+            let verb = systemctl_verb(h.action);
             progress(&format!(
                 "handler left by an earlier run: {verb} {}",
                 h.service
@@ -415,15 +412,7 @@ async fn apply_with(
             }
         }
         // Done: what this run notifies from here is recorded anew.
-        if let Err(e) = r
-            .must(
-                "clearing pending handlers",
-                &["rm", "-f", PENDING],
-                b"",
-                SHORT,
-            )
-            .await
-        {
+        if let Err(e) = clear_pending(r).await {
             out.error = Some(e);
             return out;
         }
@@ -506,10 +495,7 @@ async fn apply_with(
         if started.get(&h.service).is_some_and(|&s| s >= at) {
             continue; // started after the change: it already runs the new configuration
         }
-        let verb = match h.action {
-            HandlerAction::Restart => "restart",
-            HandlerAction::Reload => "reload-or-restart",
-        };
+        let verb = systemctl_verb(h.action);
         progress(&format!("handler: {} {}", verb, h.service));
         if let Err(e) = r
             .must(
@@ -547,16 +533,28 @@ async fn apply_with(
             }
         }
     }
-    if let Err(e) = r
-        .must(
-            "clearing pending handlers",
-            &["rm", "-f", PENDING],
-            b"",
-            SHORT,
-        )
-        .await
-    {
+    if let Err(e) = clear_pending(r).await {
         out.error = Some(e);
     }
     out
+}
+
+/// How systemctl carries out a handler's action.
+fn systemctl_verb(action: HandlerAction) -> &'static str {
+    match action {
+        HandlerAction::Restart => "restart",
+        HandlerAction::Reload => "reload-or-restart",
+    }
+}
+
+/// Forgets the handlers recorded on the host (they have run).
+async fn clear_pending(r: &Runner<'_>) -> Result<(), String> {
+    r.must(
+        "clearing pending handlers",
+        &["rm", "-f", PENDING],
+        b"",
+        SHORT,
+    )
+    .await
+    .map(drop)
 }

@@ -148,6 +148,19 @@ impl<'a> Sockjs<'a> {
         }
     }
 
+    /// Creates a workspace named `name` and opens it (requests `id` and `id + 1`): its id.
+    pub async fn create_and_open(&mut self, id: u64, name: &str) -> String {
+        let ws = self
+            .call(id, serde_json::json!({"op": "create", "name": name}))
+            .await["workspace"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.call(id + 1, serde_json::json!({"op": "open", "workspace": ws}))
+            .await;
+        ws
+    }
+
     /// Runs `code` in `workspace` as request `id`: its stdout and its status.
     pub async fn execute(&mut self, id: u64, workspace: &str, code: &str) -> (String, String) {
         self.call(

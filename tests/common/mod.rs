@@ -24,6 +24,29 @@ pub fn sagectl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sagectl"))
 }
 
+/// Takes a lab down when dropped, whatever the test did (hold it until the end).
+pub struct Down(pub PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = sagectl().args(["lab", "down"]).arg(&self.0).output();
+    }
+}
+
+/// `sagectl up INVENTORY --json ARGS`: the output and the recap it printed.
+pub fn up(inv: &Path, args: &[&str]) -> (Output, serde_json::Value) {
+    let o = sagectl()
+        .arg("up")
+        .arg(inv)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let recap = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON recap ({e}):\n{}\n{}", text(&o).0, text(&o).1));
+    (o, recap)
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),

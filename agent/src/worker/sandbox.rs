@@ -560,23 +560,27 @@ pub fn zygote_spec(acct: &Account, limits: &Limits) -> serde_json::Value {
         .into_iter()
         .map(|(r, soft, hard)| (r as i32, soft, hard))
         .collect();
-    let seccomp: Vec<String> = seccomp::filters()
-        .iter()
-        .map(|prog| {
-            let bytes: Vec<u8> = prog
-                .iter()
-                .flat_map(|f| {
-                    let mut b = Vec::with_capacity(8);
-                    b.extend_from_slice(&f.code.to_ne_bytes());
-                    b.push(f.jt);
-                    b.push(f.jf);
-                    b.extend_from_slice(&f.k.to_ne_bytes());
-                    b
-                })
-                .collect();
-            base64::engine::general_purpose::STANDARD.encode(bytes)
-        })
-        .collect();
+    // The filters as bytes for the server (`struct sock_filter` in native order), made once.
+    static SECCOMP: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let seccomp = SECCOMP.get_or_init(|| {
+        seccomp::filters()
+            .iter()
+            .map(|prog| {
+                let bytes: Vec<u8> = prog
+                    .iter()
+                    .flat_map(|f| {
+                        let mut b = Vec::with_capacity(8);
+                        b.extend_from_slice(&f.code.to_ne_bytes());
+                        b.push(f.jt);
+                        b.push(f.jf);
+                        b.extend_from_slice(&f.k.to_ne_bytes());
+                        b
+                    })
+                    .collect();
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            })
+            .collect()
+    });
     serde_json::json!({
         "uid": acct.uid,
         "gid": acct.gid,
@@ -619,6 +623,7 @@ pub fn command(
         None => Vec::new(),
     };
     let joins_needed = acct.cgroup.is_some();
+    // Compiled before the fork (once per worker): the child must not allocate.
     let filters = seccomp::filters();
     // SAFETY: the closure runs in the forked child before exec; it only makes system calls
     // (write, dup2, setsid, unshare, fork, waitpid, mount, mount_setattr, sethostname,
@@ -693,7 +698,7 @@ pub fn command(
             setgid(gid)?;
             setuid(uid)?;
             nix::sys::prctl::set_no_new_privs()?;
-            seccomp::apply(&filters)?;
+            seccomp::apply(filters)?;
             Ok(())
         });
     }

@@ -75,7 +75,13 @@ fn arch() -> seccompiler::TargetArch {
 }
 
 /// The session's filters, in the order they are installed: the EPERM one, then clone3's ENOSYS.
-pub fn filters() -> Vec<BpfProgram> {
+/// Compiled once: every process of every session gets the same.
+pub fn filters() -> &'static [BpfProgram] {
+    static FILTERS: std::sync::OnceLock<Vec<BpfProgram>> = std::sync::OnceLock::new();
+    FILTERS.get_or_init(compile)
+}
+
+fn compile() -> Vec<BpfProgram> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|nr| (*nr, Vec::new())).collect();
     let clone = NAMESPACE_FLAGS
