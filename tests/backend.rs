@@ -2,12 +2,7 @@
 //! the whole flow through SockJS over websocket and over xhr-polling; two backends on one
 //! database with memcached stopped midway; a worker killed under an open workspace; bad input.
 
-#[path = "worker_harness.rs"]
-mod harness;
-#[path = "pg_harness.rs"]
-mod pg;
-#[path = "backend_harness.rs"]
-mod stack;
+use sagews_testkit::stack;
 
 use std::time::Duration;
 
@@ -707,14 +702,14 @@ async fn the_standard_sockjs_client_works_over_each_transport_through_haproxy() 
         "sockjs-client is not installed: `npm ci --prefix tests/js` (./test does it)"
     );
     let mut s = Stack::start(opts(1, 1, 71600)).await;
-    let port = s.start_haproxy();
+    s.start_haproxy();
     for (i, transport) in ["websocket", "xhr-streaming", "xhr-polling"]
         .iter()
         .enumerate()
     {
         let o = tokio::process::Command::new("node")
             .arg(js.join("sockjs_client.js"))
-            .arg(format!("https://127.0.0.1:{port}/sockjs"))
+            .arg(format!("https://{}/sockjs", s.haproxy_addr()))
             .arg(transport)
             .arg(format!("js-user-{i}"))
             .env("NODE_EXTRA_CA_CERTS", s.ca_file())

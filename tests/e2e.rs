@@ -7,12 +7,12 @@
 //! file, saves, reverts, publishes and signs out and in; the CSP is enforced and Chromium
 //! reports no violation. Screenshots go to `target/e2e-screenshots/`.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{Down, require, root, scratch_inventory, text};
+use lab::{Down, require, root, scratch_inventory, text};
 use serde_json::Value;
 
 /// An NSS database under `home` trusting `ca` for web sites, as Chromium reads it.
@@ -88,9 +88,9 @@ fn deploy() -> Deployed {
     for tool in ["chromium", "chromedriver", "node", "certutil"] {
         require(tool);
     }
-    let (tmp, inv) = scratch_inventory(&common::fixtures().join("e2e.yaml"));
+    let (tmp, inv) = scratch_inventory(&lab::fixtures().join("e2e.yaml"));
     let down = Down(inv.clone());
-    let (o, recap) = common::up(&inv, &[]);
+    let (o, recap) = lab::up(&inv, &[]);
     assert!(o.status.success(), "up failed: {recap}");
     let site = recap["site"].clone();
     let home = tmp.path().join("browser-home");

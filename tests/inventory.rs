@@ -1,11 +1,11 @@
 //! Inventories: the shipped ones validate; broken ones give every problem with file, line,
 //! column, path and hint (snapshots), and the model resolves includes, overrides and groups.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::net::IpAddr;
 
-use common::{fixtures, root, sagectl, text};
+use lab::{fixtures, root, sagectl, text};
 use sagectl::inventory::{Inventory, Role};
 
 #[test]
@@ -244,7 +244,7 @@ mod generated {
     use proptest::test_runner::{Config, TestCaseError, TestRunner};
     use serde_json::{Value, json};
 
-    use super::common::{copy_tree, root};
+    use super::lab::{copy_tree, root};
     use sagectl::inventory::Inventory;
 
     /// A value: JSON, or a raw YAML fragment written as it is.
@@ -845,8 +845,7 @@ mod generated {
         }
         // The agents accept the configs rendered for them (`sage-agent check-config`, the
         // binary built beside sagectl: `cargo build --workspace` first, as ./test does).
-        let agent =
-            std::path::PathBuf::from(env!("CARGO_BIN_EXE_sagectl")).with_file_name("sage-agent");
+        let agent = sagews_testkit::bin("sage-agent");
         prop_assert!(
             agent.exists(),
             "{} is missing: run cargo build --workspace",
@@ -932,7 +931,7 @@ mod generated {
             .arg(format!("command -v {tool}"))
             .output()
             .is_ok_and(|o| o.status.success());
-        let ok = super::common::is_root() && found;
+        let ok = super::lab::is_root() && found;
         if !ok {
             eprintln!("skipped: needs root and `{tool}`");
         }
@@ -942,7 +941,7 @@ mod generated {
     /// Runs `nft -c`, `haproxy -c` and `nginx -t` on what was rendered for `inv` into `out`,
     /// as tests/tools.rs does for the shipped inventories.
     fn tools_accept(inv: &Inventory, out: &Path, scratch: &Path, what: &str) {
-        use super::common::{overlay, run_isolated, text};
+        use super::lab::{overlay, run_isolated, text};
         use sagectl::inventory::Role;
         let ok = |o: &std::process::Output, tool: &str, host: &str| {
             let (stdout, stderr) = text(o);
@@ -1033,7 +1032,7 @@ mod generated {
             std::fs::write(&path, at_the_edges(high)).unwrap();
             let inv = Inventory::load(&path).unwrap_or_else(|d| panic!("high={high}:\n{d}"));
             let out = tmp.path().join("out");
-            super::common::render(&path, &out);
+            super::lab::render(&path, &out);
             if have("nft") && have("haproxy") && have("nginx") {
                 tools_accept(&inv, &out, tmp.path(), &format!("edges, high={high}"));
             }
@@ -1076,7 +1075,7 @@ mod generated {
                 continue;
             };
             let out = tmp.path().join("out");
-            super::common::render(&path, &out);
+            super::lab::render(&path, &out);
             tools_accept(&inv, &out, tmp.path(), &format!("{ms:?}"));
             checked += 1;
         }

@@ -2,13 +2,13 @@
 //! (OpenSSH, with the pinned host keys), then `lab down` leaves nothing behind. The machines are
 //! torn down even when an assertion fails.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Down, require, sagectl, scratch_inventory, text};
+use lab::{Down, require, sagectl, scratch_inventory, text};
 
 /// Runs `lab down` when dropped, so a failing test leaves no machines behind.
 fn lab(args: &[&str], inv: &Path) -> Output {
@@ -92,7 +92,7 @@ fn lab_tables() -> Vec<String> {
 #[test]
 fn three_machines_up_checked_over_ssh_then_nothing_left() {
     require("ip");
-    let (_tmp, inv) = scratch_inventory(&common::fixtures().join("lab3.yaml"));
+    let (_tmp, inv) = scratch_inventory(&lab::fixtures().join("lab3.yaml"));
     let _down = Down(inv.clone());
 
     // Other labs may run on this box (and come and go while this test runs): what this one
@@ -328,7 +328,7 @@ fn not_root_is_a_clear_error() {
 #[test]
 fn fifteen_machines_beside_other_labs_all_run() {
     require("ip");
-    let (_tmp, inv) = scratch_inventory(&common::fixtures().join("lab15.yaml"));
+    let (_tmp, inv) = scratch_inventory(&lab::fixtures().join("lab15.yaml"));
     let _down = Down(inv.clone());
     let o = lab(&["up"], &inv);
     let (out, err) = text(&o);

@@ -3,10 +3,8 @@
 //! the allow-list and a worker certificate are refused; bad frames are refused without harm;
 //! while PostgreSQL is down nothing is acknowledged, and once it is back the batch is stored.
 
-#[path = "worker_harness.rs"]
-mod harness;
-#[path = "pg_harness.rs"]
-mod pg;
+use sagews_testkit::pg;
+use sagews_testkit::worker as harness;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,7 +12,7 @@ use std::time::Duration;
 use sage_agent::frame;
 use sage_agent::proto::{Level, LogRecord, LogReply, LogRequest};
 use sage_agent::tls::Identity;
-use sagectl::pki::State;
+use sagews_testkit::pki::State;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 
@@ -703,28 +701,28 @@ async fn queries_through_sagectl_logs() {
         send(&mut s, 1, records).await,
         LogReply::Ack { stored: 4, .. }
     ));
-    let query = |level: Option<&str>, host: Option<&str>, grep: Option<&str>| {
-        let inv = sagectl::inventory::Inventory::load(&inv_path).unwrap();
-        let o = sagectl::command::logs::Opts {
-            inventory: inv_path.clone(),
-            since: "1h".into(),
-            level: level.map(String::from),
-            host: host.map(String::from),
-            target: None,
-            grep: grep.map(String::from),
-            follow: false,
-            limit: 100,
-        };
-        async move {
-            let c = sagectl::command::logs::Client::new(&inv, &o).unwrap();
-            let rows = c.records(0).await.unwrap();
-            rows.iter()
-                .map(|r| r["message"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        }
+    // `sagectl logs` itself (the binary beside sage-agent), as an operator runs it.
+    let logs = |args: &[&str]| {
+        let mut c = std::process::Command::new(sagews_testkit::bin("sagectl"));
+        c.arg("logs")
+            .arg(&inv_path)
+            .args(["--since", "1h"])
+            .args(args);
+        c
+    };
+    let messages = |out: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(out)
+            .lines()
+            .map(|l| l.split_once("backend: ").expect(l).1.to_string())
+            .collect()
+    };
+    let query = |args: &[&str]| {
+        let o = logs(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        messages(&o.stdout)
     };
     assert_eq!(
-        query(None, None, None).await,
+        query(&[]),
         [
             "signed in",
             "slow save of ws-7",
@@ -733,42 +731,31 @@ async fn queries_through_sagectl_logs() {
         ]
     );
     assert_eq!(
-        query(Some("warn"), None, None).await,
+        query(&["--level", "warn"]),
         ["slow save of ws-7", "database refused"]
     );
     assert_eq!(
-        query(None, Some("backend2"), None).await,
+        query(&["--host", "backend2"]),
         ["database refused", "noise"]
     );
-    assert_eq!(query(None, None, Some("ws-7")).await, ["slow save of ws-7"]);
-    // Follow: after the last seq, only what is new.
-    let inv = sagectl::inventory::Inventory::load(&inv_path).unwrap();
-    let o = sagectl::command::logs::Opts {
-        inventory: inv_path.clone(),
-        since: "1h".into(),
-        level: None,
-        host: None,
-        target: None,
-        grep: None,
-        follow: true,
-        limit: 100,
-    };
-    let c = sagectl::command::logs::Client::new(&inv, &o).unwrap();
-    let last = c.records(0).await.unwrap().last().unwrap()["seq"]
-        .as_i64()
+    assert_eq!(query(&["--grep", "ws-7"]), ["slow save of ws-7"]);
+    // Follow: what is there, then only what is new.
+    let mut follow = logs(&["--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    let mut next = move || lines.next().unwrap().unwrap();
+    let first: Vec<String> = (0..4).map(|_| next()).collect();
+    assert_eq!(messages(first.join("\n").as_bytes()).len(), 4);
     assert!(matches!(
         send(&mut s, 2, vec![mk(9, "backend1", Level::Info, "new one")]).await,
         LogReply::Ack { .. }
     ));
-    let new: Vec<String> = c
-        .records(last)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r["message"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(new, ["new one"]);
+    let new = tokio::task::spawn_blocking(next).await.unwrap();
+    assert_eq!(messages(new.as_bytes()), ["new one"]);
+    follow.kill().unwrap();
+    let _ = follow.wait();
     // The query port takes no certificate but the admin's.
     let (ca, crt, key) = harness::creds(
         &l.state,

@@ -1,13 +1,13 @@
 //! `sagectl render`: deterministic output, secrets only where needed (0600), snapshots of the
 //! rendered configs, and the firewall opening exactly the arrows of the architecture.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{render, root, sagectl, scratch_inventory, text};
+use lab::{render, root, sagectl, scratch_inventory, text};
 
 /// Every file under `dir`, by path relative to it.
 fn files(dir: &Path) -> BTreeMap<String, PathBuf> {
@@ -316,7 +316,7 @@ fn render_writes_nowhere_but_under_out() {
     let (tmp, path) = scratch_inventory(&root().join("inventories/lab.yaml"));
     let mut inv = sagectl::inventory::Inventory::load(&path).unwrap();
     let catalog = sagectl::roles::Catalog::embedded().unwrap();
-    let state = sagectl::pki::State::open(&inv).unwrap();
+    let state = sagectl::pki::open(&inv).unwrap();
     for (var, value) in [
         ("postgres_version", "../../../../ESCAPED"),
         ("static_root", "/../../ESCAPED2"),

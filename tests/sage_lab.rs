@@ -4,13 +4,13 @@
 //! certificate, and a browser-protocol client through HAProxy runs Sage cells in a session
 //! forked from the engine server.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::path::Path;
 use std::time::Instant;
 
-use common::browser::{Site, Sockjs};
-use common::{Down, require, sagectl, scratch_inventory, text};
+use lab::{Down, require, sagectl, scratch_inventory, text};
+use sagews_testkit::browser::{Site, Sockjs};
 
 fn ssh(inv: &Path, argv: &[&str]) -> String {
     let o = sagectl()
@@ -26,15 +26,15 @@ fn ssh(inv: &Path, argv: &[&str]) -> String {
 
 #[test]
 fn sage_deploys_and_runs_through_haproxy() {
-    if !common::is_root() {
+    if !lab::is_root() {
         eprintln!("SKIPPED: needs root (lab machines)");
         return;
     }
     require("systemd-nspawn");
-    let (tmp, inv) = scratch_inventory(&common::fixtures().join("sage.yaml"));
+    let (tmp, inv) = scratch_inventory(&lab::fixtures().join("sage.yaml"));
     let _down = Down(inv.clone());
     let started = Instant::now();
-    let (o, recap) = common::up(&inv, &[]);
+    let (o, recap) = lab::up(&inv, &[]);
     assert!(o.status.success(), "up failed:\n{recap:#}\n{}", text(&o).1);
     eprintln!(
         "first deploy with Sage (machine, packages, sagemath): {:.1} s",

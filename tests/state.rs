@@ -1,13 +1,13 @@
 //! The state directory: created on first use, reused after, 0700/0600, certificates that
 //! verify against the CA and carry the host's names and roles, and no secret in any output.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{render, root, sagectl, scratch_inventory, text};
+use lab::{render, root, sagectl, scratch_inventory, text};
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -218,7 +218,7 @@ fn no_secret_in_any_output() {
     }
     assert!(!printed.contains("PRIVATE KEY"));
     // Debug output of a secret is redacted too.
-    let st = sagectl::pki::State::open_at(&state, "lab").unwrap();
+    let st = sagews_testkit::pki::State::open_at(&state, "lab").unwrap();
     let dbg = format!("{:?}", st.secrets().unwrap());
     assert!(
         dbg.contains("<redacted>") && secrets.values().all(|s| !dbg.contains(s.as_str())),

@@ -6,7 +6,7 @@
 //!
 //! Needs root and the packages .ci/run installs.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixtures, overlay, render, require, root, run_isolated, scratch_inventory, text};
+use lab::{fixtures, overlay, render, require, root, run_isolated, scratch_inventory, text};
 use sagectl::inventory::{Inventory, Role};
 
 struct Rendered {
@@ -131,7 +131,7 @@ fn memcached_serves_tls_with_client_certificates_only() {
     let r = rendered(&fixtures().join("loopback.yaml"));
     let cache = r.inv.with_role(Role::Cache).next().unwrap();
     let host_out = r.out.join(&cache.name);
-    common::apply_manifest(&host_out);
+    lab::apply_manifest(&host_out);
     let state = r.dir.join(".sagectl/loopback");
     let backend = r.inv.with_role(Role::Backend).next().unwrap();
     let addr = format!("{}:11211", cache.address);
@@ -151,7 +151,7 @@ kill $pid"#,
         key = state.join(format!("hosts/{}.key", backend.name)).display(),
         ip = cache.address,
     );
-    let o = common::run_as_host(&host_out, &[cache.address.to_string()], &script);
+    let o = lab::run_as_host(&host_out, &[cache.address.to_string()], &script);
     let (out, err) = text(&o);
     let with = out
         .split("== with certificate")
@@ -295,15 +295,6 @@ fn ids(user: &str) -> (u32, u32) {
     (id("-u"), id("-g"))
 }
 
-fn pg_bin(name: &str) -> PathBuf {
-    let dir = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("postgresql installed")
-        .map(|e| e.unwrap().path())
-        .max()
-        .unwrap();
-    dir.join("bin").join(name)
-}
-
 /// psql as the postgres superuser over the unix socket (peer authentication).
 fn as_postgres(sock: &str, sql: &str) -> std::process::Output {
     Command::new("runuser")
@@ -356,7 +347,7 @@ fn postgres_runs_rendered_config_with_verified_tls() {
         .tempdir()
         .unwrap();
     let (data, conf) = (pgdir.path().join("data"), pgdir.path().join("conf"));
-    common::copy_tree(&conf_src, &conf);
+    lab::copy_tree(&conf_src, &conf);
     std::fs::write(conf.join("pg_ident.conf"), "").unwrap();
     let chown = Command::new("chown")
         .args(["-R", "postgres:postgres"])
@@ -366,7 +357,7 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     assert!(chown.success());
     let o = Command::new("runuser")
         .args(["-u", "postgres", "--"])
-        .arg(pg_bin("initdb"))
+        .arg(sagews_testkit::pg::bin("initdb"))
         .args(["-A", "peer", "-D"])
         .arg(&data)
         .output()
@@ -380,7 +371,7 @@ fn postgres_runs_rendered_config_with_verified_tls() {
     // Started directly as postgres (not through runuser, which would stand between the test
     // and the postmaster and leave it running when killed).
     let (uid, gid) = ids("postgres");
-    let child = Command::new(pg_bin("postgres"))
+    let child = Command::new(sagews_testkit::pg::bin("postgres"))
         .uid(uid)
         .gid(gid)
         .arg(c("config_file", &p("postgresql.conf")))
@@ -507,7 +498,7 @@ fn postgres_runs_rendered_config_with_verified_tls() {
         text(&o).1
     );
     let other = tempfile::tempdir().unwrap();
-    let other_state = sagectl::pki::State::open_at(other.path(), "other").unwrap();
+    let other_state = sagews_testkit::pki::State::open_at(other.path(), "other").unwrap();
     let other_ca = other.path().join("ca.crt");
     assert!(other_state.ca_cert_pem().contains("BEGIN CERTIFICATE"));
     let o = psql(

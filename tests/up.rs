@@ -5,12 +5,12 @@
 //! unreachable and converged once back; a changed host key is refused with both fingerprints;
 //! and the quoting helper carries a hostile path over SSH intact.
 
-mod common;
+use sagews_testkit::lab;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Down, require, sagectl, scratch_inventory, text, up};
+use lab::{Down, require, sagectl, scratch_inventory, text, up};
 use serde_json::Value;
 
 fn host<'a>(recap: &'a Value, name: &str) -> &'a Value {
@@ -87,7 +87,7 @@ const ALPHA_UNITS: [&str; 5] = [
 #[test]
 fn converge_lab_hosts() {
     require("ip");
-    let (_tmp, inv) = scratch_inventory(&common::fixtures().join("up3.yaml"));
+    let (_tmp, inv) = scratch_inventory(&lab::fixtures().join("up3.yaml"));
     let _down = Down(inv.clone());
 
     // A fresh deploy: lab machines are made first, then every infrastructure role is up and healthy.
@@ -411,8 +411,8 @@ async fn https(
 }
 
 /// The lab's site as a browser sees it.
-fn site(inv: &Path) -> common::browser::Site {
-    common::browser::Site {
+fn site(inv: &Path) -> sagews_testkit::browser::Site {
+    sagews_testkit::browser::Site {
         name: "sagews.uptest.test".into(),
         addr: "10.81.0.10:443".parse().unwrap(),
         ca: inv.parent().unwrap().join(".sagectl/uptest/ca.crt"),
@@ -608,7 +608,7 @@ fn publish_survives_the_backends(inv: &Path) -> String {
     let site = site(inv);
     let path = rt.block_on(async {
         let cookie = site.sign_up("lab-user", "a lab password").await;
-        let mut s = common::browser::Sockjs::open(&site, &cookie, "labsession").await;
+        let mut s = sagews_testkit::browser::Sockjs::open(&site, &cookie, "labsession").await;
         let ws = s.create_and_open(1, "lab").await;
         s.call(
             3,

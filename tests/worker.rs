@@ -6,14 +6,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-#[path = "worker_harness.rs"]
-mod harness;
+use sagews_testkit::worker as harness;
 
 use harness::{Client, Worker, creds, limits, require_root};
 use sage_agent::frame;
 use sage_agent::proto::{Event, Request, Status};
 use sage_agent::tls::Identity;
-use sagectl::pki::State;
+use sagews_testkit::pki::State;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -900,7 +899,7 @@ fn engine_server_pid(w: &Worker) -> Option<i32> {
         let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
         let env = std::fs::read(e.path().join("environ")).ok()?;
         let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        // The server itself (a child of this test process), not a session forked from it.
+        // The server itself (a child of the worker process), not a session forked from it.
         let status = std::fs::read_to_string(e.path().join("status")).ok()?;
         let ppid = status
             .lines()
@@ -908,7 +907,7 @@ fn engine_server_pid(w: &Worker) -> Option<i32> {
             .trim()
             .parse::<u32>()
             .ok()?;
-        (ppid == std::process::id()
+        (Some(ppid) == w.pid()
             && env.split(|b| *b == 0).any(|v| v == home.as_bytes())
             && String::from_utf8_lossy(&cmd).contains("engine server"))
         .then_some(pid)

@@ -8,12 +8,7 @@
 //!
 //! Prints; asserts nothing. BENCH_EXECUTES, BENCH_SOCKETS and BENCH_SIGNINS change the counts.
 
-#[path = "../../tests/worker_harness.rs"]
-mod harness;
-#[path = "../../tests/pg_harness.rs"]
-mod pg;
-#[path = "../../tests/backend_harness.rs"]
-mod stack;
+use sagews_testkit::stack;
 
 use std::time::{Duration, Instant};
 

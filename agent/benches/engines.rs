@@ -4,13 +4,12 @@
 //! its processes, from /proc/PID/smaps_rollup). Prints; asserts nothing. BENCH_SESSIONS sets
 //! how many sessions per case (default 100; fresh Sage sessions: a tenth of it).
 
-#[path = "../../tests/worker_harness.rs"]
-mod harness;
+use sagews_testkit::worker as harness;
 
 use std::time::{Duration, Instant};
 
 use harness::{Worker, limits};
-use sagectl::pki::State;
+use sagews_testkit::pki::State;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]

@@ -2,17 +2,15 @@
 //! into a real PostgreSQL on this box, acknowledged after commit, from one client connection.
 //! Prints; asserts nothing.
 
-#[path = "../../tests/worker_harness.rs"]
-mod harness;
-#[path = "../../tests/pg_harness.rs"]
-mod pg;
+use sagews_testkit::pg;
+use sagews_testkit::worker as harness;
 
 use std::time::{Duration, Instant};
 
 use sage_agent::frame;
 use sage_agent::proto::{Level, LogRecord, LogReply, LogRequest};
 use sage_agent::tls::Identity;
-use sagectl::pki::State;
+use sagews_testkit::pki::State;
 
 fn main() {
     let n: usize = std::env::var("BENCH_RECORDS")

@@ -2,8 +2,7 @@
 //! ready with python3, and the round trip of executing `1+1` as a backend sees it (TLS, frames,
 //! the engine and back), p50 and p99. Prints; asserts nothing.
 
-#[path = "../../tests/worker_harness.rs"]
-mod harness;
+use sagews_testkit::worker as harness;
 
 use std::time::{Duration, Instant};
 

@@ -460,10 +460,14 @@ fn pki_item(
 ) -> Result<Vec<u8>, RenderError> {
     Ok(match item {
         PkiItem::CaCert => state.ca_cert_pem().as_bytes().to_vec(),
-        PkiItem::HostCert => state.host(host)?.chain_pem.into_bytes(),
-        PkiItem::HostKey => state.host(host)?.key_pem.expose().as_bytes().to_vec(),
+        PkiItem::HostCert => crate::pki::host(state, host)?.chain_pem.into_bytes(),
+        PkiItem::HostKey => crate::pki::host(state, host)?
+            .key_pem
+            .expose()
+            .as_bytes()
+            .to_vec(),
         PkiItem::HostPem => {
-            let c = state.host(host)?;
+            let c = crate::pki::host(state, host)?;
             format!("{}{}", c.chain_pem, c.key_pem.expose()).into_bytes()
         }
         PkiItem::SitePem => match (&inv.tls.certificate, &inv.tls.key) {
@@ -486,7 +490,7 @@ fn pki_item(
                 v
             }
             _ => {
-                let c = state.site(inv)?;
+                let c = crate::pki::site(state, inv)?;
                 format!("{}{}", c.chain_pem, c.key_pem.expose()).into_bytes()
             }
         },

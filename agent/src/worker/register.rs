@@ -23,8 +23,11 @@ async fn session(
 ) -> anyhow::Result<()> {
     let cfg = identity.client_config(&["backend"])?;
     let name = ServerName::try_from(b.name.clone())?;
-    let tcp =
-        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&b.address)).await??;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect_from(shared.config.listen.ip(), &b.address),
+    )
+    .await??;
     tcp.set_nodelay(true)?;
     let mut s = tokio::time::timeout(
         Duration::from_secs(10),
@@ -55,6 +58,25 @@ async fn session(
         let AnnounceReply::Ack = frame::read(&mut s, 1 << 16, Duration::from_secs(10)).await?;
         shared.heard_from_backend();
     }
+}
+
+/// Connects to `address` from `ip` (the address the worker announces and listens on), so the
+/// backend sees the connection come from the address it is told to use: on a host with several
+/// addresses the kernel's choice could differ, and the backend refuses a mismatch.
+async fn connect_from(ip: std::net::IpAddr, address: &str) -> std::io::Result<TcpStream> {
+    let to = tokio::net::lookup_host(address)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{address}: no address")))?;
+    let socket = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if !ip.is_unspecified() && ip.is_ipv4() == to.is_ipv4() {
+        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(to).await
 }
 
 pub async fn announce(shared: Arc<Shared>, identity: Identity, b: Peer) {

@@ -13,7 +13,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::inventory::{Inventory, Role};
-use crate::pki::State;
 
 #[derive(clap::Args)]
 pub struct Opts {
@@ -119,7 +118,7 @@ impl Client {
                 o.since
             )
         })?;
-        let state = State::open(inv)?;
+        let state = crate::pki::open(inv)?;
         let admin = state.admin()?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();

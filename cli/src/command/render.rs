@@ -11,7 +11,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::pki::State;
 use crate::render::host_files;
 use crate::roles::Catalog;
 
@@ -44,7 +43,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     }
     let catalog =
         Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
-    let state = State::open(&inv)?;
+    let state = crate::pki::open(&inv)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let out = Out {
         root: o.out.clone(),

@@ -258,7 +258,7 @@ pub fn converge_inventory(inv: Inventory, o: Opts) -> anyhow::Result<Recap> {
 fn execute(inv: Inventory, o: Opts) -> anyhow::Result<(Recap, Arc<Ctx>)> {
     let catalog =
         Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
-    let state = State::open(&inv)?;
+    let state = crate::pki::open(&inv)?;
     let secrets = state.secrets()?;
     let selected: Vec<String> = select(&inv, &o.limit)?
         .iter()
@@ -296,7 +296,9 @@ fn execute(inv: Inventory, o: Opts) -> anyhow::Result<(Recap, Arc<Ctx>)> {
     } else {
         Ui::new(&names)
     };
-    let known = Arc::new(KnownHosts::new(State::dir_for(&inv).join("known_hosts")));
+    let known = Arc::new(KnownHosts::new(
+        crate::pki::dir_for(&inv).join("known_hosts"),
+    ));
     let ctx = Arc::new(Ctx {
         inv,
         catalog,

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::inventory::{Host, Inventory, Lab as LabSettings};
-use crate::pki::State;
 use crate::sys::{self, SysError};
 
 pub use machine::MachineStatus;
@@ -101,7 +100,7 @@ impl<'a> Lab<'a> {
             id: format!("{:06x}", fnv1a(inv.name.as_bytes()) & 0xff_ffff),
             run_dir: Path::new("/run/sagectl-lab").join(&inv.name),
             cache_dir,
-            state_dir: State::dir_for(inv),
+            state_dir: crate::pki::dir_for(inv),
         })
     }
 

@@ -1,51 +1,20 @@
 //! A worker started in this process with a test CA, and a backend-side client for it: shared
 //! by the worker tests and the worker benchmark.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sage_agent::frame;
-use sage_agent::proto::{Event, Limits, Request, Status};
-use sage_agent::tls::Identity;
-use sagectl::pki::{State, role_name};
+use sagews_wire::frame;
+use sagews_wire::proto::{Event, Limits, Request, Status};
+use sagews_wire::tls::Identity;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-pub fn require_root() {
-    let o = std::process::Command::new("id").arg("-u").output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        "0",
-        "the worker tests need root (they make users): run them as CI does"
-    );
-}
-
-/// Writes a certificate and key from `state` into `dir` as `<name>.crt/.key`, plus `ca.crt`.
-pub fn creds(state: &State, dir: &Path, name: &str, roles: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut dns = vec![name.to_string()];
-    dns.extend(roles.iter().map(|r| role_name(r)));
-    let c = state
-        .issue(
-            &format!("t-{name}"),
-            name,
-            dns,
-            vec!["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
-    let (ca, crt, key) = (
-        dir.join("ca.crt"),
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&ca, state.ca_cert_pem()).unwrap();
-    std::fs::write(&crt, &c.chain_pem).unwrap();
-    std::fs::write(&key, c.key_pem.expose()).unwrap();
-    (ca, crt, key)
-}
+use crate::pki::State;
+pub use crate::pki::creds;
+pub use crate::require_root;
 
 /// A scratch directory for a worker's state, outside /tmp: sessions get a /tmp (and /var/tmp,
 /// /dev/shm, /run) of their own, so homes under /tmp would vanish from their view (the worker
@@ -105,12 +74,13 @@ pub fn write_config(
     path
 }
 
+/// A `sage-agent worker` process with a test CA and a config from [`write_config`]; stopped
+/// with SIGTERM (and checked to exit cleanly) by [`Worker::stop`], killed when dropped.
 pub struct Worker {
     pub addr: SocketAddr,
     pub tmp: tempfile::TempDir,
     pub state: State,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    child: Option<std::process::Child>,
 }
 
 impl Worker {
@@ -129,7 +99,8 @@ impl Worker {
         .await
     }
 
-    /// Starts a worker whose config gets `extra`'s fields on top of the test defaults.
+    /// Starts a worker whose config gets `extra`'s fields on top of the test defaults; returns
+    /// once it accepts connections (and, with the engine server, once sessions are forked).
     pub async fn start_with(
         uid_min: u32,
         limits: Limits,
@@ -139,8 +110,8 @@ impl Worker {
         extra: serde_json::Value,
     ) -> Worker {
         require_root();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = free_addr();
+        let fresh = extra.get("engine_server").and_then(|v| v.as_str()) == Some("fresh");
         let path = write_config(
             tmp.path(),
             &state,
@@ -150,23 +121,51 @@ impl Worker {
             backend_timeout,
             extra,
         );
-        let config = sage_agent::worker::Config::load(&path).unwrap();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let forks = config.engine_server == "zygote";
-        let task = tokio::spawn(sage_agent::worker::run(config, listener, async move {
-            let _ = rx.await;
-        }));
-        let w = Worker {
+        let log = std::fs::File::create(tmp.path().join("worker.log")).unwrap();
+        let child = std::process::Command::new(crate::bin("sage-agent"))
+            .args(["worker", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut w = Worker {
             addr,
             tmp,
             state,
-            stop: Some(stop),
-            task: Some(task),
+            child: Some(child),
         };
-        if forks {
+        w.wait_listening().await;
+        if !fresh {
             w.wait_for_engine_server().await;
         }
         w
+    }
+
+    /// The worker process's pid (None once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// What the worker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("worker.log")).unwrap_or_default()
+    }
+
+    async fn wait_listening(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(self.addr).await.is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the worker exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker did not listen within 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Until sessions are forked from the engine server (it imports its modules first).
@@ -198,10 +197,33 @@ impl Worker {
             .expect("a backend is accepted")
     }
 
+    /// SIGTERM, then waits for a clean exit (sessions closed, users' files removed).
     pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
+        let mut child = self.child.take().unwrap();
+        let (_, status) = sigterm_and_wait(&mut child).await;
+        assert!(
+            status.success(),
+            "the worker exited {status}:\n{}",
+            self.log()
+        );
     }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A loopback address with a port free a moment ago (the process started next binds it).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 pub struct Client {

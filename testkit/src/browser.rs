@@ -25,7 +25,7 @@ impl Site {
         body: &[u8],
     ) -> sagews_wire::http1::Response {
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::pem::PemObject::pem_file_iter(&self.ca).unwrap() {
+        for c in rustls::pki_types::pem::PemObject::pem_file_iter(&self.ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
         sagews_wire::tls::init();
@@ -33,7 +33,7 @@ impl Site {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from(self.name.clone()).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(self.name.clone()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
             .connect(name, tcp)
             .await

@@ -3,21 +3,18 @@
 //! publishes (WebDAV over TLS, backends only) and serving them, workers and backends as real
 //! `sage-agent` processes. Clients speak to a backend as HAProxy does (its certificate): SockJS
 //! over websocket or xhr-polling, and plain HTTPS requests.
-//!
-//! Needs `mod harness` (worker_harness.rs) and `mod pg` (pg_harness.rs) beside it.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use sage_agent::http1;
-use sage_agent::tls::Identity;
-use sagectl::pki::State;
+use sagews_wire::http1;
+use sagews_wire::tls::Identity;
 use serde_json::{Value, json};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
@@ -25,42 +22,51 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::harness::{creds, require_root};
-use super::pg::Pg;
+use crate::pg::Pg;
+use crate::pki::{State, creds};
+use crate::require_root;
 
-pub const DB_PASSWORD: &str = "backend-pw-123";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The loopback network of one stack, `127.K.N.0/24`: K from this process's id and N counted, so
+/// the stacks of parallel tests (and of another test process) never share an address, and every
+/// service listens on its role's own port as deployed.
+fn stack_net() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 250 + 1;
+    format!("127.{}.{n}", 100 + std::process::id() % 100)
 }
 
-/// Waits (5 s at most) until something listens on 127.0.0.1:`port`.
-fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start");
+/// Waits (10 s at most) until something listens on `addr`.
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Starts a server program (quiet) and waits until it listens on `port`.
-fn serve(program: &str, args: &[&str], port: u16) -> Child {
+/// Starts a server program (its output in `log`) and waits until it listens on `addr`.
+fn serve(program: &str, args: &[String], addr: SocketAddr, log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
     let child = Command::new(program)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(out)
         .spawn()
         .unwrap_or_else(|e| panic!("{program}: {e} (./test installs it)"));
-    wait_port(port, program);
+    wait_listening(addr, program);
     child
 }
 
-fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sage-agent"))
+/// A rendered config file of `host`, with each `(from, to)` replaced: the one place where the
+/// production configs are adapted to many services on one machine's loopback.
+fn relocated(out: &Path, host: &str, file: &str, subst: &[(&str, String)]) -> String {
+    let mut text = std::fs::read_to_string(out.join(host).join(file.trim_start_matches('/')))
+        .unwrap_or_else(|e| panic!("{host}: rendered {file}: {e}"));
+    for (from, to) in subst {
+        assert!(text.contains(from), "{host}:{file} no longer has {from:?}");
+        text = text.replace(from, to);
+    }
+    text
 }
 
 pub struct Proc {
@@ -98,7 +104,7 @@ impl Proc {
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = Command::new(crate::bin("sage-agent"));
         let child = cmd
             .args([self.kind, "--config"])
             .arg(&self.config)
@@ -150,19 +156,25 @@ impl Proc {
     }
 }
 
+/// A whole deployment on loopback, configured by `sagectl render` from an inventory of the
+/// stack's own (one host per service, each on its own address of [`stack_net`]): the agents'
+/// JSON, HAProxy's, nginx's and memcached's configs are the rendered ones, with only what
+/// [`relocated`] and [`agent_config`] change so that they run side by side on one machine.
+/// PostgreSQL is the test cluster of [`Pg`] (the rendered PostgreSQL config is tested in
+/// tests/tools.rs), with the roles and passwords the rendered configs name.
 pub struct Stack {
     pub tmp: tempfile::TempDir,
     pub state: State,
     pub pg: Pg,
+    /// What `sagectl render` made, one directory per host.
+    pub rendered: PathBuf,
+    net: String,
     memcached: Option<Child>,
-    memcached_args: Option<(PathBuf, PathBuf, PathBuf)>,
-    pub memcached_port: u16,
     nginx: Option<Child>,
     haproxy: Option<Child>,
-    /// nginx serving /pub/ to readers.
-    pub nginx_port: u16,
     pub workers: Vec<Proc>,
     pub backends: Vec<Proc>,
+    pub logd: Option<Proc>,
     client: Identity,
 }
 
@@ -173,102 +185,197 @@ pub struct Options {
     pub uid_base: u32,
     /// Extra fields for every backend's config.
     pub backend_extra: Value,
-    /// Run a logd (in this process) and point the backends at it.
+    /// Run a logd and point the backends at it.
     pub logd: bool,
+}
+
+/// The stack's inventory: the settings the tests rely on, in the inventory's own words.
+fn inventory(net: &str, pg_port: u16, o: &Options) -> String {
+    let mut hosts = format!(
+        "  lb1: {{address: {net}.10, roles: [loadbalancer]}}\n  static1: {{address: {net}.11, roles: [static]}}\n  cache1: {{address: {net}.12, roles: [cache]}}\n  db: {{address: 127.0.0.1, roles: [database], vars: {{postgres_port: {pg_port}}}}}\n"
+    );
+    if o.logd {
+        hosts.push_str(&format!("  logs1: {{address: {net}.13, roles: [logd]}}\n"));
+    }
+    for i in 1..=o.backends {
+        hosts.push_str(&format!(
+            "  backend{i}: {{address: {net}.{}, roles: [backend]}}\n",
+            20 + i
+        ));
+    }
+    for i in 1..=o.workers {
+        hosts.push_str(&format!(
+            "  worker{i}: {{address: {net}.{}, roles: [worker]}}\n",
+            40 + i
+        ));
+    }
+    let l = crate::worker::limits();
+    format!(
+        "name: btest
+tls: {{public_name: sagews.test, certificate: site.crt, key: site.key}}
+worker:
+  engine: python3
+  max_sessions: 8
+  uid_min: {uid}
+  uid_max: {uid_max}
+  backend_timeout_seconds: 600
+  preload: []
+  # Files up to 4 MB, so a file over the editor's 1 MiB can be made.
+  limits: {{cpu_seconds: {cpu}, memory_mb: {mem}, processes: {procs}, open_files: {files}, file_size_mb: 4, wall_clock_seconds: {wall}, idle_timeout_seconds: {idle}, cpu_percent: {pct}}}
+backend:
+  max_sessions: 1000
+  max_bundle_mb: 2
+  accounts: {{signup: true, max_workspaces: 5, max_open_workspaces: 3, session_days: 7, min_password_length: 8}}
+logd:
+  # Every process of the stack connects from 127.0.0.1.
+  allow: [127.0.0.1]
+hosts:
+{hosts}",
+        uid = o.uid_base,
+        uid_max = o.uid_base + 20 * o.workers.max(1) as u32 - 1,
+        cpu = l.cpu_seconds,
+        mem = l.memory_mb,
+        procs = l.processes,
+        files = l.open_files,
+        wall = l.wall_clock_seconds,
+        idle = l.idle_timeout_seconds,
+        pct = l.cpu_percent,
+    )
+}
+
+/// An agent's rendered JSON config made runnable beside the others: its certificate files and
+/// state directory in the stack's directory for the host (as `sagectl up` installs them),
+/// `extra`'s fields on top; written to `<host>.json`.
+fn agent_config(tmp: &Path, out: &Path, host: &str, file: &str, extra: &Value) -> (PathBuf, Value) {
+    let dir = tmp.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    let etc = out.join(host).join("etc/sage-agent");
+    let mut tls = serde_json::Map::new();
+    for (key, name) in [("ca", "ca.crt"), ("cert", "host.crt"), ("key", "host.key")] {
+        std::fs::copy(etc.join(name), dir.join(name)).unwrap();
+        tls.insert(key.into(), json!(dir.join(name)));
+    }
+    let text = std::fs::read_to_string(etc.join(file)).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{host}: rendered {file}: {e}"));
+    config["tls"] = Value::Object(tls);
+    if config.get("state_dir").is_some() {
+        config["state_dir"] = json!(dir.join("state"));
+    }
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    let path = tmp.join(format!("{host}.json"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    (path, config)
+}
+
+fn addr_of(config: &Value, key: &str) -> SocketAddr {
+    config[key].as_str().unwrap().parse().unwrap()
 }
 
 impl Stack {
     pub async fn start(o: Options) -> Stack {
         require_root();
         // Outside /tmp: the workers' homes live here (see `state_tempdir`).
-        let tmp = super::harness::state_tempdir();
-        let state = State::open_at(&tmp.path().join("pki"), "btest").unwrap();
+        let tmp = crate::worker::state_tempdir();
+        let net = stack_net();
+        // The inventory's state directory (as sagectl keeps it beside the inventory): its CA
+        // signs everything, the site certificate included (valid for the HAProxy address too,
+        // so clients can verify it without a DNS name).
+        let state = State::open_at(&tmp.path().join(".sagectl/btest"), "btest").unwrap();
+        let site = state
+            .issue(
+                "t-site",
+                "sagews.test",
+                vec!["sagews.test".into()],
+                vec![format!("{net}.10").parse().unwrap()],
+            )
+            .unwrap();
+        std::fs::write(tmp.path().join("site.crt"), &site.chain_pem).unwrap();
+        std::fs::write(tmp.path().join("site.key"), site.key_pem.expose()).unwrap();
         let pg = Pg::for_ca(&state, false).await;
-        pg.create_db("sagews", DB_PASSWORD);
+        let inv = tmp.path().join("btest.yaml");
+        std::fs::write(&inv, inventory(&net, pg.port, &o)).unwrap();
+        let rendered = tmp.path().join("rendered");
+        let r = crate::lab::sagectl()
+            .arg("render")
+            .arg(&inv)
+            .arg("--out")
+            .arg(&rendered)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = crate::lab::text(&r);
+        assert!(r.status.success(), "sagectl render:\n{stdout}\n{stderr}");
+        for host in std::fs::read_dir(&rendered).unwrap() {
+            crate::lab::apply_manifest(&host.unwrap().path());
+        }
 
-        // memcached, TLS only, client certificates required (as the cache role renders it).
-        let (ca, mcrt, mkey) = creds(&state, &tmp.path().join("cache"), "cache1", &["cache"]);
-        let memcached_port = free_port();
+        let client = {
+            let (ca, c, k) = creds(&state, &tmp.path().join("lb"), "lb1", &["loadbalancer"]);
+            Identity::load(&ca, &c, &k).unwrap()
+        };
         let mut s = Stack {
             pg,
+            rendered,
+            net,
             memcached: None,
-            memcached_args: None,
-            memcached_port,
             nginx: None,
             haproxy: None,
-            nginx_port: free_port(),
             workers: Vec::new(),
             backends: Vec::new(),
-            client: {
-                let (ca, c, k) = creds(&state, &tmp.path().join("lb"), "lb1", &["loadbalancer"]);
-                Identity::load(&ca, &c, &k).unwrap()
-            },
+            logd: None,
+            client,
             state,
             tmp,
         };
-        s.memcached_args = Some((ca.clone(), mcrt, mkey));
         s.start_memcached();
-        let publish_port = free_port();
-        s.start_nginx(publish_port, o.backends);
-
-        let logd = if o.logd {
-            Some(s.start_logd().await)
-        } else {
-            None
-        };
-        let backend_names: Vec<String> = (1..=o.backends).map(|i| format!("backend{i}")).collect();
-        let mut backend_refs = Vec::new();
-        for name in &backend_names {
-            let (ca, crt, key) = creds(&s.state, &s.tmp.path().join(name), name, &["backend"]);
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let wl = format!("127.0.0.1:{}", free_port());
-            backend_refs.push(json!({"name": name, "address": wl}));
-            let mut config = json!({
-                "inventory": "btest", "host": name, "public_name": "sagews.test",
-                "origins": ["https://sagews.test"],
-                "listen": addr.to_string(), "worker_listen": wl,
-                "tls": {"ca": ca, "cert": crt, "key": key},
-                "database": {"host": "127.0.0.1", "server_name": "db", "port": s.pg.port,
-                    "name": "sagews", "user": "sagews", "password": DB_PASSWORD, "pool": 8},
-                "memcached": [{"name": "cache1", "address": format!("127.0.0.1:{memcached_port}")}],
-                "max_sessions": 1000, "max_bundle_mb": 2,
-                "accounts": {"signup": true, "max_workspaces": 5, "session_days": 7, "min_password_length": 8},
-                "worker_port": 0,
-                "logd": logd.map(|a| json!({"address": a.to_string(), "server_name": "logs1"})),
-                "static_hosts": [{"name": "static1", "address": format!("127.0.0.1:{publish_port}")}],
-                "state_dir": s.tmp.path().join(name).join("state"),
-            });
-            for (k, v) in o.backend_extra.as_object().unwrap() {
-                config[k] = v.clone();
-            }
-            let path = s.tmp.path().join(format!("{name}.json"));
-            std::fs::write(&path, config.to_string()).unwrap();
+        s.start_nginx();
+        let first = format!("backend{}", 1.min(o.backends));
+        let (_, b1) = agent_config(
+            s.tmp.path(),
+            &s.rendered,
+            &first,
+            "backend.json",
+            &json!({}),
+        );
+        let db = &b1["database"];
+        s.pg.create_db_owned(
+            "sagews",
+            db["user"].as_str().unwrap(),
+            db["password"].as_str().unwrap(),
+        );
+        if o.logd {
+            s.start_logd();
+        }
+        for i in 1..=o.backends {
+            let name = format!("backend{i}");
+            let (path, config) = agent_config(
+                s.tmp.path(),
+                &s.rendered,
+                &name,
+                "backend.json",
+                &o.backend_extra,
+            );
             let log = s.tmp.path().join(format!("{name}.log"));
+            let addr = addr_of(&config, "listen");
             s.backends
-                .push(Proc::spawn("backend", name, addr, path, &log));
+                .push(Proc::spawn("backend", &name, addr, path, &log));
         }
         for b in 0..s.backends.len() {
             s.wait_health(b).await;
         }
         for i in 0..o.workers {
             let name = format!("worker{}", i + 1);
-            let (ca, crt, key) = creds(&s.state, &s.tmp.path().join(&name), &name, &["worker"]);
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            // All on one machine: a uid range each (20), no metrics page (one port for all),
+            // heartbeats every second so the backends see them at once.
             let uid_min = o.uid_base + 20 * i as u32;
-            // Files up to 4 MB, so a file over the editor's 1 MiB can be made.
-            let limits = sagectl_limits_with_files(4);
-            let config = json!({
-                "inventory": "btest", "host": name, "listen": addr.to_string(),
-                "tls": {"ca": ca, "cert": crt, "key": key},
-                "engine": "python3", "max_sessions": 8, "uid_min": uid_min, "uid_max": uid_min + 19,
-                "backend_timeout_seconds": 600, "limits": limits,
-                "backends": backend_refs,
-                "state_dir": s.tmp.path().join(&name).join("state"), "metrics_listen": null,
-                "heartbeat_seconds": 1,
-            });
-            let path = s.tmp.path().join(format!("{name}.json"));
-            std::fs::write(&path, config.to_string()).unwrap();
+            let extra = json!({"uid_min": uid_min, "uid_max": uid_min + 19,
+                "metrics_listen": null, "heartbeat_seconds": 1});
+            let (path, config) =
+                agent_config(s.tmp.path(), &s.rendered, &name, "worker.json", &extra);
             let log = s.tmp.path().join(format!("{name}.log"));
+            let addr = addr_of(&config, "listen");
             s.workers
                 .push(Proc::spawn("worker", &name, addr, path, &log));
         }
@@ -278,33 +385,39 @@ impl Stack {
         s
     }
 
+    /// A host's address in the stack.
+    fn address(&self, last: u8) -> std::net::IpAddr {
+        format!("{}.{last}", self.net).parse().unwrap()
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.tmp.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// memcached from the cache host's rendered /etc/memcached.conf (TLS only, client
+    /// certificates required), in the foreground.
     pub fn start_memcached(&mut self) {
-        let (ca, crt, key) = self.memcached_args.clone().unwrap();
-        let port = self.memcached_port.to_string();
-        let tls = format!(
-            "ssl_chain_cert={},ssl_key={},ssl_ca_cert={},ssl_verify_mode=2",
-            crt.display(),
-            key.display(),
-            ca.display()
+        let tls = self.rendered.join("cache1/etc/memcached/tls/");
+        let conf = relocated(
+            &self.rendered,
+            "cache1",
+            "/etc/memcached.conf",
+            &[("/etc/memcached/tls/", tls.display().to_string())],
         );
-        let args = [
-            "-u",
-            "memcache",
-            "-l",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "0",
-            "-Z",
-            "-o",
-            &tls,
-        ];
-        self.memcached = Some(serve("memcached", &args, self.memcached_port));
+        let args: Vec<String> = conf
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            // Daemon mode, its log file and pid file are systemd's business on a host.
+            .filter(|l| *l != "-d" && !l.starts_with("logfile") && !l.starts_with("-P"))
+            .flat_map(|l| match l.split_once(' ') {
+                Some((flag, value)) => vec![flag.to_string(), value.to_string()],
+                None => vec![l.to_string()],
+            })
+            .collect();
+        let addr = SocketAddr::new(self.address(12), 11211);
+        let log = self.tmp.path().join("memcached.log");
+        self.memcached = Some(serve("memcached", &args, addr, &log));
     }
 
     pub fn stop_memcached(&mut self) {
@@ -314,69 +427,74 @@ impl Stack {
         }
     }
 
-    /// HAProxy in front of the backends as the loadbalancer role renders it (TLS for browsers,
-    /// HTTPS with its certificate to the backends, a stickiness cookie); returns its port. Its
-    /// certificate is valid for 127.0.0.1.
+    /// HAProxy in front of the backends from the loadbalancer's rendered haproxy.cfg, in the
+    /// foreground, bound to its host's address instead of every address (many stacks share
+    /// this machine); returns the HTTPS port.
     pub fn start_haproxy(&mut self) -> u16 {
-        let dir = self.tmp.path().join("haproxy");
-        let (ca, crt, key) = creds(&self.state, &dir, "lb1", &["loadbalancer"]);
-        let pem = dir.join("lb1.pem");
-        let mut both = std::fs::read_to_string(&crt).unwrap();
-        both.push_str(&std::fs::read_to_string(&key).unwrap());
-        std::fs::write(&pem, both).unwrap();
-        let port = free_port();
-        let servers: String = self
-            .backends
-            .iter()
-            .map(|b| {
-                format!(
-                    "    server {n} {a} cookie {n} check ssl verify required ca-file {ca} crt {pem} verifyhost {n} sni str({n})\n",
-                    n = b.name,
-                    a = b.addr,
-                    ca = ca.display(),
-                    pem = pem.display()
-                )
-            })
-            .collect();
-        let conf = format!(
-            "global\n    maxconn 4096\ndefaults\n    mode http\n    option abortonclose\n    timeout connect 5s\n    timeout client 60s\n    timeout server 90s\n    timeout tunnel 1h\n\
-             frontend https\n    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1\n    http-request set-header X-Sagews-Client %[src]\n    default_backend backends\n\
-             backend backends\n    balance leastconn\n    cookie SAGEWS_BACKEND insert indirect nocache secure httponly\n{servers}",
-            pem = pem.display()
+        let lb = self.address(10);
+        let certs = self.rendered.join("lb1/etc/haproxy/certs");
+        let conf = relocated(
+            &self.rendered,
+            "lb1",
+            "/etc/haproxy/haproxy.cfg",
+            &[
+                ("    chroot /var/lib/haproxy\n", String::new()),
+                ("    daemon\n", String::new()),
+                (
+                    "    stats socket /run/haproxy/admin.sock",
+                    format!(
+                        "    stats socket {}/haproxy.sock",
+                        self.tmp.path().display()
+                    ),
+                ),
+                ("    bind :::80 v6only\n", String::new()),
+                (
+                    "    bind :::443 v6only ssl crt site.pem alpn h2,http/1.1\n",
+                    String::new(),
+                ),
+                ("bind :80", format!("bind {lb}:80")),
+                ("bind :443", format!("bind {lb}:443")),
+                (
+                    "ca-base /etc/haproxy/certs",
+                    format!("ca-base {}", certs.display()),
+                ),
+                (
+                    "crt-base /etc/haproxy/certs",
+                    format!("crt-base {}", certs.display()),
+                ),
+            ],
         );
-        std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
-        let conf = dir.join("haproxy.cfg");
-        self.haproxy = Some(serve(
-            "haproxy",
-            &["-db", "-f", conf.to_str().unwrap()],
-            port,
-        ));
-        port
+        let path = self.tmp.path().join("haproxy.cfg");
+        std::fs::write(&path, conf).unwrap();
+        let args = [
+            "-db".to_string(),
+            "-f".to_string(),
+            path.display().to_string(),
+        ];
+        let log = self.tmp.path().join("haproxy.log");
+        self.haproxy = Some(serve("haproxy", &args, SocketAddr::new(lb, 443), &log));
+        443
     }
 
-    /// logd in this process, on its own database of the same PostgreSQL; returns its address.
-    async fn start_logd(&mut self) -> SocketAddr {
-        self.pg.create_db("sagews_logs", "logs-pw-123");
-        let dir = self.tmp.path().join("logd");
-        let (ca, crt, key) = creds(&self.state, &dir, "logs1", &["logd"]);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = json!({
-            "inventory": "btest", "host": "logs1", "listen": addr.to_string(), "http_listen": "127.0.0.1:0",
-            "tls": {"ca": ca, "cert": crt, "key": key},
-            "database": {"host": "127.0.0.1", "server_name": "db", "port": self.pg.port, "name": "sagews_logs",
-                "user": "sagews_logs", "password": "logs-pw-123"},
-            "allow": ["127.0.0.1"], "batch_size": 1000, "retention_days": 30, "alerts": [], "replica": null,
-        });
-        let path = dir.join("logd.json");
-        std::fs::write(&path, config.to_string()).unwrap();
-        let config = sage_agent::logd::Config::load(&path).unwrap();
-        tokio::spawn(sage_agent::logd::run(
-            config,
-            listener,
-            std::future::pending(),
-        ));
-        addr
+    /// logd from its rendered config, on its own database of the same PostgreSQL.
+    fn start_logd(&mut self) {
+        let (path, config) = agent_config(
+            self.tmp.path(),
+            &self.rendered,
+            "logs1",
+            "logd.json",
+            &json!({}),
+        );
+        let db = &config["database"];
+        self.pg.create_db_owned(
+            db["name"].as_str().unwrap(),
+            db["user"].as_str().unwrap(),
+            db["password"].as_str().unwrap(),
+        );
+        let log = self.tmp.path().join("logs1.log");
+        let addr = addr_of(&config, "listen");
+        self.logd = Some(Proc::spawn("logd", "logs1", addr, path, &log));
+        wait_listening(addr, "logd");
     }
 
     /// Messages logd stored from `target`, oldest first (waits up to 10 s for `want` of them).
@@ -395,72 +513,58 @@ impl Stack {
         }
     }
 
-    pub fn ca_file(&self) -> PathBuf {
-        self.tmp.path().join("haproxy/ca.crt")
+    /// HAProxy's HTTPS address (once `start_haproxy` ran).
+    pub fn haproxy_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address(10), 443)
     }
 
-    fn start_nginx(&mut self, publish_port: u16, backends: usize) {
+    /// The deployment's CA certificate (browsers here trust it).
+    pub fn ca_file(&self) -> PathBuf {
+        self.tmp.path().join(".sagectl/btest/ca.crt")
+    }
+
+    /// nginx from the static host's rendered nginx.conf (the site, published files, and the
+    /// publishing server for backends), in the foreground, its files in the stack's directory.
+    fn start_nginx(&mut self) {
         let dir = self.tmp.path().join("nginx");
-        std::fs::create_dir_all(dir.join("root/pub")).unwrap();
-        let (ca, crt, key) = creds(&self.state, &dir, "static1", &["static"]);
-        let publishers: String = (1..=backends)
-            .map(|i| format!("        \"~(^|,)CN=backend{i}(,|$)\" 1;\n"))
-            .collect();
-        // The publishing server mirrors templates/nginx.conf.j2 (the lab test runs the real one).
-        let conf = format!(
-            r#"user root root;
-daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    ssl_protocols TLSv1.3;
-    ssl_certificate {crt};
-    ssl_certificate_key {key};
-    ssl_client_certificate {ca};
-    ssl_verify_client on;
-    map $ssl_client_s_dn $publisher {{
-        default 0;
-{publishers}    }}
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        location /pub/ {{ alias {d}/root/pub/; autoindex on; }}
-    }}
-    server {{
-        listen 127.0.0.1:{publish_port} ssl;
-        client_max_body_size 2m;
-        if ($publisher = 0) {{ return 403; }}
-        location /pub/ {{
-            alias {d}/root/pub/;
-            dav_methods PUT DELETE;
-            create_full_put_path on;
-            dav_access user:rw group:r all:r;
-            limit_except PUT DELETE {{ deny all; }}
-        }}
-        location / {{ return 404; }}
-    }}
-}}
-"#,
-            d = dir.display(),
-            crt = crt.display(),
-            key = key.display(),
-            ca = ca.display(),
-            port = self.nginx_port,
+        let www = self.rendered.join("static1/var/www/sagews");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(www.join("pub")).unwrap();
+        // nginx's workers (www-data) write what backends publish.
+        let www_data = nix::unistd::User::from_name("www-data").unwrap().unwrap();
+        let (uid, gid) = (www_data.uid.as_raw(), www_data.gid.as_raw());
+        std::os::unix::fs::chown(www.join("pub"), Some(uid), Some(gid)).unwrap();
+        let conf = relocated(
+            &self.rendered,
+            "static1",
+            "/etc/nginx/nginx.conf",
+            &[
+                (
+                    "pid /run/nginx.pid;",
+                    format!("pid {}/nginx.pid;", dir.display()),
+                ),
+                ("/var/log/nginx/", format!("{}/", dir.display())),
+                (
+                    "/etc/nginx/tls/",
+                    self.rendered
+                        .join("static1/etc/nginx/tls/")
+                        .display()
+                        .to_string(),
+                ),
+                ("/var/www/sagews/", format!("{}/", www.display())),
+            ],
         );
-        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let conf = dir.join("nginx.conf");
-        self.nginx = Some(serve(
-            "nginx",
-            &["-c", conf.to_str().unwrap()],
-            publish_port,
-        ));
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let args = [
+            "-c".to_string(),
+            path.display().to_string(),
+            "-g".into(),
+            "daemon off;".into(),
+        ];
+        let log = self.tmp.path().join("nginx.log");
+        let addr = SocketAddr::new(self.address(11), 8082);
+        self.nginx = Some(serve("nginx", &args, addr, &log));
     }
 
     async fn wait_health(&self, b: usize) {
@@ -495,7 +599,13 @@ http {{
         while self.metric(b, "healthy_workers").await as usize != n {
             assert!(
                 Instant::now() < deadline,
-                "backend {b} does not see {n} workers"
+                "backend {b} does not see {n} workers:\n{}\n{}",
+                self.log(&self.backends[b].name),
+                self.workers
+                    .iter()
+                    .map(|w| self.log(&w.name))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -546,9 +656,7 @@ http {{
     /// GET from the nginx that serves published workspaces (as HAProxy would).
     pub async fn get_published(&self, path: &str) -> http1::Response {
         let cfg = self.client.client_config(&["static"]).unwrap();
-        let tcp = TcpStream::connect(("127.0.0.1", self.nginx_port))
-            .await
-            .unwrap();
+        let tcp = TcpStream::connect((self.address(11), 8081)).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("static1").unwrap();
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
@@ -614,7 +722,8 @@ http {{
                     .unwrap();
                 for (k, v) in &headers {
                     req.headers_mut().insert(
-                        axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes())
+                            .unwrap(),
                         v.parse().unwrap(),
                     );
                 }
@@ -668,9 +777,9 @@ http {{
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tcp = TcpStream::connect((self.address(10), port)).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let name = rustls::pki_types::ServerName::try_from("lb1").unwrap();
+        let name = rustls::pki_types::ServerName::try_from("sagews.test").unwrap();
         BufReader::new(
             tokio_rustls::TlsConnector::from(Arc::new(cfg))
                 .connect(name, tcp)
@@ -712,6 +821,9 @@ impl Drop for Stack {
         for b in &mut self.backends {
             b.stop();
         }
+        if let Some(l) = &mut self.logd {
+            l.stop();
+        }
         let log = self.tmp.path().join("cleanup.log");
         for w in &mut self.workers {
             if w.killed {
@@ -730,13 +842,6 @@ impl Drop for Stack {
             let _ = c.wait();
         }
     }
-}
-
-/// The worker harness's limits with files up to `mb` MB.
-fn sagectl_limits_with_files(mb: u64) -> sage_agent::proto::Limits {
-    let mut l = super::harness::limits();
-    l.file_size_mb = mb;
-    l
 }
 
 fn rand_hex() -> String {

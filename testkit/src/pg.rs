@@ -1,7 +1,6 @@
 //! A PostgreSQL server for tests: a fresh cluster in a temp directory, TLS with a certificate
 //! from the test CA, password logins over TLS only, run as the postgres user; stopped (fast
 //! shutdown) when dropped. Can be stopped and started again on the same port.
-#![allow(dead_code)]
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +15,8 @@ pub struct Pg {
     fsync: bool,
 }
 
-fn bin(name: &str) -> PathBuf {
+/// A PostgreSQL program (`initdb`, `postgres`, `pg_ctl`, ...) of the newest installed version.
+pub fn bin(name: &str) -> PathBuf {
     let dir = std::fs::read_dir("/usr/lib/postgresql")
         .expect("postgresql installed")
         .map(|e| e.unwrap().path())
@@ -35,12 +35,12 @@ fn postgres_ids() -> (u32, u32) {
 impl Pg {
     /// A cluster whose certificate (host "db", database role, 127.0.0.1) comes from `state`'s
     /// CA, started off the async threads.
-    pub async fn for_ca(state: &sagectl::pki::State, fsync: bool) -> Pg {
+    pub async fn for_ca(state: &crate::pki::State, fsync: bool) -> Pg {
         let dbc = state
             .issue(
                 "t-db",
                 "db",
-                vec!["db".into(), sagectl::pki::role_name("database")],
+                vec!["db".into(), crate::pki::role_name("database")],
                 vec!["127.0.0.1".parse().unwrap()],
             )
             .unwrap();
@@ -190,8 +190,14 @@ impl Pg {
     }
 
     /// A login role with `password` owning a new database of the same name.
+    /// A database `name` owned by a login role of the same name with `password`.
     pub fn create_db(&self, name: &str, password: &str) {
-        let o = self.psql_script(&format!("\\set pw '{password}'\nCREATE ROLE {name} LOGIN PASSWORD :'pw';\nCREATE DATABASE {name} OWNER {name};\n"));
+        self.create_db_owned(name, name, password);
+    }
+
+    /// A database `name` owned by a login role `user` with `password`.
+    pub fn create_db_owned(&self, name: &str, user: &str, password: &str) {
+        let o = self.psql_script(&format!("\\set pw '{password}'\nCREATE ROLE {user} LOGIN PASSWORD :'pw';\nCREATE DATABASE {name} OWNER {user};\n"));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 

@@ -1,11 +1,8 @@
 //! Helpers shared by the integration tests: paths, running sagectl, scratch copies of
 //! inventories, and running a real tool inside private mount and network namespaces.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-pub mod browser;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -21,7 +18,7 @@ pub fn fixtures() -> PathBuf {
 
 /// A `sagectl` command (the binary built for these tests).
 pub fn sagectl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sagectl"))
+    Command::new(crate::bin("sagectl"))
 }
 
 /// Takes a lab down when dropped, whatever the test did (hold it until the end).
