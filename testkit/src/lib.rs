@@ -14,6 +14,7 @@ pub mod browser;
 pub mod lab;
 pub mod pg;
 pub mod pki;
+pub mod probe;
 pub mod stack;
 pub mod worker;
 
