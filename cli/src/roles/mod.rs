@@ -1,10 +1,14 @@
 //! Roles as data: `roles/<role>/{tasks,handlers,defaults}/main.yaml` (Ansible's layout) and the
 //! templates they name, embedded in the binary at build time and interpreted here. A role's tasks
 //! are a list of typed actions; this module parses and checks them (unknown keys, missing
-//! templates, notify naming no handler) so a broken role fails the tests, not a deploy.
+//! templates, notify naming no handler, health checks that do not compile) so a broken role
+//! fails the tests, not a deploy. The catalog is loaded once per process ([`Catalog::embedded`]).
+
+pub mod health;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::diag::{Diagnostics, suggest};
 use crate::inventory::Role;
@@ -157,6 +161,8 @@ pub struct RoleDef {
     pub defaults: BTreeMap<String, serde_json::Value>,
     /// What each of those variables may hold (the defaults file's `_types:`).
     pub types: BTreeMap<String, Constraint>,
+    /// Checks its hosts must pass after a run (`health/main.yaml`).
+    pub health: Vec<health::HealthCheck>,
 }
 
 /// The key of a defaults file holding the variables' constraints rather than a variable.
@@ -168,9 +174,23 @@ pub struct Catalog {
     pub roles: BTreeMap<Role, RoleDef>,
 }
 
+/// The embedded roles failed their checks: a bug of this build, which the tests catch.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded roles are broken:\n{0}")]
+pub struct BrokenRoles(pub Diagnostics);
+
 impl Catalog {
-    /// The roles embedded in this binary. They are checked by the tests, so failing here is a bug.
-    pub fn embedded() -> Result<Catalog, Diagnostics> {
+    /// The roles embedded in this binary, parsed and checked once per process. They are
+    /// checked by the tests, so failing here is a bug.
+    pub fn embedded() -> Result<&'static Catalog, BrokenRoles> {
+        static CATALOG: OnceLock<Result<Catalog, Diagnostics>> = OnceLock::new();
+        CATALOG
+            .get_or_init(Catalog::load)
+            .as_ref()
+            .map_err(|d| BrokenRoles(d.clone()))
+    }
+
+    fn load() -> Result<Catalog, Diagnostics> {
         let mut d = Decoder::default();
         let mut roles = BTreeMap::new();
         for role in std::iter::once(Role::Firewall).chain(Role::DECLARABLE) {
@@ -207,7 +227,23 @@ impl Catalog {
 
     fn check(&self, d: &mut Decoder) {
         let mut seen_vars: BTreeMap<&str, Role> = BTreeMap::new();
+        let env = crate::render::environment();
         for def in self.roles.values() {
+            let file = format!("roles/{}/health/main.yaml", def.role);
+            let pos = crate::diag::Pos::file_start(Path::new(&file));
+            for (i, c) in def.health.iter().enumerate() {
+                for (expression, text) in c.sources() {
+                    let compiled = if expression {
+                        env.compile_expression(text).map(drop)
+                    } else {
+                        env.template_from_str(text).map(drop)
+                    };
+                    if let Err(e) = compiled {
+                        d.diags
+                            .push(&pos, &index("", i), format!("`{text}`: {e}"), None);
+                    }
+                }
+            }
             let file = format!("roles/{}/tasks/main.yaml", def.role);
             let pos = crate::diag::Pos::file_start(Path::new(&file));
             for k in def.defaults.keys() {
@@ -266,7 +302,15 @@ fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
         handlers: Vec::new(),
         defaults: BTreeMap::new(),
         types: BTreeMap::new(),
+        health: Vec::new(),
     };
+    if let Some(n) = load_node(d, &format!("{base}/health/main.yaml")) {
+        for (i, c) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
+            if let Some(c) = health::check(d, c, &index("", i)) {
+                def.health.push(c);
+            }
+        }
+    }
     if let Some(n) = load_node(d, &format!("{base}/tasks/main.yaml")) {
         for (i, t) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
             if let Some(task) = task(d, t, &index("", i)) {
@@ -602,6 +646,7 @@ mod tests {
             handlers: Vec::new(),
             defaults: BTreeMap::new(),
             types: BTreeMap::new(),
+            health: Vec::new(),
         };
         defaults(&mut d, &n, &mut def);
         (def, d.diags)
