@@ -181,21 +181,21 @@ impl Env<'_> {
                 let out = run(s, &argv, pgpass.as_bytes()).await?;
                 ctx.insert("output".into(), Value::from(out));
             }
-            CheckKind::Tls {
-                connect,
-                ca,
-                cert,
-                key,
-                send,
-            } => {
-                let [connect, ca, cert, key, send] =
-                    [connect, ca, cert, key, send].map(|t| self.render(t, ctx));
-                let (connect, send) = (connect?, send?);
+            CheckKind::Tls(t) => {
+                let connect = self.render(&t.connect, ctx)?;
                 let argv = [
-                    "sh", "-c", TLS_SCRIPT, "sh", &send, &connect, &ca?, &cert?, &key?,
+                    "sh",
+                    "-c",
+                    TLS_SCRIPT,
+                    "sh",
+                    &self.render(&t.send, ctx)?,
+                    &connect,
+                    &self.render(&t.ca, ctx)?,
+                    &self.render(&t.cert, ctx)?,
+                    &self.render(&t.key, ctx)?,
                 ];
                 let out = run(s, &argv, b"").await?;
-                ctx.insert("connect".into(), Value::from(connect.clone()));
+                ctx.insert("connect".into(), Value::from(connect));
                 ctx.insert("output".into(), Value::from(out));
             }
             CheckKind::LogdQuery => {
@@ -216,15 +216,20 @@ impl Env<'_> {
     async fn attempt(&self, c: &HealthCheck, s: &Session, ctx: &Ctx) -> Result<String, String> {
         let mut ctx = ctx.clone();
         self.make(c, s, &mut ctx).await?;
+        self.judge(c, &ctx)
+    }
+
+    /// The detail of a check whose kind gave back what `ctx` holds: `ok` when `expect` holds.
+    fn judge(&self, c: &HealthCheck, ctx: &Ctx) -> Result<String, String> {
         let passed = match &c.expect {
-            Some(e) => self.truth(e, &ctx)?,
+            Some(e) => self.truth(e, ctx)?,
             None => true,
         };
         if passed {
-            self.render(&c.ok, &ctx)
+            self.render(&c.ok, ctx)
         } else {
             Err(match &c.fail {
-                Some(t) => self.render(t, &ctx)?,
+                Some(t) => self.render(t, ctx)?,
                 None => format!("{}: not as expected", c.name),
             })
         }
@@ -336,6 +341,181 @@ fn prepare(env: &Env<'_>, c: &HealthCheck, ctx: &mut Ctx) -> Result<bool, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The declared check `name` of `role`, judged on what its kind gave back (`values`).
+    fn judge(role: Role, name: &str, values: serde_json::Value) -> Result<String, String> {
+        let catalog = crate::roles::Catalog::embedded().unwrap();
+        let c = catalog
+            .role(role)
+            .health
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap();
+        let inv = crate::inventory::Inventory::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../inventories/lab.yaml"
+        )))
+        .unwrap();
+        let secrets = BTreeMap::new();
+        let env = Env {
+            inv: &inv,
+            secrets: &secrets,
+            jinja: crate::render::environment(),
+        };
+        let mut ctx: Ctx = serde_json::from_value::<BTreeMap<String, serde_json::Value>>(values)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(Serde(v))))
+            .collect();
+        ctx.insert(
+            "reached".into(),
+            Value::from(Serde(serde_json::json!({"worker": 2}))),
+        );
+        ctx.insert(
+            "from_host".into(),
+            Value::from(Serde(serde_json::json!({"name": "backend1"}))),
+        );
+        ctx.insert(
+            "worker".into(),
+            Value::from(Serde(serde_json::json!({"engine": "python3"}))),
+        );
+        prepare(&env, c, &mut ctx)?;
+        env.judge(c, &ctx)
+    }
+
+    #[test]
+    fn declared_checks_judge_as_before() {
+        let limits = |mode: &str| {
+            parse_metrics(&format!(
+                "sagews_worker_limits{{mode=\"{mode}\"}} 1\nsagews_worker_sessions_open 0\n"
+            ))
+        };
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "worker",
+                serde_json::json!({"metrics": limits("cgroup1"), "body": ""})
+            ),
+            Ok(
+                "sage-worker runs and serves its metrics; sessions: a cgroup1 cgroup per session"
+                    .into()
+            )
+        );
+        assert_eq!(
+            judge(Role::Worker, "worker", serde_json::json!({"metrics": limits("rlimits"), "body": ""})),
+            Ok("sage-worker runs and serves its metrics; sessions: per-process rlimits only: no cgroup controllers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "worker",
+                serde_json::json!({"metrics": {}, "body": "nope"})
+            ),
+            Err("no metrics from sage-worker: nope".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "engine",
+                serde_json::json!({"output": "42\n"})
+            ),
+            Ok("`print(6 * 7)` from backend1 gives `42`".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "engine",
+                serde_json::json!({"output": "41\n"})
+            ),
+            Err("`print(6 * 7)` from backend1 gave `41`, not `42`".into())
+        );
+        let healthy = |n: i64| parse_metrics(&format!("sagews_backend_healthy_workers {n}\n"));
+        let target = serde_json::json!({"name": "backend1"});
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend workers",
+                serde_json::json!({"metrics": healthy(2), "target": target})
+            ),
+            Ok("backend1 sees 2 of 2 workers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend workers",
+                serde_json::json!({"metrics": healthy(1), "target": target})
+            ),
+            Err("backend1 sees 1 of 2 workers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend workers",
+                serde_json::json!({"metrics": {}, "target": target})
+            ),
+            Err("backend1 sees no of 2 workers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "haproxy redirect",
+                serde_json::json!({"status": 301, "location": "https://x/"})
+            ),
+            Ok("port 80 redirects: 301 https://x/".into())
+        );
+        assert!(
+            judge(
+                Role::Loadbalancer,
+                "haproxy redirect",
+                serde_json::json!({"status": 200, "location": ""})
+            )
+            .is_err()
+        );
+        let url = serde_json::json!("https://x/api/health");
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend through haproxy",
+                serde_json::json!({"body": "ok\n", "url": url})
+            ),
+            Ok(
+                "https://x/api/health: a backend answers through HAProxy and reaches PostgreSQL"
+                    .into()
+            )
+        );
+        assert_eq!(
+            judge(
+                Role::Database,
+                "postgresql from backend",
+                serde_json::json!({"output": "t\n"})
+            ),
+            Ok("backend1 connects with verify-full TLS and its password".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Cache,
+                "memcached from backend",
+                serde_json::json!({"output": "STAT pid 12\r\nEND\r\n", "connect": "a:1"})
+            ),
+            Ok("backend1 gets `stats` over TLS with its certificate".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Cache,
+                "memcached from backend",
+                serde_json::json!({"output": "x\nverify error", "connect": "a:1"})
+            ),
+            Err("no stats from a:1: verify error".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Firewall,
+                "firewall",
+                serde_json::json!({"output": "table inet sagectl {}"})
+            ),
+            Ok("rules loaded".into())
+        );
+    }
 
     #[test]
     fn metrics_by_name_with_labels() {

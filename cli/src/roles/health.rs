@@ -7,7 +7,7 @@
 use crate::inventory::Role;
 use crate::yaml::{Decoder, Fields, Node, join};
 
-use super::req_string;
+use super::{known_secret, one_of, req_string};
 
 /// Where a check runs from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,15 +49,19 @@ pub enum CheckKind {
         query: String,
     },
     /// `send` over TLS (`openssl s_client`, verifying the server, presenting `cert`): `output`.
-    Tls {
-        connect: String,
-        ca: String,
-        cert: String,
-        key: String,
-        send: String,
-    },
+    Tls(TlsCheck),
     /// logd's query API, from sagectl with its admin certificate.
     LogdQuery,
+}
+
+/// The fields of a [`CheckKind::Tls`] check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCheck {
+    pub connect: String,
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+    pub send: String,
 }
 
 /// One declared check.
@@ -146,25 +150,7 @@ pub fn check(d: &mut Decoder, node: &Node, path: &str) -> Option<HealthCheck> {
             lets.push((k.to_string(), d.string(v, &join(&f.path_of("let"), k))?));
         }
     }
-    let present: Vec<&str> = KINDS
-        .iter()
-        .copied()
-        .filter(|k| f.get(k).is_some())
-        .collect();
-    let [kind] = present[..] else {
-        d.error(
-            node,
-            path,
-            format!(
-                "a health check needs exactly one kind, found {}",
-                present.len()
-            ),
-            Some(format!("one of: {}", KINDS.join(", "))),
-        );
-        return None;
-    };
-    let body = f.get(kind)?;
-    let p = join(path, kind);
+    let (kind, body, p) = one_of(d, &f, KINDS, "a health check needs exactly one kind")?;
     let kind = match kind {
         "command" => CheckKind::Command(d.strings(body, &p)?.into_iter().map(|(s, _)| s).collect()),
         "http" => {
@@ -207,13 +193,7 @@ pub fn check(d: &mut Decoder, node: &Node, path: &str) -> Option<HealthCheck> {
         "psql" => {
             let h = d.fields(body, &p, &["conninfo", "password_secret", "query"])?;
             let secret = req_string(d, &h, "password_secret")?;
-            if !crate::pki::SECRET_NAMES.contains(&secret.as_str()) {
-                d.error(
-                    body,
-                    &h.path_of("password_secret"),
-                    format!("unknown secret `{secret}`"),
-                    Some(crate::diag::suggest(&secret, &crate::pki::SECRET_NAMES)),
-                );
+            if !known_secret(d, body, &h, &secret) {
                 return None;
             }
             CheckKind::Psql {
@@ -224,13 +204,13 @@ pub fn check(d: &mut Decoder, node: &Node, path: &str) -> Option<HealthCheck> {
         }
         "tls" => {
             let h = d.fields(body, &p, &["connect", "ca", "cert", "key", "send"])?;
-            CheckKind::Tls {
+            CheckKind::Tls(TlsCheck {
                 connect: req_string(d, &h, "connect")?,
                 ca: req_string(d, &h, "ca")?,
                 cert: req_string(d, &h, "cert")?,
                 key: req_string(d, &h, "key")?,
                 send: req_string(d, &h, "send")?,
-            }
+            })
         }
         "logd_query" => {
             d.fields(body, &p, &[])?;
@@ -273,13 +253,8 @@ impl HealthCheck {
             CheckKind::Psql {
                 conninfo, query, ..
             } => out.extend([conninfo, query].map(|t| (false, t.as_str()))),
-            CheckKind::Tls {
-                connect,
-                ca,
-                cert,
-                key,
-                send,
-            } => out.extend([connect, ca, cert, key, send].map(|t| (false, t.as_str()))),
+            CheckKind::Tls(t) => out
+                .extend([&t.connect, &t.ca, &t.cert, &t.key, &t.send].map(|t| (false, t.as_str()))),
             CheckKind::LogdQuery => {}
         }
         out

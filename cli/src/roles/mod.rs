@@ -408,22 +408,7 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
                 .collect()
         })
         .unwrap_or_default();
-    let present: Vec<&str> = ACTIONS
-        .iter()
-        .copied()
-        .filter(|a| f.get(a).is_some())
-        .collect();
-    let [kind] = present[..] else {
-        d.error(
-            node,
-            path,
-            format!("a task needs exactly one action, found {}", present.len()),
-            Some(format!("one of: {}", ACTIONS.join(", "))),
-        );
-        return None;
-    };
-    let body = f.get(kind)?;
-    let p = join(path, kind);
+    let (kind, body, p) = one_of(d, &f, ACTIONS, "a task needs exactly one action")?;
     let action = match kind {
         "apt" => Action::Apt(d.strings(body, &p)?.into_iter().map(|(s, _)| s).collect()),
         "user" => {
@@ -520,14 +505,7 @@ fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
         "postgres_database" => {
             let f = d.fields(body, &p, &["name", "owner", "password_secret"])?;
             let secret = req_string(d, &f, "password_secret")?;
-            if !crate::pki::SECRET_NAMES.contains(&secret.as_str()) {
-                d.error(
-                    body,
-                    &f.path_of("password_secret"),
-                    format!("unknown secret `{secret}`"),
-                    Some(suggest(&secret, &crate::pki::SECRET_NAMES)),
-                );
-            }
+            known_secret(d, body, &f, &secret);
             Action::PostgresDatabase {
                 name: req_string(d, &f, "name")?,
                 owner: req_string(d, &f, "owner")?,
@@ -583,6 +561,45 @@ fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
         action,
         check_login,
     })
+}
+
+/// The one key of `kinds` present in `f` (a task's action, a check's kind), its value and
+/// path; reported unless exactly one is.
+fn one_of<'n, 'k>(
+    d: &mut Decoder,
+    f: &Fields<'n>,
+    kinds: &[&'k str],
+    what: &str,
+) -> Option<(&'k str, &'n Node, String)> {
+    let present: Vec<&str> = kinds
+        .iter()
+        .copied()
+        .filter(|k| f.get(k).is_some())
+        .collect();
+    if let [kind] = present[..] {
+        return Some((kind, f.get(kind)?, f.path_of(kind)));
+    }
+    d.diags.push(
+        &f.pos,
+        &f.path,
+        format!("{what}, found {}", present.len()),
+        Some(format!("one of: {}", kinds.join(", "))),
+    );
+    None
+}
+
+/// Whether `secret` (under `password_secret` in `f`) is one sagectl generates; reported if not.
+fn known_secret(d: &mut Decoder, body: &Node, f: &Fields<'_>, secret: &str) -> bool {
+    if crate::pki::SECRET_NAMES.contains(&secret) {
+        return true;
+    }
+    d.error(
+        body,
+        &f.path_of("password_secret"),
+        format!("unknown secret `{secret}`"),
+        Some(suggest(secret, &crate::pki::SECRET_NAMES)),
+    );
+    false
 }
 
 const PRIVATE_HINT: &str = "use mode 0600, or 0640 with the service's own group";

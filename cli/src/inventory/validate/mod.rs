@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::constraint::Constraint;
-use super::raw::{RawInventory, RawSsh};
+use super::raw::{RawInventory, RawSsh, Sp};
 use super::{Inventory, Role, Ssh};
 use crate::diag::{Diagnostics, Pos};
 use crate::roles::Catalog;
@@ -45,6 +45,27 @@ impl V<'_> {
         hint: impl Into<Option<String>>,
     ) {
         self.diags.push(pos, path, msg, hint.into());
+    }
+
+    /// `n`'s value when `ok` accepts it; otherwise reported as not `what`, and empty.
+    fn accepted(
+        &mut self,
+        n: &Sp<String>,
+        ok: fn(&str) -> bool,
+        path: &str,
+        what: &str,
+        hint: &str,
+    ) -> String {
+        if ok(&n.v) {
+            return n.v.clone();
+        }
+        self.err(
+            &n.pos,
+            path,
+            format!("`{}` is not {what}", n.v),
+            hint.to_string(),
+        );
+        String::new()
     }
 
     /// Whether stage one reported a problem at `path` (so "missing" would repeat it).
@@ -141,16 +162,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
 /// The inventory's name: a label (it names the state directory).
 fn check_name(v: &mut V<'_>, raw: &RawInventory) -> String {
     match &raw.name {
-        Some(n) if is_label(&n.v) => n.v.clone(),
-        Some(n) => {
-            v.err(
-                &n.pos,
-                "name",
-                format!("`{}` is not a valid inventory name", n.v),
-                LABEL_HINT.to_string(),
-            );
-            String::new()
-        }
+        Some(n) => v.accepted(n, is_label, "name", "a valid inventory name", LABEL_HINT),
         None if v.reported("name") => String::new(),
         None => {
             v.err(

@@ -14,16 +14,13 @@ fn is_dns_name(s: &str) -> bool {
 
 pub(super) fn check_tls(v: &mut V<'_>, raw: &RawInventory, has_loadbalancer: bool) -> Tls {
     let public_name = match &raw.public_name {
-        Some(n) if is_dns_name(&n.v) => n.v.clone(),
-        Some(n) => {
-            v.err(
-                &n.pos,
-                "tls.public_name",
-                format!("`{}` is not a DNS name", n.v),
-                "the name browsers use, such as sagews.example.org".to_string(),
-            );
-            String::new()
-        }
+        Some(n) => v.accepted(
+            n,
+            is_dns_name,
+            "tls.public_name",
+            "a DNS name",
+            "the name browsers use, such as sagews.example.org",
+        ),
         None => {
             if has_loadbalancer && !v.reported("tls.public_name") && !v.reported("tls") {
                 v.err(
