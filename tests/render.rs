@@ -330,7 +330,7 @@ fn render_writes_nowhere_but_under_out() {
             .iter()
             .filter(|h| h.name == "db" || h.name == "lb")
         {
-            if let Err(e) = sagectl::render::host_files(&inv, &catalog, &state, h) {
+            if let Err(e) = sagectl::render::host_files(&inv, catalog, &state, h) {
                 assert!(
                     matches!(e, sagectl::render::RenderError::UnsafePath { .. }),
                     "{e}"

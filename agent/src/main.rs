@@ -26,8 +26,6 @@ enum Agent {
     Backend(AgentOpts),
     /// TLS log server writing to PostgreSQL.
     Logd(AgentOpts),
-    /// List the agents this binary implements (sagectl starts only those).
-    Built,
     /// Check that an agent's config file loads (as `nginx -t` does): sagectl runs it on a
     /// rendered file before it replaces the live one.
     CheckConfig {
@@ -62,10 +60,6 @@ struct ProbeOpts {
     code: String,
 }
 
-/// The agents complete enough for sagectl to start; it installs the others' units without
-/// starting them.
-const BUILT: &[&str] = &["worker", "backend", "logd"];
-
 #[derive(clap::Args)]
 struct AgentOpts {
     /// The config file sagectl rendered for this agent.
@@ -94,12 +88,6 @@ fn main() -> ExitCode {
         fmt.init();
     }
     let result = match cli.agent {
-        Agent::Built => {
-            for a in BUILT {
-                println!("{a}");
-            }
-            return ExitCode::SUCCESS;
-        }
         Agent::Probe(o) => probe(&o),
         Agent::CheckConfig { agent, file } => check_config(&agent, &file),
         Agent::Worker(o) => worker(&o),

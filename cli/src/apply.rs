@@ -19,7 +19,6 @@ const APT: Duration = Duration::from_secs(1800);
 pub struct Applied {
     pub ok: usize,
     pub changed: usize,
-    pub skipped: usize,
     /// Handlers run (`restart haproxy`), in order.
     pub handlers: Vec<String>,
     /// The first failure, which stopped the host.
@@ -160,7 +159,7 @@ impl Runner<'_> {
 
     async fn change(&self, c: &Change) -> Result<(), String> {
         match c {
-            Change::None(_) | Change::Skip(_) => Ok(()),
+            Change::None(_) => Ok(()),
             Change::Install(pkgs) => {
                 let mut argv = vec!["sh", "-c", APT_SCRIPT, "sh"];
                 argv.extend(pkgs.iter().map(String::as_str));
@@ -369,7 +368,7 @@ async fn apply_with(
         for h in plan
             .handlers
             .iter()
-            .filter(|h| plan.pending.contains(&h.key()) && !plan.skipped_units.contains(&h.service))
+            .filter(|h| plan.pending.contains(&h.key()))
         {
             let verb = systemctl_verb(h.action);
             progress(&format!(
@@ -422,7 +421,6 @@ async fn apply_with(
     for (i, item) in plan.items.iter().enumerate() {
         match &item.change {
             Change::None(_) => out.ok += 1,
-            Change::Skip(_) => out.skipped += 1,
             c => {
                 progress(&format!("{}: {}", item.task, c.describe()));
                 let keys: Vec<String> = item
@@ -489,9 +487,6 @@ async fn apply_with(
         let Some(&at) = notified.get(&h.key()) else {
             continue;
         };
-        if plan.skipped_units.contains(&h.service) {
-            continue; // an agent that is installed but deliberately not running
-        }
         if started.get(&h.service).is_some_and(|&s| s >= at) {
             continue; // started after the change: it already runs the new configuration
         }

@@ -1,11 +1,16 @@
-//! Health checks after a run, per role, made where the traffic really comes from: HAProxy from
-//! its own host (301 on :80; the client page on :443 with a certificate that verifies), nginx
-//! through HAProxy, PostgreSQL and memcached from a backend host with that host's credentials.
+//! Health checks after a run: the checks each role declares (`roles/<role>/health/main.yaml`,
+//! parsed by `roles::health`), made where the traffic really comes from. This module keeps only
+//! the generic kinds: run a command, fetch over HTTP(S) (and read Prometheus metrics), query
+//! PostgreSQL, talk TLS with `openssl s_client`, query logd's API with sagectl's certificate.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use minijinja::value::Serde;
+use minijinja::{Environment, Value};
+
 use crate::inventory::{Host, Inventory, Role};
+use crate::roles::health::{CheckFrom, CheckKind, HealthCheck, HttpClient};
 use crate::ssh::Session;
 
 /// One check's result, reported on the host whose role it checks.
@@ -17,18 +22,19 @@ pub struct Check {
     pub detail: String,
 }
 
+/// The password travels on stdin into a temporary PGPASSFILE, never on a command line.
 const PG_SCRIPT: &str = r#"f=$(mktemp)
 trap 'rm -f "$f"' EXIT
 cat > "$f"
 PGPASSFILE="$f" PGCONNECT_TIMEOUT=5 psql "$1" -XAtc "$2"
 "#;
 
-const MEMCACHED_SCRIPT: &str = r#"printf 'stats\r\nquit\r\n' | timeout 5 openssl s_client -quiet -connect "$1" -CAfile /etc/sage-agent/ca.crt -cert /etc/sage-agent/host.crt -key /etc/sage-agent/host.key -verify_return_error 2>&1"#;
+const TLS_SCRIPT: &str = r#"printf '%s' "$1" | timeout 5 openssl s_client -quiet -connect "$2" -CAfile "$3" -cert "$4" -key "$5" -verify_return_error 2>&1"#;
 
-/// Workers have python3, not curl: fetch the worker's local metrics page with it.
-const WORKER_METRICS: &str = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7001/metrics', timeout=5).read().decode())";
+/// Prints the body, then a last line with the status (urllib follows no error status).
+const PY_FETCH: &str = "import sys, urllib.request\nr = urllib.request.urlopen(sys.argv[1], timeout=5)\nsys.stdout.write(r.read().decode() + '\\n' + str(r.status) + ' ')";
 
-async fn retry<F, Fut>(mut f: F) -> Result<String, String>
+async fn retry<F, Fut>(again: bool, mut f: F) -> Result<String, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<String, String>>,
@@ -37,7 +43,7 @@ where
     loop {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(e) if !again || Instant::now() > deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
@@ -55,7 +61,184 @@ async fn run(s: &Session, argv: &[&str], stdin: &[u8]) -> Result<String, String>
     }
 }
 
-/// Runs every check that applies to `hosts` (those that were converged).
+/// Prometheus text as `name → [{labels, value}]` (integral values as integers).
+pub fn parse_metrics(text: &str) -> serde_json::Value {
+    let mut out: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.trim().rsplit_once(' ') else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').into()))
+            .collect();
+        let value = match (value.parse::<i64>(), value.parse::<f64>()) {
+            (Ok(i), _) => serde_json::json!(i),
+            (_, Ok(f)) => serde_json::json!(f),
+            _ => continue,
+        };
+        out.entry(name.to_string())
+            .or_default()
+            .push(serde_json::json!({"labels": labels, "value": value}));
+    }
+    serde_json::json!(out)
+}
+
+/// Everything a check needs besides itself.
+struct Env<'a> {
+    inv: &'a Inventory,
+    secrets: &'a BTreeMap<String, crate::pki::Secret>,
+    jinja: Environment<'static>,
+}
+
+type Ctx = BTreeMap<String, Value>;
+
+impl Env<'_> {
+    fn render(&self, t: &str, ctx: &Ctx) -> Result<String, String> {
+        self.jinja.render_str(t, ctx).map_err(|e| format!("{e:#}"))
+    }
+
+    fn truth(&self, e: &str, ctx: &Ctx) -> Result<bool, String> {
+        let expr = self
+            .jinja
+            .compile_expression(e)
+            .map_err(|e| format!("{e:#}"))?;
+        expr.eval(ctx)
+            .map(|v| v.is_true())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Makes the check's kind once; what it gave back is added to `ctx`.
+    async fn make(&self, c: &HealthCheck, s: &Session, ctx: &mut Ctx) -> Result<(), String> {
+        match &c.kind {
+            CheckKind::Command(argv) => {
+                let argv = argv
+                    .iter()
+                    .map(|a| self.render(a, ctx))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                let out = run(s, &argv, b"").await?;
+                ctx.insert("output".into(), Value::from(out));
+            }
+            CheckKind::Http {
+                url,
+                resolve,
+                cacert,
+                cert,
+                client,
+            } => {
+                let url = self.render(url, ctx)?;
+                let (resolve, cacert, cert) = (
+                    self.render(resolve, ctx)?,
+                    self.render(cacert, ctx)?,
+                    self.render(cert, ctx)?,
+                );
+                let out = match client {
+                    HttpClient::Python3 => run(s, &["python3", "-c", PY_FETCH, &url], b"").await?,
+                    HttpClient::Curl => {
+                        let mut argv = vec!["curl", "-sS", "--fail", "--max-time", "5"];
+                        for (flag, v) in [
+                            ("--resolve", &resolve),
+                            ("--cacert", &cacert),
+                            ("--cert", &cert),
+                        ] {
+                            if !v.is_empty() {
+                                argv.extend([flag, v.as_str()]);
+                            }
+                        }
+                        argv.extend(["-w", "\\n%{http_code} %{redirect_url}", &url]);
+                        run(s, &argv, b"").await?
+                    }
+                };
+                let (body, last) = out.rsplit_once('\n').unwrap_or(("", &out));
+                let (status, location) = last.split_once(' ').unwrap_or((last, ""));
+                ctx.insert("url".into(), Value::from(url.clone()));
+                ctx.insert(
+                    "status".into(),
+                    Value::from(status.parse::<u16>().unwrap_or(0)),
+                );
+                ctx.insert("location".into(), Value::from(location.trim()));
+                ctx.insert("metrics".into(), Value::from(Serde(parse_metrics(body))));
+                ctx.insert("body".into(), Value::from(body));
+            }
+            CheckKind::Psql {
+                conninfo,
+                password_secret,
+                query,
+            } => {
+                let (conninfo, query) = (self.render(conninfo, ctx)?, self.render(query, ctx)?);
+                let secret = self
+                    .secrets
+                    .get(password_secret)
+                    .ok_or_else(|| format!("no secret {password_secret}"))?;
+                let pgpass = format!("*:*:*:*:{}\n", secret.expose());
+                let argv = ["sh", "-c", PG_SCRIPT, "sh", &conninfo, &query];
+                let out = run(s, &argv, pgpass.as_bytes()).await?;
+                ctx.insert("output".into(), Value::from(out));
+            }
+            CheckKind::Tls(t) => {
+                let connect = self.render(&t.connect, ctx)?;
+                let argv = [
+                    "sh",
+                    "-c",
+                    TLS_SCRIPT,
+                    "sh",
+                    &self.render(&t.send, ctx)?,
+                    &connect,
+                    &self.render(&t.ca, ctx)?,
+                    &self.render(&t.cert, ctx)?,
+                    &self.render(&t.key, ctx)?,
+                ];
+                let out = run(s, &argv, b"").await?;
+                ctx.insert("connect".into(), Value::from(connect));
+                ctx.insert("output".into(), Value::from(out));
+            }
+            CheckKind::LogdQuery => {
+                let q = crate::logquery::Query {
+                    since: "1h".into(),
+                    limit: 1,
+                    ..Default::default()
+                };
+                let client =
+                    crate::logquery::Client::new(self.inv, q).map_err(|e| e.to_string())?;
+                client.records(0).await.map_err(|e| format!("{e:#}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt: make the check, then judge what came back.
+    async fn attempt(&self, c: &HealthCheck, s: &Session, ctx: &Ctx) -> Result<String, String> {
+        let mut ctx = ctx.clone();
+        self.make(c, s, &mut ctx).await?;
+        self.judge(c, &ctx)
+    }
+
+    /// The detail of a check whose kind gave back what `ctx` holds: `ok` when `expect` holds.
+    fn judge(&self, c: &HealthCheck, ctx: &Ctx) -> Result<String, String> {
+        let passed = match &c.expect {
+            Some(e) => self.truth(e, ctx)?,
+            None => true,
+        };
+        if passed {
+            self.render(&c.ok, ctx)
+        } else {
+            Err(match &c.fail {
+                Some(t) => self.render(t, ctx)?,
+                None => format!("{}: not as expected", c.name),
+            })
+        }
+    }
+}
+
+/// Runs every check the roles of `hosts` (those that were converged) declare. A host's checks
+/// come in role order, those made on the host (or from sagectl) before those made from another
+/// host.
 pub async fn check_all(
     inv: &Inventory,
     catalog: &crate::roles::Catalog,
@@ -63,289 +246,284 @@ pub async fn check_all(
     sessions: &BTreeMap<String, Session>,
     secrets: &BTreeMap<String, crate::pki::Secret>,
 ) -> Vec<Check> {
-    let own_cert = inv.tls.certificate.is_some();
+    let env = Env {
+        inv,
+        secrets,
+        jinja: crate::render::environment(),
+    };
+    let reached: BTreeMap<&str, usize> = Role::DECLARABLE
+        .iter()
+        .map(|r| {
+            let n = inv
+                .with_role(*r)
+                .filter(|h| sessions.contains_key(&h.name))
+                .count();
+            (r.name(), n)
+        })
+        .collect();
+    let view = |h: &Host| serde_json::json!({"name": h.name, "address": h.address.to_string()});
     let mut out = Vec::new();
-    let backend = inv
-        .with_role(Role::Backend)
-        .find(|b| sessions.contains_key(&b.name));
     for h in hosts {
-        let Some(s) = sessions.get(&h.name) else {
+        let Some(own) = sessions.get(&h.name) else {
             continue;
         };
-        let mut push = |name: &str, r: Result<String, String>| {
-            let (ok, detail) = match r {
-                Ok(d) => (true, d),
-                Err(e) => (false, e),
+        let mut base: Ctx = crate::render::context(inv, catalog, h)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        base.insert(
+            "own_certificate".into(),
+            Value::from(inv.tls.certificate.is_some()),
+        );
+        base.insert("reached".into(), Value::from(Serde(&reached)));
+        let mut checks: Vec<&HealthCheck> = h
+            .all_roles()
+            .flat_map(|r| catalog.role(r).health.iter())
+            .collect();
+        checks.sort_by_key(|c| c.from != CheckFrom::Host);
+        for c in checks {
+            let from = match c.from {
+                CheckFrom::Host => Some((*h, own)),
+                CheckFrom::Role(r) => inv
+                    .with_role(r)
+                    .find_map(|x| sessions.get(&x.name).map(|s| (x, s))),
             };
-            out.push(Check {
-                host: h.name.clone(),
-                name: name.to_string(),
-                ok,
-                detail,
-            });
-        };
-        let r = run(s, &["nft", "list", "table", "inet", "sagectl"], b"")
-            .await
-            .map(|_| "rules loaded".to_string());
-        push("firewall", r);
-        if h.has(Role::Logd) && Some(&h.name) != inv.logd.replica.as_ref() {
-            let r = retry(|| async {
-                let o = crate::command::logs::Opts {
-                    inventory: inv.file.clone(),
-                    since: "1h".into(),
-                    level: None,
-                    host: None,
-                    target: None,
-                    grep: None,
-                    follow: false,
-                    limit: 1,
+            let Some((from, s)) = from else {
+                continue;
+            };
+            let mut ctx = base.clone();
+            ctx.insert("from_host".into(), Value::from(Serde(view(from))));
+            let targets: Vec<Option<&Host>> = match c.for_each {
+                Some(r) => inv.with_role(r).map(Some).collect(),
+                None => vec![None],
+            };
+            for t in targets {
+                let mut ctx = ctx.clone();
+                if let Some(t) = t {
+                    ctx.insert("target".into(), Value::from(Serde(view(t))));
+                }
+                let r = prepare(&env, c, &mut ctx);
+                let r = match r {
+                    Ok(false) => continue,
+                    Ok(true) => retry(c.retry, || env.attempt(c, s, &ctx)).await,
+                    Err(e) => Err(e),
                 };
-                let c = crate::command::logs::Client::new(inv, &o).map_err(|e| e.to_string())?;
-                c.records(0)
-                    .await
-                    .map(|_| "sage-logd answers queries with sagectl's certificate".to_string())
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .await;
-            push("logd", r);
-        }
-        if h.has(Role::Worker) {
-            let r = retry(|| async {
-                let o = run(s, &["python3", "-c", WORKER_METRICS], b"").await?;
-                let mode = o.lines().find_map(|l| {
-                    l.strip_prefix("sagews_worker_limits{mode=\"")
-                        .and_then(|r| r.split('"').next())
+                let (ok, detail) = match r {
+                    Ok(d) => (true, d),
+                    Err(e) => (false, e),
+                };
+                out.push(Check {
+                    host: h.name.clone(),
+                    name: c.name.clone(),
+                    ok,
+                    detail,
                 });
-                if let (true, Some(mode)) = (o.contains("sagews_worker_sessions_open"), mode) {
-                    let how = match mode {
-                        "rlimits" => "per-process rlimits only: no cgroup controllers".to_string(),
-                        m => format!("a {m} cgroup per session"),
-                    };
-                    Ok(format!(
-                        "sage-worker runs and serves its metrics; sessions: {how}"
-                    ))
-                } else {
-                    Err(format!("no metrics from sage-worker: {o}"))
-                }
-            })
-            .await;
-            push("worker", r);
-            // A real cell on the engine, through the worker's protocol, with a backend's
-            // certificate (from a backend host, as sessions come): a worker that cannot run its
-            // engine is a failed deploy.
-            if let Some(b) = backend {
-                let bs = &sessions[&b.name];
-                let (code, want) = match inv.worker.engine {
-                    crate::inventory::Engine::Sage => ("factor(2^64+1)", "274177 * 67280421310721"),
-                    crate::inventory::Engine::Python3 => ("print(6 * 7)", "42"),
-                };
-                let address = format!("{}:{}", h.address, inv.worker.port);
-                let r = retry(|| async {
-                    let o = run(
-                        bs,
-                        &[
-                            "/usr/local/bin/sage-agent",
-                            "probe",
-                            "--worker",
-                            &h.name,
-                            "--address",
-                            &address,
-                            "--code",
-                            code,
-                        ],
-                        b"",
-                    )
-                    .await?;
-                    if o.trim() == want {
-                        Ok(format!("`{code}` from {} gives `{want}`", b.name))
-                    } else {
-                        Err(format!(
-                            "`{code}` from {} gave `{}`, not `{want}`",
-                            b.name,
-                            o.trim()
-                        ))
-                    }
-                })
-                .await;
-                push("engine", r);
-            }
-        }
-        if h.has(Role::Loadbalancer) {
-            let r = retry(|| async {
-                let o = run(
-                    s,
-                    &[
-                        "curl",
-                        "-sS",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code} %{redirect_url}",
-                        "http://127.0.0.1/",
-                    ],
-                    b"",
-                )
-                .await?;
-                if o.starts_with("301 https://") {
-                    Ok(format!("port 80 redirects: {o}"))
-                } else {
-                    Err(format!("port 80 answered {o:?}, not a 301 to https"))
-                }
-            })
-            .await;
-            push("haproxy redirect", r);
-            let name = &inv.tls.public_name;
-            let resolve = format!("{name}:443:127.0.0.1");
-            let url = format!("https://{name}/");
-            // The public name resolved to this host, verified as a browser would.
-            let get = |url: String| {
-                let resolve = resolve.clone();
-                async move {
-                    let mut argv = vec!["curl", "-sS", "--fail", "--max-time", "5"];
-                    argv.extend(["--resolve", &resolve]);
-                    if !own_cert {
-                        argv.extend(["--cacert", "/etc/haproxy/certs/ca.crt"]);
-                    }
-                    argv.push(&url);
-                    run(s, &argv, b"").await
-                }
-            };
-            let r = retry(|| async {
-                let body = get(url.clone()).await?;
-                if body.contains("Sage workspaces") {
-                    Ok(format!(
-                        "{url} serves the client page (verified certificate, HAProxy -> nginx)"
-                    ))
-                } else {
-                    Err(format!("{url} answered without the client page"))
-                }
-            })
-            .await;
-            push("haproxy https + nginx", r);
-            let api = format!("https://{name}/api/health");
-            let r = retry(|| async {
-                let body = get(api.clone()).await?;
-                if body.trim() == "ok" {
-                    Ok(format!(
-                        "{api}: a backend answers through HAProxy and reaches PostgreSQL"
-                    ))
-                } else {
-                    Err(format!("{api} answered {body:?}"))
-                }
-            })
-            .await;
-            push("backend through haproxy", r);
-            // Each backend, with HAProxy's own certificate: it must see every worker reached in
-            // this run (one that is down is reported on its own host).
-            let workers = inv
-                .with_role(Role::Worker)
-                .filter(|w| sessions.contains_key(&w.name))
-                .count();
-            for b in inv.with_role(Role::Backend) {
-                let port = inv.backend.port;
-                let resolve = format!("{}:{port}:{}", b.name, b.address);
-                let url = format!("https://{}:{port}/api/metrics", b.name);
-                let r = retry(|| async {
-                    let argv = [
-                        "curl",
-                        "-sS",
-                        "--fail",
-                        "--max-time",
-                        "5",
-                        "--resolve",
-                        &resolve,
-                        "--cacert",
-                        "/etc/haproxy/certs/ca.crt",
-                        "--cert",
-                        "/etc/haproxy/certs/host.pem",
-                        &url,
-                    ];
-                    let body = run(s, &argv, b"").await?;
-                    let seen = body
-                        .lines()
-                        .find_map(|l| l.strip_prefix("sagews_backend_healthy_workers "))
-                        .and_then(|n| n.trim().parse::<usize>().ok());
-                    match seen {
-                        Some(n) if n >= workers => {
-                            Ok(format!("{} sees {n} of {workers} workers", b.name))
-                        }
-                        other => Err(format!(
-                            "{} sees {} of {workers} workers",
-                            b.name,
-                            other.map_or("no".to_string(), |n| n.to_string())
-                        )),
-                    }
-                })
-                .await;
-                push("backend workers", r);
-            }
-        }
-        if let (Some(b), true) = (backend, h.has(Role::Database) || h.has(Role::Cache)) {
-            let bs = &sessions[&b.name];
-            if h.has(Role::Database) {
-                let vars = crate::render::host_vars(inv, catalog, h);
-                let port = vars
-                    .get("postgres_port")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(5432);
-                let conninfo = format!(
-                    "host={} port={port} dbname=sagews user=sagews_backend sslmode=verify-full sslrootcert=/etc/sage-agent/ca.crt",
-                    h.address
-                );
-                let pgpass = format!(
-                    "*:*:*:*:{}\n",
-                    secrets["postgres_backend_password"].expose()
-                );
-                let r = retry(|| async {
-                    let o = run(
-                        bs,
-                        &[
-                            "sh",
-                            "-c",
-                            PG_SCRIPT,
-                            "sh",
-                            &conninfo,
-                            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
-                        ],
-                        pgpass.as_bytes(),
-                    )
-                    .await?;
-                    if o.trim() == "t" {
-                        Ok(format!(
-                            "{} connects with verify-full TLS and its password",
-                            b.name
-                        ))
-                    } else {
-                        Err(format!("unexpected answer {o:?}"))
-                    }
-                })
-                .await;
-                push("postgresql from backend", r);
-            }
-            if h.has(Role::Cache) {
-                let port = crate::render::host_vars(inv, catalog, h)
-                    .get("memcached_port")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(11211);
-                let addr = format!("{}:{port}", h.address);
-                let r = retry(|| async {
-                    let o = run(bs, &["sh", "-c", MEMCACHED_SCRIPT, "sh", &addr], b"").await?;
-                    if o.contains("STAT pid") {
-                        Ok(format!(
-                            "{} gets `stats` over TLS with its certificate",
-                            b.name
-                        ))
-                    } else {
-                        Err(format!(
-                            "no stats from {addr}: {}",
-                            o.lines().last().unwrap_or("")
-                        ))
-                    }
-                })
-                .await;
-                push("memcached from backend", r);
             }
         }
     }
     out
+}
+
+/// Whether the check applies (`when:`), with its `let:` values added to `ctx`.
+fn prepare(env: &Env<'_>, c: &HealthCheck, ctx: &mut Ctx) -> Result<bool, String> {
+    if let Some(w) = &c.when {
+        if !env.truth(w, ctx)? {
+            return Ok(false);
+        }
+    }
+    for (k, t) in &c.lets {
+        let v = env.render(t, ctx)?;
+        ctx.insert(k.clone(), Value::from(v));
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The declared check `name` of `role`, judged on what its kind gave back (`values`).
+    fn judge(role: Role, name: &str, values: serde_json::Value) -> Result<String, String> {
+        let catalog = crate::roles::Catalog::embedded().unwrap();
+        let c = catalog
+            .role(role)
+            .health
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap();
+        let inv = crate::inventory::Inventory::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../inventories/lab.yaml"
+        )))
+        .unwrap();
+        let secrets = BTreeMap::new();
+        let env = Env {
+            inv: &inv,
+            secrets: &secrets,
+            jinja: crate::render::environment(),
+        };
+        let mut ctx: Ctx = serde_json::from_value::<BTreeMap<String, serde_json::Value>>(values)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(Serde(v))))
+            .collect();
+        ctx.insert(
+            "reached".into(),
+            Value::from(Serde(serde_json::json!({"worker": 2}))),
+        );
+        ctx.insert(
+            "from_host".into(),
+            Value::from(Serde(serde_json::json!({"name": "backend1"}))),
+        );
+        ctx.insert(
+            "worker".into(),
+            Value::from(Serde(serde_json::json!({"engine": "python3"}))),
+        );
+        prepare(&env, c, &mut ctx)?;
+        env.judge(c, &ctx)
+    }
+
+    #[test]
+    fn declared_checks_judge_as_before() {
+        let limits = |mode: &str| {
+            parse_metrics(&format!(
+                "sagews_worker_limits{{mode=\"{mode}\"}} 1\nsagews_worker_sessions_open 0\n"
+            ))
+        };
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "worker",
+                serde_json::json!({"metrics": limits("cgroup1"), "body": ""})
+            ),
+            Ok(
+                "sage-worker runs and serves its metrics; sessions: a cgroup1 cgroup per session"
+                    .into()
+            )
+        );
+        assert_eq!(
+            judge(Role::Worker, "worker", serde_json::json!({"metrics": limits("rlimits"), "body": ""})),
+            Ok("sage-worker runs and serves its metrics; sessions: per-process rlimits only: no cgroup controllers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "worker",
+                serde_json::json!({"metrics": {}, "body": "nope"})
+            ),
+            Err("no metrics from sage-worker: nope".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "engine",
+                serde_json::json!({"output": "42\n"})
+            ),
+            Ok("`print(6 * 7)` from backend1 gives `42`".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "engine",
+                serde_json::json!({"output": "41\n"})
+            ),
+            Err("`print(6 * 7)` from backend1 gave `41`, not `42`".into())
+        );
+        let healthy = |n: i64| parse_metrics(&format!("sagews_backend_healthy_workers {n}\n"));
+        let target = serde_json::json!({"name": "backend1"});
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend workers",
+                serde_json::json!({"metrics": healthy(2), "target": target})
+            ),
+            Ok("backend1 sees 2 of 2 workers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend workers",
+                serde_json::json!({"metrics": healthy(1), "target": target})
+            ),
+            Err("backend1 sees 1 of 2 workers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend workers",
+                serde_json::json!({"metrics": {}, "target": target})
+            ),
+            Err("backend1 sees no of 2 workers".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "haproxy redirect",
+                serde_json::json!({"status": 301, "location": "https://x/"})
+            ),
+            Ok("port 80 redirects: 301 https://x/".into())
+        );
+        assert!(
+            judge(
+                Role::Loadbalancer,
+                "haproxy redirect",
+                serde_json::json!({"status": 200, "location": ""})
+            )
+            .is_err()
+        );
+        let url = serde_json::json!("https://x/api/health");
+        assert_eq!(
+            judge(
+                Role::Loadbalancer,
+                "backend through haproxy",
+                serde_json::json!({"body": "ok\n", "url": url})
+            ),
+            Ok(
+                "https://x/api/health: a backend answers through HAProxy and reaches PostgreSQL"
+                    .into()
+            )
+        );
+        assert_eq!(
+            judge(
+                Role::Database,
+                "postgresql from backend",
+                serde_json::json!({"output": "t\n"})
+            ),
+            Ok("backend1 connects with verify-full TLS and its password".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Cache,
+                "memcached from backend",
+                serde_json::json!({"output": "STAT pid 12\r\nEND\r\n", "connect": "a:1"})
+            ),
+            Ok("backend1 gets `stats` over TLS with its certificate".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Cache,
+                "memcached from backend",
+                serde_json::json!({"output": "x\nverify error", "connect": "a:1"})
+            ),
+            Err("no stats from a:1: verify error".into())
+        );
+        assert_eq!(
+            judge(
+                Role::Firewall,
+                "firewall",
+                serde_json::json!({"output": "table inet sagectl {}"})
+            ),
+            Ok("rules loaded".into())
+        );
+    }
+
+    #[test]
+    fn metrics_by_name_with_labels() {
+        let m = parse_metrics(
+            "# TYPE x gauge\nsagews_worker_limits{mode=\"cgroup1\"} 1\nsagews_worker_sessions_open 0\nf 0.5\n",
+        );
+        assert_eq!(m["sagews_worker_limits"][0]["labels"]["mode"], "cgroup1");
+        assert_eq!(m["sagews_worker_sessions_open"][0]["value"], 0);
+        assert_eq!(m["f"][0]["value"], 0.5);
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! The library holds everything; `main` only parses arguments and turns results into an exit
 //! code. Modules: the inventory and its diagnostics, roles as data, rendering, the state
-//! directory (PKI and secrets), and one module per subcommand.
+//! directory (PKI and secrets), the converge pipeline (SSH, facts, plan, apply, health, audit)
+//! that commands call, and one module per subcommand.
 
 pub mod apply;
 pub mod command;
@@ -12,7 +13,9 @@ pub mod health;
 pub mod hostkeys;
 pub mod inventory;
 pub mod lab;
+pub mod logquery;
 pub mod net;
+pub mod pipeline;
 pub mod pki;
 pub mod plan;
 pub mod quote;

@@ -1,7 +1,7 @@
 //! Plan: a host's steps against its facts give, for each step, either nothing to do (with the
 //! reason) or the change to make. Pure: facts in, changes out, so every case is a unit test.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::facts::{Facts, Query};
@@ -15,8 +15,6 @@ use crate::roles::Attrs;
 pub enum Change {
     /// Nothing to do, and why.
     None(String),
-    /// Deliberately not done, and why.
-    Skip(String),
     /// One apt call for every missing package of the host.
     Install(Vec<String>),
     User {
@@ -59,14 +57,13 @@ pub struct Upload {
 
 impl Change {
     pub fn is_change(&self) -> bool {
-        !matches!(self, Change::None(_) | Change::Skip(_))
+        !matches!(self, Change::None(_))
     }
 
     /// One line saying what happens.
     pub fn describe(&self) -> String {
         match self {
             Change::None(why) => format!("ok: {why}"),
-            Change::Skip(why) => format!("skipped: {why}"),
             Change::Install(p) => format!("install {}", p.join(" ")),
             Change::User { name, .. } => format!("create user {name}"),
             Change::MakeDir { path, attrs } => format!(
@@ -122,20 +119,12 @@ pub struct HostPlan {
     pub handlers: Vec<HandlerStep>,
     /// Handlers an earlier run notified and could not run (replayed this time).
     pub pending: Vec<String>,
-    /// Units deliberately not started (agents not built yet): their handlers do not run either.
-    pub skipped_units: BTreeSet<String>,
 }
 
 impl HostPlan {
     pub fn changes(&self) -> usize {
         self.items.iter().filter(|i| i.change.is_change()).count()
     }
-}
-
-/// The agent a unit runs, for units named `sage-<agent>`.
-pub fn agent_of_unit(unit: &str) -> Option<&str> {
-    unit.strip_prefix("sage-")
-        .filter(|a| ["worker", "backend", "logd"].contains(a))
 }
 
 /// What facts the plan of `steps` needs.
@@ -214,14 +203,8 @@ const ENABLED: [&str; 6] = [
     "alias",
 ];
 
-/// Plans `steps` against `facts`. `built_agents` are the agents the uploaded sage-agent
-/// implements: units of the others are installed but not started.
-pub fn plan(
-    steps: &[Step],
-    handlers: &[HandlerStep],
-    facts: &Facts,
-    built_agents: &BTreeSet<String>,
-) -> HostPlan {
+/// Plans `steps` against `facts`.
+pub fn plan(steps: &[Step], handlers: &[HandlerStep], facts: &Facts) -> HostPlan {
     // Every missing package goes into the first apt step.
     let mut missing: Vec<String> = Vec::new();
     let mut seen = HashSet::new();
@@ -236,7 +219,6 @@ pub fn plan(
     }
     let mut install_done = false;
     let mut items = Vec::new();
-    let mut skipped_units = BTreeSet::new();
     for s in steps {
         let change = match &s.kind {
             StepKind::Packages(p) => {
@@ -290,24 +272,17 @@ pub fn plan(
                 enabled,
                 started,
             } => {
-                if let Some(agent) = agent_of_unit(name).filter(|a| !built_agents.contains(*a)) {
-                    skipped_units.insert(name.clone());
-                    Change::Skip(format!(
-                        "sage-agent {agent} is not built yet: {name} is installed, not started"
-                    ))
-                } else {
-                    let u = facts.units.get(name).cloned().unwrap_or_default();
-                    let enable = *enabled && !ENABLED.contains(&u.enabled.as_str());
-                    let start = *started && u.active != "active";
-                    if enable || start {
-                        Change::Unit {
-                            name: name.clone(),
-                            enable,
-                            start,
-                        }
-                    } else {
-                        Change::None(format!("{name} is enabled and running"))
+                let u = facts.units.get(name).cloned().unwrap_or_default();
+                let enable = *enabled && !ENABLED.contains(&u.enabled.as_str());
+                let start = *started && u.active != "active";
+                if enable || start {
+                    Change::Unit {
+                        name: name.clone(),
+                        enable,
+                        start,
                     }
+                } else {
+                    Change::None(format!("{name} is enabled and running"))
                 }
             }
             StepKind::Postgres {
@@ -343,7 +318,6 @@ pub fn plan(
         items,
         handlers: handlers.to_vec(),
         pending: facts.pending.clone(),
-        skipped_units,
     }
 }
 
@@ -379,10 +353,6 @@ mod tests {
         })
     }
 
-    fn none() -> BTreeSet<String> {
-        BTreeSet::new()
-    }
-
     #[test]
     fn fresh_host_installs_everything_once() {
         let steps = vec![
@@ -395,7 +365,7 @@ mod tests {
                 started: true,
             }),
         ];
-        let p = plan(&steps, &[], &Facts::default(), &none());
+        let p = plan(&steps, &[], &Facts::default());
         let c: Vec<String> = p.items.iter().map(|i| i.change.describe()).collect();
         assert_eq!(
             c,
@@ -438,7 +408,7 @@ mod tests {
                 started: true,
             }),
         ];
-        let p = plan(&steps, &[], &f, &none());
+        let p = plan(&steps, &[], &f);
         assert_eq!(p.changes(), 0, "{:?}", p.items);
 
         // Mode only: attributes fixed, content not uploaded.
@@ -448,12 +418,12 @@ mod tests {
             .as_mut()
             .unwrap()
             .mode = 0o600;
-        let p = plan(&steps, &[], &f, &none());
+        let p = plan(&steps, &[], &f);
         assert!(matches!(p.items[1].change, Change::FixAttrs { .. }));
 
         // Content differs: upload, with the old checksum kept for --diff.
         let steps2 = vec![step(file("/etc/haproxy/haproxy.cfg", "y"))];
-        let p = plan(&steps2, &[], &f, &none());
+        let p = plan(&steps2, &[], &f);
         let Change::Upload(u) = &p.items[0].change else {
             panic!()
         };
@@ -461,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn agents_not_built_are_skipped_and_postgres_checks_the_verifier() {
+    fn units_start_and_postgres_checks_the_verifier() {
         let steps = vec![
             step(StepKind::Service {
                 name: "sage-worker".into(),
@@ -475,10 +445,9 @@ mod tests {
             }),
         ];
         let mut f = Facts::default();
-        let p = plan(&steps, &[], &f, &none());
-        assert!(matches!(p.items[0].change, Change::Skip(_)));
+        let p = plan(&steps, &[], &f);
+        assert_eq!(p.items[0].change.describe(), "enable and start sage-worker");
         assert!(matches!(p.items[1].change, Change::Postgres { .. }));
-        let built: BTreeSet<String> = ["worker".to_string()].into();
         f.pg_roles = Some(
             [(
                 "sagews_backend".to_string(),
@@ -488,7 +457,7 @@ mod tests {
         );
         f.pg_databases
             .insert("sagews".into(), "sagews_backend".into());
-        let p = plan(&steps, &[], &f, &built);
+        let p = plan(&steps, &[], &f);
         assert_eq!(p.items[0].change.describe(), "enable and start sage-worker");
         assert_eq!(
             p.items[1].change.describe(),
@@ -502,7 +471,7 @@ mod tests {
             .into(),
         );
         assert!(matches!(
-            plan(&steps, &[], &f, &built).items[1].change,
+            plan(&steps, &[], &f).items[1].change,
             Change::Postgres { .. }
         ));
     }

@@ -328,6 +328,9 @@ async fn authenticate(handle: &mut Handle<Verifier>, t: &Target) -> Result<(), S
             .map_err(lost)?;
         return if r.success() {
             Ok(())
+        } else if handle.is_closed() {
+            // russh reports a session that ended before the answer as a refusal.
+            Err(lost(russh::Error::Disconnect))
         } else {
             Err(aerr(format!(
                 "the server refused the key {}",
@@ -361,6 +364,9 @@ async fn authenticate(handle: &mut Handle<Verifier>, t: &Target) -> Result<(), S
                 return Ok(());
             }
         }
+    }
+    if handle.is_closed() {
+        return Err(lost(russh::Error::Disconnect));
     }
     Err(aerr("no key in ssh-agent was accepted".into()))
 }

@@ -27,10 +27,12 @@ pub struct Opts {
 }
 
 pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
-    let inv = match super::load(&o.inventory) {
+    let mut inv = match super::load(&o.inventory) {
         Ok(inv) => inv,
         Err(code) => return Ok(code),
     };
+    // The files `up` would deploy: the SSH port is the one sagectl connects to.
+    crate::pipeline::connect::apply_ssh_config(&mut inv);
     for h in &o.hosts {
         if inv.host(h).is_none() {
             let names: Vec<&str> = inv.hosts.iter().map(|h| h.name.as_str()).collect();
@@ -41,8 +43,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let catalog =
-        Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
+    let catalog = Catalog::embedded()?;
     let state = crate::pki::open(&inv)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let out = Out {
@@ -58,7 +59,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|h| o.hosts.is_empty() || o.hosts.contains(&h.name))
     {
-        let files = host_files(&inv, &catalog, &state, host)?;
+        let files = host_files(&inv, catalog, &state, host)?;
         let mut manifest = String::new();
         for f in &files {
             out.write(&host.name, &f.path, &f.content, f.secret)?;

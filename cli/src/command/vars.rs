@@ -8,8 +8,7 @@ use crate::roles::Catalog;
 pub struct Opts {}
 
 pub fn run(_: Opts) -> anyhow::Result<ExitCode> {
-    let catalog =
-        Catalog::embedded().map_err(|d| anyhow::anyhow!("embedded roles are broken:\n{d}"))?;
+    let catalog = Catalog::embedded()?;
     for def in catalog.roles.values() {
         for (k, v) in &def.defaults {
             println!("{:<14} {k} = {v}", def.role.name());

@@ -139,6 +139,12 @@ pub struct Ssh {
     pub user: String,
     pub port: u16,
     pub identity_file: Option<PathBuf>,
+    /// Whether the inventory gave `user` and `port` (else `~/.ssh/config` may, when
+    /// connecting: `pipeline::connect`).
+    #[serde(skip)]
+    pub user_set: bool,
+    #[serde(skip)]
+    pub port_set: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

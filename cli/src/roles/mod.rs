@@ -1,10 +1,15 @@
 //! Roles as data: `roles/<role>/{tasks,handlers,defaults}/main.yaml` (Ansible's layout) and the
 //! templates they name, embedded in the binary at build time and interpreted here. A role's tasks
 //! are a list of typed actions; this module parses and checks them (unknown keys, missing
-//! templates, notify naming no handler) so a broken role fails the tests, not a deploy.
+//! templates, notify naming no handler, health checks that do not compile) so a broken role
+//! fails the tests, not a deploy. The catalog is loaded once per process ([`Catalog::embedded`]).
+
+pub mod health;
+mod tasks;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::diag::{Diagnostics, suggest};
 use crate::inventory::Role;
@@ -157,6 +162,8 @@ pub struct RoleDef {
     pub defaults: BTreeMap<String, serde_json::Value>,
     /// What each of those variables may hold (the defaults file's `_types:`).
     pub types: BTreeMap<String, Constraint>,
+    /// Checks its hosts must pass after a run (`health/main.yaml`).
+    pub health: Vec<health::HealthCheck>,
 }
 
 /// The key of a defaults file holding the variables' constraints rather than a variable.
@@ -168,9 +175,23 @@ pub struct Catalog {
     pub roles: BTreeMap<Role, RoleDef>,
 }
 
+/// The embedded roles failed their checks: a bug of this build, which the tests catch.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded roles are broken:\n{0}")]
+pub struct BrokenRoles(pub Diagnostics);
+
 impl Catalog {
-    /// The roles embedded in this binary. They are checked by the tests, so failing here is a bug.
-    pub fn embedded() -> Result<Catalog, Diagnostics> {
+    /// The roles embedded in this binary, parsed and checked once per process. They are
+    /// checked by the tests, so failing here is a bug.
+    pub fn embedded() -> Result<&'static Catalog, BrokenRoles> {
+        static CATALOG: OnceLock<Result<Catalog, Diagnostics>> = OnceLock::new();
+        CATALOG
+            .get_or_init(Catalog::load)
+            .as_ref()
+            .map_err(|d| BrokenRoles(d.clone()))
+    }
+
+    fn load() -> Result<Catalog, Diagnostics> {
         let mut d = Decoder::default();
         let mut roles = BTreeMap::new();
         for role in std::iter::once(Role::Firewall).chain(Role::DECLARABLE) {
@@ -207,7 +228,23 @@ impl Catalog {
 
     fn check(&self, d: &mut Decoder) {
         let mut seen_vars: BTreeMap<&str, Role> = BTreeMap::new();
+        let env = crate::render::environment();
         for def in self.roles.values() {
+            let file = format!("roles/{}/health/main.yaml", def.role);
+            let pos = crate::diag::Pos::file_start(Path::new(&file));
+            for (i, c) in def.health.iter().enumerate() {
+                for (expression, text) in c.sources() {
+                    let compiled = if expression {
+                        env.compile_expression(text).map(drop)
+                    } else {
+                        env.template_from_str(text).map(drop)
+                    };
+                    if let Err(e) = compiled {
+                        d.diags
+                            .push(&pos, &index("", i), format!("`{text}`: {e}"), None);
+                    }
+                }
+            }
             let file = format!("roles/{}/tasks/main.yaml", def.role);
             let pos = crate::diag::Pos::file_start(Path::new(&file));
             for k in def.defaults.keys() {
@@ -266,17 +303,25 @@ fn load_role(d: &mut Decoder, role: Role) -> RoleDef {
         handlers: Vec::new(),
         defaults: BTreeMap::new(),
         types: BTreeMap::new(),
+        health: Vec::new(),
     };
+    if let Some(n) = load_node(d, &format!("{base}/health/main.yaml")) {
+        for (i, c) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
+            if let Some(c) = health::check(d, c, &index("", i)) {
+                def.health.push(c);
+            }
+        }
+    }
     if let Some(n) = load_node(d, &format!("{base}/tasks/main.yaml")) {
         for (i, t) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
-            if let Some(task) = task(d, t, &index("", i)) {
+            if let Some(task) = tasks::task(d, t, &index("", i)) {
                 def.tasks.push(task);
             }
         }
     }
     if let Some(n) = load_node(d, &format!("{base}/handlers/main.yaml")) {
         for (i, h) in d.seq(&n, "").unwrap_or_default().iter().enumerate() {
-            if let Some(handler) = handler(d, h, &index("", i)) {
+            if let Some(handler) = tasks::handler(d, h, &index("", i)) {
                 def.handlers.push(handler);
             }
         }
@@ -337,215 +382,43 @@ fn defaults(d: &mut Decoder, n: &Node, def: &mut RoleDef) {
     }
 }
 
-const ACTIONS: &[&str] = &[
-    "apt",
-    "user",
-    "directory",
-    "template",
-    "pki",
-    "static_files",
-    "agent_binary",
-    "postgres_database",
-    "service",
-];
-
-fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
-    let mut keys = vec!["name", "notify"];
-    keys.extend_from_slice(ACTIONS);
-    let f = d.fields(node, path, &keys)?;
-    let name = req_string(d, &f, "name")?;
-    let notify = f
-        .get("notify")
-        .map(|n| {
-            d.strings(n, &f.path_of("notify"))
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect()
-        })
-        .unwrap_or_default();
-    let present: Vec<&str> = ACTIONS
+/// The one key of `kinds` present in `f` (a task's action, a check's kind), its value and
+/// path; reported unless exactly one is.
+fn one_of<'n, 'k>(
+    d: &mut Decoder,
+    f: &Fields<'n>,
+    kinds: &[&'k str],
+    what: &str,
+) -> Option<(&'k str, &'n Node, String)> {
+    let present: Vec<&str> = kinds
         .iter()
         .copied()
-        .filter(|a| f.get(a).is_some())
+        .filter(|k| f.get(k).is_some())
         .collect();
-    let [kind] = present[..] else {
-        d.error(
-            node,
-            path,
-            format!("a task needs exactly one action, found {}", present.len()),
-            Some(format!("one of: {}", ACTIONS.join(", "))),
-        );
-        return None;
-    };
-    let body = f.get(kind)?;
-    let p = join(path, kind);
-    let action = match kind {
-        "apt" => Action::Apt(d.strings(body, &p)?.into_iter().map(|(s, _)| s).collect()),
-        "user" => {
-            let f = d.fields(body, &p, &["name", "home"])?;
-            Action::User {
-                name: req_string(d, &f, "name")?,
-                home: req_string(d, &f, "home")?,
-            }
-        }
-        "directory" => {
-            let f = d.fields(body, &p, &["path", "mode", "owner", "group"])?;
-            Action::Directory {
-                path: req_string(d, &f, "path")?,
-                attrs: attrs(d, &f, 0o755)?,
-            }
-        }
-        "template" => {
-            let f = d.fields(
-                body,
-                &p,
-                &[
-                    "src", "dest", "mode", "owner", "group", "validate", "secrets",
-                ],
-            )?;
-            let validate = match f.get("validate") {
-                Some(v) => Some(
-                    d.strings(v, &f.path_of("validate"))?
-                        .into_iter()
-                        .map(|(s, _)| s)
-                        .collect(),
-                ),
-                None => None,
-            };
-            let secrets = match f.get("secrets") {
-                Some(v) => d.bool(v, &f.path_of("secrets"))?,
-                None => false,
-            };
-            let attrs = attrs(d, &f, if secrets { 0o600 } else { 0o644 })?;
-            if secrets && !private_mode_ok(&attrs) {
-                d.error(
-                    body,
-                    &p,
-                    "a template with secrets must not be readable by others",
-                    Some(PRIVATE_HINT.into()),
-                );
-            }
-            Action::Template {
-                src: req_string(d, &f, "src")?,
-                dest: req_string(d, &f, "dest")?,
-                attrs,
-                validate,
-                secrets,
-            }
-        }
-        "pki" => {
-            let f = d.fields(body, &p, &["item", "dest", "mode", "owner", "group"])?;
-            let item_name = req_string(d, &f, "item")?;
-            let Some(item) = PkiItem::from_name(&item_name) else {
-                d.error(
-                    body,
-                    &f.path_of("item"),
-                    format!("unknown pki item `{item_name}`"),
-                    Some(suggest(&item_name, &PkiItem::NAMES)),
-                );
-                return None;
-            };
-            let attrs = attrs(d, &f, if item.is_secret() { 0o600 } else { 0o644 })?;
-            if item.is_secret() && !private_mode_ok(&attrs) {
-                d.error(
-                    body,
-                    &p,
-                    "a private key must not be readable by others",
-                    Some(PRIVATE_HINT.into()),
-                );
-            }
-            Action::Pki {
-                item,
-                dest: req_string(d, &f, "dest")?,
-                attrs,
-            }
-        }
-        "static_files" => {
-            let f = d.fields(body, &p, &["dest"])?;
-            Action::StaticFiles {
-                dest: req_string(d, &f, "dest")?,
-            }
-        }
-        "agent_binary" => {
-            let f = d.fields(body, &p, &["dest"])?;
-            Action::AgentBinary {
-                dest: req_string(d, &f, "dest")?,
-            }
-        }
-        "postgres_database" => {
-            let f = d.fields(body, &p, &["name", "owner", "password_secret"])?;
-            let secret = req_string(d, &f, "password_secret")?;
-            if !crate::pki::SECRET_NAMES.contains(&secret.as_str()) {
-                d.error(
-                    body,
-                    &f.path_of("password_secret"),
-                    format!("unknown secret `{secret}`"),
-                    Some(suggest(&secret, &crate::pki::SECRET_NAMES)),
-                );
-            }
-            Action::PostgresDatabase {
-                name: req_string(d, &f, "name")?,
-                owner: req_string(d, &f, "owner")?,
-                password_secret: secret,
-            }
-        }
-        "service" => {
-            let f = d.fields(body, &p, &["name", "enabled", "started"])?;
-            let enabled = f
-                .get("enabled")
-                .map_or(Some(true), |n| d.bool(n, &f.path_of("enabled")))?;
-            let started = f
-                .get("started")
-                .map_or(Some(true), |n| d.bool(n, &f.path_of("started")))?;
-            Action::Service {
-                name: req_string(d, &f, "name")?,
-                enabled,
-                started,
-            }
-        }
-        _ => unreachable!("ACTIONS lists every arm"),
-    };
-    Some(Task {
-        name,
-        action,
-        notify,
-    })
+    if let [kind] = present[..] {
+        return Some((kind, f.get(kind)?, f.path_of(kind)));
+    }
+    d.diags.push(
+        &f.pos,
+        &f.path,
+        format!("{what}, found {}", present.len()),
+        Some(format!("one of: {}", kinds.join(", "))),
+    );
+    None
 }
 
-fn handler(d: &mut Decoder, node: &Node, path: &str) -> Option<Handler> {
-    let f = d.fields(node, path, &["name", "restart", "reload", "check_login"])?;
-    let name = req_string(d, &f, "name")?;
-    let (action, key) = match (f.get("restart"), f.get("reload")) {
-        (Some(_), None) => (HandlerAction::Restart, "restart"),
-        (None, Some(_)) => (HandlerAction::Reload, "reload"),
-        _ => {
-            d.error(
-                node,
-                path,
-                "a handler needs exactly one of `restart` or `reload`",
-                None,
-            );
-            return None;
-        }
-    };
-    let check_login = match f.get("check_login") {
-        Some(v) => d.bool(v, &f.path_of("check_login"))?,
-        None => false,
-    };
-    Some(Handler {
-        name,
-        service: req_string(d, &f, key)?,
-        action,
-        check_login,
-    })
-}
-
-const PRIVATE_HINT: &str = "use mode 0600, or 0640 with the service's own group";
-
-/// A file holding secrets: nothing for others, and group access only for a service's own group.
-fn private_mode_ok(a: &Attrs) -> bool {
-    a.mode & 0o007 == 0 && (a.mode & 0o070 == 0 || a.group != "root")
+/// Whether `secret` (under `password_secret` in `f`) is one sagectl generates; reported if not.
+fn known_secret(d: &mut Decoder, body: &Node, f: &Fields<'_>, secret: &str) -> bool {
+    if crate::pki::SECRET_NAMES.contains(&secret) {
+        return true;
+    }
+    d.error(
+        body,
+        &f.path_of("password_secret"),
+        format!("unknown secret `{secret}`"),
+        Some(suggest(secret, &crate::pki::SECRET_NAMES)),
+    );
+    false
 }
 
 fn req_string(d: &mut Decoder, f: &Fields<'_>, key: &str) -> Option<String> {
@@ -557,36 +430,6 @@ fn req_string(d: &mut Decoder, f: &Fields<'_>, key: &str) -> Option<String> {
             None
         }
     }
-}
-
-fn attrs(d: &mut Decoder, f: &Fields<'_>, default_mode: u32) -> Option<Attrs> {
-    let mode = match f.get("mode") {
-        Some(n) => {
-            let s = d.string(n, &f.path_of("mode"))?;
-            match u32::from_str_radix(&s, 8) {
-                Ok(m) if m <= 0o7777 && s.len() == 4 => m,
-                _ => {
-                    d.error(
-                        n,
-                        &f.path_of("mode"),
-                        format!("`{s}` is not a file mode"),
-                        Some("write four octal digits in quotes, like \"0644\"".into()),
-                    );
-                    return None;
-                }
-            }
-        }
-        None => default_mode,
-    };
-    let owner = match f.get("owner") {
-        Some(n) => d.string(n, &f.path_of("owner"))?,
-        None => "root".into(),
-    };
-    let group = match f.get("group") {
-        Some(n) => d.string(n, &f.path_of("group"))?,
-        None => owner.clone(),
-    };
-    Some(Attrs { mode, owner, group })
 }
 
 #[cfg(test)]
@@ -602,6 +445,7 @@ mod tests {
             handlers: Vec::new(),
             defaults: BTreeMap::new(),
             types: BTreeMap::new(),
+            health: Vec::new(),
         };
         defaults(&mut d, &n, &mut def);
         (def, d.diags)

@@ -1,0 +1,287 @@
+//! The converge pipeline that commands call: a [`Pipeline`] is set up once for an inventory
+//! (state directory, secrets, lab machines, the sage-agent binary, pinned host keys, progress
+//! display), then converges chosen hosts in batches: per host, in parallel up to
+//! `Settings::parallel`, render, connect, facts, plan, apply, handlers ([`host`]); then the
+//! health checks of the batch's hosts; and, for the run, the audit record and the recap. One
+//! failed or unreachable host never stops the others of its batch.
+//!
+//! ```text
+//!  Pipeline::new ── lab up, agent binary, ~/.ssh/config (connect)
+//!     └─ run(batches) ─┬─ converge(batch) ── host::converge × N ── health::check_all
+//!                      └─ audit ── Recap
+//! ```
+
+mod audit;
+pub mod connect;
+mod host;
+pub mod recap;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::hostkeys::KnownHosts;
+use crate::inventory::{Host, Inventory, Role};
+use crate::pki::{Secret, State};
+use crate::roles::Catalog;
+use crate::ssh::{HostKeyPolicy, Session};
+use crate::ui::Ui;
+
+pub use recap::{HostRecap, Recap, Site};
+
+/// How hosts are converged.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Only plan: gather facts and report what would change; change nothing (no lab machines
+    /// are started, no health checks, no audit record).
+    pub check: bool,
+    /// Print a unified diff of every file that changes (secrets masked).
+    pub diff: bool,
+    /// Also print the steps that had nothing to do.
+    pub verbose: bool,
+    /// No progress display.
+    pub quiet: bool,
+    /// Hosts converged at once.
+    pub parallel: usize,
+    pub host_keys: HostKeyPolicy,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            check: false,
+            diff: false,
+            verbose: false,
+            quiet: false,
+            parallel: 16,
+            host_keys: HostKeyPolicy::AcceptNew,
+        }
+    }
+}
+
+/// Hosts named by `limit` (host, role or group names), in inventory order; all of them when
+/// empty.
+pub fn select<'a>(inv: &'a Inventory, limit: &[String]) -> anyhow::Result<Vec<&'a Host>> {
+    if limit.is_empty() {
+        return Ok(inv.hosts.iter().collect());
+    }
+    let mut names = BTreeSet::new();
+    for l in limit {
+        if inv.host(l).is_some() {
+            names.insert(l.clone());
+        } else if let Some(role) = Role::from_name(l) {
+            names.extend(
+                inv.hosts
+                    .iter()
+                    .filter(|h| h.has(role) || role == Role::Firewall)
+                    .map(|h| h.name.clone()),
+            );
+        } else if let Some(g) = inv.groups.get(l) {
+            names.extend(g.iter().cloned());
+        } else {
+            let mut known: Vec<&str> = inv.hosts.iter().map(|h| h.name.as_str()).collect();
+            known.extend(Role::DECLARABLE.iter().map(|r| r.name()));
+            known.extend(inv.groups.keys().map(String::as_str));
+            anyhow::bail!(
+                "--limit {l}: no host, role or group of that name\n  hint: {}",
+                crate::diag::suggest(l, &known)
+            );
+        }
+    }
+    Ok(inv
+        .hosts
+        .iter()
+        .filter(|h| names.contains(&h.name))
+        .collect())
+}
+
+/// The sage-agent binary to upload: beside sagectl, or `$SAGECTL_AGENT_BINARY`.
+fn agent_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SAGECTL_AGENT_BINARY") {
+        return Some(PathBuf::from(p));
+    }
+    let p = std::env::current_exe().ok()?.with_file_name("sage-agent");
+    p.is_file().then_some(p)
+}
+
+/// Everything a run shares between its hosts.
+pub struct Pipeline {
+    pub inv: Inventory,
+    catalog: &'static Catalog,
+    state: State,
+    secrets: BTreeMap<String, Secret>,
+    known: Arc<KnownHosts>,
+    agent: Option<Arc<Vec<u8>>>,
+    settings: Settings,
+    ui: Ui,
+    lab_key: Option<PathBuf>,
+}
+
+impl Pipeline {
+    /// Sets up converging `hosts` (names) of `inv`: opens the state directory, starts the lab
+    /// machines (unless `check`), completes the hosts' SSH settings, reads the sage-agent
+    /// binary when one of `hosts` runs an agent.
+    pub fn new(
+        mut inv: Inventory,
+        hosts: &[String],
+        settings: Settings,
+    ) -> anyhow::Result<Arc<Self>> {
+        let catalog = Catalog::embedded()?;
+        let state = crate::pki::open(&inv)?;
+        let secrets = state.secrets()?;
+        let mut lab_key = None;
+        if inv.lab.is_some() {
+            let lab = crate::lab::Lab::new(&inv)?;
+            if !settings.check {
+                lab.up()?;
+            }
+            lab_key = Some(lab.key_path());
+        }
+        connect::apply_ssh_config(&mut inv);
+        let needs_agent = inv
+            .hosts
+            .iter()
+            .filter(|h| hosts.contains(&h.name))
+            .any(|h| h.has(Role::Worker) || h.has(Role::Backend) || h.has(Role::Logd));
+        let agent = match (needs_agent, agent_binary()) {
+            (false, _) => None,
+            (true, Some(p)) => Some(Arc::new(
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            )),
+            (true, None) => anyhow::bail!(
+                "the inventory has agent hosts and no sage-agent binary was found beside {}\n  hint: build both (`cargo build --release`), or set SAGECTL_AGENT_BINARY",
+                std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        };
+        let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let ui = if settings.quiet {
+            Ui::silent()
+        } else {
+            Ui::new(&names)
+        };
+        let known = Arc::new(KnownHosts::new(crate::pki::dir_for(&inv).join("known_hosts")));
+        Ok(Arc::new(Pipeline {
+            inv,
+            catalog,
+            state,
+            secrets,
+            known,
+            agent,
+            settings,
+            ui,
+            lab_key,
+        }))
+    }
+
+    /// Converges `batch` (host names), then makes the health checks of those that succeeded
+    /// (checks made from another host use hosts of this batch only). Recaps in inventory order.
+    pub async fn converge(self: &Arc<Self>, batch: &[String]) -> Vec<HostRecap> {
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in batch {
+            let (p, sem, name) = (self.clone(), sem.clone(), name.clone());
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("semaphore open");
+                host::converge(&p, &name).await
+            });
+        }
+        let mut recaps: BTreeMap<String, HostRecap> = BTreeMap::new();
+        let mut sessions: BTreeMap<String, Session> = BTreeMap::new();
+        while let Some(r) = tasks.join_next().await {
+            let (recap, session) = r.expect("host task panicked");
+            if let Some(s) = session {
+                sessions.insert(recap.host.clone(), s);
+            }
+            recaps.insert(recap.host.clone(), recap);
+        }
+        if !self.settings.check {
+            let healthy: Vec<&Host> = self
+                .inv
+                .hosts
+                .iter()
+                .filter(|h| recaps.get(&h.name).is_some_and(HostRecap::succeeded))
+                .collect();
+            self.ui.println("running health checks");
+            let checks = crate::health::check_all(
+                &self.inv,
+                self.catalog,
+                &healthy,
+                &sessions,
+                &self.secrets,
+            )
+            .await;
+            for c in checks {
+                if let Some(r) = recaps.get_mut(&c.host) {
+                    r.failed |= !c.ok;
+                    r.checks.push(c);
+                }
+            }
+        }
+        for (_, s) in sessions {
+            s.close().await;
+        }
+        self.inv
+            .hosts
+            .iter()
+            .filter_map(|h| recaps.remove(&h.name))
+            .collect()
+    }
+
+    /// Converges `batches` in order, stopping after the first batch with a failed or
+    /// unreachable host; then records the run in logd (unless `check`) and returns the recap.
+    pub async fn run(self: &Arc<Self>, batches: &[Vec<String>]) -> Recap {
+        let started = Instant::now();
+        let mut hosts = Vec::new();
+        for batch in batches {
+            let recaps = self.converge(batch).await;
+            let failed = recaps.iter().any(|r| !r.succeeded());
+            hosts.extend(recaps);
+            if failed {
+                break;
+            }
+        }
+        let success = hosts.iter().all(HostRecap::succeeded)
+            && hosts.len() == batches.iter().map(Vec::len).sum::<usize>();
+        let mut recap = Recap {
+            inventory: self.inv.name.clone(),
+            check: self.settings.check,
+            success,
+            seconds: started.elapsed().as_secs_f64(),
+            hosts,
+            audit: None,
+            site: None,
+        };
+        if !self.settings.check {
+            recap.audit = audit::audit(self, &recap).await;
+            if success {
+                recap.site = Site::of(&self.inv, &self.state);
+            }
+        }
+        recap
+    }
+}
+
+/// Converges the hosts of `inv` chosen by `limit` in one batch (lab machines first when it
+/// has a `lab:` section) on a runtime of its own, and returns the recap.
+pub fn converge_inventory(
+    inv: Inventory,
+    limit: &[String],
+    settings: Settings,
+) -> anyhow::Result<(Recap, Arc<Pipeline>)> {
+    let selected: Vec<String> = select(&inv, limit)?
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    let p = Pipeline::new(inv, &selected, settings)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let recap = rt.block_on(p.run(&[selected]));
+    Ok((recap, p))
+}
