@@ -1,5 +1,6 @@
 //! Subcommands, one file each, each with an `Opts` struct and a `run` function.
 
+pub mod add_host;
 pub mod bench;
 pub mod lab;
 pub mod logs;

@@ -164,7 +164,9 @@ impl Pipeline {
         } else {
             Ui::new(&names)
         };
-        let known = Arc::new(KnownHosts::new(crate::pki::dir_for(&inv).join("known_hosts")));
+        let known = Arc::new(KnownHosts::new(
+            crate::pki::dir_for(&inv).join("known_hosts"),
+        ));
         Ok(Arc::new(Pipeline {
             inv,
             catalog,
