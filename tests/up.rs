@@ -127,6 +127,111 @@ fn converge_lab_hosts() {
         a_changed_host_key_is_refused(inv)
     });
     scenario("quoting round-trips over SSH", || quoting_round_trip(inv));
+    scenario(
+        "add-worker grows the pool, touching only what it concerns",
+        || add_worker_grows_the_pool(inv),
+    );
+    scenario("the firewall is still exactly the design", || {
+        firewall_is_exactly_the_design(inv)
+    });
+}
+
+/// Sessions open on `h`'s worker (its metrics page).
+fn sessions_open(inv: &Path, h: &str) -> u64 {
+    let metrics = ssh(
+        inv,
+        h,
+        &[
+            "python3",
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7001/metrics').read().decode())",
+        ],
+    );
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sagews_worker_sessions_open "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no sessions_open on {h}:\n{metrics}")) as u64
+}
+
+/// `sagectl add-worker` (issue 16): a new lab machine; only the hosts whose files mention
+/// workers are contacted (the recap, and the untouched worker's sshd log); the backend registers
+/// it and places sessions on it; run again, nothing changes.
+fn add_worker_grows_the_pool(inv: &Path) {
+    // SSH logins bravo's sshd accepted so far (this query's own included).
+    let logins = || {
+        let log = ssh(inv, "bravo", &["journalctl", "-u", "ssh", "-o", "cat"]);
+        log.lines().filter(|l| l.starts_with("Accepted")).count()
+    };
+    let before = logins();
+    let add = || {
+        let started = Instant::now();
+        let o = sagectl()
+            .args(["add-worker"])
+            .arg(inv)
+            .args(["delta", "--address", "10.81.0.13", "--json"])
+            .output()
+            .unwrap();
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "add-worker:\n{out}\n{err}");
+        let recap: Value = serde_json::from_str(&out).unwrap();
+        (recap, err, started.elapsed())
+    };
+    let (recap, err, took) = add();
+    eprintln!(
+        "add-worker (a new lab machine included): {:.1}s",
+        took.as_secs_f64()
+    );
+    let names: Vec<&str> = recap["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alpha", "charlie", "delta"], "{err}");
+    assert!(
+        err.contains("converging alpha: its /etc/nftables.conf mention delta"),
+        "{err}"
+    );
+    assert!(err.contains("1 other hosts are not contacted"), "{err}");
+    assert!(
+        err.contains("delta is registered with every backend (alpha)"),
+        "{err}"
+    );
+    let file = inv.parent().unwrap().join("up3.d/delta.yaml");
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        written.contains("delta:\n    address: 10.81.0.13\n    roles: [worker]"),
+        "{written}"
+    );
+    // bravo was not logged into: the next query is the only login since the last.
+    assert_eq!(logins(), before + 1, "add-worker logged into bravo");
+    // The backend places sessions on the new worker too: two workspaces open, one on each.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let site = site(inv);
+    rt.block_on(async {
+        let cookie = site.sign_up("pool-user", "a pool password").await;
+        let mut s = sagews_testkit::browser::Sockjs::open(&site, &cookie, "poolsession").await;
+        let a = s.create_and_open(1, "pool-a").await;
+        let b = s.create_and_open(3, "pool-b").await;
+        for (i, ws) in [a, b].iter().enumerate() {
+            let (out, _) = s.execute(10 + i as u64, ws, "print(6 * 7)").await;
+            assert_eq!(out.trim(), "42");
+        }
+        assert_eq!(
+            (sessions_open(inv, "bravo"), sessions_open(inv, "delta")),
+            (1, 1),
+            "one workspace on each worker"
+        );
+    });
+    // Again: nothing changes.
+    let (recap, err, _) = add();
+    for h in recap["hosts"].as_array().unwrap() {
+        assert_eq!(h["changed"], 0, "{h}\n{err}");
+    }
 }
 
 /// Runs one scenario of a lab test; its failure is reported under its name.

@@ -176,7 +176,7 @@ fn desired(
 
 /// The hosts of `after` other than `new` whose desired state differs from `before`'s, each with
 /// the paths that differ.
-fn affected(
+pub(crate) fn affected(
     before: &Inventory,
     after: &Inventory,
     new: &str,

@@ -2,6 +2,7 @@
 
 pub mod add_host;
 pub mod bench;
+pub mod drain;
 pub mod lab;
 pub mod logs;
 pub mod render;

@@ -180,6 +180,14 @@ impl Pipeline {
         }))
     }
 
+    /// An SSH session to `name` (pinned host keys, the run's key policy), for commands that
+    /// act on a host outside a converge (drain, remove-worker).
+    pub async fn session(&self, name: &str) -> Result<Session, crate::ssh::SshError> {
+        let host = self.inv.host(name).expect("a host of the inventory");
+        let target = connect::target(host, self.lab_key.as_deref());
+        Session::connect(&target, self.known.clone(), self.settings.host_keys).await
+    }
+
     /// Converges `batch` (host names), then makes the health checks of those that succeeded
     /// (checks made from another host use hosts of this batch only). Recaps in inventory order.
     pub async fn converge(self: &Arc<Self>, batch: &[String]) -> Vec<HostRecap> {
