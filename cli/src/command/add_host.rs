@@ -147,14 +147,17 @@ impl Drop for Written {
     }
 }
 
-/// What each host is given, for comparing two versions of an inventory: its files (path →
-/// owner, mode, content) and its other steps (packages, services).
+/// What a host is given: its files (path → mode, owner and content) and its other steps
+/// (packages, services, ...), each as text.
+type Desired = (BTreeMap<String, Vec<u8>>, Vec<String>);
+
+/// What each host is given, for comparing two versions of an inventory.
 fn desired(
     inv: &Inventory,
     catalog: &Catalog,
     state: &crate::pki::State,
     host: &Host,
-) -> anyhow::Result<(BTreeMap<String, Vec<u8>>, Vec<String>)> {
+) -> anyhow::Result<Desired> {
     let agent = std::sync::Arc::new(Vec::new());
     let (steps, _) = crate::render::host_steps(inv, catalog, state, host, Some(&agent))?;
     let mut files = BTreeMap::new();
