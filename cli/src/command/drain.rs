@@ -132,9 +132,9 @@ where
     }
 }
 
-/// Drains (or undrains) `host`; with `wait`, until it holds nothing. Whether it emptied.
-fn set_drain(inv: Inventory, host: &str, drain: bool, timeout: Duration) -> anyhow::Result<bool> {
-    let Some(h) = inv.host(host).cloned() else {
+/// The hosts a drain of `host` acts on: itself, and for a backend every HAProxy host.
+fn drain_targets(inv: &Inventory, host: &str) -> anyhow::Result<Vec<String>> {
+    let Some(h) = inv.host(host) else {
         let names: Vec<&str> = inv.hosts.iter().map(|h| h.name.as_str()).collect();
         anyhow::bail!(
             "{host}: no such host in {}\n  hint: {}",
@@ -146,60 +146,77 @@ fn set_drain(inv: Inventory, host: &str, drain: bool, timeout: Duration) -> anyh
         h.has(Role::Worker) || h.has(Role::Backend),
         "{host} is neither a worker nor a backend: only those are drained"
     );
-    let lbs: Vec<String> = inv
-        .with_role(Role::Loadbalancer)
-        .map(|h| h.name.clone())
-        .collect();
     let mut names = vec![host.to_string()];
     if h.has(Role::Backend) {
-        names.extend(lbs.iter().cloned());
+        names.extend(inv.with_role(Role::Loadbalancer).map(|h| h.name.clone()));
     }
-    let p = pipeline(inv, &names)?;
-    runtime()?.block_on(async {
-        let mut emptied = true;
-        if h.has(Role::Worker) {
-            let s = p.session(host).await?;
-            let mut argv = vec![
-                "/usr/local/bin/sage-agent",
-                "drain",
-                "--config",
-                WORKER_CONFIG,
-            ];
-            if !drain {
-                argv.push("--undo");
-            }
-            run_on(&s, &argv).await?;
+    Ok(names)
+}
+
+/// Drains (or undrains) `host` of `p`'s inventory and, draining, waits until it holds nothing
+/// or `timeout` passes: whether it emptied. A worker: `sage-agent drain` on it, then its open
+/// sessions until none; a backend: `drain` in every HAProxy, then its connections until none.
+pub async fn drain_host(
+    p: &Pipeline,
+    host: &str,
+    drain: bool,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    let h = p.inv.host(host).expect("checked by drain_targets").clone();
+    let mut emptied = true;
+    if h.has(Role::Worker) {
+        let s = p.session(host).await?;
+        let mut argv = vec![
+            "/usr/local/bin/sage-agent",
+            "drain",
+            "--config",
+            WORKER_CONFIG,
+        ];
+        if !drain {
+            argv.push("--undo");
+        }
+        run_on(&s, &argv).await?;
+        if drain {
+            eprintln!("{host} takes no new sessions; moving its open workspaces");
+            emptied &= wait_empty(&format!("{host}: open sessions"), timeout, || {
+                sessions_open(&s)
+            })
+            .await?;
+        } else {
+            eprintln!("{host} takes sessions again");
+        }
+        s.close().await;
+    }
+    if h.has(Role::Backend) {
+        let state = if drain { "drain" } else { "ready" };
+        let lbs: Vec<String> = p
+            .inv
+            .with_role(Role::Loadbalancer)
+            .map(|h| h.name.clone())
+            .collect();
+        for lb in &lbs {
+            let s = p.session(lb).await?;
+            haproxy(&s, &format!("set server backends/{host} state {state}")).await?;
+            eprintln!("{lb}: HAProxy sets {host} to {state}");
             if drain {
-                eprintln!("{host} takes no new sessions; moving its open workspaces");
-                emptied &= wait_empty(&format!("{host}: open sessions"), timeout, || {
-                    sessions_open(&s)
+                emptied &= wait_empty(&format!("{lb}: connections to {host}"), timeout, || async {
+                    let stat = haproxy(&s, "show stat").await?;
+                    connections(&stat, host)
+                        .with_context(|| format!("{lb}'s HAProxy has no server {host}"))
                 })
                 .await?;
-            } else {
-                eprintln!("{host} takes sessions again");
             }
             s.close().await;
         }
-        if h.has(Role::Backend) {
-            let state = if drain { "drain" } else { "ready" };
-            for lb in &lbs {
-                let s = p.session(lb).await?;
-                haproxy(&s, &format!("set server backends/{host} state {state}")).await?;
-                eprintln!("{lb}: HAProxy sets {host} to {state}");
-                if drain {
-                    emptied &=
-                        wait_empty(&format!("{lb}: connections to {host}"), timeout, || async {
-                            let stat = haproxy(&s, "show stat").await?;
-                            connections(&stat, host)
-                                .with_context(|| format!("{lb}'s HAProxy has no server {host}"))
-                        })
-                        .await?;
-                }
-                s.close().await;
-            }
-        }
-        Ok(emptied)
-    })
+    }
+    Ok(emptied)
+}
+
+/// [`drain_host`] on a runtime of its own, for the commands.
+fn set_drain(inv: Inventory, host: &str, drain: bool, timeout: Duration) -> anyhow::Result<bool> {
+    let names = drain_targets(&inv, host)?;
+    let p = pipeline(inv, &names)?;
+    runtime()?.block_on(drain_host(&p, host, drain, timeout))
 }
 
 pub fn run(o: Opts, drain: bool) -> anyhow::Result<ExitCode> {

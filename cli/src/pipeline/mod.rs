@@ -245,11 +245,23 @@ impl Pipeline {
     /// Converges `batches` in order, stopping after the first batch with a failed or
     /// unreachable host; then records the run in logd (unless `check`) and returns the recap.
     pub async fn run(self: &Arc<Self>, batches: &[Vec<String>]) -> Recap {
+        self.run_around(batches, &Nothing).await
+    }
+
+    /// [`Pipeline::run`], with `around` called before and after each batch (a rolling
+    /// upgrade drains what a batch restarts, and puts it back).
+    pub async fn run_around(
+        self: &Arc<Self>,
+        batches: &[Vec<String>],
+        around: &dyn Around,
+    ) -> Recap {
         let started = Instant::now();
         let mut hosts = Vec::new();
         for batch in batches {
+            let held = around.before(self, batch).await;
             let recaps = self.converge(batch).await;
             let failed = recaps.iter().any(|r| !r.succeeded());
+            around.after(self, held, !failed).await;
             hosts.extend(recaps);
             if failed {
                 break;
@@ -273,6 +285,34 @@ impl Pipeline {
             }
         }
         recap
+    }
+}
+
+/// A future borrowed from the caller, for [`Around`]'s methods.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What a run does around each batch.
+pub trait Around: Sync {
+    /// Before `batch` is converged; returns what `after` gets back (hosts taken out of service).
+    fn before<'a>(
+        &'a self,
+        p: &'a Arc<Pipeline>,
+        batch: &'a [String],
+    ) -> BoxFuture<'a, Vec<String>>;
+    /// After the batch, `ok` when every host of it succeeded.
+    fn after<'a>(&'a self, p: &'a Arc<Pipeline>, held: Vec<String>, ok: bool) -> BoxFuture<'a, ()>;
+}
+
+/// Nothing around batches (an ordinary run).
+struct Nothing;
+
+impl Around for Nothing {
+    fn before<'a>(&'a self, _: &'a Arc<Pipeline>, _: &'a [String]) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async { Vec::new() })
+    }
+
+    fn after<'a>(&'a self, _: &'a Arc<Pipeline>, _: Vec<String>, _: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 
