@@ -277,6 +277,8 @@ pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> Res
 #[cfg(test)]
 mod tests {
     use super::Backoff;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     #[test]
@@ -295,21 +297,22 @@ mod tests {
     #[tokio::test]
     async fn stop_waits_for_every_task() {
         let s = super::Service::new();
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        struct Count(Arc<AtomicUsize>);
+        impl Drop for Count {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..3 {
-            let done = done.clone();
+            // Held by the task's future: dropped when the task ends, polled or not.
+            let c = Count(done.clone());
             s.spawn(async move {
-                struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-                impl Drop for Count {
-                    fn drop(&mut self) {
-                        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                }
-                let _c = Count(done);
+                let _c = c;
                 std::future::pending::<()>().await
             });
         }
         assert!(s.stop(Duration::from_secs(1)).await);
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(done.load(Ordering::SeqCst), 3);
     }
 }

@@ -193,9 +193,12 @@ impl Metrics {
             limits_family.clone(),
         );
         limits_family.get_or_create(&vec![("mode", limits)]).set(1);
+        // One statement each: `get_or_create` holds the family's lock until the statement ends.
+        let engines_forked = started.get_or_create(&vec![("how", "forked")]).clone();
+        let engines_fresh = started.get_or_create(&vec![("how", "fresh")]).clone();
         let m = Metrics {
-            engines_forked: started.get_or_create(&vec![("how", "forked")]).clone(),
-            engines_fresh: started.get_or_create(&vec![("how", "fresh")]).clone(),
+            engines_forked,
+            engines_fresh,
             sessions_opened: Counter::default(),
             executes: Counter::default(),
             limit_kills: Counter::default(),
