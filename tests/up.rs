@@ -125,7 +125,7 @@ fn converge_lab_hosts() {
     });
     scenario("quoting round-trips over SSH", || quoting_round_trip(inv));
     scenario(
-        "add-worker grows the pool, touching only what it concerns",
+        "add-worker grows the pool, touching only what it concerns; remove-worker moves its sessions",
         || add_worker_grows_the_pool(inv),
     );
     scenario("the firewall is still exactly the design", || {
@@ -155,9 +155,11 @@ fn sessions_open(inv: &Path, h: &str) -> u64 {
         .unwrap_or_else(|| panic!("no sessions_open on {h}:\n{metrics}")) as u64
 }
 
-/// `sagectl add-worker` (issue 16): a new lab machine; only the hosts whose files mention
-/// workers are contacted (the recap, and the untouched worker's sshd log); the backend registers
-/// it and places sessions on it; run again, nothing changes.
+/// `sagectl add-worker` and `remove-worker` (issue 16): a new lab machine; only the hosts whose
+/// files mention workers are contacted (the recap, and the untouched worker's sshd log); the
+/// backend registers it and places sessions on it; run again, nothing changes. Removed with a
+/// workspace open on it: the workspace is saved and moved (the browser is told), nothing
+/// written is lost, the hosts that mentioned it are converged.
 fn add_worker_grows_the_pool(inv: &Path) {
     // SSH logins bravo's sshd accepted so far (this query's own included).
     let logins = || {
@@ -207,6 +209,11 @@ fn add_worker_grows_the_pool(inv: &Path) {
     );
     // bravo was not logged into: the next query is the only login since the last.
     assert_eq!(logins(), before + 1, "add-worker logged into bravo");
+    // Again: nothing changes.
+    let (recap, err, _) = add();
+    for h in recap["hosts"].as_array().unwrap() {
+        assert_eq!(h["changed"], 0, "{h}\n{err}");
+    }
     // The backend places sessions on the new worker too: two workspaces open, one on each.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -218,21 +225,64 @@ fn add_worker_grows_the_pool(inv: &Path) {
         let mut s = sagews_testkit::browser::Sockjs::open(&site, &cookie, "poolsession").await;
         let a = s.create_and_open(1, "pool-a").await;
         let b = s.create_and_open(3, "pool-b").await;
-        for (i, ws) in [a, b].iter().enumerate() {
-            let (out, _) = s.execute(10 + i as u64, ws, "print(6 * 7)").await;
+        let mut id = 10;
+        for ws in [&a, &b] {
+            let code = format!("print(6 * 7)\nopen('note.txt', 'w').write('written in {ws}')");
+            let (out, _) = s.execute(id, ws, &code).await;
             assert_eq!(out.trim(), "42");
+            id += 1;
         }
         assert_eq!(
             (sessions_open(inv, "bravo"), sessions_open(inv, "delta")),
             (1, 1),
             "one workspace on each worker"
         );
+        // remove-worker (issue 16): the workspace on delta is saved and moved while the
+        // browser keeps polling; nothing written is lost.
+        let remove = std::thread::spawn({
+            let inv = inv.to_path_buf();
+            move || {
+                sagectl()
+                    .arg("remove-worker")
+                    .arg(&inv)
+                    .args(["delta", "--json"])
+                    .output()
+                    .unwrap()
+            }
+        });
+        while !remove.is_finished() {
+            s.poll().await;
+        }
+        let o = remove.join().unwrap();
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "remove-worker:\n{out}\n{err}");
+        eprintln!("remove-worker:\n{err}");
+        let recap: Value = serde_json::from_str(&out).unwrap();
+        let names: Vec<&str> = recap["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["host"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["alpha", "charlie"], "{err}");
+        assert!(!file.exists(), "delta's file is gone");
+        let moved = s.take(|v| v["event"] == "moved", "a moved event").await;
+        let ws = moved["workspace"].as_str().unwrap().to_string();
+        assert!(ws == a || ws == b, "{moved}");
+        for ws in [&a, &b] {
+            let (out, status) = s.execute(id, ws, "print(open('note.txt').read())").await;
+            assert_eq!(
+                (out.trim(), status.as_str()),
+                (format!("written in {ws}").as_str(), "ok")
+            );
+            id += 1;
+        }
+        assert_eq!(
+            sessions_open(inv, "bravo"),
+            2,
+            "both workspaces on bravo now"
+        );
     });
-    // Again: nothing changes.
-    let (recap, err, _) = add();
-    for h in recap["hosts"].as_array().unwrap() {
-        assert_eq!(h["changed"], 0, "{h}\n{err}");
-    }
 }
 
 /// Runs one scenario of a lab test; its failure is reported under its name.
@@ -506,7 +556,7 @@ fn a_machine_that_dies_mid_run_is_unreachable_then_converged_again(inv: &Path) {
     // A machine that dies mid-run: the others finish, it is unreachable, the exit code says so.
     let bravo_cgroup = kill_file("uptest-bravo");
     set_var(inv, "memcached_memory_mb: 96", "memcached_memory_mb: 80");
-    let child = sagectl()
+    let mut child = sagectl()
         .arg("up")
         .arg(inv)
         .arg("--json")
@@ -514,9 +564,31 @@ fn a_machine_that_dies_mid_run_is_unreachable_then_converged_again(inv: &Path) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed once the run is past starting the lab (which would start a dead machine again),
+    // while it converges: whatever step bravo is at, it is lost under the run.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line.unwrap_or_default();
+            if line.contains("machines up") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the run started the lab");
     std::fs::write(&bravo_cgroup, "1").unwrap();
     let o = child.wait_with_output().unwrap();
+    let err = reader.join().unwrap();
+    assert!(
+        !o.status.success(),
+        "the run succeeded with bravo killed:\n{err}"
+    );
     let recap: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(!o.status.success());
     assert_eq!(host(&recap, "bravo")["unreachable"], true, "{recap}");
