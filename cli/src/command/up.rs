@@ -35,6 +35,10 @@ pub struct Opts {
     /// No progress output; just the recap.
     #[arg(short, long)]
     pub quiet: bool,
+    /// When another run holds the deploy lock (this inventory's, or a host's), wait up to
+    /// this long for it instead of failing at once, naming the holder.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub lock_timeout: u64,
 }
 
 impl Opts {
@@ -50,6 +54,7 @@ impl Opts {
             verbose: false,
             host_keys: HostKeyPolicy::AcceptNew,
             quiet: false,
+            lock_timeout: 0,
         }
     }
 }
@@ -63,6 +68,8 @@ impl Opts {
             quiet: self.quiet,
             parallel: self.parallel as usize,
             host_keys: self.host_keys,
+            lock_timeout: std::time::Duration::from_secs(self.lock_timeout),
+            command: "up",
         }
     }
 }

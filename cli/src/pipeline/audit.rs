@@ -1,12 +1,13 @@
-//! The audit record of a run: who ran `up` on which inventory and what changed, sent to logd
-//! with sagectl's admin certificate.
+//! The audit record of a run: who ran which command (`up`, or any other that converges hosts
+//! through the pipeline) on which inventory and what changed, sent to logd with sagectl's
+//! admin certificate.
 
 use std::collections::BTreeMap;
 
 use super::{Pipeline, Recap};
 use crate::inventory::Role;
 
-/// Records who ran `up` on which inventory and what changed, in logd (spooled in the state
+/// Records who ran which command on which inventory and what changed, in logd (spooled in the state
 /// directory when logd cannot take it, and sent with the next run's).
 pub(super) async fn audit(p: &Pipeline, recap: &Recap) -> Option<String> {
     use sagews_wire::proto::Level;
@@ -26,9 +27,8 @@ pub(super) async fn audit(p: &Pipeline, recap: &Recap) -> Option<String> {
         Ok(i) => i,
         Err(e) => return Some(format!("not recorded: {e}")),
     };
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "root".into());
+    let me = &p.holder;
+    let user = &me.user;
     let changed: usize = recap.hosts.iter().map(|h| h.changed).sum();
     let failed: Vec<&str> = recap
         .hosts
@@ -38,6 +38,8 @@ pub(super) async fn audit(p: &Pipeline, recap: &Recap) -> Option<String> {
         .collect();
     let mut fields = serde_json::Map::new();
     fields.insert("user".into(), serde_json::json!(user));
+    fields.insert("from".into(), serde_json::json!(me.host));
+    fields.insert("command".into(), serde_json::json!(me.command));
     fields.insert(
         "inventory".into(),
         serde_json::json!(p.inv.file.display().to_string()),
@@ -54,7 +56,8 @@ pub(super) async fn audit(p: &Pipeline, recap: &Recap) -> Option<String> {
     );
     fields.insert("failed".into(), serde_json::json!(failed));
     let message = format!(
-        "{user} ran sagectl up on {}: {changed} changes on {} hosts, {} failed",
+        "{user} ran sagectl {} on {}: {changed} changes on {} hosts, {} failed",
+        p.settings.command,
         p.inv.name,
         recap.hosts.len(),
         failed.len()
@@ -64,7 +67,13 @@ pub(super) async fn audit(p: &Pipeline, recap: &Recap) -> Option<String> {
     } else {
         Level::Warn
     };
-    let record = sagews_wire::logclient::record("sagectl", level, "sagectl::up", &message, fields);
+    let record = sagews_wire::logclient::record(
+        "sagectl",
+        level,
+        &format!("sagectl::{}", p.settings.command),
+        &message,
+        fields,
+    );
     let settings = sagews_wire::logclient::Settings {
         address: format!("{}:{}", logd.address, p.inv.logd.port),
         server_name: logd.name.clone(),
