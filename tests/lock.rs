@@ -88,6 +88,15 @@ fn the_deploy_lock() {
     until(30, "the first run's name in deploy.lock", || {
         holder_in(&std::fs::read_to_string(&local).ok()?).filter(|h| h.pid == pid)
     });
+    // A third, started with it, waits for it with --lock-timeout, then converges.
+    let third = sagectl()
+        .arg("up")
+        .arg(&inv)
+        .args(["--json", "--lock-timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let second = sagectl().arg("up").arg(&inv).output().unwrap();
     let (_, err) = text(&second);
     assert_eq!(second.status.code(), Some(1), "{err}");
@@ -99,8 +108,7 @@ fn the_deploy_lock() {
             && err.contains("--lock-timeout"),
         "{err}"
     );
-    // A third waits for it with --lock-timeout, then converges (nothing left to change).
-    let third = spawn_up(&inv, &["--lock-timeout", "300"]);
+    eprintln!("the second run's stderr: {err}");
     let first = first.wait_with_output().unwrap();
     assert!(first.status.success(), "{}", text(&first).1);
     let third = third.wait_with_output().unwrap();
@@ -108,7 +116,13 @@ fn the_deploy_lock() {
     assert!(third.status.success(), "{out}\n{err}");
     let recap: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(host(&recap, "alpha")["changed"], 0, "{recap}");
-    eprintln!("third run's stderr: {err}");
+    assert!(
+        err.contains(&format!(
+            "waiting up to 300 s for the deploy lock, held by root on "
+        )) && err.contains(&format!("(pid {pid}, `sagectl up ")),
+        "{err}"
+    );
+    eprintln!("the third run's stderr: {err}");
 
     // Both runs are in logd: who ran what from where.
     let o = sagectl()
@@ -154,6 +168,7 @@ fn the_deploy_lock() {
     let (o, recap) = up(&inv, &[]);
     assert!(!o.status.success(), "{recap}");
     let e = host(&recap, "bravo")["error"].as_str().unwrap().to_string();
+    eprintln!("bravo held by another machine's run: {e}");
     assert!(
         e.starts_with(
             "another sagectl run holds the lock /run/sagectl.lock on bravo: operator2 on elsewhere (pid 4242, `sagectl up other/lab.yaml`), started "
