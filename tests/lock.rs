@@ -14,13 +14,17 @@ use lab::{Down, require, sagectl, scratch_inventory, text, up};
 use sagectl::lock::{Holder, LocalLock, REMOTE_PATH, REMOTE_SCRIPT};
 use serde_json::Value;
 
-fn host<'a>(recap: &'a Value, name: &str) -> &'a Value {
-    recap["hosts"]
+/// A host's part of a recap.
+fn host(recap: &Value, name: &str) -> Value {
+    let found = recap["hosts"]
         .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["host"] == name)
-        .unwrap_or_else(|| panic!("{name} not in recap: {recap}"))
+        .and_then(|hosts| hosts.iter().find(|h| h["host"] == name));
+    found.cloned().expect("the host in the recap")
+}
+
+/// `sagectl VERB INVENTORY ARGS...`, run to its end.
+fn sagectl_on(verb: &str, inv: &Path, args: &[&str]) -> std::process::Output {
+    sagectl().arg(verb).arg(inv).args(args).output().unwrap()
 }
 
 fn set_var(inv: &Path, from: &str, to: &str) {
@@ -97,7 +101,7 @@ fn the_deploy_lock() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let second = sagectl().arg("up").arg(&inv).output().unwrap();
+    let second = sagectl_on("up", &inv, &[]);
     let (_, err) = text(&second);
     assert_eq!(second.status.code(), Some(1), "{err}");
     assert!(
@@ -117,28 +121,16 @@ fn the_deploy_lock() {
     let recap: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(host(&recap, "alpha")["changed"], 0, "{recap}");
     assert!(
-        err.contains(&format!(
-            "waiting up to 300 s for the deploy lock, held by root on "
-        )) && err.contains(&format!("(pid {pid}, `sagectl up ")),
+        err.contains("waiting up to 300 s for the deploy lock, held by root on ")
+            && err.contains(&format!("(pid {pid}, `sagectl up ")),
         "{err}"
     );
     eprintln!("the third run's stderr: {err}");
 
     // Both runs are in logd: who ran what from where.
-    let o = sagectl()
-        .args(["logs"])
-        .arg(&inv)
-        .args(["--since", "10m", "--grep", "ran sagectl up"])
-        .output()
-        .unwrap();
-    let (logs, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    assert!(
-        logs.matches("sagectl::up: root ran sagectl up on locktest:")
-            .count()
-            >= 3,
-        "{logs}"
-    );
+    let (logs, _) = text(&sagectl_on("logs", &inv, &["--since", "10m"]));
+    let recorded = logs.matches("sagectl::up: root ran sagectl up on locktest:");
+    assert!(recorded.count() >= 3, "{logs}");
 
     // Another machine's sagectl holds bravo's lock (the same script over its own SSH
     // connection, as another state directory's run would): bravo fails naming it, alpha
@@ -202,12 +194,7 @@ fn the_deploy_lock() {
         holder_in(&std::fs::read_to_string(&local).unwrap()).is_some_and(|h| h.pid == pid),
         "the killed run left its name in deploy.lock"
     );
-    let next = sagectl()
-        .arg("up")
-        .arg(&inv)
-        .arg("--json")
-        .output()
-        .unwrap();
+    let next = sagectl_on("up", &inv, &["--json"]);
     let (out, err) = text(&next);
     assert!(next.status.success(), "{out}\n{err}");
     assert!(
@@ -228,7 +215,7 @@ fn the_deploy_lock() {
         ..Holder::me()
     };
     let held = LocalLock::acquire(local.parent().unwrap(), &me, Duration::ZERO, |_| {}).unwrap();
-    let o = sagectl().arg("up").arg(&inv).output().unwrap();
+    let o = sagectl_on("up", &inv, &[]);
     assert!(
         text(&o).1.contains("`sagectl up (the test)`"),
         "{}",

@@ -362,11 +362,12 @@ mod tests {
     fn a_killed_holders_lock_is_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("deploy.lock");
-        // flock(1) holds the lock in a process of its own, as a killed sagectl would have.
+        // Another process holds the lock (a shell that takes it, then becomes `sleep` keeping
+        // the descriptor), as a killed sagectl would have.
         std::fs::write(&path, format!("{}\n", holder(77).line())).unwrap();
-        let mut child = std::process::Command::new("flock")
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exec 9>>\"$0\" && flock 9 && exec sleep 60"])
             .arg(&path)
-            .args(["sleep", "60"])
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -375,9 +376,9 @@ mod tests {
                 Err(e) => break e.to_string(),
                 Ok(l) => {
                     drop(l);
-                    // flock has not taken it yet: put the name back and try again.
+                    // The child has not taken it yet: put the name back and try again.
                     std::fs::write(&path, format!("{}\n", holder(77).line())).unwrap();
-                    assert!(Instant::now() < deadline, "flock never took the lock");
+                    assert!(Instant::now() < deadline, "the child never took the lock");
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }

@@ -46,7 +46,7 @@ mod tests {
                     );
                 }
             }
-            assert!(s.contains("--lock-timeout"), "{shell}");
+            assert!(s.contains("lock-timeout"), "{shell}");
         }
     }
 }

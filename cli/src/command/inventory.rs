@@ -13,36 +13,34 @@ use crate::inventory::{Host, Inventory};
 use crate::render::VarSource;
 use crate::roles::Catalog;
 
-#[derive(clap::Args)]
-pub struct Opts {
-    #[command(subcommand)]
-    pub action: Action,
+/// `sagectl inventory ...` (a subcommand of its own, so more can follow `show`).
+#[derive(clap::Subcommand)]
+pub enum Opts {
+    /// Print the resolved inventory and each host's effective variables.
+    Show(Show),
 }
 
-#[derive(clap::Subcommand)]
-pub enum Action {
-    /// Print the resolved inventory and each host's effective variables.
-    Show {
-        inventory: PathBuf,
-        /// Only this host.
-        #[arg(long)]
-        host: Option<String>,
-        /// As JSON.
-        #[arg(long)]
-        json: bool,
-        /// Every variable templates see, also those of roles the host does not have.
-        #[arg(long)]
-        all: bool,
-    },
+#[derive(clap::Args)]
+pub struct Show {
+    pub inventory: PathBuf,
+    /// Only this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Every variable templates see, also those of roles the host does not have.
+    #[arg(long)]
+    pub all: bool,
 }
 
 pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
-    let Action::Show {
+    let Opts::Show(Show {
         inventory,
         host,
         json,
         all,
-    } = o.action;
+    }) = o;
     let mut inv = match super::load(&inventory) {
         Ok(inv) => inv,
         Err(code) => return Ok(code),

@@ -43,6 +43,7 @@ pub enum Command {
     /// Benchmarks that print figures (`bench up --hosts N`).
     Bench(bench::Opts),
     /// The resolved inventory and each host's effective variables (`inventory show`).
+    #[command(subcommand)]
     Inventory(inventory::Opts),
     /// A shell's completion script for sagectl (bash, zsh, fish, ...), on stdout.
     Completions(completions::Opts),
