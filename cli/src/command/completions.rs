@@ -14,7 +14,7 @@ pub struct Opts {
 }
 
 pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
-    print!("{}", script(o.shell));
+    crate::ui::stdout(&script(o.shell))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -62,14 +62,12 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         Some(h) => v["hosts"][h].clone(),
         None => v,
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&shown).expect("serializable")
-        );
+    let out = if json {
+        serde_json::to_string_pretty(&shown).expect("serializable") + "\n"
     } else {
-        print!("{}", text(&inv, &shown, host.is_some()));
-    }
+        text(&inv, &shown, host.is_some())
+    };
+    crate::ui::stdout(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,7 +25,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("writing the pages into {}", dir.display()))?;
             println!("wrote the manual pages into {}", dir.display());
         }
-        None => print!("{}", page()),
+        None => crate::ui::stdout(&page())?,
     }
     Ok(ExitCode::SUCCESS)
 }
