@@ -1360,6 +1360,12 @@ async fn sigterm_ends_the_backend_within_two_seconds() {
     eprintln!("the backend exited {took:?} after SIGTERM");
     assert!(clean, "the backend exited with an error");
     assert!(took < Duration::from_secs(2), "{took:?}");
+    // Every background task (accept loops, reaper, expiry, HTTP server) finished first.
+    let log = s.log(&s.backends[0].name);
+    assert!(
+        log.contains("stopped: ") && log.contains(" tasks finished"),
+        "{log}"
+    );
     // The workspace was saved on the way out: it has a bundle now.
     assert!(ws.chars().all(|c| c.is_ascii_alphanumeric()), "{ws}");
     let size: u64 =

@@ -99,7 +99,8 @@ fn spawn_logd(config: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
         .args(["logd", "--config"])
         .arg(config)
-        .stderr(std::process::Stdio::null())
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
         .spawn()
         .unwrap()
 }
@@ -817,5 +818,11 @@ async fn sigterm_ends_logd_within_two_seconds() {
     assert!(
         status.success() && took < Duration::from_secs(2),
         "{status} after {took:?}"
+    );
+    // Every background task (writer, retention, queries, connections) finished first.
+    let log = std::fs::read_to_string(path.with_extension("log")).unwrap();
+    assert!(
+        log.contains("stopped: ") && log.contains(" tasks finished"),
+        "{log}"
     );
 }

@@ -84,15 +84,184 @@ const ALPHA_UNITS: [&str; 5] = [
     "nftables",
 ];
 
+/// One lab of three machines carrying every role, and the scenarios `up` must get right, in
+/// order: each starts from the state the previous one left, and a failure names its scenario.
 #[test]
 fn converge_lab_hosts() {
     require("ip");
     let (_tmp, inv) = scratch_inventory(&lab::fixtures().join("up3.yaml"));
     let _down = Down(inv.clone());
+    let inv = inv.as_path();
+    scenario("a fresh deploy is up, healthy and recorded", || {
+        a_fresh_deploy_is_up_healthy_and_recorded(inv)
+    });
+    let published = scenario("a published file survives the backends", || {
+        publish_survives_the_backends(inv)
+    });
+    scenario("the web edge as an outsider sees it", || {
+        web_edge(inv, &published)
+    });
+    scenario("the firewall is exactly the design", || {
+        firewall_is_exactly_the_design(inv)
+    });
+    scenario("sshd is hardened and cannot lock sagectl out", || {
+        sshd_is_hardened_and_cannot_lock_sagectl_out(inv)
+    });
+    scenario("a second run changes nothing", || {
+        a_second_run_changes_nothing(inv)
+    });
+    scenario("a changed variable is shown, then applied alone", || {
+        a_changed_variable_is_shown_then_applied_alone(inv)
+    });
+    scenario(
+        "a value the tool cannot take is refused at validation",
+        || a_value_the_tool_cannot_take_is_refused_at_validation(inv),
+    );
+    scenario("a file the host's tool refuses is never installed", || {
+        a_file_the_hosts_tool_refuses_is_never_installed(inv)
+    });
+    scenario("a machine that dies mid-run", || {
+        a_machine_that_dies_mid_run_is_unreachable_then_converged_again(inv)
+    });
+    scenario("a changed host key is refused", || {
+        a_changed_host_key_is_refused(inv)
+    });
+    scenario("quoting round-trips over SSH", || quoting_round_trip(inv));
+    scenario(
+        "add-worker grows the pool, touching only what it concerns",
+        || add_worker_grows_the_pool(inv),
+    );
+    scenario("the firewall is still exactly the design", || {
+        firewall_is_exactly_the_design(inv)
+    });
+}
 
+/// Sessions open on `h`'s worker (its metrics page).
+fn sessions_open(inv: &Path, h: &str) -> u64 {
+    let metrics = ssh(
+        inv,
+        h,
+        &[
+            "python3",
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7001/metrics').read().decode())",
+        ],
+    );
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sagews_worker_sessions_open "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no sessions_open on {h}:\n{metrics}")) as u64
+}
+
+/// `sagectl add-worker` (issue 16): a new lab machine; only the hosts whose files mention
+/// workers are contacted (the recap, and the untouched worker's sshd log); the backend registers
+/// it and places sessions on it; run again, nothing changes.
+fn add_worker_grows_the_pool(inv: &Path) {
+    // SSH logins bravo's sshd accepted so far (this query's own included).
+    let logins = || {
+        let log = ssh(inv, "bravo", &["journalctl", "-u", "ssh", "-o", "cat"]);
+        log.lines().filter(|l| l.starts_with("Accepted")).count()
+    };
+    let before = logins();
+    let add = || {
+        let started = Instant::now();
+        let o = sagectl()
+            .args(["add-worker"])
+            .arg(inv)
+            .args(["delta", "--address", "10.81.0.13", "--json"])
+            .output()
+            .unwrap();
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "add-worker:\n{out}\n{err}");
+        let recap: Value = serde_json::from_str(&out).unwrap();
+        (recap, err, started.elapsed())
+    };
+    let (recap, err, took) = add();
+    eprintln!(
+        "add-worker (a new lab machine included): {:.1}s",
+        took.as_secs_f64()
+    );
+    let names: Vec<&str> = recap["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alpha", "charlie", "delta"], "{err}");
+    assert!(
+        err.contains("converging alpha: its /etc/nftables.conf mention delta"),
+        "{err}"
+    );
+    assert!(err.contains("1 other hosts are not contacted"), "{err}");
+    assert!(
+        err.contains("delta is registered with every backend (alpha)"),
+        "{err}"
+    );
+    let file = inv.parent().unwrap().join("up3.d/delta.yaml");
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        written.contains("delta:\n    address: 10.81.0.13\n    roles: [worker]"),
+        "{written}"
+    );
+    // bravo was not logged into: the next query is the only login since the last.
+    assert_eq!(logins(), before + 1, "add-worker logged into bravo");
+    // The backend places sessions on the new worker too: two workspaces open, one on each.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let site = site(inv);
+    rt.block_on(async {
+        let cookie = site.sign_up("pool-user", "a pool password").await;
+        let mut s = sagews_testkit::browser::Sockjs::open(&site, &cookie, "poolsession").await;
+        let a = s.create_and_open(1, "pool-a").await;
+        let b = s.create_and_open(3, "pool-b").await;
+        for (i, ws) in [a, b].iter().enumerate() {
+            let (out, _) = s.execute(10 + i as u64, ws, "print(6 * 7)").await;
+            assert_eq!(out.trim(), "42");
+        }
+        assert_eq!(
+            (sessions_open(inv, "bravo"), sessions_open(inv, "delta")),
+            (1, 1),
+            "one workspace on each worker"
+        );
+    });
+    // Again: nothing changes.
+    let (recap, err, _) = add();
+    for h in recap["hosts"].as_array().unwrap() {
+        assert_eq!(h["changed"], 0, "{h}\n{err}");
+    }
+}
+
+/// Runs one scenario of a lab test; its failure is reported under its name.
+fn scenario<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    eprintln!("== scenario: {name}");
+    let started = Instant::now();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => {
+            eprintln!(
+                "== scenario passed in {:.1}s: {name}",
+                started.elapsed().as_secs_f64()
+            );
+            v
+        }
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("scenario `{name}` failed: {msg}")
+        }
+    }
+}
+
+/// A fresh deploy: lab machines are made first, then every role is up and healthy, the worker's unit exposes little, and the run is recorded in logd.
+fn a_fresh_deploy_is_up_healthy_and_recorded(inv: &Path) {
     // A fresh deploy: lab machines are made first, then every infrastructure role is up and healthy.
     let started = Instant::now();
-    let (o, recap) = up(&inv, &[]);
+    let (o, recap) = up(inv, &[]);
     let first = started.elapsed();
     assert!(
         o.status.success(),
@@ -129,7 +298,7 @@ fn converge_lab_hosts() {
     );
     // The worker's unit exposes little: `systemd-analyze security` at most 4.0 (issue 13).
     let report = ssh(
-        &inv,
+        inv,
         "bravo",
         &["systemd-analyze", "security", "sage-worker", "--no-pager"],
     );
@@ -157,7 +326,7 @@ fn converge_lab_hosts() {
     assert_eq!(audit, "recorded in logd on charlie", "{recap}");
     let o = sagectl()
         .args(["logs"])
-        .arg(&inv)
+        .arg(inv)
         .args(["--since", "10m", "--grep", "ran sagectl up"])
         .output()
         .unwrap();
@@ -171,19 +340,13 @@ fn converge_lab_hosts() {
         "first deploy of 3 lab hosts (machines included): {:.1}s",
         first.as_secs_f64()
     );
+}
 
-    // As a browser through HAProxy: sign up, run code, publish; the published file is still
-    // served by nginx with every backend stopped.
-    let published = publish_survives_the_backends(&inv);
-
-    // The web edge as an outsider sees it (issue 11): headers, no listing, origins, the
-    // sign-in rate, the site's own certificate; sshd hardened.
-    web_edge(&inv, &published);
-    sshd_is_hardened_and_cannot_lock_sagectl_out(&inv);
-
+/// A second run changes nothing and restarts nothing.
+fn a_second_run_changes_nothing(inv: &Path) {
     // A second run changes nothing and restarts nothing.
-    let before = started_at(&inv, "alpha", &ALPHA_UNITS);
-    let (o, recap) = up(&inv, &[]);
+    let before = started_at(inv, "alpha", &ALPHA_UNITS);
+    let (o, recap) = up(inv, &[]);
     assert!(o.status.success(), "second run: {recap}");
     for h in recap["hosts"].as_array().unwrap() {
         assert_eq!(
@@ -194,16 +357,19 @@ fn converge_lab_hosts() {
         assert_eq!(h["handlers"].as_array().unwrap().len(), 0, "{h}");
     }
     assert_eq!(
-        started_at(&inv, "alpha", &ALPHA_UNITS),
+        started_at(inv, "alpha", &ALPHA_UNITS),
         before,
         "a no-op run restarted a service"
     );
+}
 
+/// A changed variable: `--check --diff` shows exactly that change and changes nothing; `up` then changes that file alone and restarts only its service.
+fn a_changed_variable_is_shown_then_applied_alone(inv: &Path) {
     // A changed variable: --check --diff shows exactly that change and changes nothing.
-    set_var(&inv, "memcached_memory_mb: 64", "memcached_memory_mb: 96");
+    set_var(inv, "memcached_memory_mb: 64", "memcached_memory_mb: 96");
     let o = sagectl()
         .arg("up")
-        .arg(&inv)
+        .arg(inv)
         .args(["--check", "--diff"])
         .output()
         .unwrap();
@@ -227,12 +393,12 @@ fn converge_lab_hosts() {
         "{out}"
     );
     assert!(
-        ssh(&inv, "alpha", &["cat", "/etc/memcached.conf"]).contains("-m 64\n"),
+        ssh(inv, "alpha", &["cat", "/etc/memcached.conf"]).contains("-m 64\n"),
         "--check changed the file"
     );
     // ... then up changes that file alone and restarts only memcached.
-    let before = started_at(&inv, "alpha", &ALPHA_UNITS);
-    let (o, recap) = up(&inv, &[]);
+    let before = started_at(inv, "alpha", &ALPHA_UNITS);
+    let (o, recap) = up(inv, &[]);
     assert!(o.status.success());
     assert_eq!(host(&recap, "alpha")["changed"], 1);
     assert_eq!(
@@ -242,7 +408,7 @@ fn converge_lab_hosts() {
     for h in ["bravo", "charlie"] {
         assert_eq!(host(&recap, h)["changed"], 0);
     }
-    let after = started_at(&inv, "alpha", &ALPHA_UNITS);
+    let after = started_at(inv, "alpha", &ALPHA_UNITS);
     for (i, u) in ALPHA_UNITS.iter().enumerate() {
         assert_eq!(
             before[i] != after[i],
@@ -252,14 +418,17 @@ fn converge_lab_hosts() {
             after[i]
         );
     }
+}
 
+/// A value HAProxy cannot take is refused at validation, before any host is contacted.
+fn a_value_the_tool_cannot_take_is_refused_at_validation(inv: &Path) {
     // A value HAProxy cannot take is refused at validation, before any host is contacted.
     set_var(
-        &inv,
+        inv,
         "memcached_memory_mb: 96",
         "memcached_memory_mb: 96\n  haproxy_tunnel_timeout: \"1fortnight\"",
     );
-    let o = sagectl().arg("up").arg(&inv).output().unwrap();
+    let o = sagectl().arg("up").arg(inv).output().unwrap();
     let (_, err) = text(&o);
     assert!(!o.status.success());
     assert!(
@@ -267,11 +436,15 @@ fn converge_lab_hosts() {
             && !err.contains("alpha"),
         "{err}"
     );
-    set_var(&inv, "\n  haproxy_tunnel_timeout: \"1fortnight\"", "");
+    set_var(inv, "\n  haproxy_tunnel_timeout: \"1fortnight\"", "");
+}
+
+/// A file the host's own tool refuses is never installed; the old config keeps serving.
+fn a_file_the_hosts_tool_refuses_is_never_installed(inv: &Path) {
     // A file the host's own tool refuses (a valid value, but this host's haproxy says no: a
     // stand-in that refuses every check) is never installed; the old config keeps serving.
     ssh(
-        &inv,
+        inv,
         "alpha",
         &[
             "sh",
@@ -280,13 +453,13 @@ fn converge_lab_hosts() {
         ],
     );
     set_var(
-        &inv,
+        inv,
         "memcached_memory_mb: 96",
         "memcached_memory_mb: 96\n  haproxy_tunnel_timeout: \"2h\"",
     );
-    let (o, recap) = up(&inv, &["--limit", "loadbalancer"]);
+    let (o, recap) = up(inv, &["--limit", "loadbalancer"]);
     ssh(
-        &inv,
+        inv,
         "alpha",
         &["mv", "/usr/sbin/haproxy.real", "/usr/sbin/haproxy"],
     );
@@ -301,14 +474,14 @@ fn converge_lab_hosts() {
     );
     assert!(
         ssh(
-            &inv,
+            inv,
             "alpha",
             &["grep", "timeout tunnel", "/etc/haproxy/haproxy.cfg"]
         )
         .contains("1h")
     );
     let page = ssh(
-        &inv,
+        inv,
         "alpha",
         &[
             "curl",
@@ -324,14 +497,17 @@ fn converge_lab_hosts() {
         page.contains("Sage workspaces"),
         "HAProxy stopped serving: {page}"
     );
-    set_var(&inv, "\n  haproxy_tunnel_timeout: \"2h\"", "");
+    set_var(inv, "\n  haproxy_tunnel_timeout: \"2h\"", "");
+}
 
+/// A machine that dies mid-run: the others finish, it is unreachable, the exit code says so; back, it is converged from scratch.
+fn a_machine_that_dies_mid_run_is_unreachable_then_converged_again(inv: &Path) {
     // A machine that dies mid-run: the others finish, it is unreachable, the exit code says so.
     let bravo_cgroup = kill_file("uptest-bravo");
-    set_var(&inv, "memcached_memory_mb: 96", "memcached_memory_mb: 80");
+    set_var(inv, "memcached_memory_mb: 96", "memcached_memory_mb: 80");
     let child = sagectl()
         .arg("up")
-        .arg(&inv)
+        .arg(inv)
         .arg("--json")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -353,16 +529,19 @@ fn converge_lab_hosts() {
         "alpha finished its change"
     );
     // Back (remade by `up`, which brings the lab up first): converged from scratch.
-    let (o, recap) = up(&inv, &[]);
+    let (o, recap) = up(inv, &[]);
     assert!(o.status.success(), "after the machine came back: {recap}");
     assert!(
         host(&recap, "bravo")["changed"].as_u64().unwrap() > 5,
         "bravo was converged again: {recap}"
     );
+}
 
+/// A host key that changed behind our back is refused, naming both fingerprints.
+fn a_changed_host_key_is_refused(inv: &Path) {
     // A host key that changed behind our back is refused, naming both fingerprints.
     ssh(
-        &inv,
+        inv,
         "charlie",
         &[
             "sh",
@@ -370,7 +549,7 @@ fn converge_lab_hosts() {
             "rm -f /etc/ssh/ssh_host_* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh",
         ],
     );
-    let e = failure(&inv, "charlie");
+    let e = failure(inv, "charlie");
     assert!(
         e.contains("HOST KEY CHANGED for charlie (10.81.0.12): pinned SHA256:")
             && e.contains(", offered SHA256:"),
@@ -394,9 +573,6 @@ fn converge_lab_hosts() {
         !pinned.contains(offered),
         "the offered key differs from every pinned one: {e}"
     );
-
-    // Quoting: a file whose path holds every shell metacharacter round-trips over SSH.
-    quoting_round_trip(&inv);
 }
 
 /// HTTPS to the lab's HAProxy (alpha) as a browser: the deployment's CA, the public name.
@@ -727,4 +903,119 @@ fn quoting_round_trip(inv: &Path) {
         assert!(o.ok());
         s.close().await;
     });
+}
+
+/// Who may open a connection to a role's port, as ARCHITECTURE §1 draws it (with the
+/// inventory's default ports): the arrows, browsers to the web edge, and the administrators'
+/// SSH, audit records and log queries.
+enum From {
+    Anyone,
+    Admin,
+    Role(&'static str),
+}
+
+const ARROWS: &[(&str, u16, From)] = &[
+    ("loadbalancer", 80, From::Anyone),
+    ("loadbalancer", 443, From::Anyone),
+    ("static", 8081, From::Role("loadbalancer")),
+    ("static", 8082, From::Role("backend")),
+    ("backend", 8443, From::Role("loadbalancer")),
+    ("backend", 8444, From::Role("worker")),
+    ("worker", 7000, From::Role("backend")),
+    ("database", 5432, From::Role("backend")),
+    ("database", 5432, From::Role("logd")),
+    ("cache", 11211, From::Role("backend")),
+    ("logd", 7200, From::Role("backend")),
+    ("logd", 7200, From::Role("logd")),
+    ("logd", 7200, From::Admin),
+    ("logd", 7201, From::Admin),
+    ("*", 22, From::Admin),
+];
+
+/// Whether the design lets `src` (None: this box, the administrators' address) open `port` on
+/// `dst`. Workers reach nothing but the backends' registration port (their output policy).
+fn designed(
+    src: Option<&sagectl::inventory::Host>,
+    dst: &sagectl::inventory::Host,
+    port: u16,
+) -> bool {
+    let roles = |h: &sagectl::inventory::Host| h.all_roles().map(|r| r.name()).collect::<Vec<_>>();
+    let (from, to) = (src.map(roles).unwrap_or_default(), roles(dst));
+    if from.contains(&"worker") && !(port == 8444 && to.contains(&"backend")) {
+        return false;
+    }
+    ARROWS.iter().any(|(role, p, who)| {
+        *p == port
+            && (*role == "*" || to.contains(role))
+            && match who {
+                From::Anyone => true,
+                From::Admin => src.is_none(),
+                From::Role(r) => from.contains(r),
+            }
+    })
+}
+
+/// The firewall against the design (issue 16): from every lab machine and from this box, a
+/// connection to every port any other machine listens on (beyond loopback); exactly the
+/// arrows of ARCHITECTURE §1 are open, everything else is refused or dropped.
+fn firewall_is_exactly_the_design(inv: &Path) {
+    use sagews_testkit::probe::{self, Reach};
+    let inventory = sagectl::inventory::Inventory::load(inv).unwrap();
+    let hosts = &inventory.hosts;
+    let mut targets = Vec::new();
+    for h in hosts {
+        for port in probe::listening(&ssh(inv, &h.name, &["ss", "-Htln"])) {
+            targets.push((h, port));
+        }
+    }
+    let by_addr = |a: std::net::IpAddr| hosts.iter().find(|h| h.address == a).unwrap();
+    let mut wrong = Vec::new();
+    let mut count = 0;
+    let mut check = |src: Option<&sagectl::inventory::Host>,
+                     results: Vec<(std::net::IpAddr, u16, Reach)>| {
+        for (a, port, reach) in results {
+            count += 1;
+            let dst = by_addr(a);
+            let want = designed(src, dst, port);
+            if want != (reach == Reach::Open) {
+                wrong.push(format!(
+                    "{} → {}:{port} ({}): {reach:?}, the design says {}",
+                    src.map_or("this box (administrator)", |s| s.name.as_str()),
+                    dst.name,
+                    dst.all_roles()
+                        .map(|r| r.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if want { "open" } else { "closed" }
+                ));
+            }
+        }
+    };
+    let all: Vec<_> = targets.iter().map(|(h, p)| (h.address, *p)).collect();
+    check(None, probe::from_here(&all));
+    for src in hosts {
+        let others: Vec<_> = targets
+            .iter()
+            .filter(|(h, _)| h.name != src.name)
+            .map(|(h, p)| (h.address, *p))
+            .collect();
+        let out = ssh(inv, &src.name, &["bash", "-c", &probe::script(&others)]);
+        let results = probe::parse(&out);
+        assert_eq!(
+            results.len(),
+            others.len(),
+            "probes from {}: {out}",
+            src.name
+        );
+        check(Some(src), results);
+    }
+    assert!(
+        wrong.is_empty(),
+        "the firewall differs from ARCHITECTURE §1:\n{}",
+        wrong.join("\n")
+    );
+    eprintln!(
+        "firewall: {count} probes from {} places, each as designed",
+        hosts.len() + 1
+    );
 }

@@ -1038,7 +1038,8 @@ async fn sigterm_ends_the_worker_within_two_seconds() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sage-agent"))
         .args(["worker", "--config"])
         .arg(&config)
-        .stderr(std::process::Stdio::null())
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(tmp.path().join("worker.log")).unwrap())
         .spawn()
         .unwrap();
     let id = harness::creds(
@@ -1072,6 +1073,12 @@ async fn sigterm_ends_the_worker_within_two_seconds() {
     eprintln!("the worker exited {took:?} after SIGTERM ({status})");
     assert!(status.success(), "{status}");
     assert!(took < Duration::from_secs(2), "{took:?}");
+    // Every background task (accept loop, announcing, autostop, engine server) finished first.
+    let log = std::fs::read_to_string(tmp.path().join("worker.log")).unwrap();
+    assert!(
+        log.contains("stopped: ") && log.contains(" tasks finished"),
+        "{log}"
+    );
     assert_eq!(
         sage_agent::worker::sandbox::pids_of(73000),
         Vec::<i32>::new()

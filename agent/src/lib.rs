@@ -8,4 +8,5 @@ pub mod config;
 pub mod db;
 pub mod logd;
 pub mod probe;
+pub mod service;
 pub mod worker;

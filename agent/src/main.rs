@@ -103,17 +103,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on SIGTERM (systemd's stop) or Ctrl-C.
-async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-}
-
-/// Runs an agent on a multi-threaded runtime: binds `listen`, then `serve` until SIGTERM.
+/// Runs an agent on a multi-threaded runtime: binds `listen`, then `serve` until SIGTERM or
+/// SIGINT (`service::terminated`, the one place signals are handled).
 fn serve<F, Fut>(listen: std::net::SocketAddr, serve: F) -> anyhow::Result<()>
 where
     F: FnOnce(tokio::net::TcpListener) -> Fut,
@@ -135,7 +126,7 @@ fn worker(o: &AgentOpts) -> anyhow::Result<()> {
     // Before any thread: a mount namespace may be needed to reach the cgroup hierarchies.
     sage_agent::worker::cgroup::private_mounts()?;
     serve(config.listen, |l| {
-        sage_agent::worker::run(config, l, shutdown())
+        sage_agent::worker::run(config, l, sage_agent::service::terminated())
     })
 }
 
@@ -172,13 +163,15 @@ fn probe(o: &ProbeOpts) -> anyhow::Result<()> {
 fn logd(o: &AgentOpts) -> anyhow::Result<()> {
     let config = sage_agent::logd::Config::load(&o.config)?;
     serve(config.listen, |l| async move {
-        sage_agent::logd::run(config, l, shutdown()).await.map(drop)
+        sage_agent::logd::run(config, l, sage_agent::service::terminated())
+            .await
+            .map(drop)
     })
 }
 
 fn backend(o: &AgentOpts) -> anyhow::Result<()> {
     let config = sage_agent::backend::Config::load(&o.config)?;
     serve(config.listen, |l| {
-        sage_agent::backend::run(config, l, shutdown())
+        sage_agent::backend::run(config, l, sage_agent::service::terminated())
     })
 }

@@ -223,6 +223,27 @@ impl Drop for LocalLock {
     }
 }
 
+/// The deploy lock of `dir` for this process: taken as [`LocalLock::acquire`] does, or, when
+/// this process holds it already (a command running several pipelines, or draining and then
+/// converging), the same lock shared. Released when the last holder drops it.
+pub fn for_process(
+    dir: &Path,
+    me: &Holder,
+    timeout: Duration,
+    waiting: impl FnOnce(&str),
+) -> Result<std::sync::Arc<LocalLock>, LockError> {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex, Weak};
+    static HELD: Mutex<BTreeMap<PathBuf, Weak<LocalLock>>> = Mutex::new(BTreeMap::new());
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = held.get(dir).and_then(Weak::upgrade) {
+        return Ok(l);
+    }
+    let l = Arc::new(LocalLock::acquire(dir, me, timeout, waiting)?);
+    held.insert(dir.to_path_buf(), Arc::downgrade(&l));
+    Ok(l)
+}
+
 fn read_all(f: &mut File) -> std::io::Result<String> {
     f.rewind()?;
     let mut s = String::new();
@@ -391,6 +412,18 @@ mod tests {
         assert!(prev.contains("alice on deploy1 (pid 77"), "{prev}");
         let content = std::fs::read_to_string(&path).unwrap();
         assert_eq!(Holder::parse(&content).unwrap().pid, 2);
+    }
+
+    #[test]
+    fn a_process_shares_its_own_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = for_process(dir.path(), &holder(1), Duration::ZERO, |_| {}).unwrap();
+        let b = for_process(dir.path(), &holder(1), Duration::ZERO, |_| {}).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        drop(a);
+        assert!(LocalLock::acquire(dir.path(), &holder(2), Duration::ZERO, |_| {}).is_err());
+        drop(b);
+        LocalLock::acquire(dir.path(), &holder(2), Duration::ZERO, |_| {}).unwrap();
     }
 
     #[test]

@@ -84,10 +84,7 @@ impl Identity {
         let inner = WebPkiClientVerifier::builder(self.roots.clone())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(RoleClientVerifier {
-            inner,
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-        });
+        let verifier = RoleVerifier::new(inner, roles);
         let cfg = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
@@ -99,10 +96,7 @@ impl Identity {
         let inner = rustls::client::WebPkiServerVerifier::builder(self.roots.clone())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(RoleServerVerifier {
-            inner,
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-        });
+        let verifier = RoleVerifier::new(inner, roles);
         let cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .dangerous()
             .with_custom_certificate_verifier(verifier)
@@ -131,13 +125,58 @@ fn wrong_role(roles: &[String]) -> rustls::Error {
     ))
 }
 
+/// The verifier of both sides: webpki's chain check (`inner`), then the role check, in the
+/// handshake. One struct and one check; the two trait impls only say which call is the chain's.
 #[derive(Debug)]
-struct RoleClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+struct RoleVerifier<V: ?Sized> {
+    inner: Arc<V>,
     roles: Vec<String>,
 }
 
-impl ClientCertVerifier for RoleClientVerifier {
+impl<V: ?Sized> RoleVerifier<V> {
+    fn new(inner: Arc<V>, roles: &[&str]) -> Arc<RoleVerifier<V>> {
+        Arc::new(RoleVerifier {
+            inner,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        })
+    }
+
+    /// `chain`, the inner verifier's verdict, stands only if the certificate holds a role.
+    fn check<T>(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        chain: Result<T, rustls::Error>,
+    ) -> Result<T, rustls::Error> {
+        let ok = chain?;
+        role_of(end_entity, &self.roles)
+            .map(|_| ok)
+            .ok_or_else(|| wrong_role(&self.roles))
+    }
+}
+
+/// The handshake-signature checks, which both sides leave to the inner verifier.
+macro_rules! signatures_by_inner {
+    () => {
+        signatures_by_inner!(verify_tls12_signature);
+        signatures_by_inner!(verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+    ($check:ident) => {
+        fn $check(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.$check(message, cert, dss)
+        }
+    };
+}
+
+impl ClientCertVerifier for RoleVerifier<dyn ClientCertVerifier> {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -148,44 +187,17 @@ impl ClientCertVerifier for RoleClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        role_of(end_entity, &self.roles)
-            .map(|_| ok)
-            .ok_or_else(|| wrong_role(&self.roles))
+        self.check(
+            end_entity,
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now),
+        )
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signatures_by_inner!();
 }
 
-#[derive(Debug)]
-struct RoleServerVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    roles: Vec<String>,
-}
-
-impl ServerCertVerifier for RoleServerVerifier {
+impl ServerCertVerifier for RoleVerifier<rustls::client::WebPkiServerVerifier> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -194,33 +206,12 @@ impl ServerCertVerifier for RoleServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ok =
+        self.check(
+            end_entity,
             self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
-        role_of(end_entity, &self.roles)
-            .map(|_| ok)
-            .ok_or_else(|| wrong_role(&self.roles))
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+        )
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signatures_by_inner!();
 }

@@ -16,13 +16,14 @@ pub mod sockjs;
 pub mod throttle;
 pub mod workers;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -30,6 +31,7 @@ use crate::config::{HasTls, Peer, TlsPaths};
 use crate::db::{DbConfig, Pool, PoolError};
 use crate::logclient::LogClient;
 use crate::proto::Level;
+use crate::service::Service;
 use crate::tls::Identity;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -224,27 +226,69 @@ impl From<PoolError> for ApiError {
     }
 }
 
+/// The backend's metrics (`sagews_backend_*`, `/api/metrics`), registered once; the gauges are
+/// read at each scrape (`Backend::metrics_response`).
 #[derive(Default)]
 pub struct Metrics {
-    pub signups: AtomicU64,
-    pub signins: AtomicU64,
-    pub signin_failures: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub sockjs_opened: AtomicU64,
-    pub sockjs_refused: AtomicU64,
-    pub messages: AtomicU64,
-    pub bad_messages: AtomicU64,
-    pub executes: AtomicU64,
-    pub workspaces_opened: AtomicU64,
-    pub worker_failovers: AtomicU64,
-    pub publishes: AtomicU64,
-    pub throttled: AtomicU64,
+    pub signups: Counter,
+    pub signins: Counter,
+    pub signin_failures: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub sockjs_opened: Counter,
+    pub sockjs_refused: Counter,
+    pub messages: Counter,
+    pub bad_messages: Counter,
+    pub executes: Counter,
+    pub workspaces_opened: Counter,
+    pub worker_failovers: Counter,
+    pub publishes: Counter,
+    /// Not exported (HAProxy's and our own limits are told in logs).
+    pub throttled: Counter,
+    sockjs_sessions: Gauge,
+    open_workspaces: Gauge,
+    healthy_workers: Gauge,
+    registry: Registry,
 }
 
 impl Metrics {
-    pub fn inc(&self, c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+    fn new() -> Metrics {
+        let m = Metrics::default();
+        // Counters are named without `_total`: the encoder adds it. One line a metric.
+        #[rustfmt::skip]
+        let counters = [
+            ("signups", "Accounts created", &m.signups),
+            ("signins", "Successful sign-ins", &m.signins),
+            ("signin_failures", "Refused sign-ins", &m.signin_failures),
+            ("session_cache_hits", "Sign-in sessions found in memcached", &m.cache_hits),
+            ("session_cache_misses", "Sign-in sessions read from PostgreSQL", &m.cache_misses),
+            ("sockjs_sessions_opened", "SockJS sessions opened", &m.sockjs_opened),
+            ("sockjs_sessions_refused", "SockJS sessions refused (backend full)", &m.sockjs_refused),
+            ("messages", "Messages from browsers", &m.messages),
+            ("bad_messages", "Messages refused (invalid or oversized)", &m.bad_messages),
+            ("executes", "Executes sent to workers", &m.executes),
+            ("workspaces_opened", "Workspaces opened on a worker", &m.workspaces_opened),
+            ("worker_failovers", "Workspaces moved after losing their worker", &m.worker_failovers),
+            ("publishes", "Workspaces published", &m.publishes),
+        ];
+        #[rustfmt::skip]
+        let gauges = [
+            ("sockjs_sessions", "SockJS sessions now", &m.sockjs_sessions),
+            ("open_workspaces", "Workspaces open now", &m.open_workspaces),
+            ("healthy_workers", "Workers heard from recently", &m.healthy_workers),
+        ];
+        let mut registry = Registry::with_prefix("sagews_backend");
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        for (name, help, g) in gauges {
+            registry.register(name, help, g.clone());
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn inc(&self, c: &Counter) {
+        c.inc();
     }
 }
 
@@ -328,6 +372,15 @@ ALTER TABLE auth_events ADD COLUMN id bigserial;
 const MIGRATION_LOCK: i64 = 727_275;
 
 impl Backend {
+    /// `/api/metrics`: the gauges read now, then the registry.
+    pub fn metrics_response(&self) -> axum::response::Response {
+        let m = &self.metrics;
+        m.sockjs_sessions.set(self.sockjs.count() as i64);
+        m.open_workspaces.set(self.open.count() as i64);
+        m.healthy_workers.set(self.workers.healthy() as i64);
+        crate::service::metrics_response(&m.registry)
+    }
+
     pub async fn db(&self) -> Result<crate::db::Conn<'_>, ApiError> {
         Ok(self.pool.get().await?)
     }
@@ -398,7 +451,7 @@ pub async fn run(
     let backend = Arc::new(Backend {
         pool,
         cache,
-        metrics: Metrics::default(),
+        metrics: Metrics::new(),
         workers: workers::Registry::default(),
         open: open::OpenWorkspaces::default(),
         sockjs: sockjs::Sessions::default(),
@@ -407,8 +460,11 @@ pub async fn run(
         origins: origin::allowed(&config),
         config,
     });
-    tokio::spawn(serve_workers(backend.clone(), worker_listener));
-    tokio::spawn(sockjs::reaper(backend.clone()));
+    let service = Service::new();
+    let announcing = Announcing(backend.clone());
+    let workers_tls = backend.identity.server_config(&["worker"])?;
+    service.accept_tls("worker port", worker_listener, workers_tls, announcing);
+    service.spawn(sockjs::reaper(backend.clone()));
     // What this backend held open before a crash is not open through it any more.
     backend
         .db()
@@ -419,30 +475,23 @@ pub async fn run(
             &[&backend.config.host],
         )
         .await?;
-    tokio::spawn(expire_sessions(backend.clone()));
+    service.spawn(expire_sessions(backend.clone()));
     let https = backend.identity.server_config(&["loadbalancer"])?;
     let mut https = Arc::unwrap_or_clone(https);
     https.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tls = TlsListener::start(listener, Arc::new(https));
+    let tls = service.tls_listener("https", listener, Arc::new(https))?;
     tracing::info!(listen = %backend.config.listen, workers = %backend.config.worker_listen, "backend ready");
-    let app = routes::router(backend.clone());
     // On stop: no new connection; open ones (long polls, websockets that browsers keep) get a
     // second to finish, then go: the agent exits within 2 s of SIGTERM, and browsers reconnect
     // to another backend.
-    let (stopped, mut stop) = tokio::sync::watch::channel(false);
-    let server = axum::serve(tls, app.into_make_service())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stopped.send(true);
-        })
-        .into_future();
-    tokio::select! {
-        r = server => r?,
-        _ = async {
-            let _ = stop.wait_for(|s| *s).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        } => tracing::info!("connections still open a second after the stop: closed"),
-    }
+    service.serve_http(
+        "https",
+        tls,
+        routes::router(backend.clone()),
+        Duration::from_secs(1),
+    );
+    shutdown.await;
+    service.stop(Duration::from_millis(1500)).await;
     // Save what browsers left open, so nothing typed since the last save is lost.
     if tokio::time::timeout(Duration::from_secs(10), backend.close_all())
         .await
@@ -504,88 +553,26 @@ async fn delete_in_batches(
     }
 }
 
-async fn serve_workers(backend: Arc<Backend>, listener: TcpListener) {
-    let acceptor = match backend.identity.server_config(&["worker"]) {
-        Ok(c) => tokio_rustls::TlsAcceptor::from(c),
-        Err(e) => {
-            tracing::error!("worker listener: {e}");
-            return;
-        }
-    };
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, b) = (acceptor.clone(), backend.clone());
-        tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => b.announcements(tls, peer).await,
-                Ok(Err(e)) => tracing::warn!(%peer, "worker port: TLS refused: {e}"),
-                Err(_) => tracing::warn!(%peer, "worker port: TLS handshake timed out"),
-            }
-        });
-    }
-}
+/// Workers' connections to the worker port (their `register` and heartbeats).
+struct Announcing(Arc<Backend>);
 
-/// TLS over a TCP listener for axum: handshakes run in their own tasks (a slow client holds
-/// up no one) and finished connections are handed to `accept`.
-pub struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )>,
-    local: SocketAddr,
-}
+impl crate::service::Handler for Announcing {
+    type Permit = ();
 
-impl TlsListener {
-    pub fn start(listener: TcpListener, cfg: Arc<rustls::ServerConfig>) -> TlsListener {
-        let local = listener.local_addr().expect("a bound listener");
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, to) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(tls)) => {
-                            let _ = to.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS refused: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-                if tx.is_closed() {
-                    break;
-                }
-            }
-        });
-        TlsListener { rx, local }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(x) => x,
-            None => std::future::pending().await,
-        }
+    fn admit(&self, _: SocketAddr) -> Option<()> {
+        Some(())
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
+    fn refused(&self, peer: SocketAddr, why: &str) {
+        tracing::warn!(%peer, "worker port: TLS refused: {why}");
+    }
+
+    async fn serve(
+        &self,
+        tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        peer: SocketAddr,
+        _: (),
+    ) {
+        self.0.clone().announcements(tls, peer).await;
     }
 }

@@ -2,7 +2,6 @@
 //! cookie sign-in, and bundles (upload creates a workspace, download gets its last save).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -124,111 +123,7 @@ async fn health(State(b): B) -> Response {
 }
 
 async fn metrics(State(b): B) -> Response {
-    let m = &b.metrics;
-    let mut s = String::new();
-    let mut c = |name: &str, help: &str, v: u64, kind: &str| {
-        s.push_str(&format!(
-            "# HELP sagews_backend_{name} {help}\n# TYPE sagews_backend_{name} {kind}\nsagews_backend_{name} {v}\n"
-        ));
-    };
-    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    c(
-        "signups_total",
-        "Accounts created.",
-        n(&m.signups),
-        "counter",
-    );
-    c(
-        "signins_total",
-        "Successful sign-ins.",
-        n(&m.signins),
-        "counter",
-    );
-    c(
-        "signin_failures_total",
-        "Refused sign-ins.",
-        n(&m.signin_failures),
-        "counter",
-    );
-    c(
-        "session_cache_hits_total",
-        "Sign-in sessions found in memcached.",
-        n(&m.cache_hits),
-        "counter",
-    );
-    c(
-        "session_cache_misses_total",
-        "Sign-in sessions read from PostgreSQL.",
-        n(&m.cache_misses),
-        "counter",
-    );
-    c(
-        "sockjs_sessions_opened_total",
-        "SockJS sessions opened.",
-        n(&m.sockjs_opened),
-        "counter",
-    );
-    c(
-        "sockjs_sessions_refused_total",
-        "SockJS sessions refused (backend full).",
-        n(&m.sockjs_refused),
-        "counter",
-    );
-    c(
-        "messages_total",
-        "Messages from browsers.",
-        n(&m.messages),
-        "counter",
-    );
-    c(
-        "bad_messages_total",
-        "Messages refused (invalid or oversized).",
-        n(&m.bad_messages),
-        "counter",
-    );
-    c(
-        "executes_total",
-        "Executes sent to workers.",
-        n(&m.executes),
-        "counter",
-    );
-    c(
-        "workspaces_opened_total",
-        "Workspaces opened on a worker.",
-        n(&m.workspaces_opened),
-        "counter",
-    );
-    c(
-        "worker_failovers_total",
-        "Workspaces moved after losing their worker.",
-        n(&m.worker_failovers),
-        "counter",
-    );
-    c(
-        "publishes_total",
-        "Workspaces published.",
-        n(&m.publishes),
-        "counter",
-    );
-    c(
-        "sockjs_sessions",
-        "SockJS sessions now.",
-        b.sockjs.count() as u64,
-        "gauge",
-    );
-    c(
-        "open_workspaces",
-        "Workspaces open now.",
-        b.open.count() as u64,
-        "gauge",
-    );
-    c(
-        "healthy_workers",
-        "Workers heard from recently.",
-        b.workers.healthy() as u64,
-        "gauge",
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
+    b.metrics_response()
 }
 
 #[derive(Deserialize)]

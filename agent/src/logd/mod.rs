@@ -24,7 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::frame::{self, FrameError};
 use crate::proto::{LogReply, LogRequest};
+use crate::service::Service;
 use store::Incoming;
+use tokio_rustls::server::TlsStream;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,11 +163,12 @@ pub async fn run(
     let identity = crate::tls::Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let server = identity.server_config(&["backend", "logd", "admin"])?;
     let metrics = Arc::new(Metrics::default());
+    let service = Service::new();
     let (jobs, rx) = mpsc::channel::<Job>(64);
     let rules = config.rules().map_err(|e| anyhow::anyhow!("alerts: {e}"))?;
     let (committed, committed_rx) = mpsc::channel(4);
-    tokio::spawn(alerting(rules, committed_rx));
-    tokio::spawn(writer(
+    service.spawn(alerting(service.clone(), rules, committed_rx));
+    service.spawn(writer(
         config.database.clone(),
         identity.roots.clone(),
         config.batch_size,
@@ -176,61 +179,70 @@ pub async fn run(
     let http = TcpListener::bind(config.http_listen)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.http_listen))?;
-    tokio::spawn(query::serve(
-        http,
-        identity.server_config(&["admin"])?,
-        config.database.clone(),
-        identity.roots.clone(),
-    ));
+    let pool = crate::db::Pool::new(config.database.clone(), identity.roots.clone());
+    query::serve(&service, http, identity.server_config(&["admin"])?, pool)?;
     if let Some(peer) = config.replica.clone() {
-        tokio::spawn(replicate(config.database.clone(), identity.clone(), peer));
+        service.spawn(replicate(config.database.clone(), identity.clone(), peer));
     }
-    tokio::spawn(retention(
+    service.spawn(retention(
         config.database.clone(),
         identity.roots.clone(),
         config.retention_days,
         config.retention_check_seconds,
     ));
-    let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    let config = Arc::new(config);
     tracing::info!(listen = %listener.local_addr()?, "logd ready");
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => {
-                let Ok((tcp, peer)) = r else { continue };
-                if !allowed(peer.ip(), &config.allow) {
-                    metrics.refused_addresses.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, "refused: address not on the allow-list");
-                    continue;
-                }
-                let (acceptor, config, jobs, metrics) = (acceptor.clone(), config.clone(), jobs.clone(), metrics.clone());
-                tokio::spawn(serve(acceptor, tcp, peer, config, jobs, metrics));
-            }
-        }
-    }
+    let senders = Senders {
+        config: Arc::new(config),
+        jobs,
+        metrics: metrics.clone(),
+    };
+    service.accept_tls("logd", listener, server, senders);
+    shutdown.await;
+    // Batches not committed yet are not acknowledged: their senders send them again.
+    service.stop(Duration::from_secs(1)).await;
     Ok(metrics)
 }
 
-async fn serve(
-    acceptor: tokio_rustls::TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
+/// Connections from record senders, for the service's accept loop: the address is checked
+/// against the allow-list before the handshake.
+struct Senders {
     config: Arc<Config>,
     jobs: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
-) {
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            metrics.refused_handshakes.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "refused at the TLS handshake: {e}");
-            return;
+}
+
+impl crate::service::Handler for Senders {
+    type Permit = ();
+
+    fn admit(&self, peer: SocketAddr) -> Option<()> {
+        let ok = allowed(peer.ip(), &self.config.allow);
+        if !ok {
+            self.metrics
+                .refused_addresses
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refused: address not on the allow-list");
         }
-        Err(_) => return,
-    };
+        ok.then_some(())
+    }
+
+    fn refused(&self, peer: SocketAddr, why: &str) {
+        self.metrics
+            .refused_handshakes
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, "refused at the TLS handshake: {why}");
+    }
+
+    async fn serve(&self, tls: TlsStream<TcpStream>, peer: SocketAddr, _: ()) {
+        serve(tls, peer, &self.config, self.jobs.clone()).await;
+    }
+}
+
+async fn serve(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    config: &Config,
+    jobs: mpsc::Sender<Job>,
+) {
     // A peer logd replicating to us may say where a record first came from; nobody else may.
     let from_logd = tls
         .get_ref()
@@ -392,6 +404,7 @@ async fn writer(
 /// Looks at the committed records, each once (not at resent duplicates), in commit order, and
 /// fires the alerts they raise.
 async fn alerting(
+    service: Service,
     mut rules: alerts::Alerts,
     mut committed: mpsc::Receiver<(Vec<Incoming>, store::Stored)>,
 ) {
@@ -403,7 +416,7 @@ async fn alerting(
             .collect();
         for alert in rules.observe(&fresh) {
             if let Some(action) = rules.action(&alert.rule).cloned() {
-                tokio::spawn(alerts::fire(action, alert));
+                service.spawn(alerts::fire(action, alert));
             }
         }
     }

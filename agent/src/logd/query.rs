@@ -8,11 +8,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 use super::store;
+use crate::db::Pool;
+use crate::service::Service;
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Row {
@@ -127,75 +133,65 @@ async fn migrated_records(
 
 const PAGE: &str = include_str!("page.html");
 
-/// Serves queries until the process ends.
-pub async fn serve(
+/// Serves queries (axum over the service's TLS listener) until the service stops. Each request
+/// borrows a connection from `pool`: the pool of `db.rs`, the backend's too (at most
+/// `database.pool` connections, reused), rather than a connection per request.
+pub fn serve(
+    service: &Service,
     listener: TcpListener,
-    server: Arc<rustls::ServerConfig>,
-    db: store::DbConfig,
-    roots: Arc<rustls::RootCertStore>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
-        let (acceptor, db, roots) = (acceptor.clone(), db.clone(), roots.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(tls)) =
-                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-            else {
-                tracing::warn!(%peer, "query connection refused at the TLS handshake");
-                return;
-            };
-            let mut s = BufReader::new(tls);
-            let mut line = String::new();
-            if tokio::time::timeout(Duration::from_secs(10), s.read_line(&mut line))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            loop {
-                let mut h = String::new();
-                match tokio::time::timeout(Duration::from_secs(10), s.read_line(&mut h)).await {
-                    Ok(Ok(n)) if n > 2 && h.len() < 8192 => {}
-                    _ => break,
-                }
-            }
-            let target = line.split_whitespace().nth(1).unwrap_or("/");
-            let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            let (status, ctype, body) = match (line.split_whitespace().next(), path) {
-                (Some("GET"), "/") => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
-                (Some("GET"), "/api/records") => match store::connect(&db, roots).await {
-                    Ok(mut c) => match migrated_records(&mut c, &params(query)).await {
-                        Ok(rows) => (
-                            "200 OK",
-                            "application/json",
-                            serde_json::to_string(&rows).expect("rows serialize"),
-                        ),
-                        Err(e) => (
-                            "400 Bad Request",
-                            "application/json",
-                            serde_json::json!({"error": e}).to_string(),
-                        ),
-                    },
-                    Err(e) => (
-                        "503 Service Unavailable",
-                        "application/json",
-                        serde_json::json!({"error": format!("database: {e}")}).to_string(),
-                    ),
-                },
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let s = s.get_mut();
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
+    tls: Arc<rustls::ServerConfig>,
+    pool: Pool,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/api/records", get(api_records))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .with_state(Arc::new(pool));
+    let listener = service.tls_listener("logd queries", listener, tls)?;
+    service.serve_http("logd queries", listener, app, Duration::from_secs(1));
+    Ok(())
+}
+
+/// Every answer: not cached, its type as said.
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, ctype),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    (status, headers, body).into_response()
+}
+
+fn json_error(status: StatusCode, error: String) -> Response {
+    let body = serde_json::json!({ "error": error }).to_string();
+    reply(status, "application/json", body)
+}
+
+async fn page() -> Response {
+    reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string())
+}
+
+async fn not_found() -> Response {
+    reply(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        "not found\n".to_string(),
+    )
+}
+
+async fn api_records(State(pool): State<Arc<Pool>>, RawQuery(query): RawQuery) -> Response {
+    let mut c = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")),
+    };
+    match migrated_records(&mut c, &params(query.as_deref().unwrap_or(""))).await {
+        Ok(rows) => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&rows).expect("rows serialize"),
+        ),
+        Err(e) => json_error(StatusCode::BAD_REQUEST, e),
     }
 }
 

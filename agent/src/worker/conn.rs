@@ -4,49 +4,49 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 
 use super::Shared;
 use super::session::{self, Cmd, Sink};
 use crate::frame::{self, FrameError};
 use crate::proto::{Event, Request, valid_session_id};
 
-const HANDSHAKE: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_secs(600);
 
-pub async fn serve(
-    acceptor: tokio_rustls::TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-) {
-    // Small frames go out at once (Nagle's algorithm would hold each for up to 40 ms).
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            shared
-                .metrics
-                .refused_connections
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "refused at the TLS handshake: {e}");
-            return;
+/// Connections from backends, for the service's accept loop: at most `limit` at once.
+pub struct Backends {
+    pub shared: Arc<Shared>,
+    pub limit: Arc<tokio::sync::Semaphore>,
+}
+
+impl crate::service::Handler for Backends {
+    type Permit = tokio::sync::OwnedSemaphorePermit;
+
+    fn admit(&self, peer: SocketAddr) -> Option<Self::Permit> {
+        let permit = self.limit.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            tracing::warn!(%peer, "too many connections: refused");
         }
-        Err(_) => {
-            shared
-                .metrics
-                .refused_connections
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "refused: no TLS handshake within {HANDSHAKE:?}");
-            return;
-        }
-    };
+        permit
+    }
+
+    fn refused(&self, peer: SocketAddr, why: &str) {
+        self.shared.metrics.refused_connections.inc();
+        tracing::warn!(%peer, "refused at the TLS handshake: {why}");
+    }
+
+    async fn serve(&self, tls: TlsStream<TcpStream>, peer: SocketAddr, _: Self::Permit) {
+        serve(tls, peer, self.shared.clone()).await;
+    }
+}
+
+async fn serve(tls: TlsStream<TcpStream>, peer: SocketAddr, shared: Arc<Shared>) {
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (tx, mut rx) = mpsc::channel::<Event>(256);
     let writer = tokio::spawn(async move {
@@ -67,7 +67,7 @@ pub async fn serve(
                 Ok(r) => r,
                 Err(FrameError::Closed) => break,
                 Err(e) => {
-                    shared.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.bad_frames.inc();
                     tracing::warn!(%peer, "closing the connection: {e}");
                     let _ = tx
                         .send(Event::Error {

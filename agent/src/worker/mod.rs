@@ -14,7 +14,7 @@ pub mod zygote;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,13 @@ use serde::Deserialize;
 pub use crate::config::TlsPaths;
 use tokio::net::TcpListener;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
 use crate::proto::Limits;
+use crate::service::Service;
 
 /// The worker's configuration (`worker.json`, rendered by sagectl).
 #[derive(Clone, Debug, Deserialize)]
@@ -137,15 +143,103 @@ impl Config {
     }
 }
 
-#[derive(Default)]
+/// The worker's metrics (`sagews_worker_*`), registered once; counters count as things happen,
+/// the gauges are read at each scrape.
 pub struct Metrics {
-    pub sessions_opened: AtomicU64,
-    pub engines_forked: AtomicU64,
-    pub engines_fresh: AtomicU64,
-    pub executes: AtomicU64,
-    pub limit_kills: AtomicU64,
-    pub refused_connections: AtomicU64,
-    pub bad_frames: AtomicU64,
+    pub sessions_opened: Counter,
+    pub engines_forked: Counter,
+    pub engines_fresh: Counter,
+    pub executes: Counter,
+    pub limit_kills: Counter,
+    pub refused_connections: Counter,
+    pub bad_frames: Counter,
+    sessions_open: Gauge,
+    uids_held: Gauge,
+    engine_server_up: Gauge,
+    registry: Registry,
+}
+
+impl Metrics {
+    /// `limits`: the cgroup mode's label; `zygote`: the engine server's restarts, when there is
+    /// one (`engine_server{mode}` says fresh or zygote).
+    fn new(limits: &'static str, zygote: Option<&zygote::Zygote>) -> Metrics {
+        let mut registry = Registry::with_prefix("sagews_worker");
+        let engine_server = Family::<Vec<(&str, &str)>, Gauge>::default();
+        registry.register(
+            "engine_server",
+            "How engines start: fresh (configured), or zygote (forked from the engine server; up 0 while it is being restarted)",
+            engine_server.clone(),
+        );
+        let mode = if zygote.is_some() { "zygote" } else { "fresh" };
+        let engine_server_up = engine_server.get_or_create(&vec![("mode", mode)]).clone();
+        engine_server_up.set(1);
+        if let Some(z) = zygote {
+            registry.register(
+                "engine_server_restarts",
+                "Engine server restarts",
+                z.restarts.clone(),
+            );
+        }
+        let started = Family::<Vec<(&str, &str)>, Counter>::default();
+        registry.register(
+            "engines_started",
+            "Engines started, by how",
+            started.clone(),
+        );
+        let limits_family = Family::<Vec<(&str, &str)>, Gauge>::default();
+        registry.register(
+            "limits",
+            "How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only)",
+            limits_family.clone(),
+        );
+        limits_family.get_or_create(&vec![("mode", limits)]).set(1);
+        // One statement each: `get_or_create` holds the family's lock until the statement ends.
+        let engines_forked = started.get_or_create(&vec![("how", "forked")]).clone();
+        let engines_fresh = started.get_or_create(&vec![("how", "fresh")]).clone();
+        let m = Metrics {
+            engines_forked,
+            engines_fresh,
+            sessions_opened: Counter::default(),
+            executes: Counter::default(),
+            limit_kills: Counter::default(),
+            refused_connections: Counter::default(),
+            bad_frames: Counter::default(),
+            sessions_open: Gauge::default(),
+            uids_held: Gauge::default(),
+            engine_server_up,
+            registry: Registry::default(),
+        };
+        let gauges = [
+            (
+                "uids_held",
+                "Uids not given out again (their session left something behind)",
+                &m.uids_held,
+            ),
+            ("sessions_open", "Sessions open now", &m.sessions_open),
+        ];
+        for (name, help, g) in gauges {
+            registry.register(name, help, g.clone());
+        }
+        let counters = [
+            ("sessions_opened", "Sessions opened", &m.sessions_opened),
+            ("executes", "Cells run", &m.executes),
+            ("limit_kills", "Sessions killed at a limit", &m.limit_kills),
+            (
+                "refused_connections",
+                "Connections refused at the TLS handshake",
+                &m.refused_connections,
+            ),
+            (
+                "bad_frames",
+                "Connections closed on a bad frame",
+                &m.bad_frames,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        Metrics { registry, ..m }
+    }
 }
 
 /// State shared by every connection and session.
@@ -174,6 +268,7 @@ impl Shared {
                 config.state_dir.join("engine-server"),
             ))
         });
+        let metrics = Metrics::new(cgroups.mode().label(), zygote.as_deref());
         Shared {
             stopping: Default::default(),
             zygote,
@@ -182,7 +277,7 @@ impl Shared {
             uids: Mutex::default(),
             held: Mutex::default(),
             cgroups,
-            metrics: Metrics::default(),
+            metrics,
             last_backend: Mutex::new(Instant::now()),
         }
     }
@@ -230,35 +325,15 @@ impl Shared {
         self.sessions.lock().unwrap().len() as u32
     }
 
-    fn metrics_text(&self) -> String {
+    /// The metrics endpoint's answer: the gauges read now, then the registry.
+    fn metrics_response(&self) -> axum::response::Response {
         let m = &self.metrics;
-        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let mode = self.cgroups.mode().label();
-        let held = self.held.lock().unwrap().len();
-        let server = match &self.zygote {
-            None => "# HELP sagews_worker_engine_server How engines start: fresh (configured), or zygote (forked from the engine server; up 0 while it is being restarted).\n# TYPE sagews_worker_engine_server gauge\nsagews_worker_engine_server{mode=\"fresh\"} 1\n".to_string(),
-            Some(z) => format!(
-                "# HELP sagews_worker_engine_server How engines start: fresh (configured), or zygote (forked from the engine server; up 0 while it is being restarted).\n# TYPE sagews_worker_engine_server gauge\nsagews_worker_engine_server{{mode=\"zygote\"}} {}\n# TYPE sagews_worker_engine_server_restarts_total counter\nsagews_worker_engine_server_restarts_total {}\n",
-                u8::from(z.is_up()),
-                z.restarts.load(Ordering::Relaxed)
-            ),
-        };
-        let engines = format!(
-            "# TYPE sagews_worker_engines_started_total counter\nsagews_worker_engines_started_total{{how=\"forked\"}} {}\nsagews_worker_engines_started_total{{how=\"fresh\"}} {}\n",
-            self.metrics.engines_forked.load(Ordering::Relaxed),
-            self.metrics.engines_fresh.load(Ordering::Relaxed)
-        );
-        server
-            + &engines
-            + &format!(
-                "# HELP sagews_worker_limits How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only).\n# TYPE sagews_worker_limits gauge\nsagews_worker_limits{{mode=\"{mode}\"}} 1\n# TYPE sagews_worker_uids_held gauge\nsagews_worker_uids_held {held}\n# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
-                self.session_count(),
-                g(&m.sessions_opened),
-                g(&m.executes),
-                g(&m.limit_kills),
-                g(&m.refused_connections),
-                g(&m.bad_frames)
-            )
+        m.sessions_open.set(i64::from(self.session_count()));
+        m.uids_held.set(self.held.lock().unwrap().len() as i64);
+        if let Some(z) = &self.zygote {
+            m.engine_server_up.set(i64::from(z.is_up()));
+        }
+        crate::service::metrics_response(&m.registry)
     }
 
     /// The engine server's pid, when one is running.
@@ -329,45 +404,37 @@ pub async fn run(
         cgroup::Cgroups::discover(config.require_cgroups, config.uid_min..=config.uid_max)?;
     tracing::info!(mode = cgroups.mode().label(), "session limits");
     let shared = Arc::new(Shared::new(config, cgroups));
+    let service = Service::new();
     if let Some(z) = &shared.zygote {
-        tokio::spawn(z.clone().supervise());
+        service.spawn(z.clone().supervise());
     }
     if let Some(addr) = shared.config.metrics_listen {
         match TcpListener::bind(addr).await {
             Ok(l) => {
-                tokio::spawn(metrics(l, shared.clone()));
+                // Any path answers (Prometheus asks for /metrics, the health check too).
+                let s = shared.clone();
+                let app = axum::Router::new().fallback(move || async move { s.metrics_response() });
+                service.serve_http("metrics", l, app, Duration::ZERO);
             }
             Err(e) => tracing::warn!("metrics on {addr}: {e}"),
         }
     }
     for b in shared.config.backends.clone() {
-        tokio::spawn(register::announce(shared.clone(), identity.clone(), b));
+        service.spawn(register::announce(shared.clone(), identity.clone(), b));
     }
-    tokio::spawn(autostop(shared.clone()));
+    service.spawn(autostop(shared.clone()));
     tracing::info!(listen = %listener.local_addr()?, engine = %shared.config.engine, "worker ready");
-    let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    let limit = Arc::new(tokio::sync::Semaphore::new(256));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => {
-                let Ok((tcp, peer)) = r else { continue };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "too many connections: refused");
-                    continue;
-                };
-                let (acceptor, shared) = (acceptor.clone(), shared.clone());
-                tokio::spawn(async move {
-                    conn::serve(acceptor, tcp, peer, shared).await;
-                    drop(permit);
-                });
-            }
-        }
-    }
+    let backends = conn::Backends {
+        shared: shared.clone(),
+        limit: Arc::new(tokio::sync::Semaphore::new(256)),
+    };
+    service.accept_tls("worker", listener, server, backends);
+    shutdown.await;
+    // Sessions close first, while the backends' connections still carry their last events.
     tracing::info!("shutting down: closing sessions");
     shared.stopping.store(true, Ordering::Relaxed);
     shared.close_all("the worker is shutting down").await;
+    service.stop(Duration::from_millis(500)).await;
     Ok(())
 }
 
@@ -386,25 +453,5 @@ async fn autostop(shared: Arc<Shared>) {
                 .close_all(&format!("no backend heard from for {} s", silent.as_secs()))
                 .await;
         }
-    }
-}
-
-async fn metrics(l: TcpListener, shared: Arc<Shared>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
-            let body = shared.metrics_text();
-            let resp = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
     }
 }

@@ -4,7 +4,6 @@
 //! after its idle timeout, or when its engine dies, and always removes its user and processes.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -224,17 +223,11 @@ pub async fn open(
     };
     let (tx, rx) = mpsc::channel(64);
     let pid = engine.pid;
-    shared
-        .metrics
-        .sessions_opened
-        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.sessions_opened.inc();
     if engine.forked {
-        shared
-            .metrics
-            .engines_forked
-            .fetch_add(1, Ordering::Relaxed);
+        shared.metrics.engines_forked.inc();
     } else {
-        shared.metrics.engines_fresh.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.engines_fresh.inc();
     }
     let opened = Event::Opened {
         session: session.clone(),
@@ -451,7 +444,7 @@ async fn run(
         };
         match cmd {
             Cmd::Execute { id, code } => {
-                shared.metrics.executes.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.executes.inc();
                 let mut to = ToSink {
                     sink: sink.clone(),
                     session: session.clone(),
@@ -496,7 +489,7 @@ async fn run(
                     }
                 };
                 if why.is_some() {
-                    shared.metrics.limit_kills.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.limit_kills.inc();
                 }
                 send(
                     &sink,

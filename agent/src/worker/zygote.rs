@@ -53,7 +53,7 @@ pub struct Zygote {
     next_id: AtomicU64,
     generation: AtomicU64,
     pub forks: AtomicU64,
-    pub restarts: AtomicU64,
+    pub restarts: prometheus_client::metrics::counter::Counter,
 }
 
 impl Zygote {
@@ -68,7 +68,7 @@ impl Zygote {
             next_id: AtomicU64::new(1),
             generation: AtomicU64::new(0),
             forks: AtomicU64::new(0),
-            restarts: AtomicU64::new(0),
+            restarts: Default::default(),
         }
     }
 
@@ -91,7 +91,7 @@ impl Zygote {
                     pause = Duration::from_millis(500);
                     let _ = exited.await;
                     tracing::warn!(engine = %self.kind, "the engine server stopped: its sessions end; starting a new one");
-                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    self.restarts.inc();
                 }
                 Err(e) => {
                     tracing::error!(engine = %self.kind, "the engine server did not start: {e}");

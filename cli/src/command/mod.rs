@@ -1,7 +1,9 @@
 //! Subcommands, one file each, each with an `Opts` struct and a `run` function.
 
+pub mod add_host;
 pub mod bench;
 pub mod completions;
+pub mod drain;
 pub mod inventory;
 pub mod lab;
 pub mod logs;
@@ -30,6 +32,16 @@ pub struct Cli {
 pub enum Command {
     /// Converge the inventory's hosts over SSH (lab machines are started first).
     Up(up::Opts),
+    /// Add a worker: write its host file, then converge it and the hosts it concerns.
+    AddWorker(add_host::WorkerOpts),
+    /// Add a host of any roles: write its host file, then converge it and the hosts it concerns.
+    AddHost(add_host::Opts),
+    /// Take a worker or backend out of service: no new sessions, open ones moved or finished.
+    Drain(drain::Opts),
+    /// Put a drained worker or backend back in service.
+    Undrain(drain::Opts),
+    /// Drain a worker, stop its agent, remove its host file and converge the hosts it concerned.
+    RemoveWorker(drain::RemoveOpts),
     /// Check an inventory and report every problem in it.
     Validate(validate::Opts),
     /// Write every host's desired configuration files into a directory.
@@ -54,6 +66,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(o) => up::run(o),
+        Command::AddWorker(o) => add_host::run_worker(o),
+        Command::AddHost(o) => add_host::run(o),
+        Command::Drain(o) => drain::run(o, true),
+        Command::Undrain(o) => drain::run(o, false),
+        Command::RemoveWorker(o) => drain::remove_worker(o),
         Command::Validate(o) => validate::run(o),
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),

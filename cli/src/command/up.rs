@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::inventory::Role;
 use crate::pipeline::{self, Recap, Settings};
 use crate::ssh::HostKeyPolicy;
 
@@ -39,6 +40,15 @@ pub struct Opts {
     /// this long for it instead of failing at once, naming the holder.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub lock_timeout: u64,
+    /// Rolling: converge N hosts at a time (or N% of them), stopping at the first failed
+    /// batch; workers and backends a batch changes are drained first and put back after their
+    /// health checks pass.
+    #[arg(long, value_name = "N|N%")]
+    pub serial: Option<String>,
+    /// With --serial: seconds to wait for a drained host to hold nothing before converging it
+    /// anyway (browsers reconnect to another backend; a worker's sessions are moved first).
+    #[arg(long, default_value_t = 60)]
+    pub drain_timeout: u64,
 }
 
 impl Opts {
@@ -55,6 +65,8 @@ impl Opts {
             host_keys: HostKeyPolicy::AcceptNew,
             quiet: false,
             lock_timeout: 0,
+            serial: None,
+            drain_timeout: 60,
         }
     }
 }
@@ -79,7 +91,10 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         Ok(inv) => inv,
         Err(code) => return Ok(code),
     };
-    let (recap, p) = pipeline::converge_inventory(inv, &o.limit, o.settings())?;
+    let (recap, p) = match &o.serial {
+        None => pipeline::converge_inventory(inv, &o.limit, o.settings())?,
+        Some(serial) => rolling(inv, &o, serial)?,
+    };
     if o.json {
         println!(
             "{}",
@@ -98,4 +113,147 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
 /// Converges `inv` (lab machines first when it has a `lab:` section) and returns the recap.
 pub fn converge_inventory(inv: crate::inventory::Inventory, o: Opts) -> anyhow::Result<Recap> {
     pipeline::converge_inventory(inv, &o.limit, o.settings()).map(|(r, _)| r)
+}
+
+/// Batches of `serial` hosts: a number, or a percentage of `hosts` (at least one).
+pub fn batches(hosts: &[String], serial: &str) -> anyhow::Result<Vec<Vec<String>>> {
+    let bad =
+        || anyhow::anyhow!("--serial {serial}: give a number of hosts (2) or a percentage (25%)");
+    let n = match serial.strip_suffix('%') {
+        Some(p) => {
+            let p: usize = p.parse().map_err(|_| bad())?;
+            anyhow::ensure!((1..=100).contains(&p), bad());
+            (hosts.len() * p).div_ceil(100).max(1)
+        }
+        None => serial
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(bad)?,
+    };
+    Ok(hosts.chunks(n).map(<[String]>::to_vec).collect())
+}
+
+/// A rolling upgrade: before each batch, what it would change is planned (a check run);
+/// workers and backends with changes are drained; after a batch whose hosts all succeeded
+/// (health checks included), they are put back. A failed batch leaves them drained and stops.
+struct Rolling {
+    planner: std::sync::Arc<pipeline::Pipeline>,
+    timeout: std::time::Duration,
+}
+
+impl pipeline::Around for Rolling {
+    fn before<'a>(
+        &'a self,
+        p: &'a std::sync::Arc<pipeline::Pipeline>,
+        batch: &'a [String],
+    ) -> pipeline::BoxFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let plan = self.planner.converge(batch).await;
+            let mut held = Vec::new();
+            for r in plan
+                .iter()
+                .filter(|r| r.changed > 0 || !r.planned.is_empty())
+            {
+                let h = p.inv.host(&r.host).expect("a host of the run");
+                if !(h.has(Role::Worker) || h.has(Role::Backend)) {
+                    continue;
+                }
+                match super::drain::drain_host(p, &r.host, true, self.timeout).await {
+                    Ok(true) => {}
+                    Ok(false) => eprintln!(
+                        "{}: still busy after {}s, converging it anyway",
+                        r.host,
+                        self.timeout.as_secs()
+                    ),
+                    Err(e) => eprintln!(
+                        "{}: could not drain it ({e:#}), converging it anyway",
+                        r.host
+                    ),
+                }
+                held.push(r.host.clone());
+            }
+            held
+        })
+    }
+
+    fn after<'a>(
+        &'a self,
+        p: &'a std::sync::Arc<pipeline::Pipeline>,
+        held: Vec<String>,
+        ok: bool,
+    ) -> pipeline::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if !ok {
+                if !held.is_empty() {
+                    eprintln!(
+                        "the batch failed: {} stay drained (`sagectl undrain` puts one back)",
+                        held.join(", ")
+                    );
+                }
+                return;
+            }
+            for h in held {
+                if let Err(e) = super::drain::drain_host(p, &h, false, self.timeout).await {
+                    eprintln!("{h}: could not put it back ({e:#}): run `sagectl undrain`");
+                }
+            }
+        })
+    }
+}
+
+fn rolling(
+    inv: crate::inventory::Inventory,
+    o: &Opts,
+    serial: &str,
+) -> anyhow::Result<(Recap, std::sync::Arc<pipeline::Pipeline>)> {
+    let selected: Vec<String> = pipeline::select(&inv, &o.limit)?
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    let batches = batches(&selected, serial)?;
+    anyhow::ensure!(
+        !o.check,
+        "--serial and --check: a check changes nothing, so it has no batches to roll"
+    );
+    // Every host a drain touches (HAProxy hosts for backends) can be reached for sessions.
+    let all: Vec<String> = inv.hosts.iter().map(|h| h.name.clone()).collect();
+    let planner = pipeline::Pipeline::new(
+        inv.clone(),
+        &selected,
+        Settings {
+            check: true,
+            quiet: true,
+            ..o.settings()
+        },
+    )?;
+    let p = pipeline::Pipeline::new(inv, &all, o.settings())?;
+    let around = Rolling {
+        planner,
+        timeout: std::time::Duration::from_secs(o.drain_timeout),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let recap = rt.block_on(p.run_around(&batches, &around));
+    Ok((recap, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_by_count_and_share() {
+        let hosts: Vec<String> = (1..=5).map(|i| format!("h{i}")).collect();
+        let sizes =
+            |s: &str| -> Vec<usize> { batches(&hosts, s).unwrap().iter().map(Vec::len).collect() };
+        assert_eq!(sizes("2"), [2, 2, 1]);
+        assert_eq!(sizes("40%"), [2, 2, 1]);
+        assert_eq!(sizes("1%"), [1, 1, 1, 1, 1]);
+        assert_eq!(sizes("100%"), [5]);
+        for bad in ["0", "0%", "x", "150%", "-1"] {
+            assert!(batches(&hosts, bad).is_err(), "{bad}");
+        }
+    }
 }

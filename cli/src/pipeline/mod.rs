@@ -30,6 +30,7 @@ use crate::pki::{Secret, State};
 use crate::roles::Catalog;
 use crate::ssh::{HostKeyPolicy, Session};
 use crate::ui::Ui;
+pub use audit::record;
 
 pub use recap::{HostRecap, Recap, Site};
 
@@ -129,7 +130,7 @@ pub struct Pipeline {
     /// Who this run is, in the locks it takes.
     holder: Holder,
     /// The state directory's deploy lock, held for the pipeline's life (not with `check`).
-    _local_lock: Option<LocalLock>,
+    _local_lock: Option<Arc<LocalLock>>,
 }
 
 impl Pipeline {
@@ -147,26 +148,7 @@ impl Pipeline {
         let local_lock = if settings.check {
             None
         } else {
-            let quiet = settings.quiet;
-            let l = LocalLock::acquire(
-                &crate::pki::dir_for(&inv),
-                &holder,
-                settings.lock_timeout,
-                |h| {
-                    if !quiet {
-                        eprintln!(
-                            "waiting up to {} s for the deploy lock, held by {h}",
-                            settings.lock_timeout.as_secs()
-                        );
-                    }
-                },
-            )?;
-            if let (Some(prev), false) = (&l.taken_over, quiet) {
-                eprintln!(
-                    "took over the deploy lock left by {prev}: that process is gone (the kernel released its lock)"
-                );
-            }
-            Some(l)
+            Some(lock_inventory(&inv, &holder, &settings)?)
         };
         let state = crate::pki::open(&inv)?;
         let secrets = state.secrets()?;
@@ -218,6 +200,14 @@ impl Pipeline {
             holder,
             _local_lock: local_lock,
         }))
+    }
+
+    /// An SSH session to `name` (pinned host keys, the run's key policy), for commands that
+    /// act on a host outside a converge (drain, remove-worker).
+    pub async fn session(&self, name: &str) -> Result<Session, crate::ssh::SshError> {
+        let host = self.inv.host(name).expect("a host of the inventory");
+        let target = connect::target(host, self.lab_key.as_deref());
+        Session::connect(&target, self.known.clone(), self.settings.host_keys).await
     }
 
     /// Converges `batch` (host names), then makes the health checks of those that succeeded
@@ -277,11 +267,23 @@ impl Pipeline {
     /// Converges `batches` in order, stopping after the first batch with a failed or
     /// unreachable host; then records the run in logd (unless `check`) and returns the recap.
     pub async fn run(self: &Arc<Self>, batches: &[Vec<String>]) -> Recap {
+        self.run_around(batches, &Nothing).await
+    }
+
+    /// [`Pipeline::run`], with `around` called before and after each batch (a rolling
+    /// upgrade drains what a batch restarts, and puts it back).
+    pub async fn run_around(
+        self: &Arc<Self>,
+        batches: &[Vec<String>],
+        around: &dyn Around,
+    ) -> Recap {
         let started = Instant::now();
         let mut hosts = Vec::new();
         for batch in batches {
+            let held = around.before(self, batch).await;
             let recaps = self.converge(batch).await;
             let failed = recaps.iter().any(|r| !r.succeeded());
+            around.after(self, held, !failed).await;
             hosts.extend(recaps);
             if failed {
                 break;
@@ -305,6 +307,60 @@ impl Pipeline {
             }
         }
         recap
+    }
+}
+
+/// Takes the deploy lock of `inv`'s state directory for this process (shared with any other
+/// pipeline of the process holding it), saying so when it waits or takes over a dead
+/// holder's.
+pub fn lock_inventory(
+    inv: &Inventory,
+    holder: &Holder,
+    settings: &Settings,
+) -> Result<Arc<LocalLock>, crate::lock::LockError> {
+    let quiet = settings.quiet;
+    let timeout = settings.lock_timeout;
+    let l = crate::lock::for_process(&crate::pki::dir_for(inv), holder, timeout, |h| {
+        if !quiet {
+            eprintln!(
+                "waiting up to {} s for the deploy lock, held by {h}",
+                timeout.as_secs()
+            );
+        }
+    })?;
+    if let (Some(prev), false) = (&l.taken_over, quiet) {
+        eprintln!(
+            "took over the deploy lock left by {prev}: that process is gone (the kernel released its lock)"
+        );
+    }
+    Ok(l)
+}
+
+/// A future borrowed from the caller, for [`Around`]'s methods.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What a run does around each batch.
+pub trait Around: Sync {
+    /// Before `batch` is converged; returns what `after` gets back (hosts taken out of service).
+    fn before<'a>(
+        &'a self,
+        p: &'a Arc<Pipeline>,
+        batch: &'a [String],
+    ) -> BoxFuture<'a, Vec<String>>;
+    /// After the batch, `ok` when every host of it succeeded.
+    fn after<'a>(&'a self, p: &'a Arc<Pipeline>, held: Vec<String>, ok: bool) -> BoxFuture<'a, ()>;
+}
+
+/// Nothing around batches (an ordinary run).
+struct Nothing;
+
+impl Around for Nothing {
+    fn before<'a>(&'a self, _: &'a Arc<Pipeline>, _: &'a [String]) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async { Vec::new() })
+    }
+
+    fn after<'a>(&'a self, _: &'a Arc<Pipeline>, _: Vec<String>, _: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 
