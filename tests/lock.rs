@@ -1,7 +1,8 @@
 //! The deploy lock on real lab machines, as root: two concurrent `up` runs of one inventory,
 //! the second refused naming the first (or, with `--lock-timeout`, waiting for it); a host
 //! whose lock another machine's sagectl holds fails naming that holder, and is free once that
-//! SSH connection is gone; a run SIGKILLed mid-way leaves no lock that stops the next run.
+//! SSH connection is gone; a run SIGKILLed mid-way leaves no lock that stops the next run;
+//! drain and undrain take the lock too and are recorded in logd.
 
 use sagews_testkit::lab;
 
@@ -221,5 +222,37 @@ fn the_deploy_lock() {
         "{}",
         text(&o).1
     );
+    // So is a drain, which changes machines too.
+    let o = sagectl()
+        .args(["drain"])
+        .arg(&inv)
+        .arg("bravo")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("holds the deploy lock") && text(&o).1.contains("(the test)"),
+        "{}",
+        text(&o).1
+    );
     drop(held);
+
+    // Drain and undrain, recorded in logd like the runs.
+    for verb in ["drain", "undrain"] {
+        let o = sagectl().arg(verb).arg(&inv).arg("bravo").output().unwrap();
+        assert!(o.status.success(), "{verb}: {}", text(&o).1);
+        assert!(
+            text(&o).1.contains("audit: recorded in logd on alpha"),
+            "{verb}: {}",
+            text(&o).1
+        );
+    }
+    let (logs, _) = text(&sagectl_on("logs", &inv, &["--since", "10m"]));
+    assert!(
+        logs.contains("sagectl::drain: root ran sagectl drain on locktest: bravo drained")
+            && logs.contains(
+                "sagectl::undrain: root ran sagectl undrain on locktest: bravo back in service"
+            ),
+        "{logs}"
+    );
 }
