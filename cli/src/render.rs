@@ -121,13 +121,51 @@ pub fn host_vars(
     catalog: &Catalog,
     host: &Host,
 ) -> BTreeMap<String, serde_json::Value> {
-    let mut vars: BTreeMap<String, serde_json::Value> = catalog
-        .defaults()
+    host_vars_from(inv, catalog, host)
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    vars.extend(inv.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
-    vars.extend(host.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        .map(|(k, (v, _))| (k, v))
+        .collect()
+}
+
+/// Where a host's variable takes its value from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VarSource {
+    /// The default of the role declaring it.
+    Default(Role),
+    /// The inventory's `vars`.
+    Inventory,
+    /// The host's own `vars`.
+    Host,
+}
+
+impl std::fmt::Display for VarSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VarSource::Default(r) => write!(f, "default of role {r}"),
+            VarSource::Inventory => f.write_str("inventory vars"),
+            VarSource::Host => f.write_str("host vars"),
+        }
+    }
+}
+
+/// [`host_vars`] with where each value comes from.
+pub fn host_vars_from(
+    inv: &Inventory,
+    catalog: &Catalog,
+    host: &Host,
+) -> BTreeMap<String, (serde_json::Value, VarSource)> {
+    let mut vars = BTreeMap::new();
+    for def in catalog.roles.values() {
+        for (k, v) in &def.defaults {
+            vars.insert(k.clone(), (v.clone(), VarSource::Default(def.role)));
+        }
+    }
+    for (source, given) in [
+        (VarSource::Inventory, &inv.vars),
+        (VarSource::Host, &host.vars),
+    ] {
+        vars.extend(given.iter().map(|(k, v)| (k.clone(), (v.clone(), source))));
+    }
     vars
 }
 

@@ -183,6 +183,18 @@ pub struct Session {
     handle: Handle<Verifier>,
     /// The fingerprint pinned on this first contact, if it was one.
     pub pinned_now: Option<String>,
+    /// Commands left running until the session closes ([`Session::hold`]).
+    held: Mutex<Vec<russh::Channel<client::Msg>>>,
+}
+
+/// What [`Session::hold`] saw: the command's output so far and, when it ended instead of
+/// reaching what was awaited, its exit status and stderr.
+#[derive(Debug)]
+pub struct Holding {
+    /// True when the command reached what was awaited and is still running (held).
+    pub held: bool,
+    pub stdout: String,
+    pub ended: Option<Output>,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,6 +250,7 @@ impl Session {
             target: target.clone(),
             handle,
             pinned_now,
+            held: Mutex::new(Vec::new()),
         })
     }
 
@@ -295,7 +308,79 @@ impl Session {
         Ok(out)
     }
 
+    /// Starts `argv` with `stdin` but leaves its stdin open, until its stdout so far
+    /// satisfies `until` (then the command stays running, its stdin open, until the session
+    /// closes or the connection ends) or it ends; waiting at most `timeout`.
+    pub async fn hold(
+        &self,
+        argv: &[&str],
+        stdin: &[u8],
+        until: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<Holding, SshError> {
+        let command = crate::quote::join(argv);
+        let cerr = |why: String| SshError::Channel {
+            host: self.target.host.clone(),
+            command: command.chars().take(200).collect(),
+            why,
+        };
+        let work = async {
+            let mut ch = self
+                .handle
+                .channel_open_session()
+                .await
+                .map_err(|e| cerr(e.to_string()))?;
+            ch.exec(true, command.as_str())
+                .await
+                .map_err(|e| cerr(e.to_string()))?;
+            ch.data(stdin).await.map_err(|e| cerr(e.to_string()))?;
+            let mut out = Output::default();
+            let mut status = None;
+            while let Some(msg) = ch.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        out.stdout.extend_from_slice(&data);
+                        let text = out.stdout_text();
+                        if until(&text) {
+                            self.held.lock().unwrap().push(ch);
+                            return Ok(Holding {
+                                held: true,
+                                stdout: text,
+                                ended: None,
+                            });
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        out.stderr.extend_from_slice(&data)
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    _ => {}
+                }
+            }
+            out.status = status
+                .ok_or_else(|| cerr("the connection closed before the command ended".into()))?;
+            Ok(Holding {
+                held: false,
+                stdout: out.stdout_text(),
+                ended: Some(out),
+            })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout {
+                host: self.target.host.clone(),
+                command,
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
     pub async fn close(self) {
+        // Held commands see their stdin end (the message goes before the disconnect).
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        for ch in held {
+            let _ = ch.eof().await;
+        }
         let _ = self
             .handle
             .disconnect(Disconnect::ByApplication, "", "en")

@@ -96,3 +96,14 @@ impl Ui {
         }
     }
 }
+
+/// Writes a command's output to stdout; a reader that went away early (`| head`) ends it
+/// quietly instead of the panic `print!` gives.
+pub fn stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}

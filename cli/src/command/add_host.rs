@@ -306,6 +306,11 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         check: o.common.check,
         diff: o.common.diff,
         quiet: o.common.quiet,
+        command: if o.roles == ["worker"] {
+            "add-worker"
+        } else {
+            "add-host"
+        },
         ..Settings::default()
     };
     let names: Vec<String> = grown

@@ -52,11 +52,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// A pipeline for acting on `hosts` over SSH (nothing is converged, no lab machine started).
-fn pipeline(inv: Inventory, hosts: &[String]) -> anyhow::Result<std::sync::Arc<Pipeline>> {
+/// A pipeline for acting on `hosts` over SSH (nothing is converged, no lab machine started)
+/// for `command` (as the audit record names it).
+fn pipeline(
+    inv: Inventory,
+    hosts: &[String],
+    command: &'static str,
+) -> anyhow::Result<std::sync::Arc<Pipeline>> {
     let settings = Settings {
         check: true,
         quiet: true,
+        command,
         ..Settings::default()
     };
     Pipeline::new(inv, hosts, settings)
@@ -212,11 +218,35 @@ pub async fn drain_host(
     Ok(emptied)
 }
 
-/// [`drain_host`] on a runtime of its own, for the commands.
-fn set_drain(inv: Inventory, host: &str, drain: bool, timeout: Duration) -> anyhow::Result<bool> {
+/// [`drain_host`] on a runtime of its own, for the commands (`command`), under the deploy lock
+/// of the inventory (it changes machines), recorded in logd.
+fn set_drain(
+    inv: Inventory,
+    host: &str,
+    drain: bool,
+    timeout: Duration,
+    command: &'static str,
+) -> anyhow::Result<bool> {
     let names = drain_targets(&inv, host)?;
-    let p = pipeline(inv, &names)?;
-    runtime()?.block_on(drain_host(&p, host, drain, timeout))
+    let _lock =
+        crate::pipeline::lock_inventory(&inv, &crate::lock::Holder::me(), &Settings::default())?;
+    let p = pipeline(inv, &names, command)?;
+    let rt = runtime()?;
+    let emptied = rt.block_on(drain_host(&p, host, drain, timeout));
+    let what = match &emptied {
+        Ok(true) if drain => format!("{host} drained"),
+        Ok(true) => format!("{host} back in service"),
+        Ok(false) => format!("{host} draining, not empty after {} s", timeout.as_secs()),
+        Err(e) => format!("{host}: {e:#}"),
+    };
+    if let Some(a) = rt.block_on(crate::pipeline::record(
+        &p,
+        matches!(emptied, Ok(true)),
+        &what,
+    )) {
+        eprintln!("audit: {a}");
+    }
+    emptied
 }
 
 pub fn run(o: Opts, drain: bool) -> anyhow::Result<ExitCode> {
@@ -224,7 +254,8 @@ pub fn run(o: Opts, drain: bool) -> anyhow::Result<ExitCode> {
         Ok(inv) => inv,
         Err(code) => return Ok(code),
     };
-    let emptied = set_drain(inv, &o.host, drain, Duration::from_secs(o.timeout))?;
+    let command = if drain { "drain" } else { "undrain" };
+    let emptied = set_drain(inv, &o.host, drain, Duration::from_secs(o.timeout), command)?;
     if !emptied {
         eprintln!(
             "{} is draining but still holds something after {} s (see above); it stays drained",
@@ -268,14 +299,24 @@ pub fn remove_worker(o: RemoveOpts) -> anyhow::Result<ExitCode> {
         o.name,
         h.pos
     );
-    if !set_drain(inv.clone(), &o.name, true, Duration::from_secs(o.timeout))? {
+    // Held for the whole command: the drain, the stop, the converge after.
+    let _lock =
+        crate::pipeline::lock_inventory(&inv, &crate::lock::Holder::me(), &Settings::default())?;
+    let command = "remove-worker";
+    if !set_drain(
+        inv.clone(),
+        &o.name,
+        true,
+        Duration::from_secs(o.timeout),
+        command,
+    )? {
         eprintln!(
             "{}'s sessions did not all move within {} s: nothing was removed (it stays drained; `sagectl undrain` puts it back)",
             o.name, o.timeout
         );
         return Ok(ExitCode::FAILURE);
     }
-    let p = pipeline(inv.clone(), std::slice::from_ref(&o.name))?;
+    let p = pipeline(inv.clone(), std::slice::from_ref(&o.name), command)?;
     runtime()?.block_on(async {
         let s = p.session(&o.name).await?;
         run_on(&s, &["systemctl", "disable", "--now", "sage-worker"]).await?;
@@ -301,7 +342,11 @@ pub fn remove_worker(o: RemoveOpts) -> anyhow::Result<ExitCode> {
     let recap = if names.is_empty() {
         None
     } else {
-        let p = Pipeline::new(after, &names, Settings::default())?;
+        let settings = Settings {
+            command,
+            ..Settings::default()
+        };
+        let p = Pipeline::new(after, &names, settings)?;
         Some(runtime()?.block_on(p.run(&[names])))
     };
     if let Some(r) = &recap {

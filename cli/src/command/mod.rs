@@ -2,9 +2,12 @@
 
 pub mod add_host;
 pub mod bench;
+pub mod completions;
 pub mod drain;
+pub mod inventory;
 pub mod lab;
 pub mod logs;
+pub mod man;
 pub mod render;
 pub mod up;
 pub mod validate;
@@ -51,6 +54,13 @@ pub enum Command {
     Logs(logs::Opts),
     /// Benchmarks that print figures (`bench up --hosts N`).
     Bench(bench::Opts),
+    /// The resolved inventory and each host's effective variables (`inventory show`).
+    #[command(subcommand)]
+    Inventory(inventory::Opts),
+    /// A shell's completion script for sagectl (bash, zsh, fish, ...), on stdout.
+    Completions(completions::Opts),
+    /// The manual page (roff), or one page per subcommand written into a directory.
+    Man(man::Opts),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -67,6 +77,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab(o) => lab::run(o),
         Command::Logs(o) => logs::run(o),
         Command::Bench(o) => bench::run(o),
+        Command::Inventory(o) => inventory::run(o),
+        Command::Completions(o) => completions::run(o),
+        Command::Man(o) => man::run(o),
     }
 }
 

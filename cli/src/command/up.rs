@@ -36,6 +36,10 @@ pub struct Opts {
     /// No progress output; just the recap.
     #[arg(short, long)]
     pub quiet: bool,
+    /// When another run holds the deploy lock (this inventory's, or a host's), wait up to
+    /// this long for it instead of failing at once, naming the holder.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub lock_timeout: u64,
     /// Rolling: converge N hosts at a time (or N% of them), stopping at the first failed
     /// batch; workers and backends a batch changes are drained first and put back after their
     /// health checks pass.
@@ -60,6 +64,7 @@ impl Opts {
             verbose: false,
             host_keys: HostKeyPolicy::AcceptNew,
             quiet: false,
+            lock_timeout: 0,
             serial: None,
             drain_timeout: 60,
         }
@@ -75,6 +80,8 @@ impl Opts {
             quiet: self.quiet,
             parallel: self.parallel as usize,
             host_keys: self.host_keys,
+            lock_timeout: std::time::Duration::from_secs(self.lock_timeout),
+            command: "up",
         }
     }
 }

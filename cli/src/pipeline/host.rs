@@ -58,20 +58,48 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
     }
     ui.msg(name, "gathering facts");
     let query = crate::plan::query(&steps);
-    let facts = match session
-        .run(
-            &["sh", "-c", crate::facts::SCRIPT],
-            query.stdin().as_bytes(),
-            Duration::from_secs(120),
-        )
-        .await
-    {
-        Ok(o) if o.ok() => match crate::facts::parse(&o.stdout_text()) {
-            Ok(f) => f,
-            Err(e) => return fail(r, e.to_string(), false),
-        },
-        Ok(o) => return fail(r, format!("gathering facts failed: {}", o.tail()), false),
-        Err(e) => return fail(r, e.to_string(), true),
+    let gather = || async {
+        match session
+            .run(
+                &["sh", "-c", crate::facts::SCRIPT],
+                query.stdin().as_bytes(),
+                Duration::from_secs(120),
+            )
+            .await
+        {
+            Ok(o) if o.ok() => {
+                crate::facts::parse(&o.stdout_text()).map_err(|e| (e.to_string(), false))
+            }
+            Ok(o) => Err((format!("gathering facts failed: {}", o.tail()), false)),
+            Err(e) => Err((e.to_string(), true)),
+        }
+    };
+    // The host's lock is taken on the same connection as the facts are gathered, at once
+    // (facts only read): no round trip is added. Facts gathered while another run held the
+    // lock are gathered again once this run has it.
+    let facts = if settings.check {
+        gather().await
+    } else {
+        let (lock, facts) = tokio::join!(lock_host(p, &session), gather());
+        match lock {
+            Err((e, unreachable)) => return fail(r, e, unreachable),
+            Ok(lock) => {
+                if let Some(prev) = lock.previous {
+                    r.notes.push(format!(
+                        "took over the lock left by {prev}: its SSH session is gone"
+                    ));
+                }
+                if lock.busy.is_some() {
+                    gather().await
+                } else {
+                    facts
+                }
+            }
+        }
+    };
+    let facts = match facts {
+        Ok(f) => f,
+        Err((e, unreachable)) => return fail(r, e, unreachable),
     };
     if facts.os.0 != "debian" {
         r.notes.push(format!(
@@ -132,6 +160,38 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
     }
     ui.done(name, &format!("ok={} changed={}", r.ok, r.changed));
     (r, Some(session))
+}
+
+/// Takes the host's lock ([`crate::lock::REMOTE_SCRIPT`]) for the rest of the session.
+async fn lock_host(
+    p: &Pipeline,
+    session: &Session,
+) -> Result<crate::lock::RemoteReply, (String, bool)> {
+    use crate::lock::{REMOTE_PATH, REMOTE_SCRIPT, RemoteReply};
+    let timeout = p.settings.lock_timeout;
+    let secs = timeout.as_secs().to_string();
+    let holding = session
+        .hold(
+            &["sh", "-c", REMOTE_SCRIPT, "sh", REMOTE_PATH, &secs],
+            format!("{}\n", p.holder.line()).as_bytes(),
+            |out| out.lines().any(|l| l == "locked"),
+            timeout + Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| (e.to_string(), matches!(e, SshError::Timeout { .. })))?;
+    let reply = RemoteReply::parse(&holding.stdout);
+    match holding.ended {
+        None => Ok(reply),
+        Some(o) if o.status == 4 => Err((reply.refusal(&session.target.host, timeout), false)),
+        Some(o) => Err((
+            format!(
+                "could not take the lock {REMOTE_PATH} on {}: {}",
+                session.target.host,
+                o.tail()
+            ),
+            false,
+        )),
+    }
 }
 
 /// Unified diffs of the files a plan changes; secret values masked, keys never shown.

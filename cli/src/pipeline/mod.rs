@@ -19,16 +19,18 @@ pub mod recap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::hostkeys::KnownHosts;
 use crate::inventory::{Host, Inventory, Role};
+use crate::lock::{Holder, LocalLock};
 use crate::pki::{Secret, State};
 use crate::roles::Catalog;
 use crate::ssh::{HostKeyPolicy, Session};
 use crate::ui::Ui;
+pub use audit::record;
 
 pub use recap::{HostRecap, Recap, Site};
 
@@ -47,6 +49,11 @@ pub struct Settings {
     /// Hosts converged at once.
     pub parallel: usize,
     pub host_keys: HostKeyPolicy,
+    /// How long to wait for the deploy lock (the state directory's, then each host's) when
+    /// another run holds it (not taken with `check`).
+    pub lock_timeout: Duration,
+    /// The command converging (`up`, ...), as the audit record names it.
+    pub command: &'static str,
 }
 
 impl Default for Settings {
@@ -58,6 +65,8 @@ impl Default for Settings {
             quiet: false,
             parallel: 16,
             host_keys: HostKeyPolicy::AcceptNew,
+            lock_timeout: Duration::ZERO,
+            command: "up",
         }
     }
 }
@@ -118,18 +127,29 @@ pub struct Pipeline {
     settings: Settings,
     ui: Ui,
     lab_key: Option<PathBuf>,
+    /// Who this run is, in the locks it takes.
+    holder: Holder,
+    /// The state directory's deploy lock, held for the pipeline's life (not with `check`).
+    _local_lock: Option<Arc<LocalLock>>,
 }
 
 impl Pipeline {
-    /// Sets up converging `hosts` (names) of `inv`: opens the state directory, starts the lab
-    /// machines (unless `check`), completes the hosts' SSH settings, reads the sage-agent
-    /// binary when one of `hosts` runs an agent.
+    /// Sets up converging `hosts` (names) of `inv`: takes the state directory's deploy lock
+    /// (unless `check`), opens the state directory, starts the lab machines (unless `check`),
+    /// completes the hosts' SSH settings, reads the sage-agent binary when one of `hosts` runs
+    /// an agent.
     pub fn new(
         mut inv: Inventory,
         hosts: &[String],
         settings: Settings,
     ) -> anyhow::Result<Arc<Self>> {
         let catalog = Catalog::embedded()?;
+        let holder = Holder::me();
+        let local_lock = if settings.check {
+            None
+        } else {
+            Some(lock_inventory(&inv, &holder, &settings)?)
+        };
         let state = crate::pki::open(&inv)?;
         let secrets = state.secrets()?;
         let mut lab_key = None;
@@ -177,6 +197,8 @@ impl Pipeline {
             settings,
             ui,
             lab_key,
+            holder,
+            _local_lock: local_lock,
         }))
     }
 
@@ -286,6 +308,32 @@ impl Pipeline {
         }
         recap
     }
+}
+
+/// Takes the deploy lock of `inv`'s state directory for this process (shared with any other
+/// pipeline of the process holding it), saying so when it waits or takes over a dead
+/// holder's.
+pub fn lock_inventory(
+    inv: &Inventory,
+    holder: &Holder,
+    settings: &Settings,
+) -> Result<Arc<LocalLock>, crate::lock::LockError> {
+    let quiet = settings.quiet;
+    let timeout = settings.lock_timeout;
+    let l = crate::lock::for_process(&crate::pki::dir_for(inv), holder, timeout, |h| {
+        if !quiet {
+            eprintln!(
+                "waiting up to {} s for the deploy lock, held by {h}",
+                timeout.as_secs()
+            );
+        }
+    })?;
+    if let (Some(prev), false) = (&l.taken_over, quiet) {
+        eprintln!(
+            "took over the deploy lock left by {prev}: that process is gone (the kernel released its lock)"
+        );
+    }
+    Ok(l)
 }
 
 /// A future borrowed from the caller, for [`Around`]'s methods.
