@@ -25,9 +25,7 @@ pub fn listening(ss: &str) -> BTreeSet<u16> {
             let (addr, port) = local.rsplit_once(':')?;
             let addr = addr.trim_start_matches('[').trim_end_matches(']');
             let addr = addr.split('%').next().unwrap_or(addr);
-            let loopback = addr
-                .parse::<IpAddr>()
-                .is_ok_and(|a| a.is_loopback());
+            let loopback = addr.parse::<IpAddr>().is_ok_and(|a| a.is_loopback());
             (!loopback).then(|| port.parse().ok()).flatten()
         })
         .collect()
@@ -36,7 +34,9 @@ pub fn listening(ss: &str) -> BTreeSet<u16> {
 /// A bash script that probes every `(address, port)` at once (bash's /dev/tcp, no other tool)
 /// and prints `address port open|refused|dropped` for each.
 pub fn script(targets: &[(IpAddr, u16)]) -> String {
-    let mut s = String::from("probe() {\n  out=$(timeout 1.5 bash -c \"exec 3<>/dev/tcp/$1/$2\" 2>&1); rc=$?\n  if [ $rc = 0 ]; then echo \"$1 $2 open\"; elif [ $rc = 124 ]; then echo \"$1 $2 dropped\"; elif echo \"$out\" | grep -q refused; then echo \"$1 $2 refused\"; else echo \"$1 $2 dropped\"; fi\n}\n");
+    let mut s = String::from(
+        "probe() {\n  out=$(timeout 1.5 bash -c \"exec 3<>/dev/tcp/$1/$2\" 2>&1); rc=$?\n  if [ $rc = 0 ]; then echo \"$1 $2 open\"; elif [ $rc = 124 ]; then echo \"$1 $2 dropped\"; elif echo \"$out\" | grep -q refused; then echo \"$1 $2 refused\"; else echo \"$1 $2 dropped\"; fi\n}\n",
+    );
     for (a, p) in targets {
         s.push_str(&format!("probe {a} {p} &\n"));
     }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod lab;
 pub mod logs;
 pub mod render;
+pub mod status;
 pub mod up;
 pub mod validate;
 pub mod vars;
@@ -37,6 +38,8 @@ pub enum Command {
     Lab(lab::Opts),
     /// Records from the deployment's logd (with sagectl's admin certificate).
     Logs(logs::Opts),
+    /// One screen for the whole deployment: hosts, services, drift, figures, the last `up`.
+    Status(status::Opts),
     /// Benchmarks that print figures (`bench up --hosts N`).
     Bench(bench::Opts),
 }
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vars(o) => vars::run(o),
         Command::Lab(o) => lab::run(o),
         Command::Logs(o) => logs::run(o),
+        Command::Status(o) => status::run(o),
         Command::Bench(o) => bench::run(o),
     }
 }

@@ -15,6 +15,7 @@ mod audit;
 pub mod connect;
 mod host;
 pub mod recap;
+mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -164,7 +165,9 @@ impl Pipeline {
         } else {
             Ui::new(&names)
         };
-        let known = Arc::new(KnownHosts::new(crate::pki::dir_for(&inv).join("known_hosts")));
+        let known = Arc::new(KnownHosts::new(
+            crate::pki::dir_for(&inv).join("known_hosts"),
+        ));
         Ok(Arc::new(Pipeline {
             inv,
             catalog,
