@@ -13,35 +13,44 @@ pub const SCRIPT: &str = r#"
 cd /
 py=$1
 tab=$(printf '\t')
+out=$(mktemp -d) || exit 1
+trap 'rm -rf "$out"' EXIT
 files=
 units=
 pg=no
+n=0
+# Every question runs in the background into a file of its own: the answer takes as long as
+# the slowest question, not the sum.
+fetched() { printf '%s\n' "$3" | sed "s/^/m$tab$1$tab/"; printf 'mend\t%s\t%s\n' "$1" "$2"; }
 while IFS="$tab" read -r kind a b c d e; do
+  n=$((n + 1))
   case "$kind" in
     F) files="$files$a
 " ;;
     U) units="$units $a" ;;
-    Y) out=$(timeout 3 python3 -c "$py" "$b" 2>&1 </dev/null); rc=$?
-       printf '%s\n' "$out" | sed "s/^/m$tab$a$tab/"; printf 'mend\t%s\t%s\n' "$a" "$rc" ;;
-    C) out=$(curl -sS --fail --max-time 3 --resolve "$c" --cacert "$d" --cert "$e" "$b" 2>&1 </dev/null); rc=$?
-       printf '%s\n' "$out" | sed "s/^/m$tab$a$tab/"; printf 'mend\t%s\t%s\n' "$a" "$rc" ;;
+    Y) { r=$(timeout 3 python3 -c "$py" "$b" 2>&1 </dev/null); fetched "$a" "$?" "$r"; } > "$out/$n" & ;;
+    C) { r=$(curl -sS --fail --max-time 3 --resolve "$c" --cacert "$d" --cert "$e" "$b" 2>&1 </dev/null); fetched "$a" "$?" "$r"; } > "$out/$n" & ;;
     Q) pg=yes ;;
   esac
 done
 if [ -n "$units" ]; then
   systemctl is-active -- $units 2>/dev/null | {
-    for u in $units; do read -r s; printf 'unit\t%s\t%s\n' "$u" "${s:-unknown}"; done; }
+    for u in $units; do read -r s; printf 'unit\t%s\t%s\n' "$u" "${s:-unknown}"; done; } > "$out/units" &
 fi
 if [ -n "$files" ]; then
-  printf '%s' "$files" | tr '\n' '\0' | xargs -0 -r sha256sum -- 2>/dev/null | sed "s/^/sum$tab/"
+  printf '%s' "$files" | tr '\n' '\0' | xargs -0 -r -n 8 -P 4 sha256sum -- 2>/dev/null | sed "s/^/sum$tab/" > "$out/sums" &
 fi
 if [ "$pg" = yes ]; then
+  # Named, so that these connections are not counted.
+  export PGAPPNAME=sagectl-status
   q() { db=$1; shift; runuser -u postgres -- psql -XAtq -F "$tab" -d "$db" "$@" </dev/null 2>/dev/null || printf 'pgerr\t%s\n' "$db"; }
-  q postgres -c "select 'pgconn', coalesce(datname, '-'), count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid() group by 2" \
-    -c "select 'pgsize', datname, pg_database_size(datname) from pg_database where not datistemplate"
-  q sagews -c "select 'pgworker', host, sessions, load, extract(epoch from now() - last_seen)::int8, seen_by from workers"
-  q sagews_logs -c "select 'pglogs', coalesce(max(seq), 0) from records" -c "select 'pgrepl', peer, last_seq from replication"
+  q postgres -c "select 'pgconn', coalesce(datname, '-'), count(*) from pg_stat_activity where backend_type = 'client backend' and application_name <> 'sagectl-status' group by 2" \
+    -c "select 'pgsize', datname, pg_database_size(datname) from pg_database where not datistemplate" > "$out/pg1" &
+  q sagews -c "select 'pgworker', host, sessions, load, extract(epoch from now() - last_seen)::int8, seen_by from workers" > "$out/pg2" &
+  q sagews_logs -c "select 'pglogs', coalesce(max(seq), 0) from records" -c "select 'pgrepl', peer, last_seq from replication" > "$out/pg3" &
 fi
+wait
+cat "$out"/* 2>/dev/null
 exit 0
 "#;
 
