@@ -5,24 +5,13 @@
 
 use sagews_testkit::lab;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use lab::{Down, require, sagectl, scratch_inventory, text, up};
+use lab::{
+    Down, host_entry as host, kill_file, require, sagectl, scratch_inventory, ssh, text, up,
+};
 use serde_json::Value;
-
-fn ssh(inv: &Path, h: &str, argv: &[&str]) -> String {
-    let o = sagectl()
-        .args(["lab", "ssh"])
-        .arg(inv)
-        .arg(h)
-        .arg("--")
-        .args(argv)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "ssh {h} {argv:?}: {}", text(&o).1);
-    text(&o).0
-}
 
 /// `sagectl status INV ARGS`: the output, and the time it took.
 fn status(inv: &Path, args: &[&str]) -> (std::process::Output, f64) {
@@ -43,15 +32,6 @@ fn json(inv: &Path) -> (std::process::Output, Value) {
     (o, v)
 }
 
-fn host<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["host"] == name)
-        .unwrap_or_else(|| panic!("{name} not in {r}"))
-}
-
 fn figure(h: &Value, group: &str, name: &str) -> Value {
     h["figures"]
         .as_array()
@@ -60,20 +40,6 @@ fn figure(h: &Value, group: &str, name: &str) -> Value {
         .find(|f| f["group"] == group && f["name"] == name)
         .unwrap_or_else(|| panic!("no figure {group} {name} in {h}"))["value"]
         .clone()
-}
-
-/// The file that kills every process of a lab machine at once.
-fn kill_file(machine: &str) -> PathBuf {
-    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let p = Path::new(root)
-            .join("sagectl-lab")
-            .join(machine)
-            .join("cgroup.kill");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("no cgroup.kill for {machine}");
 }
 
 #[test]
