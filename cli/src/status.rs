@@ -308,7 +308,8 @@ pub struct HostStatus {
     pub host: String,
     pub address: String,
     pub roles: Vec<String>,
-    pub reachable: bool,
+    /// Whether it answered over SSH; `None` when it was not tried (its files did not render).
+    pub reachable: Option<bool>,
     /// Why it could not be asked (unreachable, refused key, rendering failed).
     pub error: Option<String>,
     /// unit → `systemctl is-active` (active, inactive, failed, activating, ...).
@@ -326,10 +327,10 @@ impl HostStatus {
     pub fn problems(&self) -> Vec<String> {
         let mut v = Vec::new();
         if let Some(e) = &self.error {
-            let what = if self.reachable {
-                "error"
-            } else {
+            let what = if self.reachable == Some(false) {
                 "unreachable"
+            } else {
+                "error"
             };
             v.push(format!(
                 "{}: {what}: {}",
@@ -439,9 +440,9 @@ impl Report {
         let mut s = String::new();
         let width = self.hosts.iter().map(|h| h.host.len()).max().unwrap_or(0);
         for h in &self.hosts {
-            let state = if h.reachable && h.error.is_none() {
+            let state = if h.error.is_none() {
                 format!("reachable ({:.2} s)", h.seconds)
-            } else if h.reachable {
+            } else if h.reachable != Some(false) {
                 "ERROR".to_string()
             } else {
                 "UNREACHABLE".to_string()
@@ -531,7 +532,11 @@ impl Report {
         for p in &self.problems {
             s.push_str(&format!("PROBLEM   {p}\n"));
         }
-        let reachable = self.hosts.iter().filter(|h| h.reachable).count();
+        let reachable = self
+            .hosts
+            .iter()
+            .filter(|h| h.reachable == Some(true))
+            .count();
         s.push_str(&format!(
             "{}: {} hosts, {reachable} reachable, {} problem{}: {} ({:.2} s)\n",
             self.inventory,
@@ -622,14 +627,14 @@ mod tests {
     fn problems_are_named_and_decide_the_exit() {
         let mut down = HostStatus {
             host: "bravo".into(),
-            reachable: true,
+            reachable: Some(true),
             ..Default::default()
         };
         down.services
             .insert("sage-worker".into(), "inactive".into());
         let drifted = HostStatus {
             host: "alpha".into(),
-            reachable: true,
+            reachable: Some(true),
             drift: vec![Drift {
                 path: "/etc/haproxy/haproxy.cfg".into(),
                 what: "changed",
@@ -638,6 +643,7 @@ mod tests {
         };
         let gone = HostStatus {
             host: "charlie".into(),
+            reachable: Some(false),
             error: Some("cannot connect to 10.0.0.3:22: no answer within 2s".into()),
             ..Default::default()
         };

@@ -75,20 +75,21 @@ fn expected(p: &Pipeline, host: &Host, agent_sum: Option<&str>) -> anyhow::Resul
     Ok(e)
 }
 
-/// Asks one host; `Err` when it could not be asked.
+/// Asks one host; `Err` when it could not be asked: whether it answered over SSH (`None`: not
+/// tried), and why.
 async fn probe(
     p: &Pipeline,
     host: &Host,
     q: &Query,
     deadline: Duration,
-) -> Result<Probe, (bool, String)> {
+) -> Result<Probe, (Option<bool>, String)> {
     let target = super::connect::target(host, p.lab_key.as_deref());
     let asked = async {
         let s = Session::connect(&target, p.known.clone(), HostKeyPolicy::Strict)
             .await
             .map_err(|e| {
                 let unreachable = matches!(e, SshError::Connect { .. } | SshError::Timeout { .. });
-                (!unreachable, e.to_string())
+                (Some(!unreachable), e.to_string())
             })?;
         let out = s
             .run(
@@ -106,14 +107,17 @@ async fn probe(
         s.close().await;
         match out {
             Ok(o) if o.ok() => Ok(crate::status::parse(&o.stdout_text())),
-            Ok(o) => Err((true, format!("the status script failed: {}", o.tail()))),
-            Err(e) => Err((false, e.to_string())),
+            Ok(o) => Err((
+                Some(true),
+                format!("the status script failed: {}", o.tail()),
+            )),
+            Err(e) => Err((Some(false), e.to_string())),
         }
     };
     match tokio::time::timeout(deadline, asked).await {
         Ok(r) => r,
         Err(_) => Err((
-            false,
+            Some(false),
             format!(
                 "no answer from {} within {:.1} s",
                 target.addr,
@@ -176,7 +180,7 @@ impl Pipeline {
                         Ok(pr) => Ok((e, pr)),
                         Err(err) => Err(err),
                     },
-                    Err(err) => Err((true, format!("rendering: {err:#}"))),
+                    Err(err) => Err((None, format!("rendering: {err:#}"))),
                 };
                 (name, r, t.elapsed().as_secs_f64())
             });
@@ -210,7 +214,7 @@ impl Pipeline {
     fn host_status(
         &self,
         host: &Host,
-        r: &Result<(Expected, Probe), (bool, String)>,
+        r: &Result<(Expected, Probe), (Option<bool>, String)>,
         seconds: f64,
         agent_sum: Option<&str>,
     ) -> HostStatus {
@@ -229,7 +233,7 @@ impl Pipeline {
                 return h;
             }
         };
-        h.reachable = true;
+        h.reachable = Some(true);
         h.services = e
             .query
             .units
