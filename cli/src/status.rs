@@ -7,17 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-/// The status script (`sh -c SCRIPT sh PY_FETCH`). It only reads. Every fetch has its stdin
-/// closed (the loop reads ours).
+/// The status script. It only reads. Every fetch has its stdin closed (the loop reads ours).
 pub const SCRIPT: &str = r#"
 cd /
-py=$1
 tab=$(printf '\t')
 out=$(mktemp -d) || exit 1
 trap 'rm -rf "$out"' EXIT
 files=
 units=
-pg=no
+pg=
 n=0
 # Every question runs in the background into a file of its own: the answer takes as long as
 # the slowest question, not the sum.
@@ -28,9 +26,9 @@ while IFS="$tab" read -r kind a b c d e; do
     F) files="$files$a
 " ;;
     U) units="$units $a" ;;
-    Y) { r=$(timeout 3 python3 -c "$py" "$b" 2>&1 </dev/null); fetched "$a" "$?" "$r"; } > "$out/$n" & ;;
+    T) { r=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2" && printf "GET %s HTTP/1.0\r\n\r\n" "$3" >&3 && cat <&3' sh "$b" "$c" "$d" 2>&1 </dev/null); fetched "$a" "$?" "$r"; } > "$out/$n" & ;;
     C) { r=$(curl -sS --fail --max-time 3 --resolve "$c" --cacert "$d" --cert "$e" "$b" 2>&1 </dev/null); fetched "$a" "$?" "$r"; } > "$out/$n" & ;;
-    Q) pg=yes ;;
+    Q) pg=$a ;;
   esac
 done
 if [ -n "$units" ]; then
@@ -40,28 +38,35 @@ fi
 if [ -n "$files" ]; then
   printf '%s' "$files" | tr '\n' '\0' | xargs -0 -r -n 8 -P 4 sha256sum -- 2>/dev/null | sed "s/^/sum$tab/" > "$out/sums" &
 fi
-if [ "$pg" = yes ]; then
+if [ -n "$pg" ]; then
   # Named, so that these connections are not counted.
   export PGAPPNAME=sagectl-status
   q() { db=$1; shift; runuser -u postgres -- psql -XAtq -F "$tab" -d "$db" "$@" </dev/null 2>/dev/null || printf 'pgerr\t%s\n' "$db"; }
   q postgres -c "select 'pgconn', coalesce(datname, '-'), count(*) from pg_stat_activity where backend_type = 'client backend' and application_name <> 'sagectl-status' group by 2" \
     -c "select 'pgsize', datname, pg_database_size(datname) from pg_database where not datistemplate" > "$out/pg1" &
-  q sagews -c "select 'pgworker', host, sessions, load, extract(epoch from now() - last_seen)::int8, seen_by from workers" > "$out/pg2" &
-  q sagews_logs -c "select 'pglogs', coalesce(max(seq), 0) from records" -c "select 'pgrepl', peer, last_seq from replication" > "$out/pg3" &
+  case "$pg" in *workers*)
+    q sagews -c "select 'pgworker', host, sessions, load, extract(epoch from now() - last_seen)::int8, seen_by from workers" > "$out/pg2" & ;;
+  esac
+  case "$pg" in *replication*)
+    q sagews_logs -c "select 'pglogs', coalesce(max(seq), 0) from records" -c "select 'pgrepl', peer, last_seq from replication" > "$out/pg3" & ;;
+  esac
 fi
 wait
 cat "$out"/* 2>/dev/null
 exit 0
 "#;
 
-/// Prints the body; fails on an error status (urllib raises).
-pub const PY_FETCH: &str = "import sys, urllib.request\nsys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())";
-
 /// A local HTTP(S) fetch made on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fetch {
-    /// By python3 (workers have no curl).
-    Python3 { name: String, url: String },
+    /// Plain HTTP/1.0 on bash's /dev/tcp (workers have no curl; starting python3 costs more
+    /// than the rest of the round trip).
+    Tcp {
+        name: String,
+        addr: String,
+        port: u16,
+        path: String,
+    },
     /// By curl with a client certificate, the name resolved to `resolve` (`name:port:addr`).
     Curl {
         name: String,
@@ -78,7 +83,17 @@ pub struct Query {
     pub files: BTreeSet<String>,
     pub units: Vec<String>,
     pub fetches: Vec<Fetch>,
-    pub postgres: bool,
+    /// PostgreSQL's connections and sizes, when set.
+    pub postgres: Option<PgQuery>,
+}
+
+/// What to ask PostgreSQL besides connections and sizes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PgQuery {
+    /// The workers as the backends recorded them (the backend's database).
+    pub workers: bool,
+    /// logd's replication (the logs database).
+    pub replication: bool,
 }
 
 impl Query {
@@ -94,7 +109,12 @@ impl Query {
         }
         for f in &self.fetches {
             match f {
-                Fetch::Python3 { name, url } => s.push_str(&format!("Y\t{name}\t{url}\n")),
+                Fetch::Tcp {
+                    name,
+                    addr,
+                    port,
+                    path,
+                } => s.push_str(&format!("T\t{name}\t{addr}\t{port}\t{path}\n")),
                 Fetch::Curl {
                     name,
                     url,
@@ -104,8 +124,12 @@ impl Query {
                 } => s.push_str(&format!("C\t{name}\t{url}\t{resolve}\t{cacert}\t{cert}\n")),
             }
         }
-        if self.postgres {
-            s.push_str("Q\n");
+        if let Some(q) = self.postgres {
+            s.push_str(&format!(
+                "Q\tsizes{}{}\n",
+                if q.workers { ",workers" } else { "" },
+                if q.replication { ",replication" } else { "" }
+            ));
         }
         s
     }
@@ -180,7 +204,15 @@ pub fn parse(out: &str) -> Probe {
                 body.push('\n');
             }
             "mend" => {
-                let body = bodies.remove(a).unwrap_or_default();
+                let mut body = bodies.remove(a).unwrap_or_default();
+                // An answer over /dev/tcp comes with its head.
+                if body.starts_with("HTTP/") {
+                    body = body.replace('\r', "");
+                    body = match body.split_once("\n\n") {
+                        Some((_, b)) => b.to_string(),
+                        None => String::new(),
+                    };
+                }
                 p.fetched.insert(a.to_string(), (b.trim() == "0", body));
             }
             k if k.starts_with("pg") => {
@@ -559,15 +591,20 @@ mod tests {
         let q = Query {
             files: ["/etc/a b".to_string()].into(),
             units: vec!["nginx".into()],
-            fetches: vec![Fetch::Python3 {
+            fetches: vec![Fetch::Tcp {
                 name: "worker".into(),
-                url: "http://127.0.0.1:7001/metrics".into(),
+                addr: "127.0.0.1".into(),
+                port: 7001,
+                path: "/metrics".into(),
             }],
-            postgres: true,
+            postgres: Some(PgQuery {
+                workers: true,
+                replication: false,
+            }),
         };
         assert_eq!(
             q.stdin(),
-            "F\t/etc/a b\nU\tnginx\nY\tworker\thttp://127.0.0.1:7001/metrics\nQ\n"
+            "F\t/etc/a b\nU\tnginx\nT\tworker\t127.0.0.1\t7001\t/metrics\nQ\tsizes,workers\n"
         );
     }
 
@@ -575,6 +612,7 @@ mod tests {
     fn parses_what_the_script_prints() {
         let out = "unit\tnginx\tactive\nunit\tsage-worker\tinactive\n\
                    sum\tabc  /etc/a b\nsum\t\\def  /etc/x\\ny\n\
+                   m\tworker\tHTTP/1.0 200 OK\r\nm\tworker\tContent-Length: 30\r\nm\tworker\t\r\n\
                    m\tworker\tsagews_worker_sessions_open 2\nmend\tworker\t0\n\
                    mend\tbackend:alpha\t7\n\
                    pgconn\tsagews\t3\npgsize\tsagews\t8000000\n\

@@ -12,7 +12,9 @@ use crate::health::parse_metrics;
 use crate::inventory::{Host, Role};
 use crate::render::StepKind;
 use crate::ssh::{HostKeyPolicy, Session, SshError};
-use crate::status::{AgentBuild, Drift, Fetch, Figure, HostStatus, LastUp, Probe, Query, Report};
+use crate::status::{
+    AgentBuild, Drift, Fetch, Figure, HostStatus, LastUp, PgQuery, Probe, Query, Report,
+};
 
 /// What a host should have: its query and the sums of what would be rendered now.
 struct Expected {
@@ -53,9 +55,12 @@ fn expected(p: &Pipeline, host: &Host, agent_sum: Option<&str>) -> anyhow::Resul
         }
     }
     if host.has(Role::Worker) {
-        e.query.fetches.push(Fetch::Python3 {
+        // sage-worker's own metrics address.
+        e.query.fetches.push(Fetch::Tcp {
             name: "worker".into(),
-            url: "http://127.0.0.1:7001/metrics".into(),
+            addr: "127.0.0.1".into(),
+            port: 7001,
+            path: "/metrics".into(),
         });
     }
     if host.has(Role::Loadbalancer) {
@@ -71,7 +76,12 @@ fn expected(p: &Pipeline, host: &Host, agent_sum: Option<&str>) -> anyhow::Resul
             });
         }
     }
-    e.query.postgres = host.has(Role::Database);
+    if host.has(Role::Database) {
+        e.query.postgres = Some(PgQuery {
+            workers: p.inv.with_role(Role::Backend).next().is_some(),
+            replication: p.inv.logd.replica.is_some(),
+        });
+    }
     Ok(e)
 }
 
@@ -93,13 +103,7 @@ async fn probe(
             })?;
         let out = s
             .run(
-                &[
-                    "sh",
-                    "-c",
-                    crate::status::SCRIPT,
-                    "sh",
-                    crate::status::PY_FETCH,
-                ],
+                &["sh", "-c", crate::status::SCRIPT],
                 q.stdin().as_bytes(),
                 deadline,
             )
