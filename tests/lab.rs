@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lab::{Down, require, sagectl, scratch_inventory, text};
+use lab::{Down, require, sagectl, scratch_inventory, ssh, text};
 
 /// Runs `lab down` when dropped, so a failing test leaves no machines behind.
 fn lab(args: &[&str], inv: &Path) -> Output {
@@ -19,23 +19,6 @@ fn lab(args: &[&str], inv: &Path) -> Output {
         .args(&args[1..])
         .output()
         .unwrap()
-}
-
-fn ssh(inv: &Path, host: &str, argv: &[&str]) -> String {
-    let o = sagectl()
-        .args(["lab", "ssh"])
-        .arg(inv)
-        .arg(host)
-        .arg("--")
-        .args(argv)
-        .output()
-        .unwrap();
-    let (out, err) = text(&o);
-    assert!(
-        o.status.success(),
-        "ssh {host} {argv:?} failed:\n{out}\n{err}"
-    );
-    out
 }
 
 /// Live (not zombie) processes whose command line mentions `needle`.

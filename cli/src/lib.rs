@@ -25,6 +25,7 @@ pub mod roles;
 pub mod scram;
 pub mod ssh;
 pub mod ssh_config;
+pub mod status;
 pub mod sys;
 pub mod ui;
 pub mod yaml;

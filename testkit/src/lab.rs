@@ -44,6 +44,49 @@ pub fn up(inv: &Path, args: &[&str]) -> (Output, serde_json::Value) {
     (o, recap)
 }
 
+/// `sagectl lab ssh INV HOST -- ARGV`, which must succeed: its stdout.
+pub fn ssh(inv: &Path, host: &str, argv: &[&str]) -> String {
+    let o = sagectl()
+        .args(["lab", "ssh"])
+        .arg(inv)
+        .arg(host)
+        .arg("--")
+        .args(argv)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "ssh {host} {argv:?} failed:\n{out}\n{err}"
+    );
+    out
+}
+
+/// The entry of `name` in a JSON report's `hosts` (`up`'s recap, `status`).
+pub fn host_entry<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {report}"))
+}
+
+/// The file that kills every process of lab machine `machine` (`<inventory>-<host>`) at once
+/// when `1` is written to it.
+pub fn kill_file(machine: &str) -> PathBuf {
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let p = Path::new(root)
+            .join("sagectl-lab")
+            .join(machine)
+            .join("cgroup.kill");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no cgroup.kill for {machine}");
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),

@@ -1,5 +1,6 @@
 //! `sagectl bench up --hosts N`: wall time of a first deploy and of no-op runs of `up` on N lab
-//! machines (one carrying the infrastructure roles, the others workers). Prints figures; asserts
+//! machines (one carrying the infrastructure roles, the others workers); `bench status --hosts
+//! N`: wall time of `status` on such a deployment (its own lab). Prints figures; asserts
 //! nothing (goals are met here, never in timed tests).
 
 use std::path::PathBuf;
@@ -31,31 +32,65 @@ pub enum What {
         #[arg(long)]
         keep: bool,
     },
+    /// Time `status` on N lab machines (deployed first).
+    Status {
+        /// How many lab machines.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=250))]
+        hosts: u32,
+        /// How many runs to time.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Keep the machines afterwards (`sagectl lab down` on the printed inventory removes them).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
-/// The generated inventory: host 1 carries every infrastructure role, the rest are workers.
-fn inventory(hosts: u32) -> String {
-    let mut s = String::from(
-        "name: bench\nlab: {subnet: 10.90.0.0/24}\ntls: {public_name: sagews.bench.test}\nvars:\n  admin_cidrs: [\"10.90.0.1/32\"]\n  postgres_shared_buffers: \"64MB\"\n  memcached_memory_mb: 64\nhosts:\n",
+/// The generated inventory `name` on 10.`net`.0.0/24: host 1 carries every infrastructure role,
+/// the rest are workers.
+fn inventory(name: &str, net: u8, hosts: u32) -> String {
+    let mut s = format!(
+        "name: {name}\nlab: {{subnet: 10.{net}.0.0/24}}\ntls: {{public_name: sagews.{name}.test}}\nvars:\n  admin_cidrs: [\"10.{net}.0.1/32\"]\n  postgres_shared_buffers: \"64MB\"\n  memcached_memory_mb: 64\nhosts:\n",
     );
-    s.push_str(
-        "  infra: {address: 10.90.0.10, roles: [database, cache, backend, loadbalancer, static]}\n",
-    );
+    s.push_str(&format!(
+        "  infra: {{address: 10.{net}.0.10, roles: [database, cache, backend, loadbalancer, static]}}\n"
+    ));
     for i in 1..hosts {
         s.push_str(&format!(
-            "  w{i}: {{address: 10.90.0.{}, roles: [worker]}}\n",
+            "  w{i}: {{address: 10.{net}.0.{}, roles: [worker]}}\n",
             10 + i
         ));
     }
     s
 }
 
+/// min, median and max of `times`, as printed.
+fn spread(mut times: Vec<f64>) -> String {
+    times.sort_by(f64::total_cmp);
+    format!(
+        "min {:.3} s, median {:.3} s, max {:.3} s",
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1]
+    )
+}
+
 pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
-    let What::Up { hosts, runs, keep } = o.what;
-    let dir = PathBuf::from("/var/lib/sagectl/bench");
+    let (hosts, runs, keep, status) = match o.what {
+        What::Up { hosts, runs, keep } => (hosts, runs, keep, false),
+        What::Status { hosts, runs, keep } => (hosts, runs, keep, true),
+    };
+    let runs = runs.max(1);
+    // Each benchmark on a lab of its own, so the two can run side by side.
+    let (name, net) = if status {
+        ("benchstatus", 91)
+    } else {
+        ("bench", 90)
+    };
+    let dir = PathBuf::from("/var/lib/sagectl").join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = dir.join("bench.yaml");
-    std::fs::write(&file, inventory(hosts)).context("writing the bench inventory")?;
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, inventory(name, net, hosts)).context("writing the bench inventory")?;
     let load = || Inventory::load(&file).map_err(|d| anyhow::anyhow!("{d}"));
     let inv = load()?;
     let lab = crate::lab::Lab::new(&inv)?;
@@ -73,9 +108,18 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         "the first deploy failed: {}",
         serde_json::to_string_pretty(&first.hosts).unwrap_or_default()
     );
+    println!("hosts: {hosts}");
+    println!("lab up (machines answering SSH): {lab_secs:.2} s");
+    println!("first deploy (up on fresh machines): {first_secs:.1} s");
     let mut times = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
+        if status {
+            let r = super::status::report(load()?, std::time::Duration::from_secs(3))?;
+            times.push(t.elapsed().as_secs_f64());
+            anyhow::ensure!(r.ok, "status found problems:\n{}", r.text());
+            continue;
+        }
         let r = up::converge_inventory(load()?, opts.clone())?;
         times.push(t.elapsed().as_secs_f64());
         let changed: usize = r.hosts.iter().map(|h| h.changed).sum();
@@ -84,16 +128,8 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             "a no-op run changed {changed} things or failed"
         );
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    println!("hosts: {hosts}");
-    println!("lab up (machines answering SSH): {lab_secs:.2} s");
-    println!("first deploy (up on fresh machines): {first_secs:.1} s");
-    println!(
-        "no-op up, {runs} runs: min {:.3} s, median {median:.3} s, max {:.3} s",
-        times[0],
-        times[times.len() - 1]
-    );
+    let what = if status { "status" } else { "no-op up" };
+    println!("{what}, {runs} runs: {}", spread(times));
     if !keep {
         lab.down()?;
     } else {

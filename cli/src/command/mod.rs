@@ -9,6 +9,7 @@ pub mod lab;
 pub mod logs;
 pub mod man;
 pub mod render;
+pub mod status;
 pub mod up;
 pub mod validate;
 pub mod vars;
@@ -52,6 +53,8 @@ pub enum Command {
     Lab(lab::Opts),
     /// Records from the deployment's logd (with sagectl's admin certificate).
     Logs(logs::Opts),
+    /// One screen for the whole deployment: hosts, services, drift, figures, the last `up`.
+    Status(status::Opts),
     /// Benchmarks that print figures (`bench up --hosts N`).
     Bench(bench::Opts),
     /// The resolved inventory and each host's effective variables (`inventory show`).
@@ -76,6 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vars(o) => vars::run(o),
         Command::Lab(o) => lab::run(o),
         Command::Logs(o) => logs::run(o),
+        Command::Status(o) => status::run(o),
         Command::Bench(o) => bench::run(o),
         Command::Inventory(o) => inventory::run(o),
         Command::Completions(o) => completions::run(o),

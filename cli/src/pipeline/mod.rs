@@ -15,6 +15,7 @@ mod audit;
 pub mod connect;
 mod host;
 pub mod recap;
+mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
