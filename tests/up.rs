@@ -7,39 +7,19 @@
 
 use sagews_testkit::lab;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lab::{Down, require, sagectl, scratch_inventory, text, up};
+use lab::{
+    Down, host_entry as host, kill_file, require, sagectl, scratch_inventory, ssh, text, up,
+};
 use serde_json::Value;
-
-fn host<'a>(recap: &'a Value, name: &str) -> &'a Value {
-    recap["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["host"] == name)
-        .unwrap_or_else(|| panic!("{name} not in recap"))
-}
 
 /// `up --limit h`, which must fail on `h`: its error.
 fn failure(inv: &Path, h: &str) -> String {
     let (o, recap) = up(inv, &["--limit", h]);
     assert!(!o.status.success(), "{recap}");
     host(&recap, h)["error"].as_str().unwrap().to_string()
-}
-
-fn ssh(inv: &Path, h: &str, argv: &[&str]) -> String {
-    let o = sagectl()
-        .args(["lab", "ssh"])
-        .arg(inv)
-        .arg(h)
-        .arg("--")
-        .args(argv)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "ssh {h} {argv:?}: {}", text(&o).1);
-    text(&o).0
 }
 
 /// When each unit last became active (monotonic µs), to tell whether a run restarted it.
@@ -896,20 +876,6 @@ fn publish_survives_the_backends(inv: &Path) -> String {
         std::thread::sleep(Duration::from_millis(250));
     }
     path
-}
-
-/// The cgroup.kill file of a lab machine (killing it is a power cut).
-fn kill_file(machine: &str) -> PathBuf {
-    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let p = Path::new(root)
-            .join("sagectl-lab")
-            .join(machine)
-            .join("cgroup.kill");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("no cgroup.kill for {machine}");
 }
 
 fn quoting_round_trip(inv: &Path) {
