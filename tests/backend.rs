@@ -529,6 +529,7 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
             address: "127.0.0.1:1".into(),
             capacity: 100,
             engines: vec!["python3".into()],
+            draining: false,
         };
         sage_agent::frame::write(&mut tls, &register)
             .await
@@ -1436,4 +1437,113 @@ async fn a_burst_of_guesses_cannot_pass_the_limit() {
         ),
         checked.to_string()
     );
+}
+
+/// `sage-agent drain` (or `--undo`) on a worker's host, as `sagectl drain` runs it.
+fn drain(worker: &stack::Proc, undo: bool) {
+    let mut cmd = std::process::Command::new(sagews_testkit::bin("sage-agent"));
+    cmd.args(["drain", "--config"]).arg(&worker.config);
+    if undo {
+        cmd.arg("--undo");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Issue 16: draining a worker moves the workspaces open there to another worker, between
+/// cells and saved first: a cell running at the drain finishes, the viewer gets `moved` within
+/// seconds, what was written before is on the other worker, the next execute runs there; new
+/// workspaces never land on the drained worker (though it is the emptier one) until it is
+/// undrained, and its old session is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
+    let s = Stack::start(opts(2, 1, 72800)).await;
+    let (mut c, ws) = account_with_workspace(&s, "dora", "drained", false).await;
+    let first = c.ok(json!({"op": "open", "workspace": ws})).await["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (out, err, st) = c
+        .run(
+            &ws,
+            "open('f.txt', 'w').write('written before the drain')\nprint(6 * 7)",
+        )
+        .await;
+    assert_eq!((out.trim(), st.as_str()), ("42", "ok"), "{err}");
+    let a = s.workers.iter().find(|w| w.name == first).unwrap();
+    let id = c
+        .ok(json!({"op": "execute", "workspace": ws,
+            "code": "import time\ntime.sleep(2)\nprint('finished')"}))
+        .await["id"]
+        .clone();
+    let started = std::time::Instant::now();
+    drain(a, false);
+    // The running cell ends first, then the workspace moves.
+    let mut out = String::new();
+    loop {
+        let v = c.next().await;
+        match v["event"].as_str() {
+            Some("stdout") if v["id"] == id => out.push_str(v["data"].as_str().unwrap()),
+            Some("done") if v["id"] == id => {
+                assert_eq!(v["status"], "ok", "{v}");
+                break;
+            }
+            Some("moved") | Some("worker_lost") => panic!("{v} before the running cell ended"),
+            _ => {}
+        }
+    }
+    assert_eq!(out.trim(), "finished");
+    let moved = c.event("moved").await;
+    let took = started.elapsed();
+    eprintln!("moved {took:?} after the drain (the 2 s cell and up to 1 s of heartbeat included)");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let second = moved["worker"].as_str().unwrap().to_string();
+    assert_ne!(second, first, "{moved}");
+    assert!(
+        moved["message"].as_str().unwrap().contains("drained"),
+        "{moved}"
+    );
+    // Nothing written is lost, and the session runs on the other worker.
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!(
+        (out.trim(), st.as_str()),
+        ("written before the drain", "ok"),
+        "{err}"
+    );
+    let h = c.ok(json!({"op": "history", "workspace": ws})).await;
+    assert!(
+        h.to_string()
+            .contains("Saved before moving off a draining worker"),
+        "{h}"
+    );
+    assert_eq!(s.metric(0, "draining_workers").await, 1);
+    assert_eq!(s.metric(0, "drain_moves_total").await, 1);
+    assert_eq!(s.metric(0, "worker_failovers_total").await, 0);
+    // The old session is closed: the drained worker reports no session.
+    let sessions = format!("SELECT sessions FROM workers WHERE host = '{first}'");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.pg.query("sagews", &sessions).trim() != "0" {
+        assert!(std::time::Instant::now() < deadline, "{first} still has a session");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A new workspace goes to the other worker, though the drained one is empty.
+    let other = c.ok(json!({"op": "create", "name": "second"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = c.ok(json!({"op": "open", "workspace": other})).await;
+    assert_eq!(r["worker"], second.as_str(), "{r}");
+    c.ok(json!({"op": "close", "workspace": other})).await;
+    // Undrained, it takes sessions again (the emptier worker).
+    drain(a, true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metric(0, "draining_workers").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "still draining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = c.ok(json!({"op": "open", "workspace": other})).await;
+    assert_eq!(r["worker"], first.as_str(), "{r}");
+    let (out, _, st) = c.run(&other, "print('back')").await;
+    assert_eq!((out.trim(), st.as_str()), ("back", "ok"));
+    c.close().await;
 }

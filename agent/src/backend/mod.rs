@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod api;
 pub mod cache;
+mod drain;
 pub mod git;
 pub mod msg;
 pub mod open;
@@ -238,6 +239,7 @@ pub struct Metrics {
     pub executes: AtomicU64,
     pub workspaces_opened: AtomicU64,
     pub worker_failovers: AtomicU64,
+    pub drain_moves: AtomicU64,
     pub publishes: AtomicU64,
     pub throttled: AtomicU64,
 }

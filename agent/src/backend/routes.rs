@@ -205,6 +205,12 @@ async fn metrics(State(b): B) -> Response {
         "counter",
     );
     c(
+        "drain_moves_total",
+        "Workspaces moved off a draining worker.",
+        n(&m.drain_moves),
+        "counter",
+    );
+    c(
         "publishes_total",
         "Workspaces published.",
         n(&m.publishes),
@@ -226,6 +232,12 @@ async fn metrics(State(b): B) -> Response {
         "healthy_workers",
         "Workers heard from recently.",
         b.workers.healthy() as u64,
+        "gauge",
+    );
+    c(
+        "draining_workers",
+        "Healthy workers being drained (no new sessions; this backend moves its workspaces off them).",
+        b.workers.draining() as u64,
         "gauge",
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 mod conn;
+pub mod drain;
 mod engine;
 mod register;
 pub mod sandbox;
@@ -163,6 +164,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// When a backend was last heard from (a request, or an answer to a heartbeat).
     pub last_backend: Mutex<Instant>,
+    /// The drain flag as last read (`drain.rs`), to log its changes.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -184,7 +187,24 @@ impl Shared {
             cgroups,
             metrics: Metrics::default(),
             last_backend: Mutex::new(Instant::now()),
+            draining: Default::default(),
         }
+    }
+
+    /// Whether the operator is draining this worker: the flag file, read anew at each call
+    /// (one `stat`, before each heartbeat), so `sage-agent drain` needs no signal or connection.
+    pub fn draining(&self) -> bool {
+        let now = drain::is_draining(&self.config.state_dir);
+        if self.draining.swap(now, Ordering::Relaxed) != now {
+            if now {
+                tracing::warn!(
+                    "draining: backends place no new session here and move the open ones away"
+                );
+            } else {
+                tracing::info!("no longer draining: backends place sessions here again");
+            }
+        }
+        now
     }
 
     /// How long a session's processes get between SIGTERM and SIGKILL: 2 s, or 300 ms once the
@@ -251,8 +271,9 @@ impl Shared {
         server
             + &engines
             + &format!(
-                "# HELP sagews_worker_limits How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only).\n# TYPE sagews_worker_limits gauge\nsagews_worker_limits{{mode=\"{mode}\"}} 1\n# TYPE sagews_worker_uids_held gauge\nsagews_worker_uids_held {held}\n# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
+                "# HELP sagews_worker_limits How sessions are limited: cgroup2, cgroup1 (a cgroup per session) or rlimits (per process only).\n# TYPE sagews_worker_limits gauge\nsagews_worker_limits{{mode=\"{mode}\"}} 1\n# TYPE sagews_worker_uids_held gauge\nsagews_worker_uids_held {held}\n# TYPE sagews_worker_sessions_open gauge\nsagews_worker_sessions_open {}\n# HELP sagews_worker_draining 1 while the worker is drained (sage-agent drain): no new sessions, open ones moved away.\n# TYPE sagews_worker_draining gauge\nsagews_worker_draining {}\n# TYPE sagews_worker_sessions_opened_total counter\nsagews_worker_sessions_opened_total {}\n# TYPE sagews_worker_executes_total counter\nsagews_worker_executes_total {}\n# TYPE sagews_worker_limit_kills_total counter\nsagews_worker_limit_kills_total {}\n# TYPE sagews_worker_refused_connections_total counter\nsagews_worker_refused_connections_total {}\n# TYPE sagews_worker_bad_frames_total counter\nsagews_worker_bad_frames_total {}\n",
                 self.session_count(),
+                u8::from(self.draining()),
                 g(&m.sessions_opened),
                 g(&m.executes),
                 g(&m.limit_kills),
@@ -329,6 +350,8 @@ pub async fn run(
         cgroup::Cgroups::discover(config.require_cgroups, config.uid_min..=config.uid_max)?;
     tracing::info!(mode = cgroups.mode().label(), "session limits");
     let shared = Arc::new(Shared::new(config, cgroups));
+    // Logs it when the worker starts drained (the flag outlives restarts).
+    shared.draining();
     if let Some(z) = &shared.zygote {
         tokio::spawn(z.clone().supervise());
     }
