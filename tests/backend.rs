@@ -1439,8 +1439,19 @@ async fn a_burst_of_guesses_cannot_pass_the_limit() {
     );
 }
 
-/// `sage-agent drain` (or `--undo`) on a worker's host, as `sagectl drain` runs it.
+/// `sage-agent drain` (or `--undo`) on a worker's host, as `sagectl drain` runs it; never on
+/// this box's own /var/lib/sage-worker (other tests' workers).
 fn drain(worker: &stack::Proc, undo: bool) {
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&worker.config).unwrap()).unwrap();
+    let dir = config["state_dir"]
+        .as_str()
+        .unwrap_or("/var/lib/sage-worker");
+    assert!(
+        !dir.starts_with("/var/lib/sage-worker"),
+        "{}: the worker's state directory is the box's",
+        worker.config.display()
+    );
     let mut cmd = std::process::Command::new(sagews_testkit::bin("sage-agent"));
     cmd.args(["drain", "--config"]).arg(&worker.config);
     if undo {
@@ -1497,6 +1508,11 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
     let took = started.elapsed();
     eprintln!("moved {took:?} after the drain (the 2 s cell and up to 1 s of heartbeat included)");
     assert!(took < Duration::from_secs(10), "{took:?}");
+    let log = s.log("backend1");
+    let line = log
+        .lines()
+        .find(|l| l.contains("moved off a draining worker"));
+    eprintln!("the backend: {}", line.unwrap_or("(no line)"));
     let second = moved["worker"].as_str().unwrap().to_string();
     assert_ne!(second, first, "{moved}");
     assert!(
@@ -1523,7 +1539,10 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
     let sessions = format!("SELECT sessions FROM workers WHERE host = '{first}'");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while s.pg.query("sagews", &sessions).trim() != "0" {
-        assert!(std::time::Instant::now() < deadline, "{first} still has a session");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{first} still has a session"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A new workspace goes to the other worker, though the drained one is empty.

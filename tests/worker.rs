@@ -507,7 +507,10 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "no heartbeat with draining {draining}");
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat with draining {draining}"
+            );
         }
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
             .await

@@ -176,9 +176,15 @@ fn drain(o: &DrainOpts) -> anyhow::Result<()> {
         )
     })?;
     let (now, already) = match (o.undo, changed) {
-        (false, true) => ("draining: its backends move its open sessions to other workers within a heartbeat", ""),
+        (false, true) => (
+            "draining: its backends move its open sessions to other workers within a heartbeat",
+            "",
+        ),
         (false, false) => ("draining", " (already)"),
-        (true, true) => ("undrained: it takes new sessions again from its next heartbeat", ""),
+        (true, true) => (
+            "undrained: it takes new sessions again from its next heartbeat",
+            "",
+        ),
         (true, false) => ("not draining", " (already)"),
     };
     println!("worker {}: {now}{already}", config.host);

@@ -367,10 +367,13 @@ impl Stack {
         }
         for i in 0..o.workers {
             let name = format!("worker{}", i + 1);
-            // All on one machine: a uid range each (20), no metrics page (one port for all),
+            // All on one machine: a uid range each (20), a state directory each (the rendered
+            // config leaves the default, /var/lib/sage-worker, which every stack on the box
+            // would share: its homes, and its drain flag), no metrics page (one port for all),
             // heartbeats every second so the backends see them at once.
             let uid_min = o.uid_base + 20 * i as u32;
             let extra = json!({"uid_min": uid_min, "uid_max": uid_min + 19,
+                "state_dir": s.tmp.path().join(&name).join("state"),
                 "metrics_listen": null, "heartbeat_seconds": 1});
             let (path, config) =
                 agent_config(s.tmp.path(), &s.rendered, &name, "worker.json", &extra);

@@ -86,7 +86,10 @@ impl Backend {
             .save_locked(ws, &st, SAVE_MESSAGE)
             .await
             .map_err(|e| format!("saving before the move: {}", e.message))?;
-        if let Err(e) = self.place(ws, &mut st, std::slice::from_ref(&old.host)).await {
+        if let Err(e) = self
+            .place(ws, &mut st, std::slice::from_ref(&old.host))
+            .await
+        {
             // Keep the session where it is: its events flow to a new pump again.
             self.watch(ws, &mut st, &old);
             st.link = Some(old.clone());

@@ -62,7 +62,11 @@ mod tests {
         assert!(!set(&state, true).unwrap(), "already draining");
         // What a restarted worker sees: only the file.
         assert!(is_draining(&state));
-        assert!(std::fs::read_to_string(flag(&state)).unwrap().contains("draining since"));
+        assert!(
+            std::fs::read_to_string(flag(&state))
+                .unwrap()
+                .contains("draining since")
+        );
         assert!(!state.join(".draining.tmp").exists());
         assert!(set(&state, false).unwrap());
         assert!(!set(&state, false).unwrap(), "already undrained");
