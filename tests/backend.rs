@@ -1503,10 +1503,14 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
             _ => {}
         }
     }
+    let cell_done = std::time::Instant::now();
     assert_eq!(out.trim(), "finished");
     let moved = c.event("moved").await;
     let took = started.elapsed();
-    eprintln!("moved {took:?} after the drain (the 2 s cell and up to 1 s of heartbeat included)");
+    eprintln!(
+        "moved {took:?} after the drain (the 2 s cell and up to 1 s of heartbeat included), {:?} after the cell ended",
+        cell_done.elapsed()
+    );
     assert!(took < Duration::from_secs(10), "{took:?}");
     let log = s.log("backend1");
     let line = log

@@ -383,6 +383,19 @@ async fn sessions_stop_when_no_backend_is_heard_from() {
     w.stop().await;
 }
 
+/// The worker's metrics page on `port`, the HTTP answer whole.
+async fn metrics_page(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
+        .await
+        .unwrap();
+    body
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn registers_with_backends_heartbeats_and_serves_metrics() {
     use sage_agent::proto::{Announce, AnnounceReply};
@@ -470,14 +483,7 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
     };
     assert_eq!(hb, (1, 1.0 / 8.0), "heartbeats carry the load");
     // Metrics, in Prometheus' text format.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
-        .await
-        .unwrap();
+    let body = metrics_page(metrics_port).await;
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
     // (Sessions opened before this test's: the harness's probes of the engine server.)
     for line in [
@@ -512,14 +518,7 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
                 "no heartbeat with draining {draining}"
             );
         }
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
-            .await
-            .unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
-            .await
-            .unwrap();
+        let body = metrics_page(metrics_port).await;
         let line = format!("sagews_worker_draining {}", u8::from(draining));
         assert!(body.contains(&line), "{line} not in\n{body}");
     }

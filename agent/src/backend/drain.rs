@@ -109,7 +109,7 @@ impl Backend {
         self.metrics.inc(&self.metrics.drain_moves);
         let to = st.link.as_ref().map(|l| l.host.clone());
         let ms = started.elapsed().as_millis() as u64;
-        tracing::info!(workspace = %ws.id, from, to = ?to, changed, interrupted, ms, "moved off a draining worker");
+        tracing::info!(workspace = %ws.id, from, to = to.as_deref().unwrap_or("?"), changed, interrupted, ms, "moved off a draining worker");
         ws.broadcast(BrowserEvent::Moved {
             workspace: ws.id.clone(),
             message: format!(
