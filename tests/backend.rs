@@ -1570,3 +1570,50 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
     assert_eq!((out.trim(), st.as_str()), ("back", "ok"));
     c.close().await;
 }
+
+/// Issue 16: with every worker draining, a workspace has nowhere to go: it stays where it is
+/// and keeps working, no new workspace is placed; once another worker is undrained, it moves
+/// there with its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
+    let s = Stack::start(opts(2, 1, 72900)).await;
+    let (mut c, ws) = account_with_workspace(&s, "stay", "kept", false).await;
+    let first = c.ok(json!({"op": "open", "workspace": ws})).await["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, err, st) = c.run(&ws, "open('f.txt', 'w').write('kept')").await;
+    assert_eq!(st, "ok", "{err}");
+    for w in &s.workers {
+        drain(w, false);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metric(0, "draining_workers").await != 2 {
+        assert!(std::time::Instant::now() < deadline, "not draining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        s.log("backend1").contains("no other worker has room"),
+        "{}",
+        s.log("backend1")
+    );
+    assert_eq!(s.metric(0, "drain_moves_total").await, 0);
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
+    let other = c.ok(json!({"op": "create", "name": "second"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = c.call(json!({"op": "open", "workspace": other})).await;
+    assert_eq!(r["ok"], false, "placed on a draining worker: {r}");
+    // Room again: the workspace moves, its files with it.
+    let b = s.workers.iter().find(|w| w.name != first).unwrap();
+    drain(b, true);
+    let moved = c.event("moved").await;
+    assert_eq!(moved["worker"], b.name.as_str(), "{moved}");
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
+    assert_eq!(s.metric(0, "drain_moves_total").await, 1);
+    c.close().await;
+}
