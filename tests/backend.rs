@@ -1573,7 +1573,7 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
 
 /// Issue 16: with every worker draining, a workspace has nowhere to go: it stays where it is
 /// and keeps working, no new workspace is placed; once another worker is undrained, it moves
-/// there with its files.
+/// there with its files. A cell that never ends is interrupted after 30 s for the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
     let s = Stack::start(opts(2, 1, 72900)).await;
@@ -1615,5 +1615,34 @@ async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
     let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
     assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
     assert_eq!(s.metric(0, "drain_moves_total").await, 1);
+    // A cell that does not end is interrupted after 30 s, then the workspace moves.
+    let a = s.workers.iter().find(|w| w.name == first).unwrap();
+    drain(a, true);
+    let id = c
+        .ok(json!({"op": "execute", "workspace": ws,
+            "code": "import time
+while True: time.sleep(0.1)"}))
+        .await["id"]
+        .clone();
+    let started = std::time::Instant::now();
+    drain(b, false);
+    let done = c.until(|v| v["event"] == "done" && v["id"] == id).await;
+    assert_eq!(done["status"], "interrupted", "{done}");
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_secs(29) && waited < Duration::from_secs(40),
+        "{waited:?}"
+    );
+    let moved = c.event("moved").await;
+    assert_eq!(moved["worker"], first.as_str(), "{moved}");
+    assert!(
+        moved["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted after 30 s"),
+        "{moved}"
+    );
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
     c.close().await;
 }
