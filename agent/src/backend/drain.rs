@@ -18,21 +18,26 @@ use super::open::OpenWs;
 use crate::proto::Request;
 
 /// How long running cells may go on before the move interrupts them.
-pub const CELL_WAIT: Duration = Duration::from_secs(30);
+const CELL_WAIT: Duration = Duration::from_secs(30);
 /// How long interrupted cells get to end; past it the save waits behind them in the worker's
 /// queue (a cell that ignores SIGINT ends at its wall-clock limit at the latest).
 const INTERRUPT_WAIT: Duration = Duration::from_secs(10);
 /// Workspaces moved at once, per draining worker.
 const AT_ONCE: usize = 4;
 /// The commit message of the save made for the move.
-pub const SAVE_MESSAGE: &str = "Saved before moving off a draining worker";
+const SAVE_MESSAGE: &str = "Saved before moving off a draining worker";
 
 impl Backend {
     /// Moves every workspace this backend has open on `host` to other workers; what cannot
     /// move now stays, with a warning.
     pub async fn move_workspaces_off(self: &Arc<Self>, host: &str) {
-        let all = self.open.all();
-        futures_util::stream::iter(all)
+        // Those busy now (opening, saving...) are looked at once they are free.
+        let there = self.open.all().into_iter().filter(|ws| {
+            ws.state
+                .try_lock()
+                .map_or(true, |st| st.link.as_ref().is_some_and(|l| l.host == host))
+        });
+        futures_util::stream::iter(there)
             .for_each_concurrent(AT_ONCE, |ws| async move {
                 if let Err(e) = self.move_off(&ws, host).await {
                     tracing::warn!(workspace = %ws.id, worker = %host, "not moved off the draining worker yet (tried again at its next heartbeat): {e}");

@@ -4,7 +4,7 @@
 //! `Link`) per worker it uses, carrying every session it placed there; a session's events are
 //! routed to its workspace by session id. A link that breaks drops every route, which is how a
 //! workspace learns its worker is gone. A worker that says it is draining gets no new session,
-//! and the workspaces this backend has open there are moved away (`open.rs`).
+//! and the workspaces this backend has open there are moved away (`drain.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,10 +124,10 @@ impl Registry {
         })
     }
 
-    /// The least loaded healthy worker with room, not draining, not in `exclude`, where the account does not
-    /// already hold half the slots (`account_on`: its open workspaces per worker), so one
-    /// account can never fill a worker and others always find room. `Err(true)` when workers
-    /// had room but only past that share.
+    /// The least loaded healthy worker with room, not draining, not in `exclude`, where the
+    /// account does not already hold half the slots (`account_on`: its open workspaces per
+    /// worker), so one account can never fill a worker and others always find room. `Err(true)`
+    /// when workers had room but only past that share.
     pub fn pick(
         &self,
         exclude: &[String],
