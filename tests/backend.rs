@@ -1461,6 +1461,18 @@ fn drain(worker: &stack::Proc, undo: bool) {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// Waits until backend 0 counts `n` draining workers.
+async fn wait_draining(s: &Stack, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metric(0, "draining_workers").await != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {n} draining workers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Issue 16: draining a worker moves the workspaces open there to another worker, between
 /// cells and saved first: a cell running at the drain finishes, the viewer gets `moved` within
 /// seconds, what was written before is on the other worker, the next execute runs there; new
@@ -1559,11 +1571,7 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
     c.ok(json!({"op": "close", "workspace": other})).await;
     // Undrained, it takes sessions again (the emptier worker).
     drain(a, true);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.metric(0, "draining_workers").await != 0 {
-        assert!(std::time::Instant::now() < deadline, "still draining");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_draining(&s, 0).await;
     let r = c.ok(json!({"op": "open", "workspace": other})).await;
     assert_eq!(r["worker"], first.as_str(), "{r}");
     let (out, _, st) = c.run(&other, "print('back')").await;
@@ -1584,13 +1592,12 @@ async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
         .to_string();
     let (_, err, st) = c.run(&ws, "open('f.txt', 'w').write('kept')").await;
     assert_eq!(st, "ok", "{err}");
-    for w in &s.workers {
+    // The other worker first (seen drained before this one is), so there is never room.
+    let a = s.workers.iter().find(|w| w.name == first).unwrap();
+    let b = s.workers.iter().find(|w| w.name != first).unwrap();
+    for (n, w) in [b, a].into_iter().enumerate() {
         drain(w, false);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.metric(0, "draining_workers").await != 2 {
-        assert!(std::time::Instant::now() < deadline, "not draining");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_draining(&s, n as u64 + 1).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -1608,7 +1615,6 @@ async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
     let r = c.call(json!({"op": "open", "workspace": other})).await;
     assert_eq!(r["ok"], false, "placed on a draining worker: {r}");
     // Room again: the workspace moves, its files with it.
-    let b = s.workers.iter().find(|w| w.name != first).unwrap();
     drain(b, true);
     let moved = c.event("moved").await;
     assert_eq!(moved["worker"], b.name.as_str(), "{moved}");
@@ -1616,8 +1622,8 @@ async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
     assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
     assert_eq!(s.metric(0, "drain_moves_total").await, 1);
     // A cell that does not end is interrupted after 30 s, then the workspace moves.
-    let a = s.workers.iter().find(|w| w.name == first).unwrap();
     drain(a, true);
+    wait_draining(&s, 0).await;
     let id = c
         .ok(json!({"op": "execute", "workspace": ws,
             "code": "import time
