@@ -1461,6 +1461,18 @@ fn drain(worker: &stack::Proc, undo: bool) {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// A stack of two workers and a backend, and an account `name` with a workspace open: the
+/// stack, the session, the workspace and the worker it is open on.
+async fn two_workers_one_open(uid_base: u32, name: &str) -> (Stack, stack::Sock, String, String) {
+    let s = Stack::start(opts(2, 1, uid_base)).await;
+    let (mut c, ws) = account_with_workspace(&s, name, "drained", false).await;
+    let first = c.ok(json!({"op": "open", "workspace": ws})).await["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (s, c, ws, first)
+}
+
 /// Waits until backend 0 counts `n` draining workers.
 async fn wait_draining(s: &Stack, n: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1480,12 +1492,7 @@ async fn wait_draining(s: &Stack, n: u64) {
 /// undrained, and its old session is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
-    let s = Stack::start(opts(2, 1, 72800)).await;
-    let (mut c, ws) = account_with_workspace(&s, "dora", "drained", false).await;
-    let first = c.ok(json!({"op": "open", "workspace": ws})).await["worker"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (s, mut c, ws, first) = two_workers_one_open(72800, "dora").await;
     let (out, err, st) = c
         .run(
             &ws,
@@ -1584,12 +1591,7 @@ async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
 /// there with its files. A cell that never ends is interrupted after 30 s for the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
-    let s = Stack::start(opts(2, 1, 72900)).await;
-    let (mut c, ws) = account_with_workspace(&s, "stay", "kept", false).await;
-    let first = c.ok(json!({"op": "open", "workspace": ws})).await["worker"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (s, mut c, ws, first) = two_workers_one_open(72900, "stay").await;
     let (_, err, st) = c.run(&ws, "open('f.txt', 'w').write('kept')").await;
     assert_eq!(st, "ok", "{err}");
     // The other worker first (seen drained before this one is), so there is never room.
