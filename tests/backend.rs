@@ -529,6 +529,7 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_stored() {
             address: "127.0.0.1:1".into(),
             capacity: 100,
             engines: vec!["python3".into()],
+            draining: false,
         };
         sage_agent::frame::write(&mut tls, &register)
             .await
@@ -1442,4 +1443,220 @@ async fn a_burst_of_guesses_cannot_pass_the_limit() {
         ),
         checked.to_string()
     );
+}
+
+/// `sage-agent drain` (or `--undo`) on a worker's host, as `sagectl drain` runs it; never on
+/// this box's own /var/lib/sage-worker (other tests' workers).
+fn drain(worker: &stack::Proc, undo: bool) {
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&worker.config).unwrap()).unwrap();
+    let dir = config["state_dir"]
+        .as_str()
+        .unwrap_or("/var/lib/sage-worker");
+    assert!(
+        !dir.starts_with("/var/lib/sage-worker"),
+        "{}: the worker's state directory is the box's",
+        worker.config.display()
+    );
+    let mut cmd = std::process::Command::new(sagews_testkit::bin("sage-agent"));
+    cmd.args(["drain", "--config"]).arg(&worker.config);
+    if undo {
+        cmd.arg("--undo");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A stack of two workers and a backend, and an account `name` with a workspace open: the
+/// stack, the session, the workspace and the worker it is open on.
+async fn two_workers_one_open(uid_base: u32, name: &str) -> (Stack, stack::Sock, String, String) {
+    let s = Stack::start(opts(2, 1, uid_base)).await;
+    let (mut c, ws) = account_with_workspace(&s, name, "drained", false).await;
+    let first = c.ok(json!({"op": "open", "workspace": ws})).await["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (s, c, ws, first)
+}
+
+/// Waits until backend 0 counts `n` draining workers.
+async fn wait_draining(s: &Stack, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metric(0, "draining_workers").await != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {n} draining workers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 16: draining a worker moves the workspaces open there to another worker, between
+/// cells and saved first: a cell running at the drain finishes, the viewer gets `moved` within
+/// seconds, what was written before is on the other worker, the next execute runs there; new
+/// workspaces never land on the drained worker (though it is the emptier one) until it is
+/// undrained, and its old session is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_worker_hands_its_workspaces_to_another_with_nothing_lost() {
+    let (s, mut c, ws, first) = two_workers_one_open(72800, "dora").await;
+    let (out, err, st) = c
+        .run(
+            &ws,
+            "open('f.txt', 'w').write('written before the drain')\nprint(6 * 7)",
+        )
+        .await;
+    assert_eq!((out.trim(), st.as_str()), ("42", "ok"), "{err}");
+    let a = s.workers.iter().find(|w| w.name == first).unwrap();
+    let id = c
+        .ok(json!({"op": "execute", "workspace": ws,
+            "code": "import time\ntime.sleep(2)\nprint('finished')"}))
+        .await["id"]
+        .clone();
+    let started = std::time::Instant::now();
+    drain(a, false);
+    // The running cell ends first, then the workspace moves.
+    let mut out = String::new();
+    loop {
+        let v = c.next().await;
+        match v["event"].as_str() {
+            Some("stdout") if v["id"] == id => out.push_str(v["data"].as_str().unwrap()),
+            Some("done") if v["id"] == id => {
+                assert_eq!(v["status"], "ok", "{v}");
+                break;
+            }
+            Some("moved") | Some("worker_lost") => panic!("{v} before the running cell ended"),
+            _ => {}
+        }
+    }
+    let cell_done = std::time::Instant::now();
+    assert_eq!(out.trim(), "finished");
+    let moved = c.event("moved").await;
+    let took = started.elapsed();
+    eprintln!(
+        "moved {took:?} after the drain (the 2 s cell and up to 1 s of heartbeat included), {:?} after the cell ended",
+        cell_done.elapsed()
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let log = s.log("backend1");
+    let line = log
+        .lines()
+        .find(|l| l.contains("moved off a draining worker"));
+    eprintln!("the backend: {}", line.unwrap_or("(no line)"));
+    let second = moved["worker"].as_str().unwrap().to_string();
+    assert_ne!(second, first, "{moved}");
+    assert!(
+        moved["message"].as_str().unwrap().contains("drained"),
+        "{moved}"
+    );
+    // Nothing written is lost, and the session runs on the other worker.
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!(
+        (out.trim(), st.as_str()),
+        ("written before the drain", "ok"),
+        "{err}"
+    );
+    let h = c.ok(json!({"op": "history", "workspace": ws})).await;
+    assert!(
+        h.to_string()
+            .contains("Saved before moving off a draining worker"),
+        "{h}"
+    );
+    assert_eq!(s.metric(0, "draining_workers").await, 1);
+    assert_eq!(s.metric(0, "drain_moves_total").await, 1);
+    assert_eq!(s.metric(0, "worker_failovers_total").await, 0);
+    // The old session is closed: the drained worker reports no session.
+    let sessions = format!("SELECT sessions FROM workers WHERE host = '{first}'");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.pg.query("sagews", &sessions).trim() != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{first} still has a session"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A new workspace goes to the other worker, though the drained one is empty.
+    let other = c.ok(json!({"op": "create", "name": "second"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = c.ok(json!({"op": "open", "workspace": other})).await;
+    assert_eq!(r["worker"], second.as_str(), "{r}");
+    c.ok(json!({"op": "close", "workspace": other})).await;
+    // Undrained, it takes sessions again (the emptier worker).
+    drain(a, true);
+    wait_draining(&s, 0).await;
+    let r = c.ok(json!({"op": "open", "workspace": other})).await;
+    assert_eq!(r["worker"], first.as_str(), "{r}");
+    let (out, _, st) = c.run(&other, "print('back')").await;
+    assert_eq!((out.trim(), st.as_str()), ("back", "ok"));
+    c.close().await;
+}
+
+/// Issue 16: with every worker draining, a workspace has nowhere to go: it stays where it is
+/// and keeps working, no new workspace is placed; once another worker is undrained, it moves
+/// there with its files. A cell that never ends is interrupted after 30 s for the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workspace_with_nowhere_to_go_stays_until_a_worker_has_room() {
+    let (s, mut c, ws, first) = two_workers_one_open(72900, "stay").await;
+    let (_, err, st) = c.run(&ws, "open('f.txt', 'w').write('kept')").await;
+    assert_eq!(st, "ok", "{err}");
+    // The other worker first (seen drained before this one is), so there is never room.
+    let a = s.workers.iter().find(|w| w.name == first).unwrap();
+    let b = s.workers.iter().find(|w| w.name != first).unwrap();
+    for (n, w) in [b, a].into_iter().enumerate() {
+        drain(w, false);
+        wait_draining(&s, n as u64 + 1).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        s.log("backend1").contains("no other worker has room"),
+        "{}",
+        s.log("backend1")
+    );
+    assert_eq!(s.metric(0, "drain_moves_total").await, 0);
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
+    let other = c.ok(json!({"op": "create", "name": "second"})).await["workspace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = c.call(json!({"op": "open", "workspace": other})).await;
+    assert_eq!(r["ok"], false, "placed on a draining worker: {r}");
+    // Room again: the workspace moves, its files with it.
+    drain(b, true);
+    let moved = c.event("moved").await;
+    assert_eq!(moved["worker"], b.name.as_str(), "{moved}");
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
+    assert_eq!(s.metric(0, "drain_moves_total").await, 1);
+    // A cell that does not end is interrupted after 30 s, then the workspace moves.
+    drain(a, true);
+    wait_draining(&s, 0).await;
+    let id = c
+        .ok(json!({"op": "execute", "workspace": ws,
+            "code": "import time
+while True: time.sleep(0.1)"}))
+        .await["id"]
+        .clone();
+    let started = std::time::Instant::now();
+    drain(b, false);
+    let done = c.until(|v| v["event"] == "done" && v["id"] == id).await;
+    assert_eq!(done["status"], "interrupted", "{done}");
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_secs(29) && waited < Duration::from_secs(40),
+        "{waited:?}"
+    );
+    let moved = c.event("moved").await;
+    assert_eq!(moved["worker"], first.as_str(), "{moved}");
+    assert!(
+        moved["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted after 30 s"),
+        "{moved}"
+    );
+    let (out, err, st) = c.run(&ws, "print(open('f.txt').read())").await;
+    assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
+    c.close().await;
 }

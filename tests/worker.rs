@@ -383,6 +383,19 @@ async fn sessions_stop_when_no_backend_is_heard_from() {
     w.stop().await;
 }
 
+/// The worker's metrics page on `port`, the HTTP answer whole.
+async fn metrics_page(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
+        .await
+        .unwrap();
+    body
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn registers_with_backends_heartbeats_and_serves_metrics() {
     use sage_agent::proto::{Announce, AnnounceReply};
@@ -434,6 +447,7 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
             address,
             capacity,
             engines,
+            draining: false,
         } => {
             assert_eq!(
                 (host.as_str(), address, capacity, engines),
@@ -463,28 +477,50 @@ async fn registers_with_backends_heartbeats_and_serves_metrics() {
     let mut c = w.client().await;
     assert_eq!(c.run("kept", 1, "'alive'").await.stdout, "'alive'\n");
     let hb = loop {
-        if let Announce::Heartbeat { sessions, load } = got.recv().await.unwrap() {
+        if let Announce::Heartbeat { sessions, load, .. } = got.recv().await.unwrap() {
             break (sessions, load);
         }
     };
     assert_eq!(hb, (1, 1.0 / 8.0), "heartbeats carry the load");
     // Metrics, in Prometheus' text format.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
-        .await
-        .unwrap();
+    let body = metrics_page(metrics_port).await;
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
     // (Sessions opened before this test's: the harness's probes of the engine server.)
     for line in [
         "sagews_worker_sessions_open 1",
         "sagews_worker_executes_total 1",
         "sagews_worker_engine_server{mode=\"zygote\"} 1",
+        "sagews_worker_draining 0",
     ] {
         assert!(body.contains(line), "{line} not in\n{body}");
+    }
+    // `sage-agent drain`: the next heartbeat says so, and the metrics; `--undo` ends it.
+    let config = w.tmp.path().join("worker.json");
+    for (undo, draining) in [(false, true), (true, false)] {
+        let mut cmd = std::process::Command::new(sagews_testkit::bin("sage-agent"));
+        cmd.args(["drain", "--config"]).arg(&config);
+        if undo {
+            cmd.arg("--undo");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("worker worker1: "), "{said}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Announce::Heartbeat { draining: d, .. } = got.recv().await.unwrap() {
+                if d == draining {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat with draining {draining}"
+            );
+        }
+        let body = metrics_page(metrics_port).await;
+        let line = format!("sagews_worker_draining {}", u8::from(draining));
+        assert!(body.contains(&line), "{line} not in\n{body}");
     }
     c.close("kept").await;
     w.stop().await;

@@ -36,6 +36,20 @@ enum Agent {
     /// Run one cell on a worker through its protocol, with a backend's certificate (the
     /// deploy's health check); prints the cell's output.
     Probe(ProbeOpts),
+    /// Drain this host's worker: backends place no new session on it and move its open ones
+    /// (saved first) to other workers, until `--undo`. A flag file in the worker's state
+    /// directory, so it outlives restarts; the running worker sees it at its next heartbeat.
+    Drain(DrainOpts),
+}
+
+#[derive(clap::Args)]
+struct DrainOpts {
+    /// The worker's config file (for its state directory).
+    #[arg(long)]
+    config: PathBuf,
+    /// Undrain: the worker takes sessions again.
+    #[arg(long)]
+    undo: bool,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +103,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.agent {
         Agent::Probe(o) => probe(&o),
+        Agent::Drain(o) => drain(&o),
         Agent::CheckConfig { agent, file } => check_config(&agent, &file),
         Agent::Worker(o) => worker(&o),
         Agent::Backend(o) => backend(&o),
@@ -138,6 +153,32 @@ fn check_config(agent: &str, file: &std::path::Path) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown agent `{other}`: worker, backend or logd"),
     }?;
     println!("{}: a valid {agent} configuration", file.display());
+    Ok(())
+}
+
+fn drain(o: &DrainOpts) -> anyhow::Result<()> {
+    let config = sage_agent::worker::Config::load(&o.config)?;
+    let dir = &config.state_dir;
+    let changed = sage_agent::worker::drain::set(dir, !o.undo).with_context(|| {
+        format!(
+            "{}: {}",
+            if o.undo { "undraining" } else { "draining" },
+            sage_agent::worker::drain::flag(dir).display()
+        )
+    })?;
+    let (now, already) = match (o.undo, changed) {
+        (false, true) => (
+            "draining: its backends move its open sessions to other workers within a heartbeat",
+            "",
+        ),
+        (false, false) => ("draining", " (already)"),
+        (true, true) => (
+            "undrained: it takes new sessions again from its next heartbeat",
+            "",
+        ),
+        (true, false) => ("not draining", " (already)"),
+    };
+    println!("worker {}: {now}{already}", config.host);
     Ok(())
 }
 

@@ -220,6 +220,12 @@ pub enum Event {
 }
 
 /// Worker → backend, on the backend's worker port: who the worker is, then heartbeats.
+///
+/// `draining` (the operator's `sage-agent drain`: take no new sessions, let backends move the
+/// open ones away) is left out while false, so a worker that is not draining sends exactly what
+/// workers sent before it existed, and backends of before accept it during a rolling upgrade.
+/// Such a backend refuses a draining worker's announcements (unknown field): drain after the
+/// backends are upgraded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Announce {
@@ -228,11 +234,19 @@ pub enum Announce {
         address: String,
         capacity: u32,
         engines: Vec<String>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        draining: bool,
     },
     Heartbeat {
         sessions: u32,
         load: f64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        draining: bool,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Backend → worker, answering an announcement.
@@ -359,6 +373,48 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"type":"done","session":"w1","id":3,"status":"ok"}"#
+        );
+    }
+
+    #[test]
+    fn announcements_of_a_worker_not_draining_are_unchanged() {
+        // What workers sent before `draining` existed, byte for byte: backends of before
+        // (unknown fields refused) keep accepting a worker that is not draining.
+        let hb = Announce::Heartbeat {
+            sessions: 2,
+            load: 0.25,
+            draining: false,
+        };
+        let old = r#"{"type":"heartbeat","sessions":2,"load":0.25}"#;
+        assert_eq!(serde_json::to_string(&hb).unwrap(), old);
+        assert_eq!(serde_json::from_str::<Announce>(old).unwrap(), hb);
+        let reg = Announce::Register {
+            host: "w1".into(),
+            address: "10.0.0.1:7000".into(),
+            capacity: 8,
+            engines: vec!["python3".into()],
+            draining: false,
+        };
+        let old = r#"{"type":"register","host":"w1","address":"10.0.0.1:7000","capacity":8,"engines":["python3"]}"#;
+        assert_eq!(serde_json::to_string(&reg).unwrap(), old);
+        assert_eq!(serde_json::from_str::<Announce>(old).unwrap(), reg);
+        // A draining worker says so; other unknown fields are still refused.
+        let draining = Announce::Heartbeat {
+            sessions: 2,
+            load: 0.25,
+            draining: true,
+        };
+        let text = serde_json::to_string(&draining).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"heartbeat","sessions":2,"load":0.25,"draining":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Announce>(&text).unwrap(), draining);
+        assert!(
+            serde_json::from_str::<Announce>(
+                r#"{"type":"heartbeat","sessions":2,"load":0.25,"drained":true}"#
+            )
+            .is_err()
         );
     }
 

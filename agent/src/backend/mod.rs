@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod api;
 pub mod cache;
+mod drain;
 pub mod git;
 pub mod msg;
 pub mod open;
@@ -242,12 +243,14 @@ pub struct Metrics {
     pub executes: Counter,
     pub workspaces_opened: Counter,
     pub worker_failovers: Counter,
+    pub drain_moves: Counter,
     pub publishes: Counter,
     /// Not exported (HAProxy's and our own limits are told in logs).
     pub throttled: Counter,
     sockjs_sessions: Gauge,
     open_workspaces: Gauge,
     healthy_workers: Gauge,
+    draining_workers: Gauge,
     registry: Registry,
 }
 
@@ -269,6 +272,7 @@ impl Metrics {
             ("executes", "Executes sent to workers", &m.executes),
             ("workspaces_opened", "Workspaces opened on a worker", &m.workspaces_opened),
             ("worker_failovers", "Workspaces moved after losing their worker", &m.worker_failovers),
+            ("drain_moves", "Workspaces moved off a draining worker", &m.drain_moves),
             ("publishes", "Workspaces published", &m.publishes),
         ];
         #[rustfmt::skip]
@@ -276,6 +280,7 @@ impl Metrics {
             ("sockjs_sessions", "SockJS sessions now", &m.sockjs_sessions),
             ("open_workspaces", "Workspaces open now", &m.open_workspaces),
             ("healthy_workers", "Workers heard from recently", &m.healthy_workers),
+            ("draining_workers", "Healthy workers being drained (no new sessions; this backend moves its workspaces off them)", &m.draining_workers),
         ];
         let mut registry = Registry::with_prefix("sagews_backend");
         for (name, help, c) in counters {
@@ -378,6 +383,7 @@ impl Backend {
         m.sockjs_sessions.set(self.sockjs.count() as i64);
         m.open_workspaces.set(self.open.count() as i64);
         m.healthy_workers.set(self.workers.healthy() as i64);
+        m.draining_workers.set(self.workers.draining() as i64);
         crate::service::metrics_response(&m.registry)
     }
 

@@ -283,7 +283,8 @@ pub enum BrowserEvent {
         status: Status,
         message: Option<String>,
     },
-    /// The workspace's worker was lost; it was reopened on another from its last save.
+    /// The workspace was reopened on another worker: its worker was lost (from its last save),
+    /// or is being drained (saved first, between cells).
     Moved {
         workspace: String,
         worker: Option<String>,

@@ -2,7 +2,8 @@
 //! connection viewing it. Output events go to all viewers; control requests (open, save, close)
 //! are answered in order, so each waits on a queue. When the worker's link breaks, running
 //! executes end as `killed`, the viewers are told, and the workspace reopens on another worker
-//! from its last save. When the last viewer leaves, the workspace is saved and closed.
+//! from its last save. When the last viewer leaves, the workspace is saved and closed. A
+//! workspace on a draining worker moves between cells: saved, reopened elsewhere, closed there.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,13 +81,17 @@ impl OpenWorkspaces {
     pub fn count(&self) -> usize {
         self.map.lock().unwrap().len()
     }
+
+    pub fn all(&self) -> Vec<Arc<OpenWs>> {
+        self.map.lock().unwrap().values().cloned().collect()
+    }
 }
 
 pub struct OpenWs {
     pub id: String,
     pub account_id: i64,
-    /// The session's worker; locked while opening, saving or closing.
-    state: tokio::sync::Mutex<Placement>,
+    /// The session's worker; locked while opening, saving, closing or moving.
+    pub(super) state: tokio::sync::Mutex<Placement>,
     viewers: Mutex<Vec<(u64, Viewer)>>,
     control: Mutex<VecDeque<oneshot::Sender<Event>>>,
     running: Mutex<HashSet<u64>>,
@@ -95,15 +100,15 @@ pub struct OpenWs {
 }
 
 #[derive(Default)]
-struct Placement {
-    link: Option<Arc<Link>>,
+pub(super) struct Placement {
+    pub(super) link: Option<Arc<Link>>,
     /// Bumped at each placement so a stale pump knows it is stale.
     generation: u64,
-    closing: bool,
+    pub(super) closing: bool,
 }
 
 impl OpenWs {
-    fn broadcast(&self, ev: BrowserEvent) {
+    pub(super) fn broadcast(&self, ev: BrowserEvent) {
         let text: Arc<str> = serde_json::to_string(&ev).expect("events serialise").into();
         self.viewers.lock().unwrap().retain(|(_, v)| v.send(&text));
     }
@@ -131,6 +136,11 @@ impl OpenWs {
 
     pub fn viewers(&self) -> usize {
         self.viewers.lock().unwrap().len()
+    }
+
+    /// Executes sent and not done yet.
+    pub fn running(&self) -> usize {
+        self.running.lock().unwrap().len()
     }
 
     pub async fn worker(&self) -> Option<String> {
@@ -199,7 +209,7 @@ impl Backend {
 
     /// Starts the workspace's session on the least loaded worker (not in `exclude`), from its
     /// last save.
-    async fn place(
+    pub(super) async fn place(
         self: &Arc<Self>,
         ws: &Arc<OpenWs>,
         st: &mut Placement,
@@ -239,15 +249,7 @@ impl Backend {
                     continue;
                 }
             };
-            st.generation += 1;
-            let rx = link.route(&ws.id);
-            tokio::spawn(pump(
-                self.clone(),
-                ws.clone(),
-                rx,
-                st.generation,
-                host.clone(),
-            ));
+            self.watch(ws, st, &link);
             let (tx, wait) = oneshot::channel();
             ws.control.lock().unwrap().push_back(tx);
             let sent = link
@@ -295,14 +297,7 @@ impl Backend {
             }
             st.link = Some(link);
             st.closing = false;
-            self.db()
-                .await?
-                .execute(
-                    "INSERT INTO open_sessions (workspace, account_id, backend, worker) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (workspace) DO UPDATE SET account_id = $2, backend = $3, worker = $4, since = now()",
-                    &[&ws.id, &ws.account_id, &self.config.host, &host],
-                )
-                .await?;
+            self.record_open(ws, &host).await?;
             tracing::info!(workspace = %ws.id, worker = %host, "workspace opened");
             return Ok(());
         }
@@ -312,6 +307,32 @@ impl Backend {
         Err(ApiError::busy(format!(
             "cannot open the workspace: {last_err}; try again shortly"
         )))
+    }
+
+    /// Routes `link`'s events for `ws` to a new pump: the placement's next generation.
+    pub(super) fn watch(self: &Arc<Self>, ws: &Arc<OpenWs>, st: &mut Placement, link: &Link) {
+        st.generation += 1;
+        let rx = link.route(&ws.id);
+        tokio::spawn(pump(
+            self.clone(),
+            ws.clone(),
+            rx,
+            st.generation,
+            link.host.clone(),
+        ));
+    }
+
+    /// `ws` is open on worker `host` (for the per-account cap and shares).
+    pub(super) async fn record_open(&self, ws: &OpenWs, host: &str) -> Result<(), ApiError> {
+        self.db()
+            .await?
+            .execute(
+                "INSERT INTO open_sessions (workspace, account_id, backend, worker) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (workspace) DO UPDATE SET account_id = $2, backend = $3, worker = $4, since = now()",
+                &[&ws.id, &ws.account_id, &self.config.host, &host],
+            )
+            .await?;
+        Ok(())
     }
 
     /// The account's open workspaces per worker (but `ws`), across backends; refuses when the
@@ -455,7 +476,7 @@ impl Backend {
         self.save_locked(ws, &st, message).await
     }
 
-    async fn save_locked(
+    pub(super) async fn save_locked(
         &self,
         ws: &OpenWs,
         st: &Placement,

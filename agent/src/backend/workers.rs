@@ -3,7 +3,8 @@
 //! placement and in PostgreSQL for everyone to see. A backend holds one TLS connection (a
 //! `Link`) per worker it uses, carrying every session it placed there; a session's events are
 //! routed to its workspace by session id. A link that breaks drops every route, which is how a
-//! workspace learns its worker is gone.
+//! workspace learns its worker is gone. A worker that says it is draining gets no new session,
+//! and the workspaces this backend has open there are moved away (`drain.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,12 +34,16 @@ pub struct Entry {
     pub last_seen: Instant,
     /// The announcement connection is up.
     pub announcing: bool,
+    /// The worker is being drained: no new session goes there.
+    pub draining: bool,
 }
 
 #[derive(Default)]
 pub struct Registry {
     pub entries: Mutex<HashMap<String, Entry>>,
     links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Draining workers whose workspaces a task is moving away now (one task per worker).
+    moving: Mutex<std::collections::HashSet<String>>,
 }
 
 /// One connection to a worker, shared by every session this backend placed there.
@@ -96,10 +101,33 @@ impl Registry {
             .count()
     }
 
-    /// The least loaded healthy worker with room, not in `exclude`, where the account does not
-    /// already hold half the slots (`account_on`: its open workspaces per worker), so one
-    /// account can never fill a worker and others always find room. `Err(true)` when workers
-    /// had room but only past that share.
+    /// Healthy workers that are draining.
+    pub fn draining(&self) -> usize {
+        let now = Instant::now();
+        self.entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| e.announcing && now - e.last_seen < STALE && e.draining)
+            .count()
+    }
+
+    /// Whether a healthy worker but `host` that is not draining has room for a session.
+    pub fn room_elsewhere(&self, host: &str) -> bool {
+        let now = Instant::now();
+        self.entries.lock().unwrap().values().any(|e| {
+            e.announcing
+                && now - e.last_seen < STALE
+                && !e.draining
+                && e.host != host
+                && e.sessions + e.placed < e.capacity
+        })
+    }
+
+    /// The least loaded healthy worker with room, not draining, not in `exclude`, where the
+    /// account does not already hold half the slots (`account_on`: its open workspaces per
+    /// worker), so one account can never fill a worker and others always find room. `Err(true)`
+    /// when workers had room but only past that share.
     pub fn pick(
         &self,
         exclude: &[String],
@@ -110,7 +138,7 @@ impl Registry {
         let mut share_refused = false;
         let best = entries
             .values_mut()
-            .filter(|e| e.announcing && now - e.last_seen < STALE)
+            .filter(|e| e.announcing && now - e.last_seen < STALE && !e.draining)
             .filter(|e| !exclude.contains(&e.host))
             .filter(|e| e.sessions + e.placed < e.capacity)
             .filter(|e| {
@@ -248,6 +276,7 @@ impl Backend {
             address,
             capacity,
             engines,
+            draining,
         } = first
         else {
             tracing::warn!(%peer, "a worker must register before its heartbeats");
@@ -261,7 +290,7 @@ impl Backend {
             tracing::warn!(%peer, %address, "refusing a worker announcing another host's address");
             return;
         }
-        tracing::info!(worker = %host, %address, capacity, "worker registered");
+        tracing::info!(worker = %host, %address, capacity, draining, "worker registered");
         self.workers.entries.lock().unwrap().insert(
             host.clone(),
             Entry {
@@ -273,6 +302,7 @@ impl Backend {
                 placed: 0,
                 last_seen: Instant::now(),
                 announcing: true,
+                draining,
             },
         );
         self.record_worker(&host, &address, capacity, &engines, 0, 0.0)
@@ -283,12 +313,25 @@ impl Backend {
         }
         loop {
             match frame::read::<Announce, _>(&mut s, 1 << 16, STALE).await {
-                Ok(Announce::Heartbeat { sessions, load }) => {
+                Ok(Announce::Heartbeat {
+                    sessions,
+                    load,
+                    draining,
+                }) => {
                     if let Some(e) = self.workers.entries.lock().unwrap().get_mut(&host) {
                         e.sessions = sessions;
                         e.placed = 0;
                         e.last_seen = Instant::now();
                         e.announcing = true;
+                        if e.draining != draining {
+                            tracing::info!(worker = %host, draining, "worker draining changed");
+                        }
+                        e.draining = draining;
+                    }
+                    // At every heartbeat while draining, so what could not move yet (no room
+                    // elsewhere, a failed save) is tried again.
+                    if draining {
+                        self.move_off_draining(&host);
                     }
                     self.record_worker(&host, &address, capacity, &engines, sessions, load)
                         .await;
@@ -307,6 +350,19 @@ impl Backend {
             }
         }
         self.workers.down(&host);
+    }
+
+    /// Moves this backend's workspaces off the draining worker `host`, in a task of its own
+    /// unless one is at it already.
+    fn move_off_draining(self: &Arc<Self>, host: &str) {
+        if !self.workers.moving.lock().unwrap().insert(host.to_string()) {
+            return;
+        }
+        let (me, host) = (self.clone(), host.to_string());
+        tokio::spawn(async move {
+            me.move_workspaces_off(&host).await;
+            me.workers.moving.lock().unwrap().remove(&host);
+        });
     }
 
     async fn record_worker(
@@ -360,10 +416,31 @@ mod tests {
                     placed: 0,
                     last_seen: Instant::now(),
                     announcing: true,
+                    draining: false,
                 },
             );
         }
         r
+    }
+
+    #[test]
+    fn a_draining_worker_gets_no_new_session() {
+        let r = registry(&[("w1", 8, 0), ("w2", 8, 6)]);
+        let none = HashMap::new();
+        r.entries.lock().unwrap().get_mut("w1").unwrap().draining = true;
+        assert_eq!(r.draining(), 1);
+        // The emptier w1 is draining: w2, though busier.
+        assert_eq!(r.pick(&[], &none).unwrap().0, "w2");
+        assert!(r.room_elsewhere("w1"));
+        // w2 full: nowhere to go, and w1 is still not used.
+        r.entries.lock().unwrap().get_mut("w2").unwrap().sessions = 8;
+        assert_eq!(r.pick(&[], &none), Err(false));
+        assert!(!r.room_elsewhere("w1"));
+        // Undrained: w1 again.
+        r.entries.lock().unwrap().get_mut("w1").unwrap().draining = false;
+        assert_eq!(r.pick(&[], &none).unwrap().0, "w1");
+        assert_eq!(r.draining(), 0);
+        assert!(r.room_elsewhere("w2"), "w1 has room again");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 mod conn;
+pub mod drain;
 mod engine;
 mod register;
 pub mod sandbox;
@@ -155,6 +156,7 @@ pub struct Metrics {
     pub bad_frames: Counter,
     sessions_open: Gauge,
     uids_held: Gauge,
+    draining: Gauge,
     engine_server_up: Gauge,
     registry: Registry,
 }
@@ -206,6 +208,7 @@ impl Metrics {
             bad_frames: Counter::default(),
             sessions_open: Gauge::default(),
             uids_held: Gauge::default(),
+            draining: Gauge::default(),
             engine_server_up,
             registry: Registry::default(),
         };
@@ -216,6 +219,11 @@ impl Metrics {
                 &m.uids_held,
             ),
             ("sessions_open", "Sessions open now", &m.sessions_open),
+            (
+                "draining",
+                "1 while the worker is drained (sage-agent drain): no new sessions, open ones moved away",
+                &m.draining,
+            ),
         ];
         for (name, help, g) in gauges {
             registry.register(name, help, g.clone());
@@ -257,6 +265,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// When a backend was last heard from (a request, or an answer to a heartbeat).
     pub last_backend: Mutex<Instant>,
+    /// The drain flag as last read (`drain.rs`), to log its changes.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -279,7 +289,24 @@ impl Shared {
             cgroups,
             metrics,
             last_backend: Mutex::new(Instant::now()),
+            draining: Default::default(),
         }
+    }
+
+    /// Whether the operator is draining this worker: the flag file, read anew at each call
+    /// (one `stat`, before each heartbeat), so `sage-agent drain` needs no signal or connection.
+    pub fn draining(&self) -> bool {
+        let now = drain::is_draining(&self.config.state_dir);
+        if self.draining.swap(now, Ordering::Relaxed) != now {
+            if now {
+                tracing::warn!(
+                    "draining: backends place no new session here and move the open ones away"
+                );
+            } else {
+                tracing::info!("no longer draining: backends place sessions here again");
+            }
+        }
+        now
     }
 
     /// How long a session's processes get between SIGTERM and SIGKILL: 2 s, or 300 ms once the
@@ -330,6 +357,7 @@ impl Shared {
         let m = &self.metrics;
         m.sessions_open.set(i64::from(self.session_count()));
         m.uids_held.set(self.held.lock().unwrap().len() as i64);
+        m.draining.set(i64::from(self.draining()));
         if let Some(z) = &self.zygote {
             m.engine_server_up.set(i64::from(z.is_up()));
         }
@@ -405,6 +433,8 @@ pub async fn run(
     tracing::info!(mode = cgroups.mode().label(), "session limits");
     let shared = Arc::new(Shared::new(config, cgroups));
     let service = Service::new();
+    // Logs it when the worker starts drained (the flag outlives restarts).
+    shared.draining();
     if let Some(z) = &shared.zygote {
         service.spawn(z.clone().supervise());
     }

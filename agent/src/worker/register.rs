@@ -1,6 +1,6 @@
 //! Announcing the worker to a backend: a TLS connection to the backend's worker port (the
 //! backend must hold the `backend` role), a `register` frame, then a heartbeat with the load
-//! every few seconds, each acknowledged. Reconnects with backoff; every acknowledgement counts as
+//! (and whether the worker is draining, `drain.rs`) every few seconds, each acknowledged. Reconnects with backoff; every acknowledgement counts as
 //! hearing from a backend (for autostop).
 
 use std::sync::Arc;
@@ -43,6 +43,7 @@ async fn session(
             address: c.listen.to_string(),
             capacity: c.max_sessions,
             engines,
+            draining: shared.draining(),
         },
     )
     .await?;
@@ -54,7 +55,16 @@ async fn session(
         tokio::time::sleep(Duration::from_secs(c.heartbeat_seconds)).await;
         let sessions = shared.session_count();
         let load = f64::from(sessions) / f64::from(c.max_sessions.max(1));
-        frame::write(&mut s, &Announce::Heartbeat { sessions, load }).await?;
+        let draining = shared.draining();
+        frame::write(
+            &mut s,
+            &Announce::Heartbeat {
+                sessions,
+                load,
+                draining,
+            },
+        )
+        .await?;
         let AnnounceReply::Ack = frame::read(&mut s, 1 << 16, Duration::from_secs(10)).await?;
         shared.heard_from_backend();
     }
