@@ -391,6 +391,15 @@ impl Backend {
         Ok(self.pool.get().await?)
     }
 
+    /// A record of the fleet as this backend sees it (a worker registered), when there is a
+    /// logd: what `sagectl add-worker` waits for.
+    pub fn fleet_event(&self, what: &str, fields: serde_json::Value) {
+        let Some(log) = &self.log else { return };
+        if let serde_json::Value::Object(m) = fields {
+            log.log(Level::Info, "backend.fleet", what, m);
+        }
+    }
+
     /// An audit record not tied to a signed-in account (refusals), when there is a logd.
     pub fn audit_event(&self, what: &str, fields: serde_json::Value) {
         let Some(log) = &self.log else { return };

@@ -291,6 +291,10 @@ impl Backend {
             return;
         }
         tracing::info!(worker = %host, %address, capacity, draining, "worker registered");
+        self.fleet_event(
+            "worker registered",
+            serde_json::json!({"worker": host, "address": address, "capacity": capacity, "draining": draining}),
+        );
         self.workers.entries.lock().unwrap().insert(
             host.clone(),
             Entry {
