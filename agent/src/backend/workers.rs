@@ -292,7 +292,7 @@ impl Backend {
         }
         tracing::info!(worker = %host, %address, capacity, draining, "worker registered");
         self.fleet_event(
-            "worker registered",
+            &format!("worker {host} registered"),
             serde_json::json!({"worker": host, "address": address, "capacity": capacity, "draining": draining}),
         );
         self.workers.entries.lock().unwrap().insert(

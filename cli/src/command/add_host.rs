@@ -355,7 +355,14 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             .with_role(Role::Backend)
             .map(|h| h.name.clone())
             .collect();
-        match rt.block_on(registered(&p.inv, &o.name, started_ms, &backends)) {
+        // A worker this run changed (restarted) must register anew; one it left alone (a run
+        // again) registered before and has been heartbeating since.
+        let changed = recap
+            .hosts
+            .iter()
+            .any(|h| h.host == o.name && h.changed > 0);
+        let since = if changed { started_ms } else { 0 };
+        match rt.block_on(registered(&p.inv, &o.name, since, &backends)) {
             Ok(took) => eprintln!(
                 "{} is registered with every backend ({}), which place new sessions on it ({:.1}s after the run, from their logs in logd)",
                 o.name,
@@ -372,8 +379,8 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits (30 s at most) until every backend has logged registering `worker` since `since_ms`:
-/// the backends' own word, read from logd.
+/// Waits (30 s at most) until every backend has logged registering `worker` since `since_ms`
+/// (within the last week): the backends' own word, read from logd.
 async fn registered(
     inv: &Inventory,
     worker: &str,
@@ -385,8 +392,8 @@ async fn registered(
         anyhow::bail!("the inventory has no logd to confirm that the backends registered it");
     }
     let query = crate::logquery::Query {
-        since: "10m".into(),
-        text: Some("worker registered".into()),
+        since: "7d".into(),
+        text: Some(format!("worker {worker} registered")),
         limit: 10_000,
         ..Default::default()
     };
