@@ -207,7 +207,7 @@ fn add_worker_grows_the_pool(inv: &Path) {
         let b = s.create_and_open(3, "pool-b").await;
         let mut id = 10;
         for ws in [&a, &b] {
-            let code = format!("print(6 * 7)\nopen('note.txt', 'w').write('written in {ws}')");
+            let code = format!("print(6 * 7)\n_ = open('note.txt', 'w').write('written in {ws}')");
             let (out, _) = s.execute(id, ws, &code).await;
             assert_eq!(out.trim(), "42");
             id += 1;
