@@ -212,11 +212,24 @@ fn add_worker_grows_the_pool(inv: &Path) {
             assert_eq!(out.trim(), "42");
             id += 1;
         }
-        assert_eq!(
-            (sessions_open(inv, "bravo"), sessions_open(inv, "delta")),
-            (1, 1),
-            "one workspace on each worker"
-        );
+        let placed = (sessions_open(inv, "bravo"), sessions_open(inv, "delta"));
+        if placed != (1, 1) {
+            let log = ssh(
+                inv,
+                "alpha",
+                &[
+                    "journalctl",
+                    "-u",
+                    "sage-backend",
+                    "-n",
+                    "40",
+                    "--no-pager",
+                    "-o",
+                    "cat",
+                ],
+            );
+            panic!("one workspace on each worker, not {placed:?}; the backend's log:\n{log}");
+        }
         // remove-worker (issue 16): the workspace on delta is saved and moved while the
         // browser keeps polling; nothing written is lost.
         let remove = std::thread::spawn({

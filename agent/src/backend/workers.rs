@@ -29,8 +29,10 @@ pub struct Entry {
     pub engines: Vec<String>,
     /// Sessions the worker reported in its last heartbeat.
     pub sessions: u32,
-    /// Sessions this backend placed there since that heartbeat.
+    /// Sessions this backend placed there that no heartbeat has counted yet.
     pub placed: u32,
+    /// When this backend last placed a session there.
+    pub last_placed: Option<Instant>,
     pub last_seen: Instant,
     /// The announcement connection is up.
     pub announcing: bool,
@@ -83,6 +85,21 @@ impl Link {
         self.dead.store(true, Ordering::Relaxed);
         self.routes.lock().unwrap().clear();
     }
+}
+
+/// How long a placement may take to show in a worker's heartbeat (its engine starting).
+const PLACEMENT_SHOWS: Duration = Duration::from_secs(10);
+
+/// The placements still uncounted after a heartbeat reporting `sessions`: those the growth
+/// since the last heartbeat does not account for. A heartbeat made while a placed session's
+/// engine was still starting does not count it yet, and forgetting the placement then would
+/// make the worker look emptier than it is (two sessions in a row to one worker of two idle
+/// ones). Forgotten anyway once the last placement is older than [`PLACEMENT_SHOWS`].
+fn counted(e: &Entry, sessions: u32) -> u32 {
+    if e.last_placed.is_none_or(|t| t.elapsed() > PLACEMENT_SHOWS) {
+        return 0;
+    }
+    e.placed.saturating_sub(sessions.saturating_sub(e.sessions))
 }
 
 /// The slots of a worker of `capacity` one account may hold: half, at least one.
@@ -153,6 +170,7 @@ impl Registry {
             })
             .ok_or(share_refused)?;
         best.placed += 1;
+        best.last_placed = Some(Instant::now());
         Ok((best.host.clone(), best.address.clone()))
     }
 
@@ -304,6 +322,7 @@ impl Backend {
                 engines: engines.clone(),
                 sessions: 0,
                 placed: 0,
+                last_placed: None,
                 last_seen: Instant::now(),
                 announcing: true,
                 draining,
@@ -323,8 +342,8 @@ impl Backend {
                     draining,
                 }) => {
                     if let Some(e) = self.workers.entries.lock().unwrap().get_mut(&host) {
+                        e.placed = counted(e, sessions);
                         e.sessions = sessions;
-                        e.placed = 0;
                         e.last_seen = Instant::now();
                         e.announcing = true;
                         if e.draining != draining {
@@ -406,6 +425,30 @@ impl Backend {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_placement_counts_until_a_heartbeat_shows_it() {
+        let r = registry(&[("w1", 8, 0), ("w2", 8, 0)]);
+        let none = HashMap::new();
+        assert_eq!(r.pick(&[], &none).unwrap().0, "w1");
+        // A heartbeat from w1 made before its new session's engine started: still 0.
+        let mut entries = r.entries.lock().unwrap();
+        let e = entries.get_mut("w1").unwrap();
+        e.placed = counted(e, 0);
+        e.sessions = 0;
+        assert_eq!(e.placed, 1, "not counted yet: still placed");
+        drop(entries);
+        assert_eq!(
+            r.pick(&[], &none).unwrap().0,
+            "w2",
+            "w1 is not emptier than it is"
+        );
+        // Once a heartbeat shows the session, the placement is no longer counted twice.
+        let mut entries = r.entries.lock().unwrap();
+        let e = entries.get_mut("w1").unwrap();
+        e.placed = counted(e, 1);
+        assert_eq!(e.placed, 0);
+    }
+
     fn registry(workers: &[(&str, u32, u32)]) -> Registry {
         let r = Registry::default();
         for (host, capacity, sessions) in workers {
@@ -418,6 +461,7 @@ mod tests {
                     engines: vec!["python3".into()],
                     sessions: *sessions,
                     placed: 0,
+                    last_placed: None,
                     last_seen: Instant::now(),
                     announcing: true,
                     draining: false,
