@@ -195,6 +195,9 @@ fn add_worker_grows_the_pool(inv: &Path) {
         assert_eq!(h["changed"], 0, "{h}\n{err}");
     }
     // The backend places sessions on the new worker too: two workspaces open, one on each.
+    // First a heartbeat period (5 s): the health checks' probe sessions on delta are closed,
+    // and the backend's view of delta's load must say so before placement is compared.
+    std::thread::sleep(Duration::from_secs(7));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -244,6 +244,7 @@ impl Backend {
             let link = match self.link(&host, &address).await {
                 Ok(l) => l,
                 Err(e) => {
+                    tracing::warn!(worker = %host, workspace = %ws.id, "cannot reach the worker to place a workspace: {e}");
                     self.workers.down(&host);
                     last_err = e;
                     continue;
