@@ -194,10 +194,19 @@ fn add_worker_grows_the_pool(inv: &Path) {
     for h in recap["hosts"].as_array().unwrap() {
         assert_eq!(h["changed"], 0, "{h}\n{err}");
     }
-    // The backend places sessions on the new worker too: two workspaces open, one on each.
-    // First a heartbeat period (5 s): the health checks' probe sessions on delta are closed,
-    // and the backend's view of delta's load must say so before placement is compared.
-    std::thread::sleep(Duration::from_secs(7));
+    // The backend places sessions on the new worker too: with bravo drained (sagectl drain),
+    // a workspace can only go to delta; bravo undrained, the next goes to the least loaded,
+    // bravo. One on each.
+    let drain = |verb: &str| {
+        let o = sagectl().arg(verb).arg(inv).arg("bravo").output().unwrap();
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{verb} bravo:\n{out}\n{err}");
+        err
+    };
+    let err = drain("drain");
+    assert!(err.contains("bravo takes no new sessions"), "{err}");
+    // The backend hears of it at bravo's next heartbeat (5 s).
+    std::thread::sleep(Duration::from_secs(6));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -206,8 +215,13 @@ fn add_worker_grows_the_pool(inv: &Path) {
     rt.block_on(async {
         let cookie = site.sign_up("pool-user", "a pool password").await;
         let mut s = sagews_testkit::browser::Sockjs::open(&site, &cookie, "poolsession").await;
-        let a = s.create_and_open(1, "pool-a").await;
         let b = s.create_and_open(3, "pool-b").await;
+        drain("undrain");
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            s.poll().await;
+        }
+        let a = s.create_and_open(1, "pool-a").await;
         let mut id = 10;
         for ws in [&a, &b] {
             let code = format!("print(6 * 7)\n_ = open('note.txt', 'w').write('written in {ws}')");
