@@ -270,6 +270,7 @@ impl Backend {
                 // its files are newer than the last save, so keep it.
                 Ok(Ok(Event::Error { message, .. })) if message.contains("already open") => {}
                 Ok(Ok(Event::Error { message, .. })) => {
+                    tracing::warn!(worker = %host, workspace = %ws.id, "the worker refused to open the workspace: {message}");
                     last_err = format!("worker {host}: {message}");
                     link.unroute(&ws.id);
                     continue;
