@@ -11,7 +11,10 @@
 //   the connection is dead. Reconnects use exponential backoff with jitter (capped); the
 //   workspaces that were open are opened again and the page is told ('resumed'). A request in
 //   flight when the connection drops is sent again if it only reads, otherwise it rejects
-//   (SageError with code 'connection_lost'); a running execute gets a 'lost' event.
+//   (SageError with code 'connection_lost'); a running execute gets a 'lost' event. A backend
+//   that stops (a rolling upgrade) refuses what arrives meanwhile with code 'restarting' (it did
+//   nothing with it): those requests are sent again once reconnected, and its close (1012)
+//   reconnects at once, to another backend.
 // - REST helpers (`client.rest` / SageREST): signup, signin, signout, whoami, upload, download.
 //
 // Transports are small factories `(ctx) => ({send(strings), close()})` that call
@@ -319,6 +322,7 @@ export class SageWS extends Emitter {
     this.transport = null; // the name of the transport in use
     this.nextId = 1;
     this._pending = new Map(); // id → request
+    this._held = []; // refused as 'restarting' by a stopping server: sent again once reconnected
     this._queue = []; // requests waiting for the connection, in order
     this._inflight = []; // requests sent and not answered, in the order sent
     this._executions = new Map(); // execute id → {workspace, onEvent}
@@ -507,7 +511,9 @@ export class SageWS extends Emitter {
         this._conn = null;
         this._failed(info);
       } else {
-        this._lost(conn, info, f.code === 2010 ? 0 : undefined);
+        // 2010: another connection holds the session; 1012: the server restarts (it has handed
+        // this session over): reconnect at once.
+        this._lost(conn, info, f.code === 2010 || f.code === 1012 ? 0 : undefined);
       }
     }
   }
@@ -595,14 +601,18 @@ export class SageWS extends Emitter {
       }
     }
     this._inflight = [];
-    this._queue = again.concat(this._queue);
+    this._queue = again.concat(this._held, this._queue);
+    this._held = [];
+    // Executes that will be sent on the next connection have not run: not lost.
+    const waiting = new Set(this._queue.map((p) => p.id));
     for (const [id, x] of this._executions) {
+      if (waiting.has(id)) continue;
       const ev = { event: 'lost', workspace: x.workspace, id,
         message: 'the connection was lost while this cell ran; its output after that is not shown' };
       if (x.onEvent) x.onEvent(ev);
       this.emit('lost', ev);
     }
-    this._executions.clear();
+    for (const id of [...this._executions.keys()]) if (!waiting.has(id)) this._executions.delete(id);
     if (this.autoReconnect) this._schedule(info, delay);
     else this._setState('closed', info);
   }
@@ -655,6 +665,7 @@ export class SageWS extends Emitter {
           this._pending.delete(id);
           this._queue = this._queue.filter((q) => q !== p);
           this._inflight = this._inflight.filter((q) => q !== p);
+          this._held = this._held.filter((q) => q !== p);
           this._executions.delete(id);
           reject(new SageError(`no answer to "${op}" in ${Math.round(timeout / 1000)} s`, { code: 'timeout', op }));
         }, timeout);
@@ -692,6 +703,7 @@ export class SageWS extends Emitter {
     this._pending.clear();
     this._queue = [];
     this._inflight = [];
+    this._held = [];
   }
 
   _onMessage(m) {
@@ -717,6 +729,13 @@ export class SageWS extends Emitter {
     }
     if (!p) return; // timed out already
     this._inflight = this._inflight.filter((q) => q !== p);
+    if (!m.ok && m.code === 'restarting') {
+      // The server is stopping and did nothing with it: sent again once reconnected (the
+      // server closes this connection next, with 1012).
+      p.sent = false;
+      this._held.push(p);
+      return;
+    }
     this._pending.delete(p.id);
     this._settle(p);
     if (m.ok) {

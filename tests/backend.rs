@@ -1334,7 +1334,7 @@ async fn an_account_at_its_cap_is_refused_while_another_opens() {
 /// what the browser left open is saved on the way out (issue 15).
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_the_backend_within_two_seconds() {
-    let mut s = Stack::start(opts(1, 1, 72600)).await;
+    let mut s = Stack::start(opts(1, 1, 75000)).await;
     let (mut c, ws) = account_with_workspace(&s, "stopper", "kept", true).await;
     c.ok(json!({"op": "execute", "workspace": ws, "code": "open('unsaved.txt', 'w').write('typed')"}))
         .await;
@@ -1379,6 +1379,85 @@ async fn sigterm_ends_the_backend_within_two_seconds() {
     assert!(
         size > 0,
         "the open workspace was saved before the backend exited"
+    );
+}
+
+/// A backend that stops hands its browsers over to the other backend (what a rolling upgrade
+/// does to each in turn): through HAProxy, a person's running cell ends normally and its output
+/// arrives; a request sent during the stop is refused as `restarting` and, once the person has
+/// reconnected (close 1012, HAProxy's persistence cookie expired by the backend), runs on the
+/// other backend; the file written before the stop is there; nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_backend_hands_its_browsers_over() {
+    let mut s = Stack::start(opts(1, 2, 75100)).await;
+    s.start_haproxy();
+    let site = sagews_testkit::browser::Site {
+        name: "sagews.test".into(),
+        addr: s.haproxy_addr(),
+        ca: s.ca_file(),
+    };
+    let mut p = sagews_testkit::person::Person::sign_up(&site, "handed", "a long password")
+        .await
+        .unwrap();
+    p.create_and_open("handover").await.unwrap();
+    let (out, status) = p
+        .execute("_ = open('before.txt', 'w').write('typed before the stop')")
+        .await
+        .unwrap();
+    assert_eq!((out.as_str(), status.as_str()), ("", "ok"));
+    let first = p
+        .backend()
+        .expect("HAProxy's persistence cookie")
+        .to_string();
+    let i = s.backends.iter().position(|b| b.name == first).unwrap();
+    // A cell that runs through the stop, then SIGTERM to the person's backend.
+    let running = p
+        .start_execute("import time\ntime.sleep(1.5)\nprint('slept')")
+        .await
+        .unwrap();
+    let pid = s.backends[i].pid().unwrap();
+    let stopped = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent while the backend waits for the cell: refused as restarting, run elsewhere after.
+    let during = p
+        .start_execute("print(open('before.txt').read())")
+        .await
+        .unwrap();
+    assert_eq!(
+        p.finish_execute(running).await.unwrap(),
+        ("slept\n".to_string(), "ok".to_string()),
+        "the running cell ended normally on the stopping backend"
+    );
+    assert_eq!(
+        p.finish_execute(during).await.unwrap(),
+        ("typed before the stop\n".to_string(), "ok".to_string()),
+        "the held request ran once, on the other backend, with the saved files"
+    );
+    let handed = stopped.elapsed();
+    let seen = p.seen.clone();
+    eprintln!("handed over in {handed:?}: {seen:?}");
+    assert_eq!(seen.restarted_requests, 1, "{seen:?}");
+    assert_eq!(seen.closed.get(&1012), Some(&1), "{seen:?}");
+    assert!(seen.lost_requests.is_empty(), "{seen:?}");
+    assert!(seen.trouble.is_empty(), "{seen:?}");
+    let now = p
+        .backend()
+        .expect("a cookie for the other backend")
+        .to_string();
+    assert_ne!(now, first, "{seen:?}");
+    // The stopping backend exits cleanly within the unit's TimeoutStopSec, saying so.
+    let (_, clean) = s.backends[i].stop();
+    assert!(clean);
+    let log = s.log(&first);
+    assert!(log.contains("handed the browsers over"), "{log}");
+    // Later work goes on as before.
+    assert_eq!(
+        p.execute("print(1 + 1)").await.unwrap(),
+        ("2\n".to_string(), "ok".to_string())
     );
 }
 

@@ -105,7 +105,7 @@ fn converge_lab_hosts() {
     });
     scenario("quoting round-trips over SSH", || quoting_round_trip(inv));
     scenario(
-        "add-worker grows the pool, touching only what it concerns",
+        "add-worker grows the pool, touching only what it concerns; remove-worker moves its sessions",
         || add_worker_grows_the_pool(inv),
     );
     scenario("the firewall is still exactly the design", || {
@@ -135,10 +135,11 @@ fn sessions_open(inv: &Path, h: &str) -> u64 {
         .unwrap_or_else(|| panic!("no sessions_open on {h}:\n{metrics}")) as u64
 }
 
-/// `sagectl add-worker` (issue 16): a new lab machine; only the hosts whose files mention
-/// workers are contacted (the recap, and the untouched worker's sshd log); the backend
-/// registers it and, with the other worker drained, places a workspace on it; run again,
-/// nothing changes.
+/// `sagectl add-worker` and `remove-worker` (issue 16): a new lab machine; only the hosts whose
+/// files mention workers are contacted (the recap, and the untouched worker's sshd log); the
+/// backend registers it and, with the other worker drained, places a workspace on it; run
+/// again, nothing changes. Removed with workspaces open on it: they are saved and moved (the
+/// browser is told), nothing written is lost, the hosts that mentioned it are converged.
 fn add_worker_grows_the_pool(inv: &Path) {
     // SSH logins bravo's sshd accepted so far (this query's own included).
     let logins = || {
@@ -227,9 +228,7 @@ fn add_worker_grows_the_pool(inv: &Path) {
             assert_eq!(out.trim(), "42");
             id += 1;
         }
-        // b went to delta (bravo was drained). Where a goes is the least loaded worker's; this
-        // lab has shown a second workspace going to delta too (see ARCHITECTURE §13), so only
-        // b's place is asserted here.
+        // b went to delta (bravo was drained); a to the least loaded of the two.
         let placed = (sessions_open(inv, "bravo"), sessions_open(inv, "delta"));
         if placed.1 == 0 || placed.0 + placed.1 != 2 {
             let log = ssh(
@@ -248,10 +247,67 @@ fn add_worker_grows_the_pool(inv: &Path) {
             );
             panic!("a workspace on delta, two in all, not {placed:?}; the backend's log:\n{log}");
         }
-        // remove-worker with these workspaces open is not asserted here: on this lab the
-        // backend did not move them off the drained delta within 300 s (see ARCHITECTURE §13);
-        // tests/backend.rs covers the moves on loopback.
-        let _ = (a, b, id);
+        // remove-worker (issue 16): the workspaces on delta are saved and moved while the
+        // browser keeps polling; nothing written is lost.
+        let remove = std::thread::spawn({
+            let inv = inv.to_path_buf();
+            move || {
+                sagectl()
+                    .arg("remove-worker")
+                    .arg(&inv)
+                    .args(["delta", "--json", "--timeout", "90"])
+                    .output()
+                    .unwrap()
+            }
+        });
+        while !remove.is_finished() {
+            s.poll().await;
+        }
+        let o = remove.join().unwrap();
+        let (out, err) = text(&o);
+        if !o.status.success() {
+            let log = ssh(
+                inv,
+                "alpha",
+                &[
+                    "journalctl",
+                    "-u",
+                    "sage-backend",
+                    "-n",
+                    "80",
+                    "--no-pager",
+                    "-o",
+                    "cat",
+                ],
+            );
+            panic!("remove-worker:\n{out}\n{err}\nthe backend's log:\n{log}");
+        }
+        eprintln!("remove-worker:\n{err}");
+        let recap: Value = serde_json::from_str(&out).unwrap();
+        let names: Vec<&str> = recap["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["host"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["alpha", "charlie"], "{err}");
+        assert!(!file.exists(), "delta's file is gone");
+        let moved = s.take(|v| v["event"] == "moved", "a moved event").await;
+        let ws = moved["workspace"].as_str().unwrap().to_string();
+        assert!(ws == a || ws == b, "{moved}");
+        for ws in [&a, &b] {
+            let (out, status) = s.execute(id, ws, "print(open('note.txt').read())").await;
+            assert_eq!(
+                (out.trim(), status.as_str()),
+                (format!("written in {ws}").as_str(), "ok")
+            );
+            id += 1;
+        }
+        assert_eq!(
+            sessions_open(inv, "bravo"),
+            2,
+            "both workspaces on bravo now"
+        );
     });
 }
 

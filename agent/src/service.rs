@@ -49,6 +49,16 @@ impl Service {
         &self.token
     }
 
+    /// A part of the service that can stop before the rest (a listener closed first, while
+    /// open connections are handed over): its tasks are tracked with the service's, and end
+    /// when either the part or the whole service stops.
+    pub fn part(&self) -> Service {
+        Service {
+            token: self.token.child_token(),
+            tracker: self.tracker.clone(),
+        }
+    }
+
     /// Runs `task` in the background until it ends or the service stops (then it is dropped at
     /// its next await point).
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {

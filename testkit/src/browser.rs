@@ -24,6 +24,19 @@ impl Site {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> sagews_wire::http1::Response {
+        self.try_https(method, path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// One HTTPS request with `headers`, its failure returned (a connection refused or cut).
+    pub async fn try_https(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<sagews_wire::http1::Response> {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls::pki_types::pem::PemObject::pem_file_iter(&self.ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
@@ -32,16 +45,13 @@ impl Site {
         let cfg = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from(self.name.clone()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
             .connect(name, tcp)
-            .await
-            .unwrap();
+            .await?;
         let mut s = tokio::io::BufReader::new(tls);
-        sagews_wire::http1::request(&mut s, method, &self.name, path, headers, body, 1 << 20)
-            .await
-            .unwrap()
+        sagews_wire::http1::request(&mut s, method, &self.name, path, headers, body, 1 << 20).await
     }
 
     /// A JSON request with a cookie (none when empty).

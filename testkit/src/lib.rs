@@ -4,6 +4,7 @@
 //! - [`lab`]: paths, running `sagectl`, scratch inventories, lab guards, real tools in private
 //!   namespaces.
 //! - [`browser`]: the page's SockJS protocol as a browser speaks it through HAProxy.
+//! - [`person`]: a person at a browser for drills: reconnects, cookies, what they saw.
 //! - [`pki`]: credentials from a test CA (the deployment's own PKI code).
 //! - [`pg`]: a fresh PostgreSQL cluster.
 //! - [`worker`]: a worker process and a backend-side client for it.
@@ -12,6 +13,7 @@
 
 pub mod browser;
 pub mod lab;
+pub mod person;
 pub mod pg;
 pub mod pki;
 pub mod probe;

@@ -321,6 +321,46 @@ test('close frames: 3001 and 3000 reconnect; 2000 before open waits; 2010 retrie
   assert.equal(client.state, 'reconnecting');
 });
 
+test('a restarting backend: what it refused is sent again after reconnecting at once; a running execute ends there', async () => {
+  const { client, net, clock, events } = await openClient();
+  await openWs(client, net.last(), 'w1');
+  const outputs = [];
+  const first = client.execute('w1', 'print(1)', (ev) => outputs.push(['first', ev.event]));
+  const t = net.last();
+  const firstId = t.requests().at(-1).id;
+  t.msg({ id: firstId, ok: true, workspace: 'w1' });
+  await first;
+  // The server stops: the next execute and a save are refused as restarting (nothing done).
+  const second = client.execute('w1', 'print(2)', (ev) => outputs.push(['second', ev.event]));
+  const save = client.save('w1', 'before the restart');
+  const [, secondReq, saveReq] = t.requests().slice(-3);
+  assert.equal(secondReq.op, 'execute');
+  assert.equal(saveReq.op, 'save');
+  t.msg({ event: 'done', workspace: 'w1', id: firstId, status: 'ok' },
+    { id: secondReq.id, ok: false, code: 'restarting', status: 503, error: 'this server is restarting' },
+    { id: saveReq.id, ok: false, code: 'restarting', status: 503, error: 'this server is restarting' });
+  await tick();
+  assert.deepEqual(outputs, [['first', 'done']]);
+  t.frame('c[1012,"the server is restarting: reconnect"]');
+  assert.ok(!events.some(([n]) => n === 'lost'), 'the refused execute did not run: not lost');
+  assert.deepEqual(clock.pending().filter((ms) => ms === 0), [0], 'reconnects at once');
+  await clock.advance(0);
+  const u = net.last();
+  assert.notEqual(u, t);
+  u.frame('o');
+  // The workspace is opened again first, then the refused requests, in their order, same ids.
+  const again = u.requests();
+  assert.deepEqual(again.map((r) => r.op), ['open', 'execute', 'save']);
+  assert.deepEqual([again[1].id, again[2].id], [secondReq.id, saveReq.id]);
+  u.msg({ id: again[0].id, ok: true, workspace: 'w1', name: 'w1', worker: 'worker2' },
+    { id: secondReq.id, ok: true, workspace: 'w1' },
+    { event: 'done', workspace: 'w1', id: secondReq.id, status: 'ok' },
+    { id: saveReq.id, ok: true, workspace: 'w1', changed: true });
+  await second;
+  assert.equal((await save).changed, true);
+  assert.deepEqual(outputs, [['first', 'done'], ['second', 'done']]);
+});
+
 test('a second "o" means the server lost the session: start again', async () => {
   const { client, net, clock, events } = await openClient();
   await openWs(client, net.last(), 'w1');

@@ -56,7 +56,9 @@ pub async fn run(
                 backend.metrics.inc(&backend.metrics.messages);
                 // Boxed: the request's state lives only while it runs, not in every idle
                 // session (this task's size is what an idle session costs).
+                backend.handling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let reply = Box::pin(c.handle(&text)).await;
+                backend.handling.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 out.send(reply.to_string());
             }
             Some(v) = events.recv() => out.send(v.to_string()),
@@ -130,6 +132,15 @@ impl Conn {
             }
         };
         let id = req.id;
+        if self
+            .backend
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // Nothing of it was done: the client sends it again once reconnected.
+            return json!({"id": id, "ok": false, "code": "restarting", "status": 503,
+                "error": "this server is restarting: the request is sent again once reconnected"});
+        }
         match self.op(req).await {
             Ok(reply) => {
                 let mut r = serde_json::to_value(reply).expect("replies serialise");

@@ -310,6 +310,10 @@ pub struct Backend {
     pub open: open::OpenWorkspaces,
     pub sockjs: sockjs::Sessions,
     pub log: Option<LogClient>,
+    /// Set when the backend stops: requests are refused as `restarting` (see `hand_over`).
+    pub stopping: std::sync::atomic::AtomicBool,
+    /// Browser requests being handled now.
+    pub handling: std::sync::atomic::AtomicUsize,
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -474,6 +478,8 @@ pub async fn run(
         identity,
         origins: origin::allowed(&config),
         config,
+        stopping: Default::default(),
+        handling: Default::default(),
     });
     let service = Service::new();
     let announcing = Announcing(backend.clone());
@@ -494,11 +500,12 @@ pub async fn run(
     let https = backend.identity.server_config(&["loadbalancer"])?;
     let mut https = Arc::unwrap_or_clone(https);
     https.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tls = service.tls_listener("https", listener, Arc::new(https))?;
+    // The listener is a part of its own: on stop it closes first (see `hand_over`).
+    let edge = service.part();
+    let tls = edge.tls_listener("https", listener, Arc::new(https))?;
     tracing::info!(listen = %backend.config.listen, workers = %backend.config.worker_listen, "backend ready");
-    // On stop: no new connection; open ones (long polls, websockets that browsers keep) get a
-    // second to finish, then go: the agent exits within 2 s of SIGTERM, and browsers reconnect
-    // to another backend.
+    // Connections stay open until `hand_over` has told their browsers to reconnect; any left a
+    // second after that are closed.
     service.serve_http(
         "https",
         tls,
@@ -506,15 +513,71 @@ pub async fn run(
         Duration::from_secs(1),
     );
     shutdown.await;
+    backend.hand_over(&edge).await;
     service.stop(Duration::from_millis(1500)).await;
-    // Save what browsers left open, so nothing typed since the last save is lost.
-    if tokio::time::timeout(Duration::from_secs(10), backend.close_all())
-        .await
-        .is_err()
-    {
-        tracing::error!("saving the open workspaces took over 10 s: stopped");
-    }
     Ok(())
+}
+
+/// How long running cells get to end when the backend stops, before their workspaces are saved
+/// and closed anyway (the unit's TimeoutStopSec is 20 s: this, the saves, the stop).
+const QUIESCE: Duration = Duration::from_secs(5);
+/// The close code that tells browsers the server is restarting: reconnect now (WebSocket's
+/// "Service Restart"; static/sagews.js reconnects at once on it).
+pub const RESTARTING: u16 = 1012;
+/// How long closed browser sessions get for their close frame to be taken (a poll comes back
+/// at once; a browser that stopped polling is closed anyway a little later).
+const TAKEN: Duration = Duration::from_secs(2);
+
+impl Backend {
+    /// Hands the browsers over to another backend when this one stops (a rolling upgrade
+    /// restarts each in turn). From the stop on: HAProxy's check fails (no new browsers);
+    /// a new browser session is refused with [`RESTARTING`] and the browser's persistence
+    /// cookie expired, so it goes elsewhere; a request is refused as `restarting`, which the
+    /// client sends again once reconnected. Running cells get [`QUIESCE`] to end; every open
+    /// workspace is saved and closed, so another backend reopens it with everything typed; then
+    /// every browser session is closed with [`RESTARTING`] and clients reconnect at once. The
+    /// listener stays open until those close frames are taken (a polling browser's next poll
+    /// must still reach this backend to read what was queued for it), at most [`TAKEN`].
+    async fn hand_over(self: &Arc<Self>, edge: &Service) {
+        use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
+        self.stopping.store(true, Ordering::SeqCst);
+        let busy = || {
+            self.handling.load(Ordering::SeqCst)
+                + self.open.all().iter().map(|w| w.running()).sum::<usize>()
+        };
+        while busy() > 0 && started.elapsed() < QUIESCE {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = busy();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "requests and cells still running {QUIESCE:?} after the stop: their workspaces are saved and closed anyway"
+            );
+        }
+        // Save what browsers left open, so nothing typed since the last save is lost.
+        if tokio::time::timeout(Duration::from_secs(10), self.close_all())
+            .await
+            .is_err()
+        {
+            tracing::error!("saving the open workspaces took over 10 s: stopped");
+        }
+        let sessions = self
+            .sockjs
+            .close_all(RESTARTING, "the server is restarting: reconnect");
+        let closing = std::time::Instant::now();
+        while self.sockjs.count() > 0 && closing.elapsed() < TAKEN {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        edge.token().cancel();
+        tracing::info!(
+            sessions,
+            untaken = self.sockjs.count(),
+            ms = started.elapsed().as_millis() as u64,
+            "handed the browsers over"
+        );
+    }
 }
 
 /// Deletes expired sign-in sessions every hour, a thousand rows at a time (short transactions;

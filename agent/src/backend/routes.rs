@@ -113,6 +113,10 @@ async fn welcome() -> Response {
 }
 
 async fn health(State(b): B) -> Response {
+    // HAProxy's check: a stopping backend takes no new browsers.
+    if b.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "restarting\n").into_response();
+    }
     match b.db().await {
         Ok(c) => match c.query_one("SELECT 1", &[]).await {
             Ok(_) => (StatusCode::OK, "ok\n").into_response(),
@@ -286,10 +290,15 @@ async fn websocket(
     }
     // Our own limit (with a clear error) applies first; this one stops the absurd.
     // Small buffers: an idle session should cost kilobytes (tungstenite's defaults are 128 KiB).
-    ws.max_message_size(b.config.max_message_bytes * 2 + 1024)
+    let stopping = b.clone();
+    let mut r = ws
+        .max_message_size(b.config.max_message_bytes * 2 + 1024)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| sockjs::websocket(b, session, headers, socket))
+        .on_upgrade(move |socket| sockjs::websocket(b, session, headers, socket));
+    // Stopping: the session is refused on the socket (1012); the browser's next goes elsewhere.
+    sockjs::end_persistence(&stopping, &mut r);
+    r
 }
 
 async fn xhr(

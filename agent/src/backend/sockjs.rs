@@ -39,6 +39,14 @@ impl Sessions {
         let s = self.map.lock().unwrap().get(id).cloned()?;
         (s.owner.is_none() || s.owner == owner_of(headers)).then_some(s)
     }
+    /// Closes every session with `code`; how many there were.
+    pub fn close_all(&self, code: u16, reason: &str) -> usize {
+        let all: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
+        for s in &all {
+            s.close(code, reason);
+        }
+        all.len()
+    }
     fn remove(&self, id: &str) {
         let removed = self.map.lock().unwrap().remove(id);
         if let Some(s) = removed {
@@ -258,6 +266,12 @@ impl Backend {
         client: Option<std::net::IpAddr>,
         owner: Option<Vec<u8>>,
     ) -> Result<Arc<SjSession>, String> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(close_frame(
+                super::RESTARTING,
+                "this server is restarting: reconnect",
+            ));
+        }
         let mut map = self.sockjs.map.lock().unwrap();
         if map.contains_key(id) {
             return Err(close_frame(2010, "Another connection still open"));
@@ -353,6 +367,22 @@ fn cors(headers: &HeaderMap, r: &mut Response) {
     if let Some(req) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req.clone());
     }
+}
+
+/// On a response that ends or refuses a session while the backend stops: the browser forgets
+/// which backend it was on, HAProxy's persistence cookie (`cookie SAGEWS_BACKEND ... preserve`
+/// in templates/haproxy.cfg.j2: a cookie the server sets is passed on), so its next session
+/// goes to another backend instead of back to this one.
+pub fn end_persistence(backend: &Backend, r: &mut Response) {
+    if !backend.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "SAGEWS_BACKEND=; Max-Age=0; Path=/; Secure; HttpOnly; SameSite=Strict",
+        ),
+    );
 }
 
 fn no_cache(r: &mut Response) {
@@ -462,7 +492,11 @@ pub async fn xhr(
                 s.detach();
                 js(&headers, StatusCode::OK, "o\n")
             }
-            Err(close) => js(&headers, StatusCode::OK, format!("{close}\n")),
+            Err(close) => {
+                let mut r = js(&headers, StatusCode::OK, format!("{close}\n"));
+                end_persistence(&backend, &mut r);
+                r
+            }
         };
     };
     if !s.attach() {
@@ -477,10 +511,15 @@ pub async fn xhr(
     let attached = Attached(s.clone());
     let frame = next_frame(&s, Duration::from_secs(backend.config.heartbeat_seconds)).await;
     drop(attached);
-    if frame.starts_with('c') {
+    let closing = frame.starts_with('c');
+    if closing {
         backend.sockjs.remove(&s.id);
     }
-    js(&headers, StatusCode::OK, format!("{frame}\n"))
+    let mut r = js(&headers, StatusCode::OK, format!("{frame}\n"));
+    if closing {
+        end_persistence(&backend, &mut r);
+    }
+    r
 }
 
 /// Messages from the browser for a polling or streaming session.
@@ -565,7 +604,9 @@ pub async fn xhr_streaming(
                 Err(close) => {
                     first.push_str(&close);
                     first.push('\n');
-                    return js(&headers, StatusCode::OK, first);
+                    let mut r = js(&headers, StatusCode::OK, first);
+                    end_persistence(&backend, &mut r);
+                    return r;
                 }
             }
         }

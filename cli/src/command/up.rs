@@ -45,8 +45,8 @@ pub struct Opts {
     /// health checks pass.
     #[arg(long, value_name = "N|N%")]
     pub serial: Option<String>,
-    /// With --serial: seconds to wait for a drained host to hold nothing before converging it
-    /// anyway (browsers reconnect to another backend; a worker's sessions are moved first).
+    /// With --serial: seconds to wait for a drained worker's sessions to move before converging
+    /// it anyway (a backend is not waited for: it hands its browsers over as it restarts).
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
 }
@@ -159,8 +159,23 @@ impl pipeline::Around for Rolling {
                 if !(h.has(Role::Worker) || h.has(Role::Backend)) {
                     continue;
                 }
-                match super::drain::drain_host(p, &r.host, true, self.timeout).await {
+                // A backend's browsers stay connected (websockets, polls): waiting for them to
+                // leave would only wait out the timeout. Drained in HAProxy, it gets no new
+                // ones; when its agent restarts, it hands the open ones over to the other
+                // backends itself (requests refused as `restarting` are sent again, the
+                // workspaces saved first: agent/src/backend/mod.rs, `hand_over`).
+                let backend = h.has(Role::Backend) && !h.has(Role::Worker);
+                let wait = if backend {
+                    std::time::Duration::ZERO
+                } else {
+                    self.timeout
+                };
+                match super::drain::drain_host(p, &r.host, true, wait).await {
                     Ok(true) => {}
+                    Ok(false) if backend => eprintln!(
+                        "{}: its browsers are handed over to the other backends when it restarts",
+                        r.host
+                    ),
                     Ok(false) => eprintln!(
                         "{}: still busy after {}s, converging it anyway",
                         r.host,

@@ -28,13 +28,25 @@ impl Cgroup {
             vec![root.join(name)]
         } else {
             // Hybrid or v1: the v2 tree (for cgroup.kill), the named systemd tree (where the
-            // machine's systemd keeps its units) and the memory tree (for status).
-            ["unified", "systemd", "memory"]
-                .iter()
-                .map(|h| root.join(h))
-                .filter(|p| p.is_dir())
-                .map(|p| p.join(name))
-                .collect()
+            // machine's systemd keeps its units), and every controller a worker puts its
+            // sessions under (memory, pids, cpu, cpuacct: agent/src/worker/cgroup.rs). Left at
+            // the root of a hierarchy, every lab machine's worker (of every lab on the box) made
+            // its session cgroups in the same directories, `sagews/ws20000`: one machine's live
+            // session made another's open of the same uid fail (EBUSY, its processes invisible
+            // from the other's PID namespace). Machines share the box's kernel; each needs its
+            // own subtree in each hierarchy, as each real machine has its own kernel.
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            for h in ["unified", "systemd", "memory", "pids", "cpu", "cpuacct"] {
+                // Co-mounted controllers (`cpu,cpuacct` with `cpu` a link to it) count once.
+                let Ok(p) = root.join(h).canonicalize() else {
+                    continue;
+                };
+                let d = p.join(name);
+                if p.is_dir() && !dirs.contains(&d) {
+                    dirs.push(d);
+                }
+            }
+            dirs
         };
         Cgroup { dirs }
     }
