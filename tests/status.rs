@@ -71,6 +71,7 @@ fn status_of_a_lab_deployment() {
     assert_eq!(figure(bravo, "worker", "sessions open"), 0, "{bravo:#}");
     assert_eq!(figure(bravo, "backends", "by"), "alpha", "{bravo:#}");
     assert_eq!(figure(alpha, "backend", "healthy workers"), 1, "{alpha:#}");
+    assert_eq!(figure(alpha, "backend", "draining workers"), 0, "{alpha:#}");
     assert!(
         figure(alpha, "postgres", "connections").as_u64().unwrap() >= 1,
         "{alpha:#}"

@@ -75,6 +75,61 @@ fn spread(mut times: Vec<f64>) -> String {
     )
 }
 
+/// Where the wall time of no-op runs goes: the run's phases (setup: loading the inventory,
+/// secrets and agent binary before any host is contacted), then each host phase's median and
+/// slowest host, all medians over the runs.
+fn phases(recaps: &[(f64, crate::pipeline::Recap)]) -> String {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let of = |r: &crate::pipeline::Recap, name: &str| {
+        r.phases
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, s)| *s)
+    };
+    let mut out = String::from("  where the wall time goes (medians over the runs):\n");
+    let setup = median(
+        recaps
+            .iter()
+            .map(|(wall, r)| wall - r.seconds - of(r, "audit"))
+            .collect(),
+    );
+    out.push_str(&format!("    setup before connecting   {setup:.3} s\n"));
+    for name in ["hosts", "health", "audit"] {
+        let m = median(recaps.iter().map(|(_, r)| of(r, name)).collect());
+        out.push_str(&format!("    {name:<25} {m:.3} s\n"));
+    }
+    out.push_str("  per host (median host, slowest host):\n");
+    for name in ["render", "connect", "facts", "plan", "apply"] {
+        let (mut mid, mut max) = (Vec::new(), Vec::new());
+        for (_, r) in recaps {
+            let mut v: Vec<(f64, &str)> = r
+                .hosts
+                .iter()
+                .map(|h| {
+                    let s = h
+                        .phases
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map_or(0.0, |(_, s)| *s);
+                    (s, h.host.as_str())
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            mid.push(v[v.len() / 2].0);
+            max.push(v[v.len() - 1].0);
+        }
+        out.push_str(&format!(
+            "    {name:<25} {:.3} s, {:.3} s\n",
+            median(mid),
+            median(max)
+        ));
+    }
+    out
+}
+
 pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     let (hosts, runs, keep, status) = match o.what {
         What::Up { hosts, runs, keep } => (hosts, runs, keep, false),
@@ -112,6 +167,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     println!("lab up (machines answering SSH): {lab_secs:.2} s");
     println!("first deploy (up on fresh machines): {first_secs:.1} s");
     let mut times = Vec::new();
+    let mut recaps = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
         if status {
@@ -121,15 +177,20 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             continue;
         }
         let r = up::converge_inventory(load()?, opts.clone())?;
-        times.push(t.elapsed().as_secs_f64());
+        let wall = t.elapsed().as_secs_f64();
+        times.push(wall);
         let changed: usize = r.hosts.iter().map(|h| h.changed).sum();
         anyhow::ensure!(
             r.success && changed == 0,
             "a no-op run changed {changed} things or failed"
         );
+        recaps.push((wall, r));
     }
     let what = if status { "status" } else { "no-op up" };
     println!("{what}, {runs} runs: {}", spread(times));
+    if !recaps.is_empty() {
+        print!("{}", phases(&recaps));
+    }
     if !keep {
         lab.down()?;
     } else {

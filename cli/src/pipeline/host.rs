@@ -13,6 +13,11 @@ use crate::ssh::{Session, SshError};
 /// health checks).
 pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Session>) {
     let started = Instant::now();
+    let mut phase = Instant::now();
+    let mut lap = move |r: &mut HostRecap, name: &'static str| {
+        r.phases.push((name, phase.elapsed().as_secs_f64()));
+        phase = Instant::now();
+    };
     let mut r = HostRecap {
         host: name.to_string(),
         ..Default::default()
@@ -40,6 +45,7 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
             Ok(s) => s,
             Err(e) => return fail(r, e.to_string(), false),
         };
+    lap(&mut r, "render");
     ui.msg(name, "connecting");
     let target = super::connect::target(host, p.lab_key.as_deref());
     let session = match Session::connect(&target, p.known.clone(), settings.host_keys).await {
@@ -56,6 +62,7 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
             p.known.path().display()
         ));
     }
+    lap(&mut r, "connect");
     ui.msg(name, "gathering facts");
     let query = crate::plan::query(&steps);
     let gather = || async {
@@ -107,6 +114,7 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
             facts.os.0, facts.os.1
         ));
     }
+    lap(&mut r, "facts");
     let plan = crate::plan::plan(&steps, &handlers, &facts);
     if settings.diff {
         let text = diffs(&session, &plan, &p.secrets).await;
@@ -114,6 +122,7 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
             ui.println(&text);
         }
     }
+    lap(&mut r, "plan");
     if settings.check {
         r.planned = plan
             .items
@@ -150,6 +159,7 @@ pub(super) async fn converge(p: &Pipeline, name: &str) -> (HostRecap, Option<Ses
         })
     };
     let applied = crate::apply::apply(&session, &plan, &progress, &relogin).await;
+    lap(&mut r, "apply");
     r.ok = applied.ok;
     r.changed = applied.changed;
     r.handlers = applied.handlers.clone();

@@ -214,6 +214,12 @@ impl Pipeline {
     /// Converges `batch` (host names), then makes the health checks of those that succeeded
     /// (checks made from another host use hosts of this batch only). Recaps in inventory order.
     pub async fn converge(self: &Arc<Self>, batch: &[String]) -> Vec<HostRecap> {
+        self.converge_timed(batch).await.0
+    }
+
+    /// [`Pipeline::converge`], and the seconds spent converging and in the health checks.
+    async fn converge_timed(self: &Arc<Self>, batch: &[String]) -> (Vec<HostRecap>, f64, f64) {
+        let started = Instant::now();
         let sem = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         for name in batch {
@@ -232,6 +238,8 @@ impl Pipeline {
             }
             recaps.insert(recap.host.clone(), recap);
         }
+        let converged = started.elapsed().as_secs_f64();
+        let started = Instant::now();
         if !self.settings.check {
             let healthy: Vec<&Host> = self
                 .inv
@@ -255,14 +263,17 @@ impl Pipeline {
                 }
             }
         }
+        let health = started.elapsed().as_secs_f64();
         for (_, s) in sessions {
             s.close().await;
         }
-        self.inv
+        let recaps = self
+            .inv
             .hosts
             .iter()
             .filter_map(|h| recaps.remove(&h.name))
-            .collect()
+            .collect();
+        (recaps, converged, health)
     }
 
     /// Converges `batches` in order, stopping after the first batch with a failed or
@@ -280,9 +291,12 @@ impl Pipeline {
     ) -> Recap {
         let started = Instant::now();
         let mut hosts = Vec::new();
+        let (mut converging, mut checking) = (0.0, 0.0);
         for batch in batches {
             let held = around.before(self, batch).await;
-            let recaps = self.converge(batch).await;
+            let (recaps, c, h) = self.converge_timed(batch).await;
+            converging += c;
+            checking += h;
             let failed = recaps.iter().any(|r| !r.succeeded());
             around.after(self, held, !failed).await;
             hosts.extend(recaps);
@@ -299,10 +313,13 @@ impl Pipeline {
             seconds: started.elapsed().as_secs_f64(),
             hosts,
             audit: None,
+            phases: vec![("hosts", converging), ("health", checking)],
             site: None,
         };
         if !self.settings.check {
+            let started = Instant::now();
             recap.audit = audit::audit(self, &recap).await;
+            recap.phases.push(("audit", started.elapsed().as_secs_f64()));
             if success {
                 recap.site = Site::of(&self.inv, &self.state);
             }

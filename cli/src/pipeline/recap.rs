@@ -23,6 +23,9 @@ pub struct HostRecap {
     pub planned: Vec<String>,
     pub notes: Vec<String>,
     pub checks: Vec<crate::health::Check>,
+    /// Where this host's time went, in seconds, in order: render, connect, facts (with the
+    /// host's lock), plan (with --diff, the diffs), apply (with handlers).
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 impl HostRecap {
@@ -41,6 +44,10 @@ pub struct Recap {
     pub hosts: Vec<HostRecap>,
     /// What became of the audit record (when the inventory has a logd).
     pub audit: Option<String>,
+    /// Where the run's wall time went, in seconds, in order: hosts (every host of every batch
+    /// converged, in parallel), health (the checks after each batch), audit (the record to
+    /// logd). The setup before (inventory, secrets, agent binary) is the caller's to time.
+    pub phases: Vec<(&'static str, f64)>,
     /// How to open the deployed site from this box (after a successful run).
     pub site: Option<Site>,
 }

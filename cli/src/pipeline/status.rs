@@ -348,6 +348,7 @@ impl Pipeline {
                             ("sockjs sessions", "sagews_backend_sockjs_sessions"),
                             ("open workspaces", "sagews_backend_open_workspaces"),
                             ("healthy workers", "sagews_backend_healthy_workers"),
+                            ("draining workers", "sagews_backend_draining_workers"),
                         ] {
                             h.figures.push(match metric(&m, key) {
                                 Some(v) => Figure::new("backend", name, v),
