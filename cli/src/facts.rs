@@ -8,6 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const SCRIPT: &str = r#"
 cd /
 tab=$(printf '\t')
+t=$(mktemp -d)
+trap 'rm -rf "$t"' EXIT
+: > "$t/files"
+: > "$t/dirs"
 . /etc/os-release 2>/dev/null
 printf 'os\t%s\t%s\n' "${ID:-unknown}" "${VERSION_ID:-unknown}"
 printf 'mem\t%s\n' "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
@@ -18,16 +22,46 @@ units=
 while IFS=' ' read -r kind arg; do
   case "$kind" in
     P) pkgs="$pkgs $arg" ;;
-    F) if [ -f "$arg" ]; then
-         printf 'file\t%s\t%s\t%s\n' "$arg" "$(sha256sum < "$arg" | cut -d' ' -f1)" "$(stat --printf '%a\t%U\t%G' "$arg")"
-       else printf 'file\t%s\t-\n' "$arg"; fi ;;
-    D) if [ -d "$arg" ]; then printf 'dir\t%s\t%s\n' "$arg" "$(stat --printf '%a\t%U\t%G' "$arg")"
-       else printf 'dir\t%s\t-\n' "$arg"; fi ;;
+    F) printf '%s\n' "$arg" >> "$t/files" ;;
+    D) printf '%s\n' "$arg" >> "$t/dirs" ;;
     U) units="$units $arg" ;;
     N) printf 'user\t%s\t%s\n' "$arg" "$(getent passwd "$arg" | cut -d: -f3)" ;;
     Q) pg=yes ;;
   esac
 done
+# Directories: one stat for all.
+if [ -s "$t/dirs" ]; then
+  xargs -d '\n' stat -L --printf '%F\t%n\t%a\t%U\t%G\n' -- < "$t/dirs" 2>/dev/null |
+    awk -F'\t' '$1 == "directory" { printf "dir\t%s\t%s\t%s\t%s\n", $2, $3, $4, $5 }' > "$t/dout"
+  awk -F'\t' 'NR == FNR { seen[$2] = 1; print; next } !($0 in seen) { printf "dir\t%s\t-\n", $0 }' "$t/dout" "$t/dirs"
+fi
+# Files: one stat for all; a checksum only for those whose size, times and inode differ from
+# the last run's (a cache of them, as git's index keeps; files modified in the last 2 s are not
+# cached, being racy). A no-op run then hashes nothing, not even the agent binary.
+if [ -s "$t/files" ]; then
+  state=${SAGECTL_FACTS_STATE:-/var/lib/sagectl}
+  cache=$state/facts-cache
+  [ -f "$cache" ] || cache=/dev/null
+  xargs -d '\n' stat -L --printf '%F\t%n\t%s %.9Y %.9Z %i\t%a\t%U\t%G\n' -- < "$t/files" 2>/dev/null |
+    awk -F'\t' '$1 ~ /^regular/' > "$t/fstat"
+  awk -F'\t' -v known="$t/known" -v todo="$t/todo" '
+    FILENAME == ARGV[1] { sum[$1 "\t" $2] = $3; next }
+    { k = $2 "\t" $3
+      if (k in sum) print $2 "\t" sum[k] "\t" $3 "\t" $4 "\t" $5 "\t" $6 > known
+      else print $2 "\t" $3 "\t" $4 "\t" $5 "\t" $6 > todo }' "$cache" "$t/fstat"
+  : >> "$t/known"
+  : >> "$t/todo"
+  cut -f1 "$t/todo" | xargs -r -d '\n' sha256sum -- > "$t/sums" 2>/dev/null
+  awk -F'\t' 'FILENAME == ARGV[1] { sha[substr($0, 67)] = substr($0, 1, 64); next }
+    $1 in sha { print $1 "\t" sha[$1] "\t" $2 "\t" $3 "\t" $4 "\t" $5 }' "$t/sums" "$t/todo" >> "$t/known"
+  new=/dev/null
+  [ -d "$state" ] && new=$state/.facts-cache.$$
+  awk -F'\t' -v now="$(date +%s)" -v cache="$new" -v list="$t/files" '
+    { printf "file\t%s\t%s\t%s\t%s\t%s\n", $1, $2, $4, $5, $6; seen[$1] = 1
+      split($3, k, " "); if (k[2] + 1 < now && k[3] + 1 < now) print $1 "\t" $3 "\t" $2 > cache }
+    END { while ((getline f < list) > 0) if (!(f in seen)) printf "file\t%s\t-\n", f }' "$t/known"
+  [ "$new" = /dev/null ] || mv -f "$new" "$state/facts-cache"
+fi
 # One dpkg-query and one systemctl for all packages and units (names never hold spaces).
 if [ -n "$pkgs" ]; then
   dpkg-query -W -f='pkg\t${Package}\t${db:Status-Abbrev}\t${Version}\n' $pkgs 2>/dev/null
@@ -265,6 +299,70 @@ mod tests {
         assert!(parse("file\t/x\tsha\t9z9\troot\troot\n").is_err());
     }
 
+    /// The facts script on this machine with `q` on stdin and `env`, parsed.
+    fn run_script(q: &Query, env: &[(&str, &std::path::Path)]) -> Facts {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", SCRIPT])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(q.stdin().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        parse(&String::from_utf8(out.stdout).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn checksums_are_cached_by_stat_and_made_again_when_it_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let file = tmp.path().join("managed file.conf");
+        std::fs::write(&file, "one").unwrap();
+        let q = Query {
+            files: [file.display().to_string()].into(),
+            ..Default::default()
+        };
+        let env = [("SAGECTL_FACTS_STATE", state.as_path())];
+        let key = file.display().to_string();
+        let sha = |f: &Facts| f.files[&key].as_ref().map(|x| x.sha256.clone());
+        let sum = |text: &str| {
+            let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+            d.as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        // Modified just now: hashed, and not cached (racy).
+        assert_eq!(sha(&run_script(&q, &env)), Some(sum("one")));
+        assert!(!state.join("facts-cache").exists());
+        // Older than 2 s: hashed once more, and cached.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(sha(&run_script(&q, &env)), Some(sum("one")));
+        let cache = std::fs::read_to_string(state.join("facts-cache")).unwrap();
+        assert!(cache.contains(&sum("one")), "{cache}");
+        // The cache is what answers while the file's stat is unchanged (a planted checksum
+        // shows through)...
+        std::fs::write(
+            state.join("facts-cache"),
+            cache.replace(&sum("one"), &"f".repeat(64)),
+        )
+        .unwrap();
+        assert_eq!(sha(&run_script(&q, &env)), Some("f".repeat(64)));
+        // ...and a change of content (same size) is seen: stat differs, the file is hashed.
+        std::fs::write(&file, "two").unwrap();
+        assert_eq!(sha(&run_script(&q, &env)), Some(sum("two")));
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(sha(&run_script(&q, &env)), None);
+    }
+
     #[test]
     fn script_runs_here_and_its_output_parses() {
         // The real script on this machine: reads stdin, prints lines the parser takes.
@@ -280,21 +378,8 @@ mod tests {
             users: ["root".into()].into(),
             ..Default::default()
         };
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", SCRIPT])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(q.stdin().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let f = parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let f = run_script(&q, &[("SAGECTL_FACTS_STATE", tmp.path())]);
         assert!(f.packages.contains_key("bash") && f.packages.contains_key("coreutils"));
         assert!(!f.packages.contains_key("no-such-package-xyz"));
         assert!(f.files["/etc/hostname"].is_some());

@@ -319,7 +319,9 @@ impl Pipeline {
         if !self.settings.check {
             let started = Instant::now();
             recap.audit = audit::audit(self, &recap).await;
-            recap.phases.push(("audit", started.elapsed().as_secs_f64()));
+            recap
+                .phases
+                .push(("audit", started.elapsed().as_secs_f64()));
             if success {
                 recap.site = Site::of(&self.inv, &self.state);
             }
