@@ -33,7 +33,8 @@ done
 if [ -s "$t/dirs" ]; then
   xargs -d '\n' stat -L --printf '%F\t%n\t%a\t%U\t%G\n' -- < "$t/dirs" 2>/dev/null |
     awk -F'\t' '$1 == "directory" { printf "dir\t%s\t%s\t%s\t%s\n", $2, $3, $4, $5 }' > "$t/dout"
-  awk -F'\t' 'NR == FNR { seen[$2] = 1; print; next } !($0 in seen) { printf "dir\t%s\t-\n", $0 }' "$t/dout" "$t/dirs"
+  awk -F'\t' 'FILENAME == ARGV[1] { seen[$2] = 1; print; next }
+    !($0 in seen) { printf "dir\t%s\t-\n", $0 }' "$t/dout" "$t/dirs"
 fi
 # Files: one stat for all; a checksum only for those whose size, times and inode differ from
 # the last run's (a cache of them, as git's index keeps; files modified in the last 2 s are not
@@ -328,9 +329,12 @@ mod tests {
         std::fs::write(&file, "one").unwrap();
         let q = Query {
             files: [file.display().to_string()].into(),
+            dirs: ["/no/such dir".into()].into(),
             ..Default::default()
         };
         let env = [("SAGECTL_FACTS_STATE", state.as_path())];
+        // No directory there at all (a fresh host): each is reported missing.
+        assert_eq!(run_script(&q, &env).dirs["/no/such dir"], None);
         let key = file.display().to_string();
         let sha = |f: &Facts| f.files[&key].as_ref().map(|x| x.sha256.clone());
         let sum = |text: &str| {
