@@ -20,6 +20,8 @@ pub struct Check {
     pub name: String,
     pub ok: bool,
     pub detail: String,
+    /// How long it took (retries included).
+    pub seconds: f64,
 }
 
 /// The password travels on stdin into a temporary PGPASSFILE, never on a command line.
@@ -245,6 +247,7 @@ pub async fn check_all(
     hosts: &[&Host],
     sessions: &BTreeMap<String, Session>,
     secrets: &BTreeMap<String, crate::pki::Secret>,
+    changed: &BTreeMap<&str, usize>,
 ) -> Vec<Check> {
     let env = Env {
         inv,
@@ -280,6 +283,11 @@ pub async fn check_all(
             Value::from(inv.tls.certificate.is_some()),
         );
         base.insert("reached".into(), Value::from(Serde(&reached)));
+        // What this run changed on the host (a check may be made only after a change).
+        base.insert(
+            "host_changed".into(),
+            Value::from(changed.get(h.name.as_str()).copied().unwrap_or(0)),
+        );
         let mut checks: Vec<&HealthCheck> = h
             .all_roles()
             .flat_map(|r| catalog.role(r).health.iter())
@@ -309,6 +317,7 @@ pub async fn check_all(
                 let r = prepare(env, c, &mut ctx);
                 let host = h.name.clone();
                 jobs.push(async move {
+                    let started = std::time::Instant::now();
                     let r = match r {
                         Ok(false) => return None,
                         Ok(true) => retry(c.retry, || env.attempt(c, s, &ctx)).await,
@@ -323,6 +332,7 @@ pub async fn check_all(
                         name: c.name.clone(),
                         ok,
                         detail,
+                        seconds: started.elapsed().as_secs_f64(),
                     })
                 });
             }
@@ -390,7 +400,10 @@ mod tests {
             "worker".into(),
             Value::from(Serde(serde_json::json!({"engine": "python3"}))),
         );
-        prepare(&env, c, &mut ctx)?;
+        ctx.entry("host_changed".into()).or_insert(Value::from(1));
+        if !prepare(&env, c, &mut ctx)? {
+            return Err("not made".into());
+        }
         env.judge(c, &ctx)
     }
 
@@ -439,6 +452,15 @@ mod tests {
                 serde_json::json!({"output": "41\n"})
             ),
             Err("`print(6 * 7)` from backend1 gave `41`, not `42`".into())
+        );
+        // Made after a change on the worker only (a no-op run starts no session).
+        assert_eq!(
+            judge(
+                Role::Worker,
+                "engine",
+                serde_json::json!({"output": "42\n", "host_changed": 0})
+            ),
+            Err("not made".into())
         );
         let healthy = |n: i64| parse_metrics(&format!("sagews_backend_healthy_workers {n}\n"));
         let target = serde_json::json!({"name": "backend1"});

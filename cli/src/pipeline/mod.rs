@@ -248,12 +248,17 @@ impl Pipeline {
                 .filter(|h| recaps.get(&h.name).is_some_and(HostRecap::succeeded))
                 .collect();
             self.ui.println("running health checks");
+            let changed: BTreeMap<&str, usize> = recaps
+                .values()
+                .map(|r| (r.host.as_str(), r.changed))
+                .collect();
             let checks = crate::health::check_all(
                 &self.inv,
                 self.catalog,
                 &healthy,
                 &sessions,
                 &self.secrets,
+                &changed,
             )
             .await;
             for c in checks {
