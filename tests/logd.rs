@@ -757,31 +757,55 @@ async fn queries_through_sagectl_logs() {
     assert_eq!(messages(new.as_bytes()), ["new one"]);
     follow.kill().unwrap();
     let _ = follow.wait();
-    // The query port takes no certificate but the admin's.
-    let (ca, crt, key) = harness::creds(
-        &l.state,
-        &l.tmp.path().join("clients"),
-        "backend1",
-        &["backend"],
-    );
-    let id = Identity::load(&ca, &crt, &key).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", http))
-        .await
-        .unwrap();
-    let sn = rustls::pki_types::ServerName::try_from("logs1").unwrap();
-    let refused = match tokio_rustls::TlsConnector::from(id.client_config(&["logd"]).unwrap())
-        .connect(sn, tcp)
-        .await
-    {
-        Err(_) => true,
-        Ok(mut t) => {
-            let _ = t.write_all(b"GET /api/records HTTP/1.1\r\n\r\n").await;
-            let mut buf = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut t, &mut buf).await;
-            buf.is_empty()
+    // A backend's certificate sees the audit records only (its operators' page shows them):
+    // an audit record sent now is all it gets of the six.
+    let mut audit = mk(10, "backend1", Level::Info, "admin alice drained worker worker1");
+    audit.target = "backend.audit".into();
+    assert!(matches!(
+        send(&mut s, 3, vec![audit]).await,
+        LogReply::Ack { .. }
+    ));
+    let get = |role: &'static str| {
+        let (state, dir) = (&l.state, l.tmp.path().join(format!("clients-{role}")));
+        async move {
+            let (ca, crt, key) = harness::creds(state, &dir, &format!("{role}1"), &[role]);
+            let id = Identity::load(&ca, &crt, &key).unwrap();
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", http))
+                .await
+                .unwrap();
+            let sn = rustls::pki_types::ServerName::try_from("logs1").unwrap();
+            match tokio_rustls::TlsConnector::from(id.client_config(&["logd"]).unwrap())
+                .connect(sn, tcp)
+                .await
+            {
+                Err(_) => None,
+                Ok(t) => {
+                    let mut t = tokio::io::BufReader::new(t);
+                    sagews_wire::http1::request(
+                        &mut t,
+                        "GET",
+                        "logs1",
+                        "/api/records?limit=100",
+                        &[],
+                        b"",
+                        1 << 20,
+                    )
+                    .await
+                    .ok()
+                }
+            }
         }
     };
-    assert!(refused, "a backend certificate cannot query logs");
+    let r = get("backend").await.expect("a backend may query");
+    assert_eq!(r.status, 200);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
+    let seen: Vec<&str> = rows.iter().map(|r| r["message"].as_str().unwrap()).collect();
+    assert_eq!(seen, ["admin alice drained worker worker1"], "{rows:?}");
+    // A worker's certificate is refused at the handshake (or gets nothing).
+    assert!(
+        get("worker").await.is_none_or(|r| r.status != 200),
+        "a worker certificate cannot query logs"
+    );
 }
 
 /// `sage-agent logd` exits within 2 s of SIGTERM with a client connected (issue 15).

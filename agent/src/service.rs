@@ -160,11 +160,38 @@ impl Service {
         L: axum::serve::Listener,
         L::Addr: std::fmt::Debug,
     {
+        let server = axum::serve(listener, app.into_make_service())
+            .with_graceful_shutdown(self.token.clone().cancelled_owned())
+            .into_future();
+        self.serve_until_stopped(what, server, grace);
+    }
+
+    /// [`Service::serve_http`] over TLS, each request able to see its client's certificate
+    /// (`ConnectInfo<ClientCert>`), for an endpoint whose answers depend on the caller's role.
+    pub fn serve_https_with_certs(
+        &self,
+        what: &'static str,
+        listener: TlsListener,
+        app: axum::Router,
+        grace: Duration,
+    ) {
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ClientCert>(),
+        )
+        .with_graceful_shutdown(self.token.clone().cancelled_owned())
+        .into_future();
+        self.serve_until_stopped(what, server, grace);
+    }
+
+    fn serve_until_stopped(
+        &self,
+        what: &'static str,
+        server: impl Future<Output = std::io::Result<()>> + Send + 'static,
+        grace: Duration,
+    ) {
         let token = self.token.clone();
         self.tracker.spawn(async move {
-            let server = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(token.clone().cancelled_owned())
-                .into_future();
             tokio::select! {
                 r = server => if let Err(e) = r {
                     tracing::error!("{what}: {e}");
@@ -243,6 +270,26 @@ impl Handler for ToHttp {
 
     async fn serve(&self, tls: TlsStream<TcpStream>, peer: SocketAddr, _: ()) {
         let _ = self.0.send((tls, peer)).await;
+    }
+}
+
+/// The client certificate of a TLS connection (its first, the client's own), for handlers of
+/// [`Service::serve_https_with_certs`].
+#[derive(Clone, Debug)]
+pub struct ClientCert(pub Option<rustls::pki_types::CertificateDer<'static>>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for ClientCert
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> ClientCert {
+        let cert = s
+            .io()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        ClientCert(cert)
     }
 }
 

@@ -77,6 +77,12 @@ pub enum Request {
         op: FileOp,
     },
     Ping,
+    /// Sets (`on`) or clears the worker's drain flag, as `sage-agent drain` on its host does: an
+    /// operator's action from the operators' page (the backend checked the operator). Answered
+    /// by `pong`; the change shows in the worker's next heartbeat.
+    Drain {
+        on: bool,
+    },
 }
 
 /// What a `file` request does. Paths are relative to the workspace, without `..` or `.git`

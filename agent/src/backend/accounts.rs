@@ -105,6 +105,12 @@ impl Backend {
             return Err(ApiError::forbidden("sign-up is closed on this service"));
         }
         check_name(name)?;
+        // An operator's account is made by the deployment, never taken by whoever signs up first.
+        if self.config.admins.iter().any(|a| a == name) {
+            return Err(ApiError::conflict(format!(
+                "the account name {name:?} is taken"
+            )));
+        }
         let addr = client.map(|a| a.to_string());
         // Counted per address, per /64 for IPv6 (`address_key`); logged as it is.
         let counted = client.map(super::throttle::address_key);

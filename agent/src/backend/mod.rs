@@ -99,6 +99,13 @@ pub struct Config {
     pub max_sessions: u32,
     pub max_bundle_mb: u64,
     pub accounts: AccountsConfig,
+    /// Accounts that see the operators' page and may drain workers from it (`fleet.rs`).
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// The password an operator's account is created with when it does not exist yet (a
+    /// generated secret of the deployment; operators cannot sign themselves up).
+    #[serde(default)]
+    pub admin_password: Option<String>,
     pub worker_port: u16,
     pub logd: Option<LogdRef>,
     /// Static hosts with their publishing address (nginx, WebDAV PUT).

@@ -180,7 +180,12 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.http_listen))?;
     let pool = crate::db::Pool::new(config.database.clone(), identity.roots.clone());
-    query::serve(&service, http, identity.server_config(&["admin"])?, pool)?;
+    query::serve(
+        &service,
+        http,
+        identity.server_config(&["admin", "backend"])?,
+        pool,
+    )?;
     if let Some(peer) = config.replica.clone() {
         service.spawn(replicate(config.database.clone(), identity.clone(), peer));
     }

@@ -1,5 +1,7 @@
-//! logd's query side: HTTPS on `http_listen`, for administrators only (a client certificate of
-//! the deployment with the admin role: `sagectl logs` has one). `GET /api/records` with filters
+//! logd's query side: HTTPS on `http_listen`, for administrators (a client certificate of the
+//! deployment with the admin role: `sagectl logs` has one) and, restricted to the audit records
+//! (`sagectl::*` runs, `backend.audit`, `backend.fleet`), for backends, whose operators' page
+//! shows the latest. `GET /api/records` with filters
 //! (`since`, `until` in unix ms; `level` at least; `host`; `target`; `text`, a substring of the
 //! message; `after` a seq, for following; `limit`) answers JSON; `GET /` is a small page that
 //! searches and tails with the same API.
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -70,9 +72,11 @@ pub fn params(query: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// Records matching `p`; only audit records when `audit_only` (a backend asks).
 pub async fn records(
     c: &tokio_postgres::Client,
     p: &HashMap<String, String>,
+    audit_only: bool,
 ) -> Result<Vec<Row>, String> {
     let num = |k: &str| -> Result<Option<i64>, String> {
         p.get(k)
@@ -95,8 +99,9 @@ pub async fn records(
             "SELECT seq, (extract(epoch from ts) * 1000)::int8, host, host(source_ip), level, target, message, fields::text FROM records
              WHERE seq > $1 AND ($2::int8 IS NULL OR ts >= to_timestamp($2::int8 / 1000.0)) AND ($3::int8 IS NULL OR ts <= to_timestamp($3::int8 / 1000.0)) AND level >= $4
                AND ($5::text IS NULL OR host = $5) AND ($6::text IS NULL OR target = $6) AND ($7::text IS NULL OR strpos(message, $7) > 0)
+               AND (NOT $9 OR starts_with(target, 'sagectl::') OR target IN ('backend.audit', 'backend.fleet'))
              ORDER BY seq DESC LIMIT $8",
-            &[&num("after")?.unwrap_or(0), &num("since")?, &num("until")?, &level, &p.get("host"), &p.get("target"), &p.get("text"), &limit],
+            &[&num("after")?.unwrap_or(0), &num("since")?, &num("until")?, &level, &p.get("host"), &p.get("target"), &p.get("text"), &limit, &audit_only],
         )
         .await
         .map_err(|e| format!("query failed: {}", e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())))?;
@@ -124,11 +129,12 @@ pub async fn records(
 async fn migrated_records(
     c: &mut tokio_postgres::Client,
     p: &HashMap<String, String>,
+    audit_only: bool,
 ) -> Result<Vec<Row>, String> {
     store::migrate(c)
         .await
         .map_err(|e| format!("migration: {e}"))?;
-    records(c, p).await
+    records(c, p, audit_only).await
 }
 
 const PAGE: &str = include_str!("page.html");
@@ -149,7 +155,7 @@ pub fn serve(
         .method_not_allowed_fallback(not_found)
         .with_state(Arc::new(pool));
     let listener = service.tls_listener("logd queries", listener, tls)?;
-    service.serve_http("logd queries", listener, app, Duration::from_secs(1));
+    service.serve_https_with_certs("logd queries", listener, app, Duration::from_secs(1));
     Ok(())
 }
 
@@ -180,12 +186,22 @@ async fn not_found() -> Response {
     )
 }
 
-async fn api_records(State(pool): State<Arc<Pool>>, RawQuery(query): RawQuery) -> Response {
+async fn api_records(
+    State(pool): State<Arc<Pool>>,
+    ConnectInfo(cert): ConnectInfo<crate::service::ClientCert>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    // The TLS verifier admitted only admins and backends; anything but an admin sees audit
+    // records only.
+    let admin = cert.0.as_ref().and_then(|c| {
+        crate::tls::role_of(c, &["admin".to_string(), "backend".to_string()])
+    });
+    let audit_only = admin.as_deref() != Some("admin");
     let mut c = match pool.get().await {
         Ok(c) => c,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")),
     };
-    match migrated_records(&mut c, &params(query.as_deref().unwrap_or(""))).await {
+    match migrated_records(&mut c, &params(query.as_deref().unwrap_or("")), audit_only).await {
         Ok(rows) => reply(
             StatusCode::OK,
             "application/json",

@@ -97,7 +97,7 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
         | Request::Save { session, .. }
         | Request::File { session, .. }
         | Request::Close { session } => Some(session.clone()),
-        Request::Ping => None,
+        Request::Ping | Request::Drain { .. } => None,
     };
     if let Some(s) = &session_id {
         if !valid_session_id(s) {
@@ -116,6 +116,25 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
         .as_ref()
         .and_then(|s| shared.sessions.lock().unwrap().get(s).cloned());
     match req {
+        Request::Drain { on } => {
+            match super::drain::set(&shared.config.state_dir, on) {
+                Ok(changed) => {
+                    tracing::info!(draining = on, changed, "drain flag set by a backend (an operator's action)")
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(err(None, format!("setting the drain flag: {e}")))
+                        .await;
+                    return;
+                }
+            }
+            let _ = tx
+                .send(Event::Pong {
+                    sessions: shared.session_count(),
+                    capacity: shared.config.max_sessions,
+                })
+                .await;
+        }
         Request::Ping => {
             let _ = tx
                 .send(Event::Pong {
@@ -224,7 +243,9 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
                     let _ = killpg(Pid::from_raw(h.pid), Signal::SIGINT);
                     return;
                 }
-                Request::Open { .. } | Request::Ping => unreachable!("handled above"),
+                Request::Open { .. } | Request::Ping | Request::Drain { .. } => {
+                    unreachable!("handled above")
+                }
             };
             if h.tx.send(cmd).await.is_err() {
                 let _ = tx

@@ -222,6 +222,9 @@ pub struct BackendSettings {
     pub max_sessions: u32,
     pub max_bundle_mb: u64,
     pub accounts: Accounts,
+    /// Accounts that see the operators' page (workers, backends, the latest audit records) and
+    /// may drain and undrain workers from it.
+    pub admins: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

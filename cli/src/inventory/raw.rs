@@ -532,6 +532,7 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
             session_days: 14,
             min_password_length: 10,
         },
+        admins: Vec::new(),
     };
     let keys = [
         "port",
@@ -539,6 +540,7 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
         "max_sessions",
         "max_bundle_mb",
         "accounts",
+        "admins",
     ];
     let Some(f) = node.and_then(|n| d.fields(n, "backend", &keys)) else {
         return b;
@@ -547,6 +549,32 @@ fn backend(d: &mut Decoder, node: Option<&Node>) -> BackendSettings {
     num(d, &f, "worker_port", PORT.0, PORT.1, &mut b.worker_port);
     num(d, &f, "max_sessions", 1, 10_000_000, &mut b.max_sessions);
     num(d, &f, "max_bundle_mb", 1, 65536, &mut b.max_bundle_mb);
+    if let Some(n) = f.get("admins") {
+        for (name, at) in d.strings(n, &f.path_of("admins")).unwrap_or_default() {
+            // The backend's rule for account names (agent/src/backend/accounts.rs).
+            let ok = (3..=32).contains(&name.len())
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b == b'_'
+                        || b == b'-'
+                        || b == b'.'
+                });
+            if ok {
+                b.admins.push(name);
+            } else {
+                d.error(
+                    &at,
+                    &f.path_of("admins"),
+                    format!("`{name}` is not an account name"),
+                    Some(
+                        "an account name is 3 to 32 characters: lowercase letters, digits, '_', '-' or '.'"
+                            .into(),
+                    ),
+                );
+            }
+        }
+    }
     let keys = [
         "signup",
         "max_workspaces",
