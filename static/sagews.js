@@ -34,7 +34,7 @@ export const SAFE_OPS = new Set(['ping', 'whoami', 'list', 'history', 'files', '
 /** Every request op the server knows. */
 export const OPS = ['ping', 'whoami', 'signin', 'signup', 'signout', 'list', 'create', 'rename',
   'delete', 'open', 'close', 'execute', 'interrupt', 'save', 'history', 'revert', 'publish',
-  'files', 'read', 'write', 'remove'];
+  'files', 'read', 'write', 'remove', 'fleet', 'drain_worker'];
 
 /** Events the server sends. */
 export const SERVER_EVENTS = ['stdout', 'stderr', 'done', 'truncated', 'image', 'moved',
@@ -780,6 +780,10 @@ export class SageWS extends Emitter {
   open(workspace) { return this.request('open', { workspace }); }
   closeWorkspace(workspace) { return this.request('close', { workspace }); }
   /** Runs code; `onEvent` gets this execute's stdout/stderr/image/truncated/done (and 'lost'). */
+  /** Operators only: workers, backends and the latest audit records. */
+  fleet() { return this.request('fleet'); }
+  /** Operators only: drain (true) or undrain (false) a worker. */
+  drainWorker(worker, drain) { return this.request('drain_worker', { worker, drain }); }
   execute(workspace, code, onEvent) { return this.request('execute', { workspace, code }, { onEvent }); }
   interrupt(workspace) { return this.request('interrupt', { workspace }); }
   save(workspace, message) {

@@ -1461,6 +1461,121 @@ async fn a_stopping_backend_hands_its_browsers_over() {
     );
 }
 
+/// The operators' page's server side (issue 16): the inventory's admins get an account made
+/// by the deployment (nobody can sign up under that name); an operator sees the workers, the
+/// backends and the latest audit records (from logd, which shows backends audit records only),
+/// and drains and undrains a worker, each action in logd; anyone else is refused, and that is
+/// logged too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_see_the_fleet_and_drain_a_worker() {
+    let s = Stack::start(Options {
+        backend_extra: json!({"admins": ["oscar"], "admin_password": "the operators' password"}),
+        logd: true,
+        ..opts(2, 1, 75200)
+    })
+    .await;
+    s.wait_workers(0, 2).await;
+    // Nobody takes the operator's name by signing up first.
+    let mut mallory = s.sock(0, Transport::Websocket, None).await;
+    let r = mallory
+        .call(json!({"op": "signup", "name": "oscar", "password": "a long password"}))
+        .await;
+    assert_eq!(r["status"], 409, "{r}");
+    mallory
+        .ok(json!({"op": "signup", "name": "mallory", "password": "a long password"}))
+        .await;
+    for req in [
+        json!({"op": "fleet"}),
+        json!({"op": "drain_worker", "worker": "worker1", "drain": true}),
+    ] {
+        let r = mallory.call(req).await;
+        assert_eq!(r["status"], 403, "{r}");
+    }
+    // The operator, with the deployment's password.
+    let mut oscar = s.sock(0, Transport::Websocket, None).await;
+    oscar
+        .ok(json!({"op": "signin", "name": "oscar", "password": "the operators' password"}))
+        .await;
+    let fleet = |f: &Value| -> Vec<(String, bool)> {
+        f["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["host"].as_str().unwrap().to_string(),
+                    w["draining"] == true,
+                )
+            })
+            .collect()
+    };
+    // The backend records itself every few seconds: wait for its first record.
+    let mut f = oscar.ok(json!({"op": "fleet"})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f["backends"].as_array().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        f = oscar.ok(json!({"op": "fleet"})).await;
+    }
+    assert_eq!(
+        fleet(&f),
+        [
+            ("worker1".to_string(), false),
+            ("worker2".to_string(), false)
+        ],
+        "{f}"
+    );
+    assert_eq!(f["backends"][0]["host"], "backend1", "{f}");
+    assert_eq!(f["audit_error"], Value::Null, "{f}");
+    // Drain from the page: the worker's heartbeat says so; the page shows it; undrain.
+    let r = oscar
+        .ok(json!({"op": "drain_worker", "worker": "worker1", "drain": true}))
+        .await;
+    assert_eq!(r["draining"], true, "{r}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = oscar.ok(json!({"op": "fleet"})).await;
+        if fleet(&f)
+            == [
+                ("worker1".to_string(), true),
+                ("worker2".to_string(), false),
+            ]
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{f}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(s.metric(0, "draining_workers").await, 1);
+    let r = oscar
+        .ok(json!({"op": "drain_worker", "worker": "worker1", "drain": false}))
+        .await;
+    assert_eq!(r["draining"], false, "{r}");
+    let r = oscar
+        .call(json!({"op": "drain_worker", "worker": "nosuch", "drain": true}))
+        .await;
+    assert_eq!(r["status"], 404, "{r}");
+    // Every action, and the refusals, in logd; the page lists the latest audit records.
+    let logged = s.logged("backend.audit", 4).await.join("\n");
+    for what in [
+        "operator oscar drained worker worker1",
+        "operator oscar undrained worker worker1",
+        "refused an operator's action to a non-operator",
+    ] {
+        assert!(logged.contains(what), "{what} not in:\n{logged}");
+    }
+    let f = oscar.ok(json!({"op": "fleet"})).await;
+    let audit: Vec<&str> = f["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        audit.contains(&"operator oscar undrained worker worker1"),
+        "{f}"
+    );
+}
+
 /// Parallel guesses cannot pass the failed-sign-in limit together: each attempt is counted
 /// before its password is checked (before, all of a burst passed the check before any was
 /// counted); refused guesses and right passwords do not count as failures.

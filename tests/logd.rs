@@ -759,7 +759,12 @@ async fn queries_through_sagectl_logs() {
     let _ = follow.wait();
     // A backend's certificate sees the audit records only (its operators' page shows them):
     // an audit record sent now is all it gets of the six.
-    let mut audit = mk(10, "backend1", Level::Info, "admin alice drained worker worker1");
+    let mut audit = mk(
+        10,
+        "backend1",
+        Level::Info,
+        "admin alice drained worker worker1",
+    );
     audit.target = "backend.audit".into();
     assert!(matches!(
         send(&mut s, 3, vec![audit]).await,
@@ -799,7 +804,10 @@ async fn queries_through_sagectl_logs() {
     let r = get("backend").await.expect("a backend may query");
     assert_eq!(r.status, 200);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
-    let seen: Vec<&str> = rows.iter().map(|r| r["message"].as_str().unwrap()).collect();
+    let seen: Vec<&str> = rows
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
     assert_eq!(seen, ["admin alice drained worker worker1"], "{rows:?}");
     // A worker's certificate is refused at the handshake (or gets nothing).
     assert!(

@@ -67,7 +67,11 @@ fn secrets_only_in_files_that_need_them() {
     let out = tmp.path().join("out");
     let printed = render(&inv, &out);
     let secrets = secrets(tmp.path(), "lab");
-    assert_eq!(secrets.len(), 2, "the two database passwords");
+    assert_eq!(
+        secrets.len(),
+        3,
+        "two database passwords, the operators' first password"
+    );
     let mut holders = Vec::new();
     for (rel, p) in files(&out) {
         let content = read(&p);

@@ -1014,6 +1014,7 @@ const ARROWS: &[(&str, u16, From)] = &[
     ("logd", 7200, From::Role("logd")),
     ("logd", 7200, From::Admin),
     ("logd", 7201, From::Admin),
+    ("logd", 7201, From::Role("backend")),
     ("*", 22, From::Admin),
 ];
 

@@ -79,7 +79,12 @@ pub struct State {
 }
 
 /// Names of the generated secrets, fixed so templates can name them.
-pub const SECRET_NAMES: [&str; 2] = ["postgres_backend_password", "postgres_logd_password"];
+pub const SECRET_NAMES: [&str; 3] = [
+    "postgres_backend_password",
+    "postgres_logd_password",
+    // The password operators' accounts (`backend.admins`) are made with.
+    "admin_password",
+];
 
 impl State {
     /// Opens the state directory `dir` of the deployment `name`, creating it and the CA on

@@ -32,6 +32,8 @@ const calls = {
   read: (c, m) => c.read(m.workspace, m.path),
   write: (c, m) => c.write(m.workspace, m.path, m.data),
   remove: (c, m) => c.remove(m.workspace, m.path),
+  fleet: (c) => c.fleet(),
+  drain_worker: (c, m) => c.drainWorker(m.worker, m.drain),
 };
 
 test('the golden file covers every op and every event, and only those', () => {

@@ -306,6 +306,21 @@ impl Conn {
                 }
                 Ok(ws_reply(ws))
             }
+            Op::Fleet => {
+                let account = self.account()?.clone();
+                let (workers, backends, audit, audit_error) = b.fleet(&account).await?;
+                Ok(Reply::Fleet(msg::FleetReply {
+                    workers,
+                    backends,
+                    audit,
+                    audit_error,
+                }))
+            }
+            Op::DrainWorker { worker, drain } => {
+                let account = self.account()?.clone();
+                let draining = b.drain_worker(&account, &worker, drain).await?;
+                Ok(Reply::WorkerDrain(msg::WorkerDrain { worker, draining }))
+            }
             Op::Execute { workspace, code } => {
                 let ws = self.opened(&workspace).await?;
                 b.execute(&ws, req.id, code).await?;

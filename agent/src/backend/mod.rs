@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod api;
 pub mod cache;
 mod drain;
+pub mod fleet;
 pub mod git;
 pub mod msg;
 pub mod open;
@@ -79,6 +80,9 @@ fn default_limit_window() -> u32 {
 pub struct LogdRef {
     pub address: String,
     pub server_name: String,
+    /// logd's query API (`host:port`), for the operators' page's audit records.
+    #[serde(default)]
+    pub query: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -382,6 +386,17 @@ CREATE INDEX open_sessions_account ON open_sessions (account_id);
     r#"
 ALTER TABLE auth_events ADD COLUMN id bigserial;
 "#,
+    // The operators' page (fleet.rs): whether a worker is draining, and the backends.
+    r#"
+ALTER TABLE workers ADD COLUMN draining boolean NOT NULL DEFAULT false;
+CREATE TABLE backends (
+    host text PRIMARY KEY,
+    sockjs_sessions int NOT NULL,
+    open_workspaces int NOT NULL,
+    stopping boolean NOT NULL,
+    last_seen timestamptz NOT NULL
+);
+"#,
 ];
 
 /// The advisory lock serialising migrations of the backend's database.
@@ -504,6 +519,8 @@ pub async fn run(
         )
         .await?;
     service.spawn(expire_sessions(backend.clone()));
+    backend.ensure_admins().await?;
+    service.spawn(fleet::record_self(backend.clone()));
     let https = backend.identity.server_config(&["loadbalancer"])?;
     let mut https = Arc::unwrap_or_clone(https);
     https.alpn_protocols = vec![b"http/1.1".to_vec()];

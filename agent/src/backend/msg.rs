@@ -84,10 +84,17 @@ pub enum Op {
         workspace: String,
         path: String,
     },
+    /// The operators' page (operators only): workers, backends, the latest audit records.
+    Fleet,
+    /// Drain (or undrain) a worker (operators only).
+    DrainWorker {
+        worker: String,
+        drain: bool,
+    },
 }
 
 /// Every op's name, for "unknown op" answers and the golden file's test.
-pub const OPS: [&str; 21] = [
+pub const OPS: [&str; 23] = [
     "ping",
     "whoami",
     "signup",
@@ -109,6 +116,8 @@ pub const OPS: [&str; 21] = [
     "read",
     "write",
     "remove",
+    "fleet",
+    "drain_worker",
 ];
 
 /// A request: `{"id": N, "op": ..., ...}`.
@@ -176,6 +185,8 @@ pub enum Reply {
     FileWritten(FileWritten),
     FileRemoved(FileRemoved),
     Workspace(WorkspaceReply),
+    Fleet(FleetReply),
+    WorkerDrain(WorkerDrain),
 }
 
 macro_rules! reply_struct {
@@ -188,6 +199,19 @@ macro_rules! reply_struct {
 }
 
 reply_struct!(Pong { pong: bool });
+reply_struct!(
+    /// fleet: what the operators' page shows (`audit_error` says why the audit list is empty).
+    FleetReply {
+        workers: Vec<super::fleet::FleetWorker>,
+        backends: Vec<super::fleet::FleetBackend>,
+        audit: Vec<super::fleet::AuditEntry>,
+        audit_error: Option<String>,
+    }
+);
+reply_struct!(
+    /// drain_worker: the worker and whether it drains now.
+    WorkerDrain { worker: String, draining: bool }
+);
 reply_struct!(
     /// signin, signup, whoami (`null` when not signed in).
     AccountReply { account: Option<String> }

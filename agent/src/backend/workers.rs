@@ -328,7 +328,7 @@ impl Backend {
                 draining,
             },
         );
-        self.record_worker(&host, &address, capacity, &engines, 0, 0.0)
+        self.record_worker(&host, &address, capacity, &engines, 0, 0.0, draining)
             .await;
         if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
             self.workers.down(&host);
@@ -356,8 +356,10 @@ impl Backend {
                     if draining {
                         self.move_off_draining(&host);
                     }
-                    self.record_worker(&host, &address, capacity, &engines, sessions, load)
-                        .await;
+                    self.record_worker(
+                        &host, &address, capacity, &engines, sessions, load, draining,
+                    )
+                    .await;
                     if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
                         break;
                     }
@@ -396,14 +398,15 @@ impl Backend {
         engines: &[String],
         sessions: u32,
         load: f64,
+        draining: bool,
     ) {
         let Ok(db) = self.db().await else { return };
         let r = db
             .execute(
-                "INSERT INTO workers (host, address, capacity, engines, sessions, load, last_seen, seen_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
+                "INSERT INTO workers (host, address, capacity, engines, sessions, load, last_seen, seen_by, draining)
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), $7, $8)
                  ON CONFLICT (host) DO UPDATE SET address = $2, capacity = $3, engines = $4,
-                   sessions = $5, load = $6, last_seen = now(), seen_by = $7",
+                   sessions = $5, load = $6, last_seen = now(), seen_by = $7, draining = $8",
                 &[
                     &host,
                     &address,
@@ -412,6 +415,7 @@ impl Backend {
                     &(sessions as i32),
                     &load,
                     &self.config.host,
+                    &draining,
                 ],
             )
             .await;

@@ -193,9 +193,10 @@ async fn api_records(
 ) -> Response {
     // The TLS verifier admitted only admins and backends; anything but an admin sees audit
     // records only.
-    let admin = cert.0.as_ref().and_then(|c| {
-        crate::tls::role_of(c, &["admin".to_string(), "backend".to_string()])
-    });
+    let admin = cert
+        .0
+        .as_ref()
+        .and_then(|c| crate::tls::role_of(c, &["admin".to_string(), "backend".to_string()]));
     let audit_only = admin.as_deref() != Some("admin");
     let mut c = match pool.get().await {
         Ok(c) => c,

@@ -119,7 +119,11 @@ async fn handle(req: Request, shared: &Arc<Shared>, sink: &Sink, tx: &mpsc::Send
         Request::Drain { on } => {
             match super::drain::set(&shared.config.state_dir, on) {
                 Ok(changed) => {
-                    tracing::info!(draining = on, changed, "drain flag set by a backend (an operator's action)")
+                    tracing::info!(
+                        draining = on,
+                        changed,
+                        "drain flag set by a backend (an operator's action)"
+                    )
                 }
                 Err(e) => {
                     let _ = tx
