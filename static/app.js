@@ -20,6 +20,9 @@
 //               #files-list > li > button.file-item[data-path], #file-new, #files-refresh,
 //               #file-path, #file-editor, #file-save, #file-delete, #file-result
 //               #history-list > li.history-item > button.revert[data-commit], #history-refresh
+//   operators:  #ops-view (shown to operators only), #ops-refresh, #ops-workers tbody >
+//               tr.ops-worker[data-host][data-draining] with .state and #drain-<host> (.drain),
+//               #ops-backends tbody > tr.ops-backend[data-host], #ops-audit > li, #ops-audit-error
 //   dialog:     #dialog, #dialog-message, #dialog-input, #dialog-ok, #dialog-cancel
 // Routes: #w/<workspace id> shows a workspace; anything else the list.
 import { SageWS } from './sagews.js';
@@ -274,6 +277,68 @@ async function showList() {
   leaveWorkspace();
   show('list-view');
   await refreshList();
+  await refreshOps();
+}
+
+// ---------- the operators' page (the server answers operators only; others never see it) ----------
+
+async function refreshOps() {
+  let f;
+  try {
+    f = await client.fleet();
+  } catch (e) {
+    $('#ops-view').hidden = true;
+    if (e.status !== 403 && e.status !== 401) fail(e, 'Loading the operators\' page');
+    return;
+  }
+  $('#ops-view').hidden = false;
+  const heard = (s) => `${Math.round(s)} s ago`;
+  const workers = $('#ops-workers tbody');
+  workers.replaceChildren();
+  for (const w of f.workers) {
+    const verb = w.draining ? 'Undrain' : 'Drain';
+    const btn = el('button', { type: 'button', id: `drain-${w.host}`, className: `drain small${w.draining ? '' : ' danger'}`,
+      textContent: verb, 'aria-label': `${verb} worker ${w.host}` });
+    btn.addEventListener('click', () => drainWorker(w, btn));
+    const state = w.draining ? 'draining' : (w.heard_seconds_ago > 20 ? 'not heard from' : 'in service');
+    workers.append(el('tr', { className: 'ops-worker', dataset: { host: w.host, draining: String(w.draining) } },
+      el('td', { textContent: w.host }), el('td', { textContent: w.address }),
+      el('td', { textContent: `${w.sessions} of ${w.capacity}` }), el('td', { textContent: w.load.toFixed(2) }),
+      el('td', { textContent: heard(w.heard_seconds_ago) }), el('td', { className: 'state', textContent: state }),
+      el('td', {}, btn)));
+  }
+  const backends = $('#ops-backends tbody');
+  backends.replaceChildren();
+  for (const x of f.backends) {
+    const state = x.stopping ? 'stopping' : (x.heard_seconds_ago > 20 ? 'not heard from' : 'in service');
+    backends.append(el('tr', { className: 'ops-backend', dataset: { host: x.host } },
+      el('td', { textContent: x.host }), el('td', { textContent: String(x.sockjs_sessions) }),
+      el('td', { textContent: String(x.open_workspaces) }), el('td', { textContent: heard(x.heard_seconds_ago) }),
+      el('td', { className: 'state', textContent: state })));
+  }
+  const audit = $('#ops-audit');
+  audit.replaceChildren();
+  for (const a of f.audit) {
+    audit.append(el('li', {}, timeEl(Math.floor(a.ts_ms / 1000)), ` ${a.host}: ${a.message}`));
+  }
+  $('#ops-audit-error').hidden = !f.audit_error;
+  $('#ops-audit-error').textContent = f.audit_error ? `No audit records: ${f.audit_error}` : '';
+}
+$('#ops-refresh').addEventListener('click', () => busy($('#ops-refresh'), refreshOps));
+
+async function drainWorker(w, button) {
+  if (!w.draining) {
+    const ok = await ask(`Drain worker ${w.host}? It takes no new sessions, and its open workspaces are saved and moved to other workers.`,
+      { ok: 'Drain', danger: true });
+    if (!ok) return;
+  }
+  await busy(button, async () => {
+    try {
+      const r = await client.drainWorker(w.host, !w.draining);
+      notify(`Worker ${r.worker} ${r.draining ? 'is draining' : 'takes sessions again'}.`, 'info');
+    } catch (e) { fail(e, `${w.draining ? 'Undraining' : 'Draining'} ${w.host}`); }
+    await refreshOps();
+  });
 }
 
 async function refreshList() {

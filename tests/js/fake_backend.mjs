@@ -61,6 +61,12 @@ export function startFakeBackend(port = 0) {
     req.on('data', (c) => chunks.push(c));
     req.on('end', () => resolve(Buffer.concat(chunks)));
   });
+  const fleet = {
+    workers: new Map(['worker1', 'worker2'].map((host, i) => [host, { host, address: `10.77.0.${14 + i}:7000`,
+      capacity: 32, sessions: 2 - i, load: 0.25, heard_seconds_ago: 1.5, seen_by: 'backend1', draining: false }])),
+    audit: [{ ts_ms: Date.now() - 60000, host: 'sagectl', target: 'sagectl::up',
+      message: 'operator@box ran sagectl up: 5 hosts, 0 changed', fields: {} }],
+  };
   const newWs = (acct, name, files = { 'README.md': `# ${name}\n` }) => {
     const id = `w${(++wsSeq).toString(16).padStart(15, '0')}`;
     acct.workspaces.set(id, { id, name, files: new Map(Object.entries(files)), saved: null,
@@ -80,6 +86,20 @@ export function startFakeBackend(port = 0) {
     const w = m.workspace && acct.workspaces.get(m.workspace);
     const needWs = () => { if (!w) { err(`no workspace ${JSON.stringify(m.workspace)} in your account`, 404); return false; } return true; };
     switch (m.op) {
+      // The account named "operator" is the deployment's operator (as backend.admins names).
+      case 'fleet':
+        if (s.account !== 'operator') return err('only the deployment\'s operators may do this', 403);
+        return reply({ workers: [...fleet.workers.values()], backends: [{ host: 'backend1', sockjs_sessions: 2,
+          open_workspaces: 1, stopping: false, heard_seconds_ago: 1.2 }], audit: fleet.audit, audit_error: null });
+      case 'drain_worker': {
+        if (s.account !== 'operator') return err('only the deployment\'s operators may do this', 403);
+        const wk = fleet.workers.get(m.worker);
+        if (!wk) return err(`no worker ${m.worker} is registered with this backend`, 404);
+        wk.draining = m.drain;
+        fleet.audit.unshift({ ts_ms: Date.now(), host: 'backend1', target: 'backend.audit',
+          message: `operator operator ${m.drain ? 'drain' : 'undrain'}ed worker ${m.worker}`, fields: {} });
+        return reply({ worker: m.worker, draining: m.drain });
+      }
       case 'signout': s.account = null; return reply({});
       case 'list': return reply({ workspaces: [...acct.workspaces.values()].sort((a, b) => a.name.localeCompare(b.name))
         .map((x) => ({ workspace: x.id, name: x.name, version: x.version, updated: x.updated, published: x.published })) });

@@ -31,6 +31,8 @@ try {
   await click('#signup-button');
   await until('the workspace list', async () => (await findAll('.workspace-item')).length === 1);
   assert.equal(await text('#account-name'), 'ada');
+  // Not an operator: no operators' page.
+  assert.equal(await js('return document.querySelector("#ops-view").hidden'), true);
   await until('the connection', async () => (await js('return document.querySelector("#connection-state").dataset.state')) === 'open');
 
   await type('#new-workspace-name', 'Notes');
@@ -141,6 +143,26 @@ try {
   await until('deleted', async () => (await findAll('.workspace-item')).length === 1);
   await click('#signout');
   await until('signed out', async () => !(await js('return document.querySelector("#auth-view").hidden')));
+
+  // The operator sees the workers, backends and audit records, and drains a worker.
+  await clear('#signup-name');
+  await type('#signup-name', 'operator');
+  await type('#signup-password', 'a long password');
+  await click('#signup-button');
+  await until('the operators\' page', async () => !(await js('return document.querySelector("#ops-view").hidden')));
+  assert.equal((await findAll('#ops-workers tbody tr.ops-worker')).length, 2);
+  assert.equal((await findAll('#ops-backends tbody tr.ops-backend')).length, 1);
+  assert.match(await text('#ops-audit'), /ran sagectl up/);
+  await click('#drain-worker1');
+  await click('#dialog-ok');
+  await until('worker1 draining', async () => (await js('return document.querySelector(\'tr.ops-worker[data-host="worker1"]\').dataset.draining')) === 'true');
+  assert.equal(await text('tr.ops-worker[data-host="worker1"] .state'), 'draining');
+  assert.match(await text('#ops-audit'), /drained worker worker1/);
+  await shot('7-operators-desktop');
+  await click('#drain-worker1');
+  await until('worker1 back', async () => (await js('return document.querySelector(\'tr.ops-worker[data-host="worker1"]\').dataset.draining')) === 'false');
+  await click('#signout');
+  await until('signed out again', async () => !(await js('return document.querySelector("#auth-view").hidden')));
 
   const logs = await b.logs();
   const bad = logs.filter((l) => l.level === 'SEVERE' && !/401 \(Unauthorized\)|wrong name or password/.test(l.message)

@@ -61,7 +61,7 @@ pub struct AuditEntry {
 impl Backend {
     /// Whether `account` is an operator (the inventory's `backend.admins`).
     pub fn is_admin(&self, account: &Account) -> bool {
-        self.config.admins.iter().any(|a| *a == account.name)
+        self.config.admins.contains(&account.name)
     }
 
     fn admin_only(&self, account: &Account, what: &str) -> Result<(), ApiError> {

@@ -87,6 +87,13 @@ impl Link {
     }
 }
 
+/// What a worker's latest announcement said, as recorded for everyone to see.
+struct Heard {
+    sessions: u32,
+    load: f64,
+    draining: bool,
+}
+
 /// How long a placement may take to show in a worker's heartbeat (its engine starting).
 const PLACEMENT_SHOWS: Duration = Duration::from_secs(10);
 
@@ -328,7 +335,12 @@ impl Backend {
                 draining,
             },
         );
-        self.record_worker(&host, &address, capacity, &engines, 0, 0.0, draining)
+        let heard = Heard {
+            sessions: 0,
+            load: 0.0,
+            draining,
+        };
+        self.record_worker(&host, &address, capacity, &engines, heard)
             .await;
         if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
             self.workers.down(&host);
@@ -356,10 +368,13 @@ impl Backend {
                     if draining {
                         self.move_off_draining(&host);
                     }
-                    self.record_worker(
-                        &host, &address, capacity, &engines, sessions, load, draining,
-                    )
-                    .await;
+                    let heard = Heard {
+                        sessions,
+                        load,
+                        draining,
+                    };
+                    self.record_worker(&host, &address, capacity, &engines, heard)
+                        .await;
                     if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
                         break;
                     }
@@ -396,10 +411,13 @@ impl Backend {
         address: &str,
         capacity: u32,
         engines: &[String],
-        sessions: u32,
-        load: f64,
-        draining: bool,
+        heard: Heard,
     ) {
+        let Heard {
+            sessions,
+            load,
+            draining,
+        } = heard;
         let Ok(db) = self.db().await else { return };
         let r = db
             .execute(
