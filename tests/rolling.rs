@@ -172,6 +172,8 @@ fn a_rolling_upgrade_loses_no_work() {
         .map(|h| rt.block_on(h).unwrap())
         .collect();
     let (out, err) = text(&o);
+    // What the rolling run said (drains, moves, put back): the record of the upgrade.
+    eprintln!("{err}");
     assert!(o.status.success(), "the rolling up failed:\n{out}\n{err}");
     let recap: Value = serde_json::from_str(&out).unwrap();
 

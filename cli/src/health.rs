@@ -34,7 +34,18 @@ PGPASSFILE="$f" PGCONNECT_TIMEOUT=5 psql "$1" -XAtc "$2"
 const TLS_SCRIPT: &str = r#"printf '%s' "$1" | timeout 5 openssl s_client -quiet -connect "$2" -CAfile "$3" -cert "$4" -key "$5" -verify_return_error 2>&1"#;
 
 /// Prints the body, then a last line with the status (urllib follows no error status).
-const PY_FETCH: &str = "import sys, urllib.request\nr = urllib.request.urlopen(sys.argv[1], timeout=5)\nsys.stdout.write(r.read().decode() + '\\n' + str(r.status) + ' ')";
+/// A plain `http://` GET on bash's /dev/tcp (hosts without curl), printing what curl's `-w`
+/// prints below: the body, a line break, the status and a space.
+const SHELL_FETCH: &str = r#"u=${1#http://}; hp=${u%%/*}; path=/${u#*/}
+[ "$u" = "$hp" ] && path=/
+host=${hp%:*}; port=${hp##*:}
+[ "$host" = "$hp" ] && port=80
+exec 3<>"/dev/tcp/$host/$port" || exit 7
+printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hp" >&3
+IFS=' ' read -r _ status _ <&3
+while IFS= read -r h <&3; do h=${h%$'\r'}; [ -z "$h" ] && break; done
+cat <&3
+printf '\n%s ' "$status""#;
 
 async fn retry<F, Fut>(again: bool, mut f: F) -> Result<String, String>
 where
@@ -141,7 +152,15 @@ impl Env<'_> {
                     self.render(cert, ctx)?,
                 );
                 let out = match client {
-                    HttpClient::Python3 => run(s, &["python3", "-c", PY_FETCH, &url], b"").await?,
+                    HttpClient::Shell => {
+                        if !url.starts_with("http://") {
+                            return Err(format!(
+                                "{url}: the shell client fetches plain http:// URLs only"
+                            ));
+                        }
+                        let argv = ["timeout", "5", "bash", "-c", SHELL_FETCH, "bash", &url];
+                        run(s, &argv, b"").await?
+                    }
                     HttpClient::Curl => {
                         let mut argv = vec!["curl", "-sS", "--fail", "--max-time", "5"];
                         for (flag, v) in [
@@ -405,6 +424,40 @@ mod tests {
             return Err("not made".into());
         }
         env.judge(c, &ctx)
+    }
+
+    #[test]
+    fn the_shell_client_fetches_like_curl_prints() {
+        // A one-answer HTTP server on loopback, and the script as a check runs it.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut c, _) = l.accept().unwrap();
+            // The whole request first: closing with some of it unread would reset the
+            // connection and lose the answer.
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early: {req:?}");
+                req.extend_from_slice(&buf[..n]);
+            }
+            c.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nsagews_worker_sessions_open 3\n")
+                .unwrap();
+            String::from_utf8_lossy(&req).to_string()
+        });
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let o = std::process::Command::new("bash")
+            .args(["-c", SHELL_FETCH, "bash", &url])
+            .output()
+            .unwrap();
+        let req = server.join().unwrap();
+        assert!(req.starts_with("GET /metrics HTTP/1.0\r\n"), "{req:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "sagews_worker_sessions_open 3\n\n200 "
+        );
     }
 
     #[test]

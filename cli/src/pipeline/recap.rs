@@ -62,6 +62,10 @@ pub struct Site {
     pub ca_file: Option<PathBuf>,
     /// Lab machines are reachable from this box only, by address: map the name locally.
     pub lab: bool,
+    /// The operators' accounts (`backend.admins`), which see the operators' page.
+    pub operators: Vec<String>,
+    /// Where their first password is (`admin_password` in the state directory's secrets).
+    pub operator_password_file: Option<PathBuf>,
 }
 
 impl Site {
@@ -81,6 +85,11 @@ impl Site {
                     .unwrap_or_else(|_| state.dir().join("ca.crt"))
             }),
             lab: inv.lab.is_some(),
+            operators: inv.backend.admins.clone(),
+            operator_password_file: (!inv.backend.admins.is_empty()).then(|| {
+                std::path::absolute(state.dir().join("secrets.json"))
+                    .unwrap_or_else(|_| state.dir().join("secrets.json"))
+            }),
         })
     }
 
@@ -110,6 +119,13 @@ impl Site {
             ));
         }
         s.push('\n');
+        if let Some(f) = &self.operator_password_file {
+            s.push_str(&format!(
+                "  operators' page: sign in as {} with the password `admin_password` in {}\n",
+                self.operators.join(" or "),
+                f.display()
+            ));
+        }
         s
     }
 }
