@@ -138,6 +138,44 @@ where
     }
 }
 
+/// How many healthy workers backend `host` sees (its `/api/metrics`, fetched on the first
+/// loadbalancer with HAProxy's certificate, which the backend's metrics require).
+pub async fn healthy_workers(p: &Pipeline, host: &str) -> anyhow::Result<u64> {
+    let b = p.inv.host(host).context("no such backend")?;
+    let lb = p
+        .inv
+        .with_role(Role::Loadbalancer)
+        .next()
+        .context("no loadbalancer to ask the backend's metrics through")?;
+    let port = p.inv.backend.port;
+    let s = p.session(&lb.name).await?;
+    let text = run_on(
+        &s,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            "--resolve",
+            &format!("{}:{port}:{}", b.name, b.address),
+            "--cacert",
+            "/etc/haproxy/certs/ca.crt",
+            "--cert",
+            "/etc/haproxy/certs/host.pem",
+            &format!("https://{}:{port}/api/metrics", b.name),
+        ],
+    )
+    .await;
+    s.close().await;
+    text?
+        .lines()
+        .find_map(|l| l.strip_prefix("sagews_backend_healthy_workers "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .context("the backend's metrics have no sagews_backend_healthy_workers")
+}
+
 /// The hosts a drain of `host` acts on: itself, and for a backend every HAProxy host.
 fn drain_targets(inv: &Inventory, host: &str) -> anyhow::Result<Vec<String>> {
     let Some(h) = inv.host(host) else {

@@ -137,9 +137,14 @@ pub fn batches(hosts: &[String], serial: &str) -> anyhow::Result<Vec<Vec<String>
 /// A rolling upgrade: before each batch, what it would change is planned (a check run);
 /// workers and backends with changes are drained; after a batch whose hosts all succeeded
 /// (health checks included), they are put back. A failed batch leaves them drained and stops.
+/// A restarted backend is put back only once it sees as many workers as it did before (the
+/// workers announce themselves to it again within seconds): put back at once, it would take
+/// every browser of the next backend drained while it had no worker to open their workspaces.
 struct Rolling {
     planner: std::sync::Arc<pipeline::Pipeline>,
     timeout: std::time::Duration,
+    /// Workers each drained backend saw before its batch.
+    saw: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl pipeline::Around for Rolling {
@@ -165,6 +170,14 @@ impl pipeline::Around for Rolling {
                 // backends itself (requests refused as `restarting` are sent again, the
                 // workspaces saved first: agent/src/backend/mod.rs, `hand_over`).
                 let backend = h.has(Role::Backend) && !h.has(Role::Worker);
+                if h.has(Role::Backend) {
+                    match super::drain::healthy_workers(p, &r.host).await {
+                        Ok(n) => {
+                            self.saw.lock().unwrap().insert(r.host.clone(), n);
+                        }
+                        Err(e) => eprintln!("{}: its workers not known ({e:#})", r.host),
+                    }
+                }
                 let wait = if backend {
                     std::time::Duration::ZERO
                 } else {
@@ -209,6 +222,33 @@ impl pipeline::Around for Rolling {
                 return;
             }
             for h in held {
+                let before = self.saw.lock().unwrap().remove(&h);
+                if let Some(n) = before {
+                    let started = std::time::Instant::now();
+                    loop {
+                        match super::drain::healthy_workers(p, &h).await {
+                            Ok(now) if now >= n => {
+                                eprintln!(
+                                    "{h} sees {now} workers again ({:.1}s)",
+                                    started.elapsed().as_secs_f64()
+                                );
+                                break;
+                            }
+                            Ok(now) if started.elapsed() > self.timeout => {
+                                eprintln!(
+                                    "{h} sees {now} of the {n} workers it saw before after {} s: put back anyway",
+                                    self.timeout.as_secs()
+                                );
+                                break;
+                            }
+                            Err(e) if started.elapsed() > self.timeout => {
+                                eprintln!("{h}: its workers not known ({e:#}): put back anyway");
+                                break;
+                            }
+                            _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+                        }
+                    }
+                }
                 if let Err(e) = super::drain::drain_host(p, &h, false, self.timeout).await {
                     eprintln!("{h}: could not put it back ({e:#}): run `sagectl undrain`");
                 }
@@ -246,6 +286,7 @@ fn rolling(
     let around = Rolling {
         planner,
         timeout: std::time::Duration::from_secs(o.drain_timeout),
+        saw: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
