@@ -47,7 +47,9 @@ pub enum What {
 }
 
 /// The generated inventory `name` on 10.`net`.0.0/24: host 1 carries every infrastructure role,
-/// the rest are workers.
+/// the next four are workers, any beyond are static hosts (nginx: a worker's packages, numpy
+/// and matplotlib, on 49 machines would not fit the lab's tmpfs of writable layers, half the
+/// box's memory; what a no-op run does per host is the same).
 fn inventory(name: &str, net: u8, hosts: u32) -> String {
     let mut s = format!(
         "name: {name}\nlab: {{subnet: 10.{net}.0.0/24}}\ntls: {{public_name: sagews.{name}.test}}\nvars:\n  admin_cidrs: [\"10.{net}.0.1/32\"]\n  postgres_shared_buffers: \"64MB\"\n  memcached_memory_mb: 64\nhosts:\n",
@@ -56,8 +58,13 @@ fn inventory(name: &str, net: u8, hosts: u32) -> String {
         "  infra: {{address: 10.{net}.0.10, roles: [database, cache, backend, loadbalancer, static]}}\n"
     ));
     for i in 1..hosts {
+        let (name, role) = if i <= 4 {
+            (format!("w{i}"), "worker")
+        } else {
+            (format!("s{i}"), "static")
+        };
         s.push_str(&format!(
-            "  w{i}: {{address: 10.{net}.0.{}, roles: [worker]}}\n",
+            "  {name}: {{address: 10.{net}.0.{}, roles: [{role}]}}\n",
             10 + i
         ));
     }
