@@ -30,14 +30,17 @@ pub struct Applied {
 /// Installs packages without letting their maintainer scripts start services: units start from
 /// sagectl's configuration, never from the package defaults (a default nginx on :80, say).
 /// A mirror or proxy that stops answering fails a download after 30 s of silence (then retried):
-/// apt's default of 120 s, times its retries, once held a lab run for 9 minutes.
+/// apt's default of 120 s, times its retries, once held a lab run for 9 minutes. The downloaded
+/// packages are removed once installed and no source-package cache is kept: nobody reads them,
+/// and on lab machines (writable layers in memory) they were most of what 50 machines wrote.
 const APT_SCRIPT: &str = r#"set -e
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
 trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q -o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30
-apt-get install -y -q --no-install-recommends -o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30 -o Dpkg::Options::=--force-confold "$@"
+apt-get update -q -o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30 -o Dir::Cache::srcpkgcache=
+apt-get install -y -q --no-install-recommends -o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30 -o Dir::Cache::srcpkgcache= -o Dpkg::Options::=--force-confold "$@"
+apt-get clean
 "#;
 
 /// Writes stdin to a new file in a private temp directory beside `$1`, with mode `$2` and owner
