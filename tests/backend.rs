@@ -1576,6 +1576,49 @@ async fn operators_see_the_fleet_and_drain_a_worker() {
     );
 }
 
+/// A backend killed outright (no handover) leaves its workspaces' sessions running on the
+/// workers; the backend a person reconnects to takes the session over on that worker instead
+/// of opening the last save elsewhere: what was typed since the save, and the engine's
+/// variables, are still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_left_by_a_killed_backend_is_taken_over() {
+    let mut s = Stack::start(opts(2, 2, 75300)).await;
+    s.wait_workers(1, 2).await;
+    let (mut c, ws) = account_with_workspace(&s, "orphan", "kept open", true).await;
+    c.ok(json!({"op": "execute", "workspace": ws,
+        "code": "x = 41\n_ = open('typed.txt', 'w').write('not saved yet')"}))
+        .await;
+    c.until(|v| v["event"] == "done").await;
+    s.backends[0].kill9();
+    // A heartbeat later the other backend sees the session's worker busier than the idle one,
+    // where a fresh placement would go.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The person, reconnected to the other backend, opens the workspace again.
+    let cookie = s.cookie(1, "orphan", "a long password").await;
+    let mut again = s.sock(1, Transport::Websocket, Some(&cookie)).await;
+    again.ok(json!({"op": "open", "workspace": ws})).await;
+    let r = again
+        .ok(json!({"op": "execute", "workspace": ws,
+            "code": "print(x + 1, open('typed.txt').read())"}))
+        .await;
+    let id = r["id"].clone();
+    let mut out = String::new();
+    loop {
+        let v = again.next().await;
+        if v["event"] == "stdout" && v["id"] == id {
+            out.push_str(v["data"].as_str().unwrap());
+        }
+        if v["event"] == "stderr" && v["id"] == id {
+            out.push_str(v["data"].as_str().unwrap());
+        }
+        if v["event"] == "done" && v["id"] == id {
+            assert_eq!(v["status"], "ok", "{v} {out}\n{}", s.log("backend2"));
+            break;
+        }
+    }
+    assert_eq!(out, "42 not saved yet\n");
+}
+
 /// Parallel guesses cannot pass the failed-sign-in limit together: each attempt is counted
 /// before its password is checked (before, all of a burst passed the check before any was
 /// counted); refused guesses and right passwords do not count as failures.

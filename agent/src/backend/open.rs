@@ -223,6 +223,22 @@ impl Backend {
             .ok_or_else(|| ApiError::not_found(format!("workspace {} was deleted", ws.id)))?
             .get(0);
         let b64 = bundle.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        // Still open on a worker through another backend (one that died without handing it
+        // over): that worker first, so the session is taken over ("already open" below) with
+        // what was typed since the last save and the engine's state. Read before
+        // `fair_shares` claims the row for this backend.
+        let mut still_open = None;
+        if exclude.is_empty() {
+            let row = self
+                .db()
+                .await?
+                .query_opt(
+                    "SELECT worker FROM open_sessions WHERE workspace = $1 AND backend <> $2",
+                    &[&ws.id, &self.config.host],
+                )
+                .await?;
+            still_open = row.and_then(|r| self.workers.take(&r.get::<_, String>(0)));
+        }
         let account_on = self.fair_shares(ws).await?;
         let mut tried: Vec<String> = exclude.to_vec();
         let mut last_err = String::from("no worker is available");
@@ -231,7 +247,11 @@ impl Backend {
                 // A failed attempt's waiter must not take the next attempt's answer.
                 ws.control.lock().unwrap().clear();
             }
-            let (host, address) = match self.workers.pick(&tried, &account_on) {
+            let picked = match still_open.take() {
+                Some(w) => Ok(w),
+                None => self.workers.pick(&tried, &account_on),
+            };
+            let (host, address) = match picked {
                 Ok(w) => w,
                 Err(share) => {
                     if share {

@@ -181,6 +181,23 @@ impl Registry {
         Ok((best.host.clone(), best.address.clone()))
     }
 
+    /// `host`, as `pick` would take it (healthy, not draining, with room), counted as placed.
+    pub fn take(&self, host: &str) -> Option<(String, String)> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap();
+        let e = entries.get_mut(host)?;
+        let usable = e.announcing
+            && now - e.last_seen < STALE
+            && !e.draining
+            && e.sessions + e.placed < e.capacity;
+        if !usable {
+            return None;
+        }
+        e.placed += 1;
+        e.last_placed = Some(Instant::now());
+        Some((e.host.clone(), e.address.clone()))
+    }
+
     /// Forgets a worker that failed us until it announces itself again.
     pub fn down(&self, host: &str) {
         if let Some(e) = self.entries.lock().unwrap().get_mut(host) {
