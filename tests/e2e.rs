@@ -63,9 +63,35 @@ fn browse(site: &Value, home: &Path, shots: &Path, p: &Person<'_>) -> std::proce
     c.spawn().expect("node")
 }
 
-fn finished(name: &str, o: Output) -> Value {
+fn finished(inv: &Path, name: &str, o: Output) -> Value {
     let (out, err) = text(&o);
-    assert!(o.status.success(), "{name} failed:\n{err}");
+    if !o.status.success() {
+        // What the agents said meanwhile: the backend's and the worker's journals.
+        let journal = |host: &str, unit: &str| {
+            let o = lab::sagectl()
+                .args(["lab", "ssh"])
+                .arg(inv)
+                .args([
+                    host,
+                    "--",
+                    "journalctl",
+                    "-u",
+                    unit,
+                    "-n",
+                    "80",
+                    "--no-pager",
+                    "-o",
+                    "short-precise",
+                ])
+                .output();
+            o.map(|o| text(&o).0).unwrap_or_default()
+        };
+        panic!(
+            "{name} failed:\n{err}\n--- sage-backend on alpha:\n{}\n--- sage-worker on bravo:\n{}",
+            journal("alpha", "sage-backend"),
+            journal("bravo", "sage-worker")
+        );
+    }
     let v: Value =
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{name}: {e}: {out}"));
     eprintln!("{name}: {v}");
@@ -126,6 +152,7 @@ fn bench_the_page() {
         bench: Some(n),
     };
     let v = finished(
+        &d.inv,
         "bench",
         browse(&d.site, &d.home, &d.shots, &bench)
             .wait_with_output()
@@ -176,8 +203,8 @@ fn people_use_the_site_in_a_real_browser() {
             bench: None,
         },
     );
-    let a = finished("ada", ada.wait_with_output().unwrap());
-    let b = finished("bob", bob.wait_with_output().unwrap());
+    let a = finished(inv, "ada", ada.wait_with_output().unwrap());
+    let b = finished(inv, "bob", bob.wait_with_output().unwrap());
     assert_ne!(a["workspace"], b["workspace"]);
     // The polling transports, forced.
     for (user, transport) in [("carol", "xhr-streaming"), ("dave", "xhr-polling")] {
@@ -193,7 +220,7 @@ fn people_use_the_site_in_a_real_browser() {
                 bench: None,
             },
         );
-        let v = finished(user, p.wait_with_output().unwrap());
+        let v = finished(inv, user, p.wait_with_output().unwrap());
         assert_eq!(v["transport"], transport);
     }
     // The backend SIGKILLed during a session: the page reconnects by itself.
@@ -221,6 +248,6 @@ fn people_use_the_site_in_a_real_browser() {
             bench: None,
         },
     );
-    let v = finished("erin", p.wait_with_output().unwrap());
+    let v = finished(inv, "erin", p.wait_with_output().unwrap());
     assert!(v["reconnect_ms"].as_u64().is_some(), "{v}");
 }
