@@ -21,6 +21,9 @@ use crate::proto::{Announce, AnnounceReply, Event, Request};
 
 /// A worker is healthy while heartbeats arrive at least this often.
 const STALE: Duration = Duration::from_secs(20);
+/// How long a worker whose announcements ended has to register again before its sessions are
+/// given up (see `announcements_ended`).
+const REANNOUNCE_GRACE: Duration = Duration::from_secs(15);
 
 pub struct Entry {
     pub host: String,
@@ -360,7 +363,7 @@ impl Backend {
         self.record_worker(&host, &address, capacity, &engines, heard)
             .await;
         if frame::write(&mut s, &AnnounceReply::Ack).await.is_err() {
-            self.workers.down(&host);
+            self.announcements_ended(&host);
             return;
         }
         loop {
@@ -406,7 +409,34 @@ impl Backend {
                 }
             }
         }
-        self.workers.down(&host);
+        self.announcements_ended(&host);
+    }
+
+    /// A worker's announcement connection ended: no new session goes there; the sessions open
+    /// there keep their own connection (the link) for [`REANNOUNCE_GRACE`], long enough for a
+    /// worker that only lost its announcement connection to register again (its reconnect
+    /// backoff starts at 1 s). Only a worker still silent then is given up, its link closed and
+    /// its workspaces reopened elsewhere. (Closing the link at once made every session of a
+    /// live worker `worker_lost` at an announcement hiccup.)
+    fn announcements_ended(self: &Arc<Self>, host: &str) {
+        if let Some(e) = self.workers.entries.lock().unwrap().get_mut(host) {
+            e.announcing = false;
+        }
+        let (me, host) = (self.clone(), host.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(REANNOUNCE_GRACE).await;
+            let back = me
+                .workers
+                .entries
+                .lock()
+                .unwrap()
+                .get(&host)
+                .is_some_and(|e| e.announcing);
+            if !back {
+                tracing::warn!(worker = %host, "the worker did not announce itself again: its sessions are given up");
+                me.workers.down(&host);
+            }
+        });
     }
 
     /// Moves this backend's workspaces off the draining worker `host`, in a task of its own
