@@ -231,20 +231,7 @@ fn add_worker_grows_the_pool(inv: &Path) {
         // b went to delta (bravo was drained); a to the least loaded of the two.
         let placed = (sessions_open(inv, "bravo"), sessions_open(inv, "delta"));
         if placed.1 == 0 || placed.0 + placed.1 != 2 {
-            let log = ssh(
-                inv,
-                "alpha",
-                &[
-                    "journalctl",
-                    "-u",
-                    "sage-backend",
-                    "-n",
-                    "40",
-                    "--no-pager",
-                    "-o",
-                    "cat",
-                ],
-            );
+            let log = backend_log(inv, 40);
             panic!("a workspace on delta, two in all, not {placed:?}; the backend's log:\n{log}");
         }
         // remove-worker (issue 16): the workspaces on delta are saved and moved while the
@@ -266,20 +253,7 @@ fn add_worker_grows_the_pool(inv: &Path) {
         let o = remove.join().unwrap();
         let (out, err) = text(&o);
         if !o.status.success() {
-            let log = ssh(
-                inv,
-                "alpha",
-                &[
-                    "journalctl",
-                    "-u",
-                    "sage-backend",
-                    "-n",
-                    "80",
-                    "--no-pager",
-                    "-o",
-                    "cat",
-                ],
-            );
+            let log = backend_log(inv, 80);
             panic!("remove-worker:\n{out}\n{err}\nthe backend's log:\n{log}");
         }
         eprintln!("remove-worker:\n{err}");
@@ -309,6 +283,25 @@ fn add_worker_grows_the_pool(inv: &Path) {
             "both workspaces on bravo now"
         );
     });
+}
+
+/// The last `lines` of alpha's backend journal (for a failure's message).
+fn backend_log(inv: &Path, lines: u32) -> String {
+    let n = lines.to_string();
+    ssh(
+        inv,
+        "alpha",
+        &[
+            "journalctl",
+            "-u",
+            "sage-backend",
+            "-n",
+            &n,
+            "--no-pager",
+            "-o",
+            "cat",
+        ],
+    )
 }
 
 /// Runs one scenario of a lab test; its failure is reported under its name.

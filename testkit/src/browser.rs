@@ -181,14 +181,20 @@ impl<'a> Sockjs<'a> {
         let done = self
             .take(|v| v["event"] == "done" && v["id"] == id, "done event")
             .await;
-        let mut out = String::new();
-        self.inbox.retain(|v| {
-            let mine = v["event"] == "stdout" && v["id"] == id;
-            if mine {
-                out.push_str(v["data"].as_str().unwrap_or(""));
-            }
-            !mine
-        });
+        let out = take_stdout(&mut self.inbox, id);
         (out, done["status"].as_str().unwrap_or("").to_string())
     }
+}
+
+/// Takes execute `id`'s stdout events out of `inbox`: their text, in order.
+pub fn take_stdout(inbox: &mut Vec<Value>, id: u64) -> String {
+    let mut out = String::new();
+    inbox.retain(|v| {
+        let mine = v["event"] == "stdout" && v["id"] == id;
+        if mine {
+            out.push_str(v["data"].as_str().unwrap_or(""));
+        }
+        !mine
+    });
+    out
 }

@@ -441,14 +441,7 @@ impl<'a> Person<'a> {
             self.poll().await?;
         };
         self.running.remove(&id);
-        let mut out = String::new();
-        self.inbox.retain(|v| {
-            let mine = v["event"] == "stdout" && v["id"] == id;
-            if mine {
-                out.push_str(v["data"].as_str().unwrap_or(""));
-            }
-            !mine
-        });
+        let out = crate::browser::take_stdout(&mut self.inbox, id);
         Ok((out, done["status"].as_str().unwrap_or("").to_string()))
     }
 

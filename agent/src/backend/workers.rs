@@ -90,6 +90,17 @@ impl Link {
     }
 }
 
+impl Entry {
+    /// Heard from lately and not draining: a worker that may take a session.
+    fn takes_sessions(&self, now: Instant) -> bool {
+        self.announcing && now - self.last_seen < STALE && !self.draining
+    }
+
+    fn has_room(&self) -> bool {
+        self.sessions + self.placed < self.capacity
+    }
+}
+
 /// What a worker's latest announcement said, as recorded for everyone to see.
 struct Heard {
     sessions: u32,
@@ -142,13 +153,11 @@ impl Registry {
     /// Whether a healthy worker but `host` that is not draining has room for a session.
     pub fn room_elsewhere(&self, host: &str) -> bool {
         let now = Instant::now();
-        self.entries.lock().unwrap().values().any(|e| {
-            e.announcing
-                && now - e.last_seen < STALE
-                && !e.draining
-                && e.host != host
-                && e.sessions + e.placed < e.capacity
-        })
+        self.entries
+            .lock()
+            .unwrap()
+            .values()
+            .any(|e| e.takes_sessions(now) && e.host != host && e.has_room())
     }
 
     /// The least loaded healthy worker with room, not draining, not in `exclude`, where the
@@ -165,9 +174,8 @@ impl Registry {
         let mut share_refused = false;
         let best = entries
             .values_mut()
-            .filter(|e| e.announcing && now - e.last_seen < STALE && !e.draining)
+            .filter(|e| e.takes_sessions(now) && e.has_room())
             .filter(|e| !exclude.contains(&e.host))
-            .filter(|e| e.sessions + e.placed < e.capacity)
             .filter(|e| {
                 let fair = account_on.get(&e.host).copied().unwrap_or(0) < fair_share(e.capacity);
                 share_refused |= !fair;
@@ -189,11 +197,7 @@ impl Registry {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
         let e = entries.get_mut(host)?;
-        let usable = e.announcing
-            && now - e.last_seen < STALE
-            && !e.draining
-            && e.sessions + e.placed < e.capacity;
-        if !usable {
+        if !(e.takes_sessions(now) && e.has_room()) {
             return None;
         }
         e.placed += 1;
