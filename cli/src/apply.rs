@@ -70,6 +70,50 @@ SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'owner') WHERE NOT EXISTS (
 SELECT format('ALTER DATABASE %I OWNER TO %I', :'db', :'owner') \gexec
 "#;
 
+/// Sets up the replication role (verifier as for [`PG_SQL`]) and the slots: `:'make'` made
+/// (reserving WAL now, for the clone that follows), `:'drop'` (comma-separated) dropped when no
+/// standby is streaming through them.
+const PG_REPLICATION_SQL: &str = r#"SELECT format('CREATE ROLE %I LOGIN REPLICATION', :'role') WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role') \gexec
+SELECT format('ALTER ROLE %I LOGIN REPLICATION PASSWORD %L', :'role', :'verifier') \gexec
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = ANY (string_to_array(:'drop', ',')) AND NOT active;
+SELECT pg_create_physical_replication_slot(:'make', true) WHERE :'make' <> '' AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = :'make');
+"#;
+
+/// Makes this host a standby of the primary: a base backup over `$3` (conninfo; the password
+/// is in the passfile it names) through slot `$4` into a new directory beside `$1`, tried for
+/// up to 5 minutes (the primary may be converging in the same run); only once it is complete,
+/// `$2` (the service) is stopped, the old data directory moved aside and the copy moved in with
+/// `standby.signal`, and the service started.
+const PG_STANDBY_SCRIPT: &str = r#"set -euo pipefail
+data=$1 service=$2 conninfo=$3 slot=$4
+new="$data.cloning"
+err=$(mktemp)
+trap 'rm -f -- "$err"' EXIT
+deadline=$((SECONDS + 300))
+while :; do
+  rm -rf -- "$new"
+  install -d -o postgres -g postgres -m 0700 -- "$new"
+  if runuser -u postgres -- pg_basebackup -D "$new" -d "$conninfo" -S "$slot" -X stream -c fast -w 2>"$err"; then
+    break
+  fi
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    rm -rf -- "$new"
+    echo "no base backup from the primary within 300 s: $(tail -n 3 "$err")" >&2
+    exit 1
+  fi
+  sleep 3
+done
+install -o postgres -g postgres -m 0600 /dev/null "$new/standby.signal"
+systemctl stop -- "$service"
+if [ -e "$data" ]; then
+  aside="$data.before-standby-$(date -u +%Y%m%dT%H%M%SZ)"
+  mv -- "$data" "$aside"
+  echo "the data directory that was here is kept as $aside"
+fi
+mv -- "$new" "$data"
+systemctl start -- "$service"
+"#;
+
 struct Runner<'a> {
     s: &'a Session,
     lost: std::sync::atomic::AtomicBool,
@@ -226,6 +270,64 @@ impl Runner<'_> {
                 }
                 Ok(())
             }
+            Change::PgReplication {
+                role,
+                password,
+                make_slot,
+                drop_slots,
+            } => {
+                let salt: [u8; 16] = random_salt();
+                let verifier = crate::scram::verifier(password.expose(), &salt);
+                let script = format!(
+                    "\\set role '{role}'\n\\set verifier '{verifier}'\n\\set make '{}'\n\\set drop '{}'\n{PG_REPLICATION_SQL}",
+                    make_slot.as_deref().unwrap_or(""),
+                    drop_slots.join(",")
+                );
+                let argv = [
+                    "runuser",
+                    "-u",
+                    "postgres",
+                    "--",
+                    "psql",
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    "postgres",
+                ];
+                self.must(
+                    &format!("setting up replication role {role}"),
+                    &argv,
+                    script.as_bytes(),
+                    SHORT,
+                )
+                .await
+                .map(drop)
+            }
+            Change::PgStandby {
+                data_dir,
+                service,
+                conninfo,
+                slot,
+            } => self
+                .must(
+                    &format!("cloning the primary into {data_dir}"),
+                    &[
+                        "bash",
+                        "-c",
+                        PG_STANDBY_SCRIPT,
+                        "pg-standby",
+                        data_dir,
+                        service,
+                        conninfo,
+                        slot,
+                    ],
+                    b"",
+                    Duration::from_secs(3600),
+                )
+                .await
+                .map(drop),
             Change::Postgres {
                 database,
                 owner,

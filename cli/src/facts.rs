@@ -81,7 +81,9 @@ fi
 if [ "$pg" = yes ] && command -v psql >/dev/null 2>&1; then
   runuser -u postgres -- psql -XAtq -F "$tab" \
     -c "select 'pgrole', rolname, coalesce(rolpassword, '') from pg_authid where rolcanlogin" \
-    -c "select 'pgdb', datname, pg_get_userbyid(datdba) from pg_database" 2>/dev/null
+    -c "select 'pgdb', datname, pg_get_userbyid(datdba) from pg_database" \
+    -c "select 'pgrepl', rolname from pg_roles where rolreplication and rolcanlogin and not rolsuper" \
+    -c "select 'pgslot', slot_name, coalesce(wal_status, '-') from pg_replication_slots" 2>/dev/null
 fi
 exit 0
 "#;
@@ -159,6 +161,10 @@ pub struct Facts {
     pub pg_roles: Option<BTreeMap<String, String>>,
     /// Databases and their owners.
     pub pg_databases: BTreeMap<String, String>,
+    /// Login roles that may stream WAL (superusers aside).
+    pub pg_replication_roles: BTreeSet<String>,
+    /// Replication slots and their `wal_status` (`lost`: the WAL it needed is gone).
+    pub pg_slots: BTreeMap<String, String>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -244,6 +250,12 @@ pub fn parse(out: &str) -> Result<Facts, ParseError> {
                 f.pg_roles
                     .get_or_insert_with(BTreeMap::new)
                     .insert(name.into(), verifier.into());
+            }
+            ["pgrepl", name] => {
+                f.pg_replication_roles.insert(name.into());
+            }
+            ["pgslot", name, status] => {
+                f.pg_slots.insert(name.into(), status.into());
             }
             ["pgdb", name, owner] => {
                 f.pg_roles.get_or_insert_with(BTreeMap::new);

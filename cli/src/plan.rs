@@ -42,6 +42,22 @@ pub enum Change {
         owner: String,
         password: Secret,
     },
+    /// Set the replication role's password (making it) and the slot as wanted.
+    PgReplication {
+        role: String,
+        password: Secret,
+        /// Make this slot (a standby is declared).
+        make_slot: Option<String>,
+        /// Drop these slots: not wanted, or lost (the standby must be cloned again).
+        drop_slots: Vec<String>,
+    },
+    /// Clone the primary into the data directory (the old one moved aside).
+    PgStandby {
+        data_dir: String,
+        service: String,
+        conninfo: String,
+        slot: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +116,24 @@ impl Change {
             Change::Postgres {
                 database, owner, ..
             } => format!("set up role {owner} and database {database}"),
+            Change::PgReplication {
+                role,
+                make_slot,
+                drop_slots,
+                ..
+            } => {
+                let mut v = vec![format!("set up replication role {role}")];
+                if let Some(s) = make_slot {
+                    v.push(format!("make replication slot {s}"));
+                }
+                for s in drop_slots {
+                    v.push(format!("drop replication slot {s}"));
+                }
+                v.join(", ")
+            }
+            Change::PgStandby { data_dir, .. } => format!(
+                "clone the primary into {data_dir} as a streaming standby (what is there now is moved aside, not removed)"
+            ),
         }
     }
 }
@@ -148,7 +182,10 @@ pub fn query(steps: &[Step]) -> Query {
             StepKind::Service { name, .. } => {
                 q.units.insert(name.clone());
             }
-            StepKind::Postgres { .. } => q.postgres = true,
+            StepKind::Postgres { .. } | StepKind::PgReplication { .. } => q.postgres = true,
+            StepKind::PgStandby { data_dir, .. } => {
+                q.files.insert(format!("{data_dir}/standby.signal"));
+            }
         }
     }
     q
@@ -303,6 +340,64 @@ pub fn plan(steps: &[Step], handlers: &[HandlerStep], facts: &Facts) -> HostPlan
                         database: database.clone(),
                         owner: owner.clone(),
                         password: password.clone(),
+                    }
+                }
+            }
+            StepKind::PgReplication {
+                role,
+                password,
+                slot,
+            } => {
+                let role_ok = facts.pg_replication_roles.contains(role)
+                    && facts.pg_roles.as_ref().is_some_and(|roles| {
+                        roles
+                            .get(role)
+                            .is_some_and(|v| crate::scram::matches(v, password.expose()))
+                    });
+                // A slot the standby can no longer use (its WAL gone) is dropped and made
+                // again; the standby then needs a fresh clone (`sagectl up` makes one when it
+                // finds no `standby.signal`: the operator removes it, see README).
+                let drop_slots: Vec<String> = facts
+                    .pg_slots
+                    .iter()
+                    .filter(|(name, status)| {
+                        name.starts_with("sagews_")
+                            && (Some(*name) != slot.as_ref() || status.as_str() == "lost")
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                let make_slot = slot
+                    .as_ref()
+                    .filter(|s| !facts.pg_slots.contains_key(*s) || drop_slots.contains(s))
+                    .cloned();
+                if role_ok && make_slot.is_none() && drop_slots.is_empty() {
+                    Change::None(match slot {
+                        Some(s) => format!("replication role {role} and slot {s} are there"),
+                        None => format!("replication role {role} is there, no slot held"),
+                    })
+                } else {
+                    Change::PgReplication {
+                        role: role.clone(),
+                        password: password.clone(),
+                        make_slot,
+                        drop_slots,
+                    }
+                }
+            }
+            StepKind::PgStandby {
+                data_dir,
+                service,
+                conninfo,
+                slot,
+            } => {
+                if matches!(facts.files.get(&format!("{data_dir}/standby.signal")), Some(Some(_))) {
+                    Change::None(format!("{data_dir} is a standby (standby.signal)"))
+                } else {
+                    Change::PgStandby {
+                        data_dir: data_dir.clone(),
+                        service: service.clone(),
+                        conninfo: conninfo.clone(),
+                        slot: slot.clone(),
                     }
                 }
             }

@@ -210,6 +210,20 @@ pub fn context(inv: &Inventory, catalog: &Catalog, host: &Host) -> BTreeMap<&'st
     c.insert("backend", Value::from(Serde(&inv.backend)));
     c.insert("logd", Value::from(Serde(&inv.logd)));
     c.insert("logd_primary", Value::from(Serde(&logd_primary)));
+    // The primary's and the standby's addresses, for configs naming the database.
+    let db_view = |name: Option<&String>| {
+        name.and_then(|n| inv.host(n))
+            .map(|h| view(inv, catalog, h))
+    };
+    c.insert(
+        "database",
+        Value::from(Serde(serde_json::json!({
+            "primary": db_view(Some(&inv.database.primary)),
+            "standby": db_view(inv.database.standby.as_ref()),
+            "backups": inv.database.backups,
+            "backup_host": inv.database.backup_host(),
+        }))),
+    );
     c.insert("lab", Value::from(Serde(inv.lab.as_ref().map(|l| {
         serde_json::json!({"subnet": l.subnet.to_string(), "gateway": l.gateway().to_string(), "apt_proxy_port": crate::lab::APT_PROXY_PORT})
     }))));
@@ -239,6 +253,19 @@ pub enum StepKind {
         name: String,
         enabled: bool,
         started: bool,
+    },
+    /// The primary's replication role, and its slot (`None`: none wanted, dropped if there).
+    PgReplication {
+        role: String,
+        password: crate::pki::Secret,
+        slot: Option<String>,
+    },
+    /// The standby: cloned from the primary unless `data_dir/standby.signal` exists.
+    PgStandby {
+        data_dir: String,
+        service: String,
+        conninfo: String,
+        slot: String,
     },
     /// A login role with a password, and a database it owns.
     Postgres {
@@ -314,6 +341,15 @@ pub fn host_steps(
                 task: task.name.clone(),
                 error,
             };
+            if let Some(w) = &task.when {
+                let on = env
+                    .compile_expression(w)
+                    .and_then(|e| e.eval(&ctx))
+                    .map_err(terr)?;
+                if !on.is_true() {
+                    continue;
+                }
+            }
             let render_str = |s: &str| env.render_str(s, &ctx).map_err(terr);
             // A path on the host, rendered then checked.
             let render_path = |s: &str| {
@@ -449,6 +485,36 @@ pub fn host_steps(
                     name: render_str(name)?,
                     enabled: *enabled,
                     started: *started,
+                }),
+                Action::PostgresReplication {
+                    role,
+                    password_secret,
+                    slot,
+                } => {
+                    let password = state
+                        .secrets()?
+                        .get(password_secret)
+                        .cloned()
+                        .expect("catalog checks secret names");
+                    push(StepKind::PgReplication {
+                        role: render_str(role)?,
+                        password,
+                        slot: match inv.database.standby {
+                            Some(_) => Some(render_str(slot)?),
+                            None => None,
+                        },
+                    });
+                }
+                Action::PostgresStandby {
+                    data_dir,
+                    service,
+                    conninfo,
+                    slot,
+                } => push(StepKind::PgStandby {
+                    data_dir: render_path(data_dir)?,
+                    service: render_str(service)?,
+                    conninfo: render_str(conninfo)?,
+                    slot: render_str(slot)?,
                 }),
                 Action::PostgresDatabase {
                     name,

@@ -79,9 +79,11 @@ pub struct State {
 }
 
 /// Names of the generated secrets, fixed so templates can name them.
-pub const SECRET_NAMES: [&str; 3] = [
+pub const SECRET_NAMES: [&str; 4] = [
     "postgres_backend_password",
     "postgres_logd_password",
+    // The standby's replication role (`database.standby`).
+    "postgres_replica_password",
     // The password operators' accounts (`backend.admins`) are made with.
     "admin_password",
 ];

@@ -20,6 +20,9 @@ pub enum Action {
     Down { inventory: PathBuf },
     /// Show each machine's state.
     Status { inventory: PathBuf },
+    /// Remove one machine, its disk with it (a lost machine, for drills); `lab up` or
+    /// `sagectl up` makes a fresh one at its address.
+    Destroy { inventory: PathBuf, host: String },
     /// Open a shell, or run a command, on a machine over SSH as root.
     Ssh {
         inventory: PathBuf,
@@ -35,6 +38,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         Action::Up { inventory }
         | Action::Down { inventory }
         | Action::Status { inventory }
+        | Action::Destroy { inventory, .. }
         | Action::Ssh { inventory, .. } => inventory.clone(),
     };
     let inv = match super::load(&path) {
@@ -45,6 +49,17 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     match o.action {
         Action::Up { .. } => lab.up()?,
         Action::Down { .. } => lab.down()?,
+        Action::Destroy { host, .. } => {
+            if inv.host(&host).is_none() {
+                let names: Vec<&str> = inv.hosts.iter().map(|h| h.name.as_str()).collect();
+                anyhow::bail!(
+                    "no host `{host}` in {}\n  hint: {}",
+                    path.display(),
+                    crate::diag::suggest(&host, &names)
+                );
+            }
+            lab.destroy(&host)?;
+        }
         Action::Status { .. } => {
             let mut all_running = true;
             for (name, st) in lab.status() {

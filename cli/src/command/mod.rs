@@ -8,6 +8,7 @@ pub mod inventory;
 pub mod lab;
 pub mod logs;
 pub mod man;
+pub mod promote;
 pub mod render;
 pub mod status;
 pub mod up;
@@ -43,6 +44,9 @@ pub enum Command {
     Undrain(drain::Opts),
     /// Drain a worker, stop its agent, remove its host file and converge the hosts it concerned.
     RemoveWorker(drain::RemoveOpts),
+    /// Make the database standby the primary (the primary is gone), and converge backends and
+    /// logd onto it.
+    Promote(promote::Opts),
     /// Check an inventory and report every problem in it.
     Validate(validate::Opts),
     /// Write every host's desired configuration files into a directory.
@@ -74,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drain(o) => drain::run(o, true),
         Command::Undrain(o) => drain::run(o, false),
         Command::RemoveWorker(o) => drain::remove_worker(o),
+        Command::Promote(o) => promote::run(o),
         Command::Validate(o) => validate::run(o),
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),

@@ -82,6 +82,7 @@ impl Opts {
             host_keys: self.host_keys,
             lock_timeout: std::time::Duration::from_secs(self.lock_timeout),
             command: "up",
+            start_lab: true,
         }
     }
 }

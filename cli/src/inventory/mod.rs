@@ -91,6 +91,7 @@ pub struct Inventory {
     pub worker: WorkerSettings,
     pub backend: BackendSettings,
     pub logd: LogdSettings,
+    pub database: DatabaseSettings,
     pub lab: Option<Lab>,
     /// Directories named by `include:` (where `add-worker` writes new host files).
     #[serde(skip)]
@@ -273,6 +274,35 @@ pub enum AlertAction {
     Command(Vec<String>),
     /// POST the alert as JSON to this URL.
     Webhook(String),
+}
+
+/// PostgreSQL: which `database` host is the primary, its streaming standby, scheduled backups.
+#[derive(Clone, Debug, Serialize)]
+pub struct DatabaseSettings {
+    /// The database host backends and logd write to.
+    pub primary: String,
+    /// The second `database` host, a hot standby streaming from the primary.
+    pub standby: Option<String>,
+    pub backups: Option<Backups>,
+}
+
+impl DatabaseSettings {
+    /// Where scheduled backups are taken: the standby when there is one (no load on the
+    /// primary), else the primary.
+    pub fn backup_host(&self) -> &str {
+        self.standby.as_deref().unwrap_or(&self.primary)
+    }
+}
+
+/// Scheduled backups on the database host (a systemd timer).
+#[derive(Clone, Debug, Serialize)]
+pub struct Backups {
+    /// systemd's `OnCalendar=` (`daily`, `hourly`, `*-*-* 03:00:00`).
+    pub schedule: String,
+    /// How many backups are kept; older ones are removed after a new one is complete.
+    pub keep: u32,
+    /// Where on the database host.
+    pub dir: String,
 }
 
 /// Local lab machines (systemd-nspawn) stand in for the hosts of this inventory.

@@ -51,6 +51,20 @@ pub struct RawLogd {
     pub replica: Option<Sp<String>>,
 }
 
+#[derive(Debug, Default)]
+pub struct RawDatabase {
+    pub standby: Option<Sp<String>>,
+    /// `backups:` was given (its position, for messages).
+    pub backups: Option<Sp<RawBackups>>,
+}
+
+#[derive(Debug)]
+pub struct RawBackups {
+    pub schedule: Sp<String>,
+    pub keep: u32,
+    pub dir: Sp<String>,
+}
+
 #[derive(Debug)]
 pub struct RawLab {
     pub subnet: Sp<String>,
@@ -73,6 +87,7 @@ pub struct RawInventory {
     pub worker: WorkerSettings,
     pub backend: BackendSettings,
     pub logd: RawLogd,
+    pub database: RawDatabase,
     pub lab: Option<RawLab>,
     pub include_dirs: Vec<PathBuf>,
     /// Paths stage one reported (see `Decoder::reported`), so stage two does not report their
@@ -81,7 +96,8 @@ pub struct RawInventory {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "name", "ssh", "tls", "vars", "groups", "hosts", "worker", "backend", "logd", "include", "lab",
+    "name", "ssh", "tls", "vars", "groups", "hosts", "worker", "backend", "logd", "database", "include",
+    "lab",
 ];
 const INCLUDED_KEYS: &[&str] = &["hosts", "groups"];
 
@@ -120,6 +136,7 @@ pub fn read(path: &Path) -> Result<(RawInventory, Diagnostics), Diagnostics> {
         worker: worker(&mut d, f.get("worker")),
         backend: backend(&mut d, f.get("backend")),
         logd: logd(&mut d, f.get("logd")),
+        database: database(&mut d, f.get("database")),
         lab: f.get("lab").and_then(|n| lab(&mut d, n)),
         include_dirs: Vec::new(),
         reported: BTreeSet::new(),
@@ -664,6 +681,38 @@ fn logd(d: &mut Decoder, node: Option<&Node>) -> RawLogd {
         }
     }
     l
+}
+
+fn database(d: &mut Decoder, node: Option<&Node>) -> RawDatabase {
+    let mut db = RawDatabase::default();
+    let Some(f) = node.and_then(|n| d.fields(n, "database", &["standby", "backups"])) else {
+        return db;
+    };
+    db.standby = opt_string(d, &f, "standby");
+    if let Some(n) = f.get("backups") {
+        let path = f.path_of("backups");
+        if let Some(bf) = d.fields(n, &path, &["schedule", "keep", "dir"]) {
+            let schedule = opt_string(d, &bf, "schedule").unwrap_or(Sp {
+                v: "daily".into(),
+                pos: n.pos.clone(),
+            });
+            let dir = opt_string(d, &bf, "dir").unwrap_or(Sp {
+                v: "/var/backups/sagews".into(),
+                pos: n.pos.clone(),
+            });
+            let mut keep = 7;
+            num(d, &bf, "keep", 1, 1000, &mut keep);
+            db.backups = Some(Sp {
+                v: RawBackups {
+                    schedule,
+                    keep,
+                    dir,
+                },
+                pos: n.pos.clone(),
+            });
+        }
+    }
+    db
 }
 
 const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];

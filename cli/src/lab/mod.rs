@@ -251,6 +251,24 @@ impl<'a> Lab<'a> {
         Ok(())
     }
 
+    /// Removes the machine of `host` (processes, disk, network), as if it were lost.
+    pub fn destroy(&self, host: &str) -> Result<(), LabError> {
+        if !sys::is_root() {
+            return Err(LabError::NotRoot);
+        }
+        match machine::recorded(&self.run_dir)
+            .into_iter()
+            .find(|r| r.host == host)
+        {
+            Some(rec) => {
+                machine::teardown(self, &rec)?;
+                say(format!("{host}'s machine is gone (its disk with it)"));
+            }
+            None => say(format!("{host} has no machine")),
+        }
+        Ok(())
+    }
+
     /// The state of each host's machine.
     pub fn status(&self) -> Vec<(String, MachineStatus)> {
         if !self.run_dir.exists() {

@@ -55,6 +55,9 @@ pub struct Settings {
     pub lock_timeout: Duration,
     /// The command converging (`up`, ...), as the audit record names it.
     pub command: &'static str,
+    /// Start the lab's machines first (inventories with `lab:`); off for commands that must
+    /// not bring back a machine that is down on purpose (`promote`).
+    pub start_lab: bool,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             host_keys: HostKeyPolicy::AcceptNew,
             lock_timeout: Duration::ZERO,
             command: "up",
+            start_lab: true,
         }
     }
 }
@@ -156,7 +160,7 @@ impl Pipeline {
         let mut lab_key = None;
         if inv.lab.is_some() {
             let lab = crate::lab::Lab::new(&inv)?;
-            if !settings.check {
+            if !settings.check && settings.start_lab {
                 lab.up()?;
             }
             lab_key = Some(lab.key_path());

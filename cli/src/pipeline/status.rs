@@ -330,10 +330,8 @@ impl Pipeline {
             .inv
             .with_role(Role::Loadbalancer)
             .find_map(|h| probes.get(&h.name));
-        let db = self
-            .inv
-            .with_role(Role::Database)
-            .find_map(|h| probes.get(&h.name));
+        // The primary: the standby's copy of the same tables may lag.
+        let db = probes.get(&self.inv.database.primary);
         for h in hosts.iter_mut() {
             if h.error.is_some() {
                 continue;

@@ -122,6 +122,23 @@ pub enum Action {
         owner: String,
         password_secret: String,
     },
+    /// On the primary: a replication role with a generated password, and a physical
+    /// replication slot when the inventory has a standby (dropped when it has none, so no WAL
+    /// is held for a standby that is gone).
+    PostgresReplication {
+        role: String,
+        password_secret: String,
+        slot: String,
+    },
+    /// On the standby: a copy of the primary (pg_basebackup over `conninfo` through `slot`)
+    /// kept in recovery by `standby.signal`; made when the data directory has no such file
+    /// (a fresh host, or a former primary: its data is moved aside, never removed).
+    PostgresStandby {
+        data_dir: String,
+        service: String,
+        conninfo: String,
+        slot: String,
+    },
     Service {
         name: String,
         enabled: bool,
@@ -135,6 +152,8 @@ pub struct Task {
     pub action: Action,
     /// Handlers to run once at the end of the host's run when this task changed something.
     pub notify: Vec<String>,
+    /// An expression in the host's template context; the task is for hosts where it is true.
+    pub when: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +285,12 @@ impl Catalog {
                             format!("notify names no handler of this role: `{n}`"),
                             None,
                         );
+                    }
+                }
+                if let Some(w) = &t.when {
+                    if let Err(e) = env.compile_expression(w) {
+                        d.diags
+                            .push(&pos, &index("", i), format!("when `{w}`: {e}"), None);
                     }
                 }
                 if let Action::Template { src, .. } = &t.action {

@@ -16,11 +16,13 @@ const ACTIONS: &[&str] = &[
     "static_files",
     "agent_binary",
     "postgres_database",
+    "postgres_replication",
+    "postgres_standby",
     "service",
 ];
 
 pub(super) fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
-    let mut keys = vec!["name", "notify"];
+    let mut keys = vec!["name", "notify", "when"];
     keys.extend_from_slice(ACTIONS);
     let f = d.fields(node, path, &keys)?;
     let name = req_string(d, &f, "name")?;
@@ -34,6 +36,10 @@ pub(super) fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
                 .collect()
         })
         .unwrap_or_default();
+    let when = match f.get("when") {
+        Some(n) => Some(d.string(n, &f.path_of("when"))?),
+        None => None,
+    };
     let (kind, body, p) = one_of(d, &f, ACTIONS, "a task needs exactly one action")?;
     let action = match kind {
         "apt" => Action::Apt(d.strings(body, &p)?.into_iter().map(|(s, _)| s).collect()),
@@ -138,6 +144,25 @@ pub(super) fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
                 password_secret: secret,
             }
         }
+        "postgres_replication" => {
+            let f = d.fields(body, &p, &["role", "password_secret", "slot"])?;
+            let secret = req_string(d, &f, "password_secret")?;
+            known_secret(d, body, &f, &secret);
+            Action::PostgresReplication {
+                role: req_string(d, &f, "role")?,
+                password_secret: secret,
+                slot: req_string(d, &f, "slot")?,
+            }
+        }
+        "postgres_standby" => {
+            let f = d.fields(body, &p, &["data_dir", "service", "conninfo", "slot"])?;
+            Action::PostgresStandby {
+                data_dir: req_string(d, &f, "data_dir")?,
+                service: req_string(d, &f, "service")?,
+                conninfo: req_string(d, &f, "conninfo")?,
+                slot: req_string(d, &f, "slot")?,
+            }
+        }
         "service" => {
             let f = d.fields(body, &p, &["name", "enabled", "started"])?;
             let enabled = f
@@ -158,6 +183,7 @@ pub(super) fn task(d: &mut Decoder, node: &Node, path: &str) -> Option<Task> {
         name,
         action,
         notify,
+        when,
     })
 }
 

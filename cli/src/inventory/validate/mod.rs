@@ -12,6 +12,7 @@
 
 mod hosts;
 mod lab;
+mod database;
 mod logd;
 mod rules;
 mod site;
@@ -137,6 +138,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
     );
     let groups = rules::check_groups(&mut v, &raw, &names);
     let logd = logd::check_logd(&mut v, &raw, &hosts, roles_complete);
+    let database = database::check_database(&mut v, &raw, &hosts, roles_complete);
     let lab = lab::check_lab(&mut v, &raw, &hosts);
     vars::check_ports(&mut v, &raw, catalog, &hosts, &inventory_vars);
 
@@ -154,6 +156,7 @@ pub fn validate(raw: RawInventory, diags: Diagnostics) -> Result<Inventory, Diag
         worker: raw.worker,
         backend: raw.backend,
         logd,
+        database,
         lab,
         include_dirs: raw.include_dirs,
     })

@@ -1,4 +1,4 @@
-//! Rules between hosts: exactly one database, the roles each role needs somewhere, and groups
+//! Rules between hosts: one or two databases, the roles each role needs somewhere, and groups
 //! naming hosts that exist under names of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,13 +55,16 @@ pub(super) fn check_roles(v: &mut V<'_>, hosts: &[Host], hosts_pos: &Pos) {
             "no host has the `database` role",
             "exactly one host must run PostgreSQL".to_string(),
         ),
+        // Two: a primary and its standby (`database.standby`, checked with the database
+        // settings).
+        2 => {}
         n => {
-            for h in hosts.iter().filter(|h| h.has(Role::Database)).skip(1) {
+            for h in hosts.iter().filter(|h| h.has(Role::Database)).skip(2) {
                 v.err(
                     &h.pos,
                     &join("hosts", &h.name),
                     format!("{n} hosts have the `database` role"),
-                    "exactly one host runs PostgreSQL".to_string(),
+                    "at most two: a primary and its standby (`database.standby`)".to_string(),
                 );
             }
         }
