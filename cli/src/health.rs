@@ -302,6 +302,11 @@ pub async fn check_all(
             Value::from(inv.tls.certificate.is_some()),
         );
         base.insert("reached".into(), Value::from(Serde(&reached)));
+        // The hosts reached in this run, by name.
+        base.insert(
+            "reached_hosts".into(),
+            Value::from(Serde(sessions.keys().collect::<Vec<_>>())),
+        );
         // What this run changed on the host (a check may be made only after a change).
         base.insert(
             "host_changed".into(),

@@ -390,7 +390,10 @@ pub fn plan(steps: &[Step], handlers: &[HandlerStep], facts: &Facts) -> HostPlan
                 conninfo,
                 slot,
             } => {
-                if matches!(facts.files.get(&format!("{data_dir}/standby.signal")), Some(Some(_))) {
+                if matches!(
+                    facts.files.get(&format!("{data_dir}/standby.signal")),
+                    Some(Some(_))
+                ) {
                     Change::None(format!("{data_dir} is a standby (standby.signal)"))
                 } else {
                     Change::PgStandby {

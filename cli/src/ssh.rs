@@ -272,6 +272,85 @@ impl Session {
         }
     }
 
+    /// Runs `argv` with its stdin read from `input` and its stdout written to `output` as they
+    /// come (files of any size: dumps streamed to or from the machine running sagectl);
+    /// the returned `Output` holds stderr and the status. At most `timeout`.
+    pub async fn stream(
+        &self,
+        argv: &[&str],
+        input: impl tokio::io::AsyncRead + Unpin,
+        output: &mut (impl tokio::io::AsyncWrite + Unpin),
+        timeout: Duration,
+    ) -> Result<Output, SshError> {
+        let command = crate::quote::join(argv);
+        let work = async {
+            use tokio::io::AsyncWriteExt;
+            let cerr = |why: String| SshError::Channel {
+                host: self.target.host.clone(),
+                command: command.chars().take(200).collect(),
+                why,
+            };
+            let ch = self
+                .handle
+                .channel_open_session()
+                .await
+                .map_err(|e| cerr(e.to_string()))?;
+            ch.exec(true, command.as_str())
+                .await
+                .map_err(|e| cerr(e.to_string()))?;
+            let (mut read, write) = ch.split();
+            // Sending and receiving at once: a command that writes before reading all its
+            // stdin must not stall the upload.
+            let send = async {
+                write.data(input).await.map_err(|e| cerr(e.to_string()))?;
+                write.eof().await.map_err(|e| cerr(e.to_string()))
+            };
+            let receive = async {
+                let mut out = Output::default();
+                let mut status = None;
+                while let Some(msg) = read.wait().await {
+                    match msg {
+                        ChannelMsg::Data { data } => output
+                            .write_all(&data)
+                            .await
+                            .map_err(|e| cerr(format!("writing its output: {e}")))?,
+                        ChannelMsg::ExtendedData { data, ext: 1 } => {
+                            out.stderr.extend_from_slice(&data)
+                        }
+                        ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                        ChannelMsg::ExitSignal { signal_name, .. } => {
+                            return Err(cerr(format!("killed by signal {signal_name:?}")));
+                        }
+                        _ => {}
+                    }
+                }
+                output
+                    .flush()
+                    .await
+                    .map_err(|e| cerr(format!("writing its output: {e}")))?;
+                out.status = status
+                    .ok_or_else(|| cerr("the connection closed before the command ended".into()))?;
+                Ok(out)
+            };
+            let (sent, received) = tokio::join!(send, receive);
+            let out = received?;
+            // A command that ends without reading all its stdin (an error) closes the channel
+            // under the upload: its status says why.
+            if out.ok() {
+                sent?;
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout {
+                host: self.target.host.clone(),
+                command,
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
     async fn exec(&self, command: &str, stdin: &[u8]) -> Result<Output, SshError> {
         let cerr = |why: String| SshError::Channel {
             host: self.target.host.clone(),

@@ -1,6 +1,7 @@
 //! Subcommands, one file each, each with an `Opts` struct and a `run` function.
 
 pub mod add_host;
+pub mod backup;
 pub mod bench;
 pub mod completions;
 pub mod drain;
@@ -47,6 +48,10 @@ pub enum Command {
     /// Make the database standby the primary (the primary is gone), and converge backends and
     /// logd onto it.
     Promote(promote::Opts),
+    /// Back up both databases (pg_dump), from the standby when there is one.
+    Backup(backup::BackupOpts),
+    /// Restore a backup onto the primary database host (a fresh one, or with --replace).
+    Restore(backup::RestoreOpts),
     /// Check an inventory and report every problem in it.
     Validate(validate::Opts),
     /// Write every host's desired configuration files into a directory.
@@ -79,6 +84,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Undrain(o) => drain::run(o, false),
         Command::RemoveWorker(o) => drain::remove_worker(o),
         Command::Promote(o) => promote::run(o),
+        Command::Backup(o) => backup::backup(o),
+        Command::Restore(o) => backup::restore(o),
         Command::Validate(o) => validate::run(o),
         Command::Render(o) => render::run(o),
         Command::Vars(o) => vars::run(o),

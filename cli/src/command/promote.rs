@@ -79,7 +79,8 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     let data = format!("/var/lib/postgresql/{version}/main");
     let started = Instant::now();
     // Held for the whole command: the promotion, the rewrite, the converge.
-    let _lock = crate::pipeline::lock_inventory(&inv, &crate::lock::Holder::me(), &Settings::default())?;
+    let _lock =
+        crate::pipeline::lock_inventory(&inv, &crate::lock::Holder::me(), &Settings::default())?;
     let p = Pipeline::new(
         inv.clone(),
         &[old.clone(), o.host.clone()],
@@ -191,7 +192,10 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     )?;
     let recap = rt.block_on(p.run(std::slice::from_ref(&names)));
     if o.json {
-        println!("{}", serde_json::to_string_pretty(&recap).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&recap).expect("serializable")
+        );
     } else {
         print!("{}", recap.text(&p.inv.tls.public_name));
     }
@@ -274,7 +278,8 @@ mod tests {
     #[test]
     fn the_standby_is_rewritten_in_place() {
         let f = Path::new("inv.yaml");
-        let flow = "name: x # é\ndatabase: {standby: db2, backups: {keep: 3}}  # db2 streams\nhosts: {}\n";
+        let flow =
+            "name: x # é\ndatabase: {standby: db2, backups: {keep: 3}}  # db2 streams\nhosts: {}\n";
         assert_eq!(
             with_standby(f, flow, "db").unwrap(),
             "name: x # é\ndatabase: {standby: db, backups: {keep: 3}}  # db2 streams\nhosts: {}\n"

@@ -96,8 +96,8 @@ pub struct RawInventory {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "name", "ssh", "tls", "vars", "groups", "hosts", "worker", "backend", "logd", "database", "include",
-    "lab",
+    "name", "ssh", "tls", "vars", "groups", "hosts", "worker", "backend", "logd", "database",
+    "include", "lab",
 ];
 const INCLUDED_KEYS: &[&str] = &["hosts", "groups"];
 

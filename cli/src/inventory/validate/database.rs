@@ -104,8 +104,7 @@ pub(super) fn check_database(
 fn calendar_ok(s: &str) -> bool {
     !s.trim().is_empty()
         && s.len() <= 100
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || " *-:/,.~".contains(c))
 }
 
@@ -128,7 +127,13 @@ mod tests {
 
     #[test]
     fn schedules_and_dirs() {
-        for ok in ["daily", "hourly", "*-*-* 03:00:00", "Mon..Fri 02:30", "*:0/15"] {
+        for ok in [
+            "daily",
+            "hourly",
+            "*-*-* 03:00:00",
+            "Mon..Fri 02:30",
+            "*:0/15",
+        ] {
             assert!(calendar_ok(ok), "{ok}");
         }
         for bad in ["", "daily\nExecStart=/bin/sh", "$(reboot)", "daily;x"] {
@@ -137,7 +142,15 @@ mod tests {
         for ok in ["/var/backups/sagews", "/srv/pg-backups/", "/var/lib/x_y.z"] {
             assert!(dir_ok(ok), "{ok}");
         }
-        for bad in ["/var", "/var/", "/etc/x", "var/x", "/var/../etc", "/var/a b", "/var//x"] {
+        for bad in [
+            "/var",
+            "/var/",
+            "/etc/x",
+            "var/x",
+            "/var/../etc",
+            "/var/a b",
+            "/var//x",
+        ] {
             assert!(!dir_ok(bad), "{bad:?}");
         }
     }

@@ -10,9 +10,9 @@
 //!            └─ ports per host (vars)
 //! ```
 
+mod database;
 mod hosts;
 mod lab;
-mod database;
 mod logd;
 mod rules;
 mod site;
