@@ -395,7 +395,7 @@ impl Conn {
                 b.audit(
                     "workspace saved",
                     self.account()?,
-                    json!({"workspace": ws.id, "changed": changed}),
+                    json!({"workspace": ws.id, "changed": changed, "message": message}),
                 );
                 Ok(Reply::Saved(msg::Saved {
                     workspace: ws.id.clone(),

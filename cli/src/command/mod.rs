@@ -3,6 +3,7 @@
 pub mod add_host;
 pub mod backup;
 pub mod bench;
+pub mod chaos;
 pub mod completions;
 pub mod drain;
 pub mod inventory;
