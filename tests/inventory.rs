@@ -10,7 +10,13 @@ use sagectl::inventory::{Inventory, Role};
 
 #[test]
 fn shipped_inventories_validate() {
-    for name in ["lab.yaml", "lab-sage.yaml", "example.yaml"] {
+    for name in [
+        "lab.yaml",
+        "lab-sage.yaml",
+        "lab-ha.yaml",
+        "lab-chaos.yaml",
+        "example.yaml",
+    ] {
         let path = root().join("inventories").join(name);
         let o = sagectl().arg("validate").arg(&path).output().unwrap();
         let (out, err) = text(&o);
@@ -61,6 +67,14 @@ fn example_uses_every_section() {
     );
     assert_eq!(inv.vars["postgres_shared_buffers"], "512MB");
     assert_eq!(inv.logd.replica.as_deref(), Some("logs2"));
+    assert_eq!(inv.database.primary, "db1");
+    assert_eq!(inv.database.standby.as_deref(), Some("db2"));
+    let b = inv.database.backups.as_ref().unwrap();
+    assert_eq!(
+        (b.schedule.as_str(), b.keep, b.dir.as_str()),
+        ("daily", 7, "/var/backups/sagews")
+    );
+    assert_eq!(inv.database.backup_host(), "db2");
     assert_eq!(inv.logd.alerts.len(), 2);
     assert_eq!(inv.logd.allow[1].to_string(), "198.51.100.64/26");
     assert_eq!(inv.worker.limits.cpu_seconds, 600);

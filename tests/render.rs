@@ -69,8 +69,8 @@ fn secrets_only_in_files_that_need_them() {
     let secrets = secrets(tmp.path(), "lab");
     assert_eq!(
         secrets.len(),
-        3,
-        "two database passwords, the operators' first password"
+        4,
+        "two database passwords, the standby's replication password, the operators' first password"
     );
     let mut holders = Vec::new();
     for (rel, p) in files(&out) {
@@ -91,6 +91,7 @@ fn secrets_only_in_files_that_need_them() {
             "backend1/etc/sage-agent/backend.json",
             "backend1/etc/sage-agent/host.key",
             "db/etc/memcached/tls/host.key",
+            "db/etc/postgresql/15/main/replica.pgpass",
             "db/etc/postgresql/15/main/server.key",
             "lb/etc/haproxy/certs/host.pem",
             "lb/etc/haproxy/certs/site.pem",

@@ -140,8 +140,14 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         "{}: the drill destroys a machine: lab inventories only",
         o.inventory.display()
     );
-    let backends: Vec<String> = inv.with_role(Role::Backend).map(|h| h.name.clone()).collect();
-    let workers: Vec<String> = inv.with_role(Role::Worker).map(|h| h.name.clone()).collect();
+    let backends: Vec<String> = inv
+        .with_role(Role::Backend)
+        .map(|h| h.name.clone())
+        .collect();
+    let workers: Vec<String> = inv
+        .with_role(Role::Worker)
+        .map(|h| h.name.clone())
+        .collect();
     let logd = inv.with_role(Role::Logd).next().map(|h| h.name.clone());
     let cache = inv.with_role(Role::Cache).next().map(|h| h.name.clone());
     let (Some(standby), Some(logd), Some(cache)) = (inv.database.standby.clone(), logd, cache)
@@ -178,7 +184,8 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     let warmup = 15 + (o.users as u64 / 10);
     let faults_n = 7u64;
     let duration = warmup + faults_n * o.gap + 30;
-    let report_file = std::env::temp_dir().join(format!("sagectl-chaos-{}.json", std::process::id()));
+    let report_file =
+        std::env::temp_dir().join(format!("sagectl-chaos-{}.json", std::process::id()));
     say(format!(
         "{} people for {duration} s; faults every {} s from {warmup} s",
         o.users, o.gap
@@ -231,22 +238,35 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         on(
             &inv,
             host,
-            &["systemctl", "kill", "--kill-whom=main", "--signal=KILL", unit],
+            &[
+                "systemctl",
+                "kill",
+                "--kill-whom=main",
+                "--signal=KILL",
+                unit,
+            ],
             30,
         )
         .map(|_| format!("SIGKILL to {unit}'s main process on {host}"))
     };
     let mut at = warmup;
     sleep_until(at);
-    fault("SIGKILL a backend", &mut || kill(&backends[0], "sage-backend"));
+    fault("SIGKILL a backend", &mut || {
+        kill(&backends[0], "sage-backend")
+    });
     at += o.gap;
     sleep_until(at);
     fault("SIGKILL a worker", &mut || kill(&workers[0], "sage-worker"));
     at += o.gap;
     sleep_until(at);
     fault("restart PostgreSQL", &mut || {
-        on(&inv, &primary, &["systemctl", "restart", "postgresql@15-main"], 120)
-            .map(|_| format!("systemctl restart postgresql@15-main on {primary}"))
+        on(
+            &inv,
+            &primary,
+            &["systemctl", "restart", "postgresql@15-main"],
+            120,
+        )
+        .map(|_| format!("systemctl restart postgresql@15-main on {primary}"))
     });
     at += o.gap;
     sleep_until(at);
@@ -265,16 +285,19 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     });
     at += o.gap;
     sleep_until(at);
-    fault("lose the primary's machine, promote the standby", &mut || {
-        sagectl(&["lab", "destroy", &inv_arg, &primary])?;
-        let t = Instant::now();
-        sagectl(&["promote", &inv_arg, &standby]).map(|_| {
+    fault(
+        "lose the primary's machine, promote the standby",
+        &mut || {
+            sagectl(&["lab", "destroy", &inv_arg, &primary])?;
+            let t = Instant::now();
+            sagectl(&["promote", &inv_arg, &standby]).map(|_| {
             format!(
                 "{primary}'s machine destroyed; `sagectl promote` made {standby} the primary and converged backends and logd in {:.1} s",
                 t.elapsed().as_secs_f64()
             )
         })
-    });
+        },
+    );
     let status = load.wait().context("waiting for the load generator")?;
     let text = std::fs::read_to_string(&report_file)
         .with_context(|| format!("the load generator wrote no report ({status})"))?;
@@ -298,7 +321,10 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     }
     for f in &faults {
         if f.detail.starts_with("FAILED") {
-            problems.push(format!("fault `{}` could not be injected: {}", f.name, f.detail));
+            problems.push(format!(
+                "fault `{}` could not be injected: {}",
+                f.name, f.detail
+            ));
         }
     }
     audit_check(&after, &load, &mut problems, &mut checks);
@@ -344,9 +370,7 @@ fn measure(faults: &mut [Fault], load: &Value) {
     let n = faults.len();
     for i in 0..n {
         let start = faults[i].at.floor() as u32;
-        let end = faults
-            .get(i + 1)
-            .map_or(u32::MAX, |f| f.at.floor() as u32);
+        let end = faults.get(i + 1).map_or(u32::MAX, |f| f.at.floor() as u32);
         let mut before: Vec<u64> = seconds
             .iter()
             .filter(|s| s.0 < start && s.0 + 6 > start)
@@ -358,13 +382,14 @@ fn measure(faults: &mut [Fault], load: &Value) {
             .iter()
             .filter(|s| s.0 >= start && s.0 < end)
             .collect();
-        let errors_at_start = seconds
-            .iter()
-            .rfind(|s| s.0 < start)
-            .map_or(0, |s| s.2);
+        let errors_at_start = seconds.iter().rfind(|s| s.0 < start).map_or(0, |s| s.2);
         let good = |k: usize| {
             let a = window[k];
-            let prev_err = if k == 0 { errors_at_start } else { window[k - 1].2 };
+            let prev_err = if k == 0 {
+                errors_at_start
+            } else {
+                window[k - 1].2
+            };
             a.1 * 10 >= usual * 8 && a.2 == prev_err
         };
         let mut recovered = None;
@@ -381,7 +406,9 @@ fn measure(faults: &mut [Fault], load: &Value) {
             f.errors = window[k].2.saturating_sub(errors_at_start);
             f.low_rate = window[..=k].iter().map(|s| s.1).min().unwrap_or(0);
         } else {
-            f.errors = window.last().map_or(0, |s| s.2.saturating_sub(errors_at_start));
+            f.errors = window
+                .last()
+                .map_or(0, |s| s.2.saturating_sub(errors_at_start));
             f.low_rate = window.iter().map(|s| s.1).min().unwrap_or(0);
         }
     }
@@ -389,12 +416,20 @@ fn measure(faults: &mut [Fault], load: &Value) {
 
 /// Every acknowledged save's audit record is in logd once: counted by its message (unique per
 /// save in the load) in the logs database of the primary.
-fn audit_check(inv: &Inventory, load: &Value, problems: &mut Vec<String>, checks: &mut Vec<String>) {
+fn audit_check(
+    inv: &Inventory,
+    load: &Value,
+    problems: &mut Vec<String>,
+    checks: &mut Vec<String>,
+) {
     let sql = "select fields->>'workspace', fields->>'message', count(*) from records where target = 'backend.audit' and message = 'workspace saved' group by 1, 2";
     let out = match on(
         inv,
         &inv.database.primary,
-        &psql("sagews_logs", sql).iter().map(String::as_str).collect::<Vec<_>>(),
+        &psql("sagews_logs", sql)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         120,
     ) {
         Ok(o) => o,
@@ -429,11 +464,19 @@ fn audit_check(inv: &Inventory, load: &Value, problems: &mut Vec<String>, checks
         problems.push(format!(
             "{} of {acked} acknowledged saves have no audit record in logd: {}",
             missing.len(),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if !twice.is_empty() {
-        problems.push(format!("audit records more than once: {}", twice.join(", ")));
+        problems.push(format!(
+            "audit records more than once: {}",
+            twice.join(", ")
+        ));
     }
     if missing.is_empty() && twice.is_empty() {
         checks.push(format!(
