@@ -44,6 +44,9 @@ pub enum What {
         #[arg(long)]
         keep: bool,
     },
+    /// N simulated browsers through a lab deployment's HAProxy: figures per second, then
+    /// latencies, errors, what each service cost, and a check of every user's work.
+    Load(crate::load::Opts),
 }
 
 /// The generated inventory `name` on 10.`net`.0.0/24: host 1 carries every infrastructure role,
@@ -141,6 +144,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     let (hosts, runs, keep, status) = match o.what {
         What::Up { hosts, runs, keep } => (hosts, runs, keep, false),
         What::Status { hosts, runs, keep } => (hosts, runs, keep, true),
+        What::Load(o) => return crate::load::run(o),
     };
     let runs = runs.max(1);
     // Each benchmark on a lab of its own, so the two can run side by side.
