@@ -13,6 +13,7 @@ pub mod health;
 pub mod hostkeys;
 pub mod inventory;
 pub mod lab;
+pub mod load;
 pub mod lock;
 pub mod logquery;
 pub mod net;

@@ -47,6 +47,9 @@ pub enum What {
     /// The fault drill: faults one after another under load on a lab with a standby
     /// (inventories/lab-chaos.yaml); prints what people saw and the recovery per fault.
     Chaos(super::chaos::Opts),
+    /// N simulated browsers through a lab deployment's HAProxy: figures per second, then
+    /// latencies, errors, what each service cost, and a check of every user's work.
+    Load(crate::load::Opts),
 }
 
 /// The generated inventory `name` on 10.`net`.0.0/24: host 1 carries every infrastructure role,
@@ -145,6 +148,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         What::Up { hosts, runs, keep } => (hosts, runs, keep, false),
         What::Status { hosts, runs, keep } => (hosts, runs, keep, true),
         What::Chaos(o) => return super::chaos::run(o),
+        What::Load(o) => return crate::load::run(o),
     };
     let runs = runs.max(1);
     // Each benchmark on a lab of its own, so the two can run side by side.
