@@ -203,6 +203,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             &users,
             "--duration",
             &dur,
+            "--keep",
             "--json",
         ])
         .arg(&report_file)
@@ -353,7 +354,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
 /// before), the errors and the lowest rate until the rate is back (≥ 80 % of usual for two
 /// seconds running, with no new error).
 fn measure(faults: &mut [Fault], load: &Value) {
-    let seconds: Vec<(u32, u64, u64)> = load["seconds"]
+    let seconds: Vec<(u32, u64, u64)> = load["timeline"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -532,8 +533,20 @@ fn text_report(r: &ChaosReport) -> String {
     }
     let l = &r.load;
     s.push_str(&format!(
-        "load: {} executes, {} saves, {} moved, {} reconnects; errors: {}\n",
-        l["executes"], l["saves"], l["moved"], l["reconnects"], l["errors"]
+        "load: {} executes, {} saves, {} moved, {} reconnects; {} errors: {}\n",
+        l["executes"],
+        l["saves"],
+        l["sessions_moved"],
+        l["reconnects"],
+        l["errors_total"],
+        l["errors"]
+            .as_object()
+            .map(|m| m
+                .iter()
+                .map(|(k, v)| format!("{k} {}", v["count"]))
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default()
     ));
     for c in &r.checks {
         s.push_str(&format!("ok: {c}\n"));
