@@ -13,7 +13,7 @@ use sagews_testkit::lab::{self, Down, require, sagectl, scratch_inventory, ssh, 
 use serde_json::Value;
 
 fn health<'a>(recap: &'a Value, host: &str) -> Vec<&'a str> {
-    lab::host_entry(recap, host)["health"]
+    lab::host_entry(recap, host)["checks"]
         .as_array()
         .into_iter()
         .flatten()

@@ -325,6 +325,8 @@ pub struct Backend {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Browser requests being handled now.
     pub handling: std::sync::atomic::AtomicUsize,
+    /// When this process started (workers announce themselves within seconds of it).
+    pub born: std::time::Instant,
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -502,19 +504,23 @@ pub async fn run(
         config,
         stopping: Default::default(),
         handling: Default::default(),
+        born: std::time::Instant::now(),
     });
     let service = Service::new();
     let announcing = Announcing(backend.clone());
     let workers_tls = backend.identity.server_config(&["worker"])?;
     service.accept_tls("worker port", worker_listener, workers_tls, announcing);
     service.spawn(sockjs::reaper(backend.clone()));
-    // What this backend held open before a crash is not open through it any more.
+    // What this backend held open before a crash (or a stop whose saves failed) is not open
+    // through it any more, but its sessions may still run on their workers with work newer
+    // than the last save: marked, they are taken over when their workspaces open again (see
+    // `place`), and forgotten after the workers' idle timeout.
     backend
         .db()
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?
         .execute(
-            "DELETE FROM open_sessions WHERE backend = $1",
+            "UPDATE open_sessions SET backend = backend || ' (before restart)' WHERE backend = $1",
             &[&backend.config.host],
         )
         .await?;
@@ -615,6 +621,16 @@ async fn expire_sessions(backend: Arc<Backend>) {
             "expired sign-in sessions",
             "DELETE FROM sessions WHERE token_hash IN
              (SELECT token_hash FROM sessions WHERE expires < now() LIMIT 1000)",
+            &[],
+        )
+        .await;
+        // Sessions left by a backend's previous life and not taken over: their workers have
+        // closed them at their idle timeout.
+        delete_in_batches(
+            &backend,
+            "open-session records left before a restart",
+            "DELETE FROM open_sessions WHERE workspace IN (SELECT workspace FROM open_sessions
+             WHERE backend LIKE '% (before restart)' AND since < now() - interval '35 minutes' LIMIT 1000)",
             &[],
         )
         .await;

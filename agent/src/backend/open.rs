@@ -97,6 +97,11 @@ pub struct OpenWs {
     running: Mutex<HashSet<u64>>,
     /// Output bytes of each running execute, for the per-cell cap.
     output: Mutex<HashMap<u64, usize>>,
+    /// The stored version this session's files descend from (`workspaces.version`: read when
+    /// it was placed, bumped by each of its saves; -1: unknown). A save stores its bundle only
+    /// over that version: a session that fell behind (the workspace saved from another
+    /// session meanwhile) must not overwrite the newer history with its older one.
+    pub(super) version: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Default)]
@@ -178,6 +183,7 @@ impl Backend {
                         control: Mutex::new(VecDeque::new()),
                         running: Mutex::new(HashSet::new()),
                         output: Mutex::new(HashMap::new()),
+                        version: std::sync::atomic::AtomicI64::new(-1),
                     })
                 })
                 .clone()
@@ -215,29 +221,50 @@ impl Backend {
         st: &mut Placement,
         exclude: &[String],
     ) -> Result<(), ApiError> {
-        let bundle: Option<Vec<u8>> = self
+        let row = self
             .db()
             .await?
-            .query_opt("SELECT bundle FROM workspaces WHERE id = $1", &[&ws.id])
+            .query_opt(
+                "SELECT bundle, version FROM workspaces WHERE id = $1",
+                &[&ws.id],
+            )
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("workspace {} was deleted", ws.id)))?
-            .get(0);
+            .ok_or_else(|| ApiError::not_found(format!("workspace {} was deleted", ws.id)))?;
+        let bundle: Option<Vec<u8>> = row.get(0);
+        let version: i64 = row.get(1);
         let b64 = bundle.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
         // Still open on a worker through another backend (one that died without handing it
         // over): that worker first, so the session is taken over ("already open" below) with
         // what was typed since the last save and the engine's state. Read before
         // `fair_shares` claims the row for this backend.
+        // Any backend's record counts, this one's too: this process does not hold the session
+        // (else it would not be placing it), so a record naming this host is from before a
+        // restart, or from a stop whose save failed.
         let mut still_open = None;
         if exclude.is_empty() {
             let row = self
                 .db()
                 .await?
                 .query_opt(
-                    "SELECT worker FROM open_sessions WHERE workspace = $1 AND backend <> $2",
-                    &[&ws.id, &self.config.host],
+                    "SELECT worker FROM open_sessions WHERE workspace = $1",
+                    &[&ws.id],
                 )
                 .await?;
-            still_open = row.and_then(|r| self.workers.take(&r.get::<_, String>(0)));
+            if let Some(r) = row {
+                let worker: String = r.get(0);
+                still_open = self.workers.take(&worker);
+                // A worker this backend has not heard from yet, just after it started: opening
+                // elsewhere from the last save would fork the workspace (two sessions, the
+                // newer work in the one left behind). Wait for the announcements instead.
+                if still_open.is_none()
+                    && !self.workers.knows(&worker)
+                    && self.born.elapsed() < super::workers::STALE
+                {
+                    return Err(ApiError::busy(format!(
+                        "the workspace is still open on worker {worker}, which this backend has not heard from yet; try again shortly"
+                    )));
+                }
+            }
         }
         let account_on = self.fair_shares(ws).await?;
         let mut tried: Vec<String> = exclude.to_vec();
@@ -319,6 +346,8 @@ impl Backend {
             }
             st.link = Some(link);
             st.closing = false;
+            ws.version
+                .store(version, std::sync::atomic::Ordering::SeqCst);
             self.record_open(ws, &host).await?;
             tracing::info!(workspace = %ws.id, worker = %host, "workspace opened");
             return Ok(());
@@ -523,7 +552,7 @@ impl Backend {
                             self.config.max_bundle_mb
                         )));
                     }
-                    self.store_bundle(&ws.id, &bytes).await?;
+                    self.store_session_bundle(ws, &bytes).await?;
                 }
                 Ok(changed)
             }
@@ -552,6 +581,38 @@ impl Backend {
             Event::FileResult { result, .. } => Ok(result),
             Event::Error { message, .. } => Err(ApiError::internal(message)),
             other => Err(ApiError::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Stores what `ws`'s session saved, over the version it descends from only.
+    async fn store_session_bundle(&self, ws: &OpenWs, bytes: &[u8]) -> Result<(), ApiError> {
+        use std::sync::atomic::Ordering;
+        let base = ws.version.load(Ordering::SeqCst);
+        let db = self.db().await?;
+        let row = if base < 0 {
+            db.query_opt(
+                "UPDATE workspaces SET bundle = $2, version = version + 1, updated = now() WHERE id = $1 RETURNING version",
+                &[&ws.id, &bytes],
+            )
+            .await?
+        } else {
+            db.query_opt(
+                "UPDATE workspaces SET bundle = $2, version = version + 1, updated = now() WHERE id = $1 AND version = $3 RETURNING version",
+                &[&ws.id, &bytes, &base],
+            )
+            .await?
+        };
+        match row {
+            Some(r) => {
+                ws.version.store(r.get(0), Ordering::SeqCst);
+                Ok(())
+            }
+            None => {
+                tracing::warn!(workspace = %ws.id, base, "a save from a session that fell behind was not stored: the workspace was saved from another session since");
+                Err(ApiError::conflict(
+                    "the workspace was saved from another window or session since this one opened: this copy was not stored; reopen the workspace to continue from the saved one",
+                ))
+            }
         }
     }
 
@@ -611,6 +672,20 @@ impl Backend {
         if st.link.as_ref().is_some_and(|l| !l.is_dead()) {
             if let Err(e) = self.save_locked(ws, &st, "Save on close").await {
                 tracing::warn!(workspace = %ws.id, "saving on close: {}", e.message);
+                if e.status != 409 {
+                    // Not saved (the database did not answer): the session stays on its
+                    // worker, recorded, so whichever backend opens the workspace next takes it
+                    // over with the work since the last save (`place`).
+                    st.closing = true;
+                    if let Some(l) = st.link.take() {
+                        l.unroute(&ws.id);
+                    }
+                    let mut map = self.open.map.lock().unwrap();
+                    if ws.viewers() == 0 {
+                        map.remove(&ws.id);
+                    }
+                    return;
+                }
             }
         }
         self.end_session(ws, &mut st).await;

@@ -20,7 +20,7 @@ use crate::frame;
 use crate::proto::{Announce, AnnounceReply, Event, Request};
 
 /// A worker is healthy while heartbeats arrive at least this often.
-const STALE: Duration = Duration::from_secs(20);
+pub(super) const STALE: Duration = Duration::from_secs(20);
 /// How long a worker whose announcements ended has to register again before its sessions are
 /// given up (see `announcements_ended`).
 const REANNOUNCE_GRACE: Duration = Duration::from_secs(15);
@@ -203,6 +203,11 @@ impl Registry {
         e.placed += 1;
         e.last_placed = Some(Instant::now());
         Some((e.host.clone(), e.address.clone()))
+    }
+
+    /// Whether `host` has announced itself to this backend (live or not).
+    pub fn knows(&self, host: &str) -> bool {
+        self.entries.lock().unwrap().contains_key(host)
     }
 
     /// Forgets a worker that failed us until it announces itself again.

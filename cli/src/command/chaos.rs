@@ -302,9 +302,9 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     let status = load.wait().context("waiting for the load generator")?;
     let text = std::fs::read_to_string(&report_file)
         .with_context(|| format!("the load generator wrote no report ({status})"))?;
-    let _ = std::fs::remove_file(&report_file);
+    say(format!("the load's report: {}", report_file.display()));
     let load: Value = serde_json::from_str(&text).context("reading the load report")?;
-    measure(&mut faults, &load);
+    measure(&mut faults, &load, o.gap);
 
     // Outside checks, on the deployment as it is now (the standby promoted).
     let after = match super::load(&o.inventory) {
@@ -351,9 +351,11 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
 }
 
 /// Per fault, from the load's per-second lines: the usual rate (median of the 5 seconds
-/// before), the errors and the lowest rate until the rate is back (≥ 80 % of usual for two
-/// seconds running, with no new error).
-fn measure(faults: &mut [Fault], load: &Value) {
+/// before), then, within the fault's window (until the next fault, at most two gaps, never the
+/// load's last seconds), the last second that was bad (executes under 80 % of usual, or new
+/// errors): recovery is the end of that second. Errors and the lowest rate are counted until
+/// then.
+fn measure(faults: &mut [Fault], load: &Value, gap: u64) {
     let seconds: Vec<(u32, u64, u64)> = load["timeline"]
         .as_array()
         .map(|a| {
@@ -368,10 +370,15 @@ fn measure(faults: &mut [Fault], load: &Value) {
                 .collect()
         })
         .unwrap_or_default();
+    let last_t = seconds.last().map_or(0, |s| s.0).saturating_sub(5);
     let n = faults.len();
     for i in 0..n {
         let start = faults[i].at.floor() as u32;
-        let end = faults.get(i + 1).map_or(u32::MAX, |f| f.at.floor() as u32);
+        let end = faults
+            .get(i + 1)
+            .map_or(u32::MAX, |f| f.at.floor() as u32)
+            .min(start + 2 * gap as u32)
+            .min(last_t);
         let mut before: Vec<u64> = seconds
             .iter()
             .filter(|s| s.0 < start && s.0 + 6 > start)
@@ -379,39 +386,36 @@ fn measure(faults: &mut [Fault], load: &Value) {
             .collect();
         before.sort_unstable();
         let usual = before.get(before.len() / 2).copied().unwrap_or(0);
+        let errors_at_start = seconds.iter().rfind(|s| s.0 < start).map_or(0, |s| s.2);
         let window: Vec<&(u32, u64, u64)> = seconds
             .iter()
             .filter(|s| s.0 >= start && s.0 < end)
             .collect();
-        let errors_at_start = seconds.iter().rfind(|s| s.0 < start).map_or(0, |s| s.2);
-        let good = |k: usize| {
-            let a = window[k];
-            let prev_err = if k == 0 {
-                errors_at_start
-            } else {
-                window[k - 1].2
-            };
-            a.1 * 10 >= usual * 8 && a.2 == prev_err
-        };
-        let mut recovered = None;
-        for k in 0..window.len().saturating_sub(1) {
-            if good(k) && good(k + 1) {
-                recovered = Some(k);
-                break;
+        let mut prev_err = errors_at_start;
+        let mut last_bad = None;
+        for (k, s) in window.iter().enumerate() {
+            if s.1 * 10 < usual * 8 || s.2 != prev_err {
+                last_bad = Some(k);
             }
+            prev_err = s.2;
         }
         let f = &mut faults[i];
         f.usual_rate = usual;
-        if let Some(k) = recovered {
-            f.recovery_seconds = Some(window[k].0 - start);
-            f.errors = window[k].2.saturating_sub(errors_at_start);
-            f.low_rate = window[..=k].iter().map(|s| s.1).min().unwrap_or(0);
-        } else {
-            f.errors = window
-                .last()
-                .map_or(0, |s| s.2.saturating_sub(errors_at_start));
-            f.low_rate = window.iter().map(|s| s.1).min().unwrap_or(0);
-        }
+        let upto = last_bad.map_or(0, |k| k + 1);
+        f.recovery_seconds = match last_bad {
+            None => Some(0),
+            // Still bad at the window's end: not seen to recover.
+            Some(k) if k + 1 >= window.len() => None,
+            Some(k) => Some(window[k].0 + 1 - start),
+        };
+        f.errors = window[..upto]
+            .last()
+            .map_or(0, |s| s.2.saturating_sub(errors_at_start));
+        f.low_rate = window[..upto.max(1).min(window.len())]
+            .iter()
+            .map(|s| s.1)
+            .min()
+            .unwrap_or(usual);
     }
 }
 
@@ -487,23 +491,44 @@ fn audit_check(
 }
 
 /// No process of a workspace's user (uids `worker.uid_min..=uid_max`) is left on a worker
-/// whose sessions are all gone (waits up to 60 s for sessions to end after the load).
+/// without its session: waits up to 60 s for the users with processes to be no more than the
+/// sessions the worker says are open (its metrics), then names what is left.
 fn leftovers_check(inv: &Inventory, problems: &mut Vec<String>, checks: &mut Vec<String>) {
     let (lo, hi) = (inv.worker.uid_min, inv.worker.uid_max);
     let script = format!(
-        "for i in $(seq 60); do n=$(ps -e -o uid= | awk '$1 >= {lo} && $1 <= {hi}' | wc -l); [ \"$n\" = 0 ] && break; sleep 1; done; ps -e -o uid=,pid=,args= | awk '$1 >= {lo} && $1 <= {hi}'"
+        r#"open_sessions() {{
+  exec 3<>/dev/tcp/127.0.0.1/7001 || {{ echo -1; return; }}
+  printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+  awk '/^sagews_worker_sessions_open / {{ print int($2) }}' <&3
+  exec 3<&-
+}}
+users() {{ ps -e -o uid= | awk '$1 >= {lo} && $1 <= {hi}' | sort -u | wc -l; }}
+for i in $(seq 60); do
+  s=$(open_sessions); u=$(users)
+  [ "$u" -le "${{s:-0}}" ] && break
+  sleep 1
+done
+echo "sessions ${{s:-?}} users $u"
+[ "$u" -le "${{s:-0}}" ] || ps -e -o uid=,pid=,etime=,comm= | awk '$1 >= {lo} && $1 <= {hi}'
+"#
     );
     for w in inv.with_role(Role::Worker) {
         match on(inv, &w.name, &["bash", "-c", &script], 120) {
-            Ok(o) if o.trim().is_empty() => checks.push(format!(
-                "{}: no workspace user's process left once the sessions ended",
-                w.name
-            )),
-            Ok(o) => problems.push(format!(
-                "{}: processes of workspace users left after their sessions: {}",
-                w.name,
-                crate::sys::tail(o.as_bytes(), 5)
-            )),
+            Ok(o) => {
+                let first = o.lines().next().unwrap_or("").to_string();
+                if o.lines().count() <= 1 {
+                    checks.push(format!(
+                        "{}: no workspace user's process without its session ({first})",
+                        w.name
+                    ));
+                } else {
+                    problems.push(format!(
+                        "{}: processes of workspace users beyond the open sessions ({first}): {}",
+                        w.name,
+                        crate::sys::tail(o.as_bytes(), 8)
+                    ));
+                }
+            }
             Err(e) => problems.push(format!("{}: could not look: {e:#}", w.name)),
         }
     }
@@ -512,7 +537,7 @@ fn leftovers_check(inv: &Inventory, problems: &mut Vec<String>, checks: &mut Vec
 fn text_report(r: &ChaosReport) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "\nfault drill, {} people (recovery: until executes run at >= 80% of the usual rate for 2 s with no new error)\n",
+        "\nfault drill, {} people (recovery: the end of the fault's last second with executes under 80% of the usual rate or a new error)\n",
         r.users
     ));
     s.push_str(&format!(
@@ -560,4 +585,43 @@ fn text_report(r: &ChaosReport) -> String {
         "the drill found problems (above)\n"
     });
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(at: f64) -> Fault {
+        Fault {
+            name: "f".into(),
+            at,
+            detail: String::new(),
+            recovery_seconds: None,
+            errors: 0,
+            low_rate: 0,
+            usual_rate: 0,
+        }
+    }
+
+    #[test]
+    fn recovery_is_the_end_of_the_last_bad_second() {
+        // 10 executes a second; fault one at 10 s: fine for 3 s, then 4 bad seconds with 5
+        // errors; fault two at 30 s: nothing seen.
+        let mut timeline = Vec::new();
+        let mut errors = 0;
+        for t in 0..60u32 {
+            let bad = (13..17).contains(&t);
+            if t == 14 {
+                errors += 5;
+            }
+            timeline.push(serde_json::json!({"t": t, "executes": if bad { 2 } else { 10 }, "errors_total": errors}));
+        }
+        let load = serde_json::json!({ "timeline": timeline });
+        let mut faults = vec![fault(10.2), fault(30.0)];
+        measure(&mut faults, &load, 15);
+        assert_eq!(faults[0].recovery_seconds, Some(7));
+        assert_eq!((faults[0].errors, faults[0].low_rate, faults[0].usual_rate), (5, 2, 10));
+        assert_eq!(faults[1].recovery_seconds, Some(0));
+        assert_eq!(faults[1].errors, 0);
+    }
 }

@@ -52,6 +52,10 @@ pub enum Outcome {
     Unknown,
     /// Refused or never taken: its line must not be there.
     NotRun,
+    /// Acknowledged, then its worker was lost before a save took it: the workspace reopened
+    /// from its last save, so its line may be gone (unsaved work dies with its worker; what
+    /// was saved must not).
+    Unsaved,
 }
 
 /// A save the server acknowledged.
@@ -184,6 +188,10 @@ struct User {
     /// Executes given up on (hung): their cell, should a late `done` come.
     late: BTreeMap<u64, u32>,
     started: Instant,
+    /// Cells acknowledged since the last acknowledged save (a lost worker takes them along).
+    since_save: Vec<usize>,
+    /// Worker losses already accounted for.
+    losses_seen: u32,
 }
 
 impl User {
@@ -400,6 +408,39 @@ impl User {
         }
     }
 
+    /// A worker lost since the last look (`worker_lost`, or a move off a lost worker): the cells
+    /// acknowledged since the last save are gone with it, expectedly. Then the newest cell is
+    /// counted from here (it ran on the new worker when its `done` came after the event).
+    fn after_losses(&mut self) {
+        let lost = self.c.seen.worker_lost;
+        if lost > self.losses_seen {
+            self.losses_seen = lost;
+            for k in self.since_save.drain(..) {
+                if self.outcomes[k] == Outcome::Ok {
+                    self.outcomes[k] = Outcome::Unsaved;
+                }
+            }
+        }
+        if let Some(k) = self.outcomes.len().checked_sub(1)
+            && self.outcomes[k] == Outcome::Ok
+        {
+            self.since_save.push(k);
+        }
+    }
+
+    /// A save acknowledged: what ran before it is in it, unless a loss came first.
+    fn after_losses_before_save(&mut self) {
+        if self.c.seen.worker_lost > self.losses_seen {
+            self.losses_seen = self.c.seen.worker_lost;
+            for k in self.since_save.drain(..) {
+                if self.outcomes[k] == Outcome::Ok {
+                    self.outcomes[k] = Outcome::Unsaved;
+                }
+            }
+        }
+        self.since_save.clear();
+    }
+
     /// `done`s that came for cells given up on: an ok one makes its line expected.
     fn late_dones(&mut self) {
         for d in self.c.take_dones() {
@@ -421,6 +462,7 @@ impl User {
         match self.c.call(&op, Instant::now() + PATIENCE).await {
             Ok(r) if r.ok => {
                 self.plan.shared.saved(phase);
+                self.after_losses_before_save();
                 let ok = self.outcomes.iter().filter(|o| **o == Outcome::Ok).count();
                 self.rec.saves.push(SaveRecord {
                     message,
@@ -546,6 +588,8 @@ pub async fn run(
         outcomes: Vec::new(),
         late: BTreeMap::new(),
         started: Instant::now(),
+        since_save: Vec::new(),
+        losses_seen: 0,
         plan,
     };
     let shared = u.plan.shared.clone();
@@ -586,6 +630,7 @@ pub async fn run(
         let o = u.run_cell(i, &ws).await;
         u.outcomes.push(o);
         u.late_dones();
+        u.after_losses();
         i += 1;
         if last_save.elapsed() >= SAVE_EVERY && !*stop.borrow() {
             saves += 1;
@@ -608,8 +653,8 @@ pub async fn run(
 }
 
 impl User {
-    /// Deletes the workspace (unless kept, or its check failed: left for a look) and ends
-    /// the session.
+    /// Deletes the workspace (unless kept, or its check failed: left for a look), or closes
+    /// it, and ends the session.
     async fn finish(&mut self) {
         let verified = self.rec.verification.ok || self.rec.gave_up.is_some();
         if let (Some(ws), false, true) = (self.rec.workspace.clone(), self.plan.keep, verified) {
@@ -617,6 +662,12 @@ impl User {
             if let Ok(r) = self.c.call(&op, Instant::now() + PATIENCE).await {
                 self.rec.deleted = r.ok;
             }
+        }
+        // A person closing the tab's workspace: its session on the worker ends now, not at
+        // the idle timeout.
+        if let (Some(ws), false) = (self.rec.workspace.clone(), self.rec.deleted) {
+            let op = Op::Close { workspace: ws };
+            let _ = self.c.call(&op, Instant::now() + Duration::from_secs(30)).await;
         }
         self.c.close();
         self.plan.shared.finished.fetch_add(1, Ordering::SeqCst);
