@@ -206,6 +206,10 @@ pub async fn open(kind: Kind, cx: &Ctx, session: &str) -> Result<Conn, OpenFailu
                 Ok(Got::Frame(Frame::Close(code, reason))) => {
                     return Err(OpenFailure::Closed(code, reason));
                 }
+                // Cut before `o` (a backend going away): as a refused connection.
+                Ok(Got::Lost(why)) => {
+                    return Err(OpenFailure::Http(Failure::Io(std::io::Error::other(why))));
+                }
                 Ok(other) => {
                     return Err(OpenFailure::Other(format!("expected `o`, got {other:?}")));
                 }
