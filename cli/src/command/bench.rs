@@ -1,7 +1,8 @@
 //! `sagectl bench up --hosts N`: wall time of a first deploy and of no-op runs of `up` on N lab
 //! machines (one carrying the infrastructure roles, the others workers); `bench status --hosts
 //! N`: wall time of `status` on such a deployment (its own lab). Prints figures; asserts
-//! nothing (goals are met here, never in timed tests).
+//! nothing (goals are met here, never in timed tests). `bench load`: simulated browsers
+//! against a deployed lab (`crate::load`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -139,12 +139,12 @@ impl Client {
     ) -> Client {
         Client {
             shared,
+            rest: KeepAlive::new(site.clone(), source),
             site,
             source,
             jar: Arc::new(Mutex::new(Jar::default())),
             kind,
             conn: None,
-            rest: KeepAlive::default(),
             workspace: None,
             next_id: 1,
             inflight: Vec::new(),
@@ -202,8 +202,6 @@ impl Client {
         let r = self
             .rest
             .request(
-                &self.site,
-                self.source,
                 "POST",
                 path,
                 &headers,

@@ -16,10 +16,12 @@ use tokio::sync::watch;
 use crate::inventory::{Host, Inventory, Role};
 use crate::pipeline::Pipeline;
 
-/// Prints `systemctl show` for the units given as arguments, then, for each unit's control
-/// group, the `/proc/<pid>/stat` lines of every process in it (and in its children), after a
+/// Prints the host's uptime (the clock the figures are read against: a sample that comes
+/// back late over a busy SSH connection still covers the time it covers), `systemctl show`
+/// for the units given as arguments, then, for each unit's control group, the `/proc/<pid>/stat` lines of every process in it (and in its children), after a
 /// `cgroup <path>` line. Units are arguments (`$@`), never written into the script.
-const SCRIPT: &str = r#"out=$(systemctl show -p Id -p CPUUsageNSec -p MemoryCurrent -p ControlGroup "$@")
+const SCRIPT: &str = r#"printf 'uptime %s\n' "$(cut -d ' ' -f 1 /proc/uptime)"
+out=$(systemctl show -p Id -p CPUUsageNSec -p MemoryCurrent -p ControlGroup "$@")
 printf '%s\n\n' "$out"
 printf '%s\n' "$out" | sed -n 's/^ControlGroup=//p' | while read -r cg; do
   [ -n "$cg" ] || continue
@@ -80,8 +82,18 @@ fn number(v: &str) -> Option<u64> {
     v.parse().ok().filter(|n| *n != u64::MAX)
 }
 
-/// Reads the script's output: each unit (by its name without `.service`) and its figures.
-pub fn parse(out: &str) -> BTreeMap<String, UnitSample> {
+/// What one run of the script gave.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sample {
+    /// The host's seconds since boot when it was taken.
+    pub uptime: Option<f64>,
+    /// Each unit (by its name without `.service`) and its figures.
+    pub units: BTreeMap<String, UnitSample>,
+}
+
+/// Reads the script's output.
+pub fn parse(out: &str) -> Sample {
+    let mut uptime = None;
     let mut units: BTreeMap<String, UnitSample> = BTreeMap::new();
     let mut block = UnitSample::default();
     let mut id: Option<String> = None;
@@ -111,6 +123,8 @@ pub fn parse(out: &str) -> BTreeMap<String, UnitSample> {
                 unit.proc_rss_pages += field(21).max(0) as u64;
                 unit.procs += 1;
             }
+        } else if let Some(u) = line.strip_prefix("uptime ") {
+            uptime = u.trim().parse().ok();
         } else if let Some(cg) = line.strip_prefix("cgroup ") {
             flush(&mut units, &mut id, &mut block);
             current = units
@@ -130,7 +144,7 @@ pub fn parse(out: &str) -> BTreeMap<String, UnitSample> {
         }
     }
     flush(&mut units, &mut id, &mut block);
-    units
+    Sample { uptime, units }
 }
 
 /// Where a unit's figures come from.
@@ -175,14 +189,25 @@ struct Track {
     host: String,
     unit: String,
     source: Source,
-    last: Option<(Instant, f64)>,
+    /// The last sample: when (the host's uptime when it gives one, else when it came) and the
+    /// CPU nanoseconds then.
+    last: Option<(f64, f64)>,
     mem_peak: Option<u64>,
     procs: Option<u32>,
     series: Vec<(f32, f32)>,
 }
 
 impl Track {
-    fn add(&mut self, started: Instant, at: Instant, s: &UnitSample, tick_ns: f64, page: u64) {
+    fn add(
+        &mut self,
+        started: Instant,
+        at: Instant,
+        uptime: Option<f64>,
+        s: &UnitSample,
+        tick_ns: f64,
+        page: u64,
+    ) {
+        let when = uptime.unwrap_or_else(|| at.duration_since(started).as_secs_f64());
         let (cpu_ns, mem) = match (s.cpu_ns, self.source) {
             (Some(ns), _) => {
                 self.source = Source::Systemd;
@@ -198,7 +223,7 @@ impl Track {
             self.mem_peak = Some(self.mem_peak.map_or(m, |p| p.max(m)));
         }
         if let Some((t0, c0)) = self.last {
-            let dt = at.duration_since(t0).as_secs_f64();
+            let dt = when - t0;
             if dt > 0.0 {
                 // A process that left (reaped outside the unit) takes its time with it: a
                 // drop is counted as nothing, not as negative work.
@@ -207,7 +232,7 @@ impl Track {
                 self.series.push((t, pct));
             }
         }
-        self.last = Some((at, cpu_ns));
+        self.last = Some((when, cpu_ns));
     }
 
     fn report(self, steady: Option<(f32, f32)>) -> UnitReport {
@@ -351,8 +376,8 @@ async fn sample_host(
                 let at = Instant::now();
                 let got = parse(&o.stdout_text());
                 for t in &mut set.tracks {
-                    if let Some(u) = got.get(&t.unit) {
-                        t.add(started, at, u, tick_ns, page);
+                    if let Some(u) = got.units.get(&t.unit) {
+                        t.add(started, at, got.uptime, u, tick_ns, page);
                     }
                 }
             }
@@ -375,7 +400,8 @@ async fn sample_host(
 mod tests {
     use super::*;
 
-    const LAB_OUTPUT: &str = "MemoryCurrent=[not set]
+    const LAB_OUTPUT: &str = "uptime 41956.95
+MemoryCurrent=[not set]
 CPUUsageNSec=[not set]
 Id=sage-worker.service
 ControlGroup=/system.slice/sage-worker.service
@@ -401,7 +427,9 @@ cgroup /system.slice/sage-backend.service
 
     #[test]
     fn process_sums_when_systemd_keeps_no_figures() {
-        let u = parse(LAB_OUTPUT);
+        let s = parse(LAB_OUTPUT);
+        assert_eq!(s.uptime, Some(41956.95));
+        let u = s.units;
         let w = &u["sage-worker"];
         assert_eq!(w.cpu_ns, None);
         assert_eq!(w.memory, None);
@@ -415,7 +443,8 @@ cgroup /system.slice/sage-backend.service
 
     #[test]
     fn systemd_figures_when_it_keeps_them() {
-        let u = parse(SYSTEMD_OUTPUT);
+        let u = parse(SYSTEMD_OUTPUT).units;
+        assert_eq!(parse(SYSTEMD_OUTPUT).uptime, None);
         let b = &u["sage-backend"];
         assert_eq!(
             (b.cpu_ns, b.memory),
@@ -423,7 +452,7 @@ cgroup /system.slice/sage-backend.service
         );
         assert_eq!(b.procs, 1);
         assert!(
-            parse("Id=x.service\nMemoryCurrent=18446744073709551615\n")["x"]
+            parse("Id=x.service\nMemoryCurrent=18446744073709551615\n").units["x"]
                 .memory
                 .is_none()
         );
@@ -449,6 +478,7 @@ cgroup /system.slice/sage-backend.service
         t.add(
             t0,
             t0 + Duration::from_secs(1),
+            None,
             &s(1_000_000_000, 10),
             1e7,
             4096,
@@ -456,6 +486,7 @@ cgroup /system.slice/sage-backend.service
         t.add(
             t0,
             t0 + Duration::from_secs(2),
+            None,
             &s(1_500_000_000, 30),
             1e7,
             4096,
@@ -463,6 +494,7 @@ cgroup /system.slice/sage-backend.service
         t.add(
             t0,
             t0 + Duration::from_secs(4),
+            None,
             &s(3_500_000_000, 20),
             1e7,
             4096,
@@ -476,6 +508,36 @@ cgroup /system.slice/sage-backend.service
         assert!((r.cpu_peak_percent - 100.0).abs() < 0.01);
         assert_eq!(r.memory_peak_bytes, Some(30));
         assert_eq!(r.source, Source::Systemd);
+    }
+
+    #[test]
+    fn a_late_sample_is_read_against_the_hosts_clock() {
+        // The second sample came back 1.5 s after the first over a busy connection, yet it
+        // was taken 1 s later on the host: 1 s of work in 1 s, not 0.67.
+        let t0 = Instant::now();
+        let mut t = Track {
+            host: "h".into(),
+            unit: "u".into(),
+            source: Source::Systemd,
+            last: None,
+            mem_peak: None,
+            procs: None,
+            series: Vec::new(),
+        };
+        let s = |ns| UnitSample {
+            cpu_ns: Some(ns),
+            ..Default::default()
+        };
+        t.add(t0, t0, Some(100.0), &s(0), 1e7, 4096);
+        t.add(
+            t0,
+            t0 + Duration::from_millis(1500),
+            Some(101.0),
+            &s(1_000_000_000),
+            1e7,
+            4096,
+        );
+        assert!((t.series[0].1 - 100.0).abs() < 0.01, "{:?}", t.series);
     }
 
     #[test]

@@ -172,19 +172,28 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// One connection kept alive between requests (one request at a time).
-#[derive(Default)]
+/// One connection to the site kept alive between requests (one request at a time).
 pub struct KeepAlive {
-    conn: Option<(BufReader<Tls>, Instant)>,
+    site: Arc<Site>,
+    source: Option<IpAddr>,
+    /// The connection and when it was last used.
+    conn: Option<Box<(BufReader<Tls>, Instant)>>,
 }
 
 impl KeepAlive {
-    /// One request with `headers` (and `Content-Type: application/json` when there is a
-    /// body), within `timeout`; 5xx answers are failures, other statuses are for the caller.
+    /// No connection yet: the first request makes one, from `source` when given.
+    pub fn new(site: Arc<Site>, source: Option<IpAddr>) -> KeepAlive {
+        KeepAlive {
+            site,
+            source,
+            conn: None,
+        }
+    }
+
+    /// One request with `headers` within `timeout`; 5xx answers are failures, other statuses
+    /// are for the caller.
     pub async fn request(
         &mut self,
-        site: &Site,
-        source: Option<IpAddr>,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
@@ -194,22 +203,22 @@ impl KeepAlive {
         if self
             .conn
             .as_ref()
-            .is_some_and(|(_, used)| used.elapsed() > KEEP_IDLE)
+            .is_some_and(|c| c.1.elapsed() > KEEP_IDLE)
         {
             self.conn = None;
         }
         let work = async {
             let mut conn = match self.conn.take() {
-                Some((c, _)) => c,
-                None => BufReader::with_capacity(4096, site.connect(source).await?),
+                Some(c) => c.0,
+                None => BufReader::with_capacity(4096, self.site.connect(self.source).await?),
             };
-            let r =
-                http1::request(&mut conn, method, &site.name, path, headers, body, 4 << 20).await?;
+            let name = &self.site.name;
+            let r = http1::request(&mut conn, method, name, path, headers, body, 4 << 20).await?;
             let close = r
                 .header("connection")
                 .is_some_and(|c| c.eq_ignore_ascii_case("close"));
             if !close {
-                self.conn = Some((conn, Instant::now()));
+                self.conn = Some(Box::new((conn, Instant::now())));
             }
             Ok::<_, std::io::Error>(r)
         };

@@ -105,8 +105,8 @@ fn ramp_seconds(s: &str) -> Result<f64, String> {
 
 fn interval_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if (0.05..=60.0).contains(&v) => Ok(v),
-        _ => Err("give seconds between 0.05 and 60".into()),
+        Ok(v) if (0.01..=60.0).contains(&v) => Ok(v),
+        _ => Err("give seconds between 0.01 and 60".into()),
     }
 }
 
@@ -453,18 +453,17 @@ impl Run<'_> {
             timeline.push(line);
             let settled = sh.ready.load(Ordering::SeqCst) + sh.gave_up.load(Ordering::SeqCst);
             match (steady_start, stopped) {
-                (None, None) => {
+                (None, None)
                     if settled >= users
-                        || t0.elapsed() > Duration::from_secs_f64(self.ramp) + SIGNUP_CAP
-                    {
-                        steady_start = Some(now);
-                        sh.set_phase(Phase::Steady);
-                        println!(
-                            "steady phase: {} users working, {} gave up",
-                            sh.ready.load(Ordering::SeqCst),
-                            sh.gave_up.load(Ordering::SeqCst)
-                        );
-                    }
+                        || t0.elapsed() > Duration::from_secs_f64(self.ramp) + SIGNUP_CAP =>
+                {
+                    steady_start = Some(now);
+                    sh.set_phase(Phase::Steady);
+                    println!(
+                        "steady phase: {} users working, {} gave up",
+                        sh.ready.load(Ordering::SeqCst),
+                        sh.gave_up.load(Ordering::SeqCst)
+                    );
                 }
                 (Some(s), None) if now - s >= f64::from(self.o.duration) - 0.5 => {
                     stopped = Some(now);
@@ -674,7 +673,7 @@ mod tests {
             &["--xhr-percent", "101"],
             &["--ramp", "-1"],
             &["--ramp", "601"],
-            &["--interval", "0.01"],
+            &["--interval", "0.005"],
             &["--interval", "61"],
             &["--tag", "Upper"],
             &["--tag", "a-b"],

@@ -250,7 +250,7 @@ pub struct Second {
 pub struct Shared {
     pub started: Instant,
     phase: AtomicU32,
-    /// Users with an open session and their workspace open.
+    /// Users with an open SockJS session (their workspace open on it, once they have one).
     pub connected: AtomicU32,
     /// Users that reached their working loop.
     pub ready: AtomicU32,
@@ -393,7 +393,7 @@ mod tests {
     #[test]
     fn buckets_cover_every_value_once_and_in_order() {
         let mut last = None;
-        for v in (0..100_000u64).chain([u64::MAX / 2, (1 << 40) + 12345]) {
+        for v in (0..100_000u64).chain([(1 << 40) + 12345, u64::MAX / 2]) {
             let b = bucket(v);
             assert!(
                 bucket_top(b) >= v,

@@ -124,17 +124,7 @@ impl Ctx {
         if !cookie.is_empty() {
             headers.push(("Cookie", cookie.as_str()));
         }
-        let r = ka
-            .request(
-                &self.site,
-                self.source,
-                "POST",
-                path,
-                &headers,
-                body,
-                timeout,
-            )
-            .await?;
+        let r = ka.request("POST", path, &headers, body, timeout).await?;
         self.jar.lock().unwrap().keep_response(&r);
         Ok(r)
     }
@@ -216,6 +206,10 @@ pub async fn open(kind: Kind, cx: &Ctx, session: &str) -> Result<Conn, OpenFailu
                 Ok(Got::Frame(Frame::Close(code, reason))) => {
                     return Err(OpenFailure::Closed(code, reason));
                 }
+                // Cut before `o` (a backend going away): as a refused connection.
+                Ok(Got::Lost(why)) => {
+                    return Err(OpenFailure::Http(Failure::Io(std::io::Error::other(why))));
+                }
                 Ok(other) => {
                     return Err(OpenFailure::Other(format!("expected `o`, got {other:?}")));
                 }
@@ -245,7 +239,7 @@ pub async fn open(kind: Kind, cx: &Ctx, session: &str) -> Result<Conn, OpenFailu
             })
         }
         Kind::XhrPolling => {
-            let mut poll = KeepAlive::default();
+            let mut poll = KeepAlive::new(cx.site.clone(), cx.source);
             let r = cx
                 .post(&mut poll, &format!("{base}/xhr"), b"", OPEN_TIMEOUT)
                 .await
@@ -294,7 +288,7 @@ pub async fn open(kind: Kind, cx: &Ctx, session: &str) -> Result<Conn, OpenFailu
                 reader,
                 sender: Sender::Xhr {
                     base,
-                    send: KeepAlive::default(),
+                    send: KeepAlive::new(cx.site.clone(), cx.source),
                 },
             })
         }

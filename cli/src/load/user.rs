@@ -162,11 +162,8 @@ pub fn check_saves(saves: &mut [SaveRecord], history: &[Commit]) -> Vec<String> 
     let mut lost = Vec::new();
     for s in saves.iter_mut() {
         match history.iter().find(|c| c.message == s.message) {
-            Some(c) => {
-                if s.commit.is_none() {
-                    s.commit = Some(c.commit.clone());
-                }
-            }
+            Some(c) if s.commit.is_none() => s.commit = Some(c.commit.clone()),
+            Some(_) => {}
             None if s.changed => lost.push(s.message.clone()),
             None => {}
         }
