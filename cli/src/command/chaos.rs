@@ -620,7 +620,10 @@ mod tests {
         let mut faults = vec![fault(10.2), fault(30.0)];
         measure(&mut faults, &load, 15);
         assert_eq!(faults[0].recovery_seconds, Some(7));
-        assert_eq!((faults[0].errors, faults[0].low_rate, faults[0].usual_rate), (5, 2, 10));
+        assert_eq!(
+            (faults[0].errors, faults[0].low_rate, faults[0].usual_rate),
+            (5, 2, 10)
+        );
         assert_eq!(faults[1].recovery_seconds, Some(0));
         assert_eq!(faults[1].errors, 0);
     }

@@ -664,7 +664,10 @@ impl User {
         // the idle timeout.
         if let (Some(ws), false) = (self.rec.workspace.clone(), self.rec.deleted) {
             let op = Op::Close { workspace: ws };
-            let _ = self.c.call(&op, Instant::now() + Duration::from_secs(30)).await;
+            let _ = self
+                .c
+                .call(&op, Instant::now() + Duration::from_secs(30))
+                .await;
         }
         self.c.close();
         self.plan.shared.finished.fetch_add(1, Ordering::SeqCst);
