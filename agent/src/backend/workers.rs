@@ -210,6 +210,21 @@ impl Registry {
         self.entries.lock().unwrap().contains_key(host)
     }
 
+    /// A session link to a worker ended: the worker is forgotten (as by [`Registry::down`]) if
+    /// that link was the one in use. A duplicate made by a task that lost the race to connect
+    /// (see `Backend::link`) ends unused when the worker closes it after its idle timeout; that
+    /// must not take down the link in use (it did: every session on the worker saw
+    /// `worker_lost` 10 s after a few workspaces opened at once).
+    pub fn link_ended(&self, link: &Arc<Link>) {
+        let current = {
+            let links = self.links.lock().unwrap();
+            links.get(&link.host).is_some_and(|l| Arc::ptr_eq(l, link))
+        };
+        if current {
+            self.down(&link.host);
+        }
+    }
+
     /// Forgets a worker that failed us until it announces itself again.
     pub fn down(&self, host: &str) {
         if let Some(e) = self.entries.lock().unwrap().get_mut(host) {
@@ -308,7 +323,7 @@ impl Backend {
             }
             l.die();
             writer.abort();
-            me.workers.down(&l.host);
+            me.workers.link_ended(&l);
         });
         Ok(link)
     }
@@ -502,6 +517,32 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn link(host: &str) -> Arc<Link> {
+        Arc::new(Link {
+            host: host.into(),
+            tx: mpsc::channel(1).0,
+            routes: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn a_duplicate_link_ending_leaves_the_one_in_use() {
+        let r = registry(&[("w1", 8, 0)]);
+        let used = link("w1");
+        r.links.lock().unwrap().insert("w1".into(), used.clone());
+        // A second connection made by a task that lost the race, closed by the worker later.
+        r.link_ended(&link("w1"));
+        assert!(!used.is_dead());
+        assert!(r.links.lock().unwrap().contains_key("w1"));
+        assert!(r.take("w1").is_some(), "w1 still takes sessions");
+        // The link in use ending is the worker lost.
+        r.link_ended(&used);
+        assert!(used.is_dead());
+        assert!(!r.links.lock().unwrap().contains_key("w1"));
+        assert!(r.take("w1").is_none());
+    }
 
     #[test]
     fn a_placement_counts_until_a_heartbeat_shows_it() {
