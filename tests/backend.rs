@@ -1897,3 +1897,49 @@ while True: time.sleep(0.1)"}))
     assert_eq!((out.trim(), st.as_str()), ("kept", "ok"), "{err}");
     c.close().await;
 }
+
+/// Issue 17: a session that fell behind cannot overwrite newer history. Two sessions of one
+/// workspace (the record of the first lost, as a backend's stale record once allowed): the
+/// second saves, then the first saves: refused (409), and the history keeps the second's save.
+/// Before, the first's bundle replaced the stored one and the second's save was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_that_fell_behind_cannot_overwrite_newer_history() {
+    let s = Stack::start(opts(2, 2, 75400)).await;
+    s.wait_workers(1, 2).await;
+    let (mut c, ws) = account_with_workspace(&s, "twice", "forked", true).await;
+    c.run(&ws, "_ = open('a.txt', 'w').write('a')").await;
+    c.ok(json!({"op": "save", "workspace": ws, "message": "first"}))
+        .await;
+    // The record of the first session gone: the other backend opens a second session, on the
+    // emptier worker once the heartbeats show the first one's.
+    s.pg.query("sagews", "DELETE FROM open_sessions");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let cookie = s.cookie(1, "twice", "a long password").await;
+    let mut other = s.sock(1, Transport::Websocket, Some(&cookie)).await;
+    other.ok(json!({"op": "open", "workspace": ws})).await;
+    other.run(&ws, "_ = open('b.txt', 'w').write('b')").await;
+    other
+        .ok(json!({"op": "save", "workspace": ws, "message": "second"}))
+        .await;
+    // The first session, behind the stored history now, saves: refused, nothing stored.
+    c.run(&ws, "_ = open('c.txt', 'w').write('c')").await;
+    let r = c
+        .call(json!({"op": "save", "workspace": ws, "message": "stale"}))
+        .await;
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["status"], 409, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("saved from another"),
+        "{r}"
+    );
+    let h = other.ok(json!({"op": "history", "workspace": ws})).await;
+    let messages: Vec<&str> = h["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"].as_str().unwrap())
+        .collect();
+    assert!(messages.contains(&"second"), "{h}");
+    assert!(messages.contains(&"first"), "{h}");
+    assert!(!messages.contains(&"stale"), "{h}");
+}
