@@ -313,12 +313,47 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     };
     let mut problems = Vec::new();
     let mut checks = Vec::new();
-    if !status.success() {
-        problems.push(format!(
-            "the load generator ended with {status}: lost or hung work (its report above)"
+    // What must never happen: an acknowledged save missing, a cell hung past its timeout, a
+    // cell's output wrong. Cells acknowledged but not yet saved when their session died are
+    // counted, not failed: unsaved work may die with its worker or database.
+    let count = |kind: &str| load["errors"][kind]["count"].as_u64().unwrap_or(0);
+    let mut bad: Vec<String> = ["lost_save", "hung"]
+        .iter()
+        .filter(|k| count(k) > 0)
+        .map(|k| format!("{k} {}: {}", count(k), load["errors"][*k]["samples"]))
+        .collect();
+    // Every execute ended with a status a person can act on.
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    for u in load["user_records"].as_array().into_iter().flatten() {
+        for (k, v) in u["executes"].as_object().into_iter().flatten() {
+            *statuses.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+        }
+    }
+    for k in ["hung", "wrong_output"] {
+        if statuses.get(k).copied().unwrap_or(0) > 0 {
+            bad.push(format!("{} executes ended {k}", statuses[k]));
+        }
+    }
+    checks.push(format!(
+        "every execute ended with a status: {}",
+        statuses
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if bad.is_empty() && load["users_verified"].as_u64().is_some() {
+        checks.push(format!(
+            "every acknowledged save is in its workspace's history with its contents, no cell hung ({} of {} users' files hold every acknowledged cell; {} unsaved cells were lost with a session)",
+            load["users_verified"],
+            o.users,
+            count("lost_cell")
         ));
     } else {
-        checks.push("the load generator's own verification passed (no lost save, no lost cell, no hung execute)".into());
+        problems.push(format!(
+            "the load generator found lost or hung work ({status}): {}",
+            bad.join("; ")
+        ));
     }
     for f in &faults {
         if f.detail.starts_with("FAILED") {
