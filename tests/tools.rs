@@ -10,6 +10,7 @@ use sagews_testkit::lab;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -220,10 +221,26 @@ fn systemd_accepts_agent_units() {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
+            // The backup timer's script, executable as the host gets it (rendered files are
+            // 0644 here; the MANIFEST says 0755).
+            let lib = tempfile::tempdir().unwrap();
+            let script = r
+                .out
+                .join(&h.name)
+                .join("usr/local/lib/sagectl/sagews-backup");
+            if script.exists() {
+                std::fs::create_dir(lib.path().join("sagectl")).unwrap();
+                let to = lib.path().join("sagectl/sagews-backup");
+                std::fs::copy(&script, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
             for e in entries {
                 let unit = e.unwrap().path();
                 let o = run_isolated(
-                    &[(bin.path(), "/usr/local/bin")],
+                    &[
+                        (bin.path(), "/usr/local/bin"),
+                        (lib.path(), "/usr/local/lib"),
+                    ],
                     &[],
                     &["systemd-analyze", "verify", unit.to_str().unwrap()],
                 );
