@@ -29,7 +29,8 @@ pub struct Applied {
 
 /// Installs packages without letting their maintainer scripts start services: units start from
 /// sagectl's configuration, never from the package defaults (a default nginx on :80, say).
-/// A mirror or proxy that stops answering fails a download after 30 s of silence (then retried):
+/// A mirror or proxy that stops answering fails a download after 30 s of silence (then retried),
+/// and each download step has a hard bound (see the script):
 /// apt's default of 120 s, times its retries, once held a lab run for 9 minutes. The downloaded
 /// packages are removed once installed and no source-package cache is kept: nobody reads them,
 /// and on lab machines (writable layers in memory) they were most of what 50 machines wrote.
@@ -38,8 +39,20 @@ printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
 trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q -o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30 -o Dir::Cache::srcpkgcache=
-apt-get install -y -q --no-install-recommends -o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30 -o Dir::Cache::srcpkgcache= -o Dpkg::Options::=--force-confold "$@"
+o="-o Acquire::Retries=3 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30 -o Dir::Cache::srcpkgcache="
+# Downloads under a hard bound, tried three times: an apt method once sat 11 minutes on a
+# connection the lab's proxy had closed (CLOSE_WAIT), whatever its own timeouts said.
+try() {
+  t=$1; shift; n=1
+  while ! timeout -k 10 "$t" "$@"; do
+    [ "$n" -ge 3 ] && return 1
+    n=$((n + 1)); echo "sagectl: apt stalled or failed; try $n of 3" >&2; sleep 2
+  done
+}
+try 180 apt-get update -q $o
+try 900 apt-get install --download-only -y -q --no-install-recommends $o "$@"
+# Installing from what was downloaded: not interrupted (dpkg half-way is worse than slow).
+apt-get install -y -q --no-install-recommends $o -o Dpkg::Options::=--force-confold "$@"
 apt-get clean
 "#;
 

@@ -386,8 +386,8 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
 }
 
 /// Per fault, from the load's per-second lines: the usual rate (median of the 5 seconds
-/// before), then, within the fault's window (until the next fault, at most two gaps, never the
-/// load's last seconds), the last second that was bad (executes under 80 % of usual, or new
+/// before), then, within the fault's window (until the next fault, at most two gaps; the last
+/// fault's until the load's last seconds), the last second that was bad (executes under 80 % of usual, or new
 /// errors): recovery is the end of that second. Errors and the lowest rate are counted until
 /// then.
 fn measure(faults: &mut [Fault], load: &Value, gap: u64) {
@@ -409,10 +409,10 @@ fn measure(faults: &mut [Fault], load: &Value, gap: u64) {
     let n = faults.len();
     for i in 0..n {
         let start = faults[i].at.floor() as u32;
+        // The last fault's window runs to the load's end (a promote takes longer than a gap).
         let end = faults
             .get(i + 1)
-            .map_or(u32::MAX, |f| f.at.floor() as u32)
-            .min(start + 2 * gap as u32)
+            .map_or(last_t, |f| (f.at.floor() as u32).min(start + 2 * gap as u32))
             .min(last_t);
         let mut before: Vec<u64> = seconds
             .iter()
