@@ -6,7 +6,7 @@
 //! workspace on a draining worker moves between cells: saved, reopened elsewhere, closed there.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,6 +102,10 @@ pub struct OpenWs {
     /// over that version: a session that fell behind (the workspace saved from another
     /// session meanwhile) must not overwrite the newer history with its older one.
     pub(super) version: std::sync::atomic::AtomicI64,
+    /// The session holds a commit that is not stored yet (a save whose store failed or never
+    /// finished): the next save stores its bundle even if the worker has nothing new to
+    /// commit, and a close keeps the session rather than lose that commit.
+    unstored: AtomicBool,
 }
 
 #[derive(Default)]
@@ -184,6 +188,7 @@ impl Backend {
                         running: Mutex::new(HashSet::new()),
                         output: Mutex::new(HashMap::new()),
                         version: std::sync::atomic::AtomicI64::new(-1),
+                        unstored: AtomicBool::new(false),
                     })
                 })
                 .clone()
@@ -542,6 +547,9 @@ impl Backend {
                 bundle, changed, ..
             } => {
                 if changed {
+                    ws.unstored.store(true, Ordering::SeqCst);
+                }
+                if ws.unstored.load(Ordering::SeqCst) {
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(bundle)
                         .map_err(|e| ApiError::internal(format!("the worker's bundle: {e}")))?;
@@ -553,6 +561,7 @@ impl Backend {
                         )));
                     }
                     self.store_session_bundle(ws, &bytes).await?;
+                    ws.unstored.store(false, Ordering::SeqCst);
                 }
                 Ok(changed)
             }

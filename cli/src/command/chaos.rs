@@ -412,7 +412,9 @@ fn measure(faults: &mut [Fault], load: &Value, gap: u64) {
         // The last fault's window runs to the load's end (a promote takes longer than a gap).
         let end = faults
             .get(i + 1)
-            .map_or(last_t, |f| (f.at.floor() as u32).min(start + 2 * gap as u32))
+            .map_or(last_t, |f| {
+                (f.at.floor() as u32).min(start + 2 * gap as u32)
+            })
             .min(last_t);
         let mut before: Vec<u64> = seconds
             .iter()
