@@ -111,6 +111,16 @@ fn the_deployment_loses_nothing_under_faults_and_comes_back_from_a_backup() {
         );
     }
     assert!(r["problems"].as_array().unwrap().is_empty(), "{out}");
+    // Nor was unsaved work lost: every cell acknowledged before a save or still in a session
+    // that survived (taken over after the backends' restart) is in its file; only cells on the
+    // killed worker since their last save may go (counted apart by the load, not here).
+    assert_eq!(
+        r["load"]["errors"]["lost_cell"]["count"]
+            .as_u64()
+            .unwrap_or(0),
+        0,
+        "{out}"
+    );
     assert!(r["load"]["saves"].as_u64().unwrap() > 0, "{out}");
     // The promote rewrote the inventory: db is the standby now.
     let text_inv = std::fs::read_to_string(&inv).unwrap();
