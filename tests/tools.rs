@@ -216,6 +216,8 @@ fn systemd_accepts_agent_units() {
     for path in inventories() {
         let r = rendered(&path);
         let mut units = 0;
+        // The scheduled backups' service and timer, on each database host (`database.backups`).
+        let mut backups = 0;
         for h in &r.inv.hosts {
             let dir = r.out.join(&h.name).join("etc/systemd/system");
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -251,6 +253,11 @@ fn systemd_accepts_agent_units() {
                     "warnings for {}:\n{err}",
                     unit.display()
                 );
+                let name = unit.file_name().unwrap().to_string_lossy().to_string();
+                if name.starts_with("sagews-backup.") {
+                    backups += 1;
+                    continue;
+                }
                 units += 1;
 
                 // Control: a misspelt directive is reported.
@@ -274,6 +281,12 @@ fn systemd_accepts_agent_units() {
             + r.inv.with_role(Role::Backend).count()
             + r.inv.with_role(Role::Logd).count();
         assert_eq!(units, want, "one unit per agent role in {}", path.display());
+        let want = if r.inv.database.backups.is_some() {
+            2 * r.inv.with_role(Role::Database).count()
+        } else {
+            0
+        };
+        assert_eq!(backups, want, "backup units in {}", path.display());
     }
 }
 
