@@ -257,19 +257,19 @@ fn subnet_overlapping_this_box_is_refused() {
     let _del = Del(dummy);
     assert!(
         Command::new("ip")
-            .args(["addr", "add", "10.79.5.7/24", "dev", dummy])
+            .args(["addr", "add", "10.68.5.7/24", "dev", dummy])
             .status()
             .unwrap()
             .success()
     );
     let tmp = tempfile::tempdir().unwrap();
     let inv = tmp.path().join("overlap.yaml");
-    std::fs::write(&inv, "name: overlap\nlab: {subnet: 10.79.0.0/16}\nhosts:\n  db: {address: 10.79.0.10, roles: [database]}\n").unwrap();
+    std::fs::write(&inv, "name: overlap\nlab: {subnet: 10.68.0.0/16}\nhosts:\n  db: {address: 10.68.0.10, roles: [database]}\n").unwrap();
     let o = lab(&["up"], &inv);
     let (_, err) = text(&o);
     assert!(!o.status.success());
     assert!(
-        err.contains("lab.subnet 10.79.0.0/16 overlaps 10.79.5.7/24 on interface sgtestdummy0"),
+        err.contains("lab.subnet 10.68.0.0/16 overlaps 10.68.5.7/24 on interface sgtestdummy0"),
         "{err}"
     );
     assert!(
