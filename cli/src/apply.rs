@@ -127,6 +127,21 @@ mv -- "$new" "$data"
 systemctl start -- "$service"
 "#;
 
+/// psql as the postgres superuser over the unix socket, reading its script on stdin.
+const PSQL_STDIN: [&str; 11] = [
+    "runuser",
+    "-u",
+    "postgres",
+    "--",
+    "psql",
+    "-X",
+    "-q",
+    "-v",
+    "ON_ERROR_STOP=1",
+    "-d",
+    "postgres",
+];
+
 struct Runner<'a> {
     s: &'a Session,
     lost: std::sync::atomic::AtomicBool,
@@ -296,22 +311,9 @@ impl Runner<'_> {
                     make_slot.as_deref().unwrap_or(""),
                     drop_slots.join(",")
                 );
-                let argv = [
-                    "runuser",
-                    "-u",
-                    "postgres",
-                    "--",
-                    "psql",
-                    "-X",
-                    "-q",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-d",
-                    "postgres",
-                ];
                 self.must(
                     &format!("setting up replication role {role}"),
-                    &argv,
+                    &PSQL_STDIN,
                     script.as_bytes(),
                     SHORT,
                 )
@@ -352,22 +354,9 @@ impl Runner<'_> {
                 let script = format!(
                     "\\set owner '{owner}'\n\\set db '{database}'\n\\set verifier '{verifier}'\n{PG_SQL}"
                 );
-                let argv = [
-                    "runuser",
-                    "-u",
-                    "postgres",
-                    "--",
-                    "psql",
-                    "-X",
-                    "-q",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-d",
-                    "postgres",
-                ];
                 self.must(
                     &format!("setting up {owner} and {database}"),
-                    &argv,
+                    &PSQL_STDIN,
                     script.as_bytes(),
                     SHORT,
                 )

@@ -254,6 +254,45 @@ impl Session {
         })
     }
 
+    /// A channel failure of `command` (shortened for messages).
+    fn channel_error(&self, command: &str, why: impl ToString) -> SshError {
+        SshError::Channel {
+            host: self.target.host.clone(),
+            command: command.chars().take(200).collect(),
+            why: why.to_string(),
+        }
+    }
+
+    /// A new channel running `command`.
+    async fn open_exec(&self, command: &str) -> Result<russh::Channel<client::Msg>, SshError> {
+        let ch = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.channel_error(command, e))?;
+        ch.exec(true, command)
+            .await
+            .map_err(|e| self.channel_error(command, e))?;
+        Ok(ch)
+    }
+
+    /// `work` (running `command`), given at most `timeout`.
+    async fn timed<T>(
+        &self,
+        command: &str,
+        timeout: Duration,
+        work: impl std::future::Future<Output = Result<T, SshError>>,
+    ) -> Result<T, SshError> {
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout {
+                host: self.target.host.clone(),
+                command: command.to_string(),
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
     /// Runs `argv` with `stdin`, waiting at most `timeout`.
     pub async fn run(
         &self,
@@ -262,14 +301,8 @@ impl Session {
         timeout: Duration,
     ) -> Result<Output, SshError> {
         let command = crate::quote::join(argv);
-        match tokio::time::timeout(timeout, self.exec(&command, stdin)).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::Timeout {
-                host: self.target.host.clone(),
-                command,
-                secs: timeout.as_secs(),
-            }),
-        }
+        self.timed(&command, timeout, self.exec(&command, stdin))
+            .await
     }
 
     /// Runs `argv` with its stdin read from `input` and its stdout written to `output` as they
@@ -285,19 +318,8 @@ impl Session {
         let command = crate::quote::join(argv);
         let work = async {
             use tokio::io::AsyncWriteExt;
-            let cerr = |why: String| SshError::Channel {
-                host: self.target.host.clone(),
-                command: command.chars().take(200).collect(),
-                why,
-            };
-            let ch = self
-                .handle
-                .channel_open_session()
-                .await
-                .map_err(|e| cerr(e.to_string()))?;
-            ch.exec(true, command.as_str())
-                .await
-                .map_err(|e| cerr(e.to_string()))?;
+            let cerr = |why: String| self.channel_error(&command, why);
+            let ch = self.open_exec(&command).await?;
             let (mut read, write) = ch.split();
             // Sending and receiving at once: a command that writes before reading all its
             // stdin must not stall the upload.
@@ -341,30 +363,12 @@ impl Session {
             }
             Ok(out)
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::Timeout {
-                host: self.target.host.clone(),
-                command,
-                secs: timeout.as_secs(),
-            }),
-        }
+        self.timed(&command, timeout, work).await
     }
 
     async fn exec(&self, command: &str, stdin: &[u8]) -> Result<Output, SshError> {
-        let cerr = |why: String| SshError::Channel {
-            host: self.target.host.clone(),
-            command: command.chars().take(200).collect(),
-            why,
-        };
-        let mut ch = self
-            .handle
-            .channel_open_session()
-            .await
-            .map_err(|e| cerr(e.to_string()))?;
-        ch.exec(true, command)
-            .await
-            .map_err(|e| cerr(e.to_string()))?;
+        let cerr = |why: String| self.channel_error(command, why);
+        let mut ch = self.open_exec(command).await?;
         if !stdin.is_empty() {
             ch.data(stdin).await.map_err(|e| cerr(e.to_string()))?;
         }
@@ -398,20 +402,9 @@ impl Session {
         timeout: Duration,
     ) -> Result<Holding, SshError> {
         let command = crate::quote::join(argv);
-        let cerr = |why: String| SshError::Channel {
-            host: self.target.host.clone(),
-            command: command.chars().take(200).collect(),
-            why,
-        };
+        let cerr = |why: String| self.channel_error(&command, why);
         let work = async {
-            let mut ch = self
-                .handle
-                .channel_open_session()
-                .await
-                .map_err(|e| cerr(e.to_string()))?;
-            ch.exec(true, command.as_str())
-                .await
-                .map_err(|e| cerr(e.to_string()))?;
+            let mut ch = self.open_exec(&command).await?;
             ch.data(stdin).await.map_err(|e| cerr(e.to_string()))?;
             let mut out = Output::default();
             let mut status = None;
@@ -444,14 +437,7 @@ impl Session {
                 ended: Some(out),
             })
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::Timeout {
-                host: self.target.host.clone(),
-                command,
-                secs: timeout.as_secs(),
-            }),
-        }
+        self.timed(&command, timeout, work).await
     }
 
     pub async fn close(self) {

@@ -72,13 +72,6 @@ pub struct Manifest {
     pub rows: BTreeMap<String, i64>,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 fn acting(
     inv: &Inventory,
     hosts: &[String],
@@ -94,26 +87,6 @@ fn acting(
             ..Settings::default()
         },
     )
-}
-
-fn psql(db: &str, sql: &str) -> Vec<String> {
-    [
-        "runuser",
-        "-u",
-        "postgres",
-        "--",
-        "psql",
-        "-XAtq",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-d",
-        db,
-        "-c",
-        sql,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 async fn run(s: &Session, argv: &[String], secs: u64) -> anyhow::Result<String> {
@@ -133,7 +106,7 @@ async fn rows(s: &Session) -> BTreeMap<String, i64> {
     let mut m = BTreeMap::new();
     for (db, table) in COUNTED {
         let q = format!("select count(*) from {table}");
-        if let Ok(n) = run(s, &psql(db, &q), 60).await {
+        if let Ok(n) = run(s, &super::postgres_psql(db, &q), 60).await {
             if let Ok(n) = n.parse() {
                 m.insert(format!("{db}.{table}"), n);
             }
@@ -181,14 +154,14 @@ pub fn backup(o: BackupOpts) -> anyhow::Result<ExitCode> {
     hosts.extend(inv.database.standby.clone());
     hosts.push(inv.database.primary.clone());
     let p = acting(&inv, &hosts, "backup")?;
-    let rt = runtime()?;
+    let rt = super::runtime()?;
     let dir = rt.block_on(async {
         // The standby when it answers and is a standby; else the primary.
         let mut chosen = None;
         for h in &hosts {
             match tokio::time::timeout(Duration::from_secs(15), p.session(h)).await {
                 Ok(Ok(s)) => {
-                    let rec = run(&s, &psql("postgres", "select pg_is_in_recovery()"), 30).await;
+                    let rec = run(&s, &super::postgres_psql("postgres", "select pg_is_in_recovery()"), 30).await;
                     match rec.as_deref() {
                         Ok("t") if Some(h) == inv.database.standby.as_ref() => {
                             chosen = Some((h.clone(), s, true));
@@ -213,7 +186,7 @@ pub fn backup(o: BackupOpts) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
         set_private(&root)?;
         set_private(&partial)?;
-        let version = run(&s, &psql("postgres", "show server_version"), 30).await?;
+        let version = run(&s, &super::postgres_psql("postgres", "show server_version"), 30).await?;
         let rows = rows(&s).await;
         let mut files = BTreeMap::new();
         for (db, _) in DATABASES {
@@ -382,13 +355,13 @@ pub fn restore(o: RestoreOpts) -> anyhow::Result<ExitCode> {
     let _lock =
         crate::pipeline::lock_inventory(&inv, &crate::lock::Holder::me(), &Settings::default())?;
     let p = acting(&inv, &hosts, "restore")?;
-    let rt = runtime()?;
+    let rt = super::runtime()?;
     let rows = rt.block_on(async {
         let db = p.session(&primary).await?;
         // The databases `sagectl up` made, and what they hold now.
         for (name, owner) in DATABASES {
             let q = format!("select pg_get_userbyid(datdba) from pg_database where datname = '{name}'");
-            let got = run(&db, &psql("postgres", &q), 30).await?;
+            let got = run(&db, &super::postgres_psql("postgres", &q), 30).await?;
             anyhow::ensure!(
                 got == owner,
                 "{primary} has no database {name} owned by {owner}: run `sagectl up {}` first (it makes the roles and databases), then restore",
@@ -403,7 +376,7 @@ pub fn restore(o: RestoreOpts) -> anyhow::Result<ExitCode> {
         );
         // Nothing writes while the databases are swapped.
         stop_start(&p, &agents, "stop").await?;
-        let r = swap_in(&p, &db, &o.backup, held > 0).await;
+        let r = swap_in(&db, &o.backup, held > 0).await;
         for c in &caches {
             if let Ok(s) = p.session(c).await {
                 // Cached sessions and accounts describe the database that was there.
@@ -461,8 +434,7 @@ async fn stop_start(p: &Pipeline, agents: &[(String, &str)], verb: &str) -> anyh
 
 /// Restores each dump into `<db>_restoring` in one transaction, then renames it over `<db>`
 /// (kept as `<db>_before_restore_<time>` when `keep`, dropped when it held nothing).
-async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::Result<()> {
-    let _ = p;
+async fn swap_in(db: &Session, dir: &Path, keep: bool) -> anyhow::Result<()> {
     let stamp = run(
         db,
         &["date".into(), "-u".into(), "+%Y%m%d%H%M%S".into()],
@@ -473,7 +445,7 @@ async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::
         let new = format!("{name}_restoring");
         run(
             db,
-            &psql(
+            &super::postgres_psql(
                 "postgres",
                 &format!("drop database if exists {new} with (force)"),
             ),
@@ -482,7 +454,7 @@ async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::
         .await?;
         run(
             db,
-            &psql("postgres", &format!("create database {new} owner {owner}")),
+            &super::postgres_psql("postgres", &format!("create database {new} owner {owner}")),
             120,
         )
         .await?;
@@ -509,7 +481,7 @@ async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::
         if !out.ok() {
             let _ = run(
                 db,
-                &psql("postgres", &format!("drop database if exists {new}")),
+                &super::postgres_psql("postgres", &format!("drop database if exists {new}")),
                 120,
             )
             .await;
@@ -521,16 +493,16 @@ async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::
         if name == "sagews" {
             // Live state of the processes that were running when the backup was taken.
             let clear = "DO $$ BEGIN IF to_regclass('public.open_sessions') IS NOT NULL THEN TRUNCATE open_sessions; END IF; IF to_regclass('public.backends') IS NOT NULL THEN TRUNCATE backends; END IF; TRUNCATE workers; END $$";
-            run(db, &psql(&new, clear), 60).await?;
+            run(db, &super::postgres_psql(&new, clear), 60).await?;
         }
         let aside = format!("{name}_before_restore_{stamp}");
         let swap = format!(
             "select pg_terminate_backend(pid) from pg_stat_activity where datname = '{name}' and pid <> pg_backend_pid()"
         );
-        run(db, &psql("postgres", &swap), 60).await?;
+        run(db, &super::postgres_psql("postgres", &swap), 60).await?;
         run(
             db,
-            &psql(
+            &super::postgres_psql(
                 "postgres",
                 &format!("alter database {name} rename to {aside}"),
             ),
@@ -539,7 +511,7 @@ async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::
         .await?;
         run(
             db,
-            &psql(
+            &super::postgres_psql(
                 "postgres",
                 &format!("alter database {new} rename to {name}"),
             ),
@@ -549,7 +521,7 @@ async fn swap_in(p: &Pipeline, db: &Session, dir: &Path, keep: bool) -> anyhow::
         if !keep {
             run(
                 db,
-                &psql("postgres", &format!("drop database {aside} with (force)")),
+                &super::postgres_psql("postgres", &format!("drop database {aside} with (force)")),
                 120,
             )
             .await?;

@@ -72,13 +72,6 @@ fn say(msg: impl AsRef<str>) {
     eprintln!("chaos: {}", msg.as_ref());
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 /// Runs `argv` on `host` (a fresh connection each time: hosts come and go in a drill).
 fn on(inv: &Inventory, host: &str, argv: &[&str], secs: u64) -> anyhow::Result<String> {
     let p = Pipeline::new(
@@ -92,7 +85,7 @@ fn on(inv: &Inventory, host: &str, argv: &[&str], secs: u64) -> anyhow::Result<S
             ..Settings::default()
         },
     )?;
-    runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         let s = p.session(host).await?;
         let out = s.run(argv, b"", Duration::from_secs(secs)).await?;
         s.close().await;
@@ -119,15 +112,6 @@ fn sagectl(args: &[&str]) -> anyhow::Result<String> {
         crate::sys::tail(text.as_bytes(), 12)
     );
     Ok(text)
-}
-
-fn psql(db: &str, sql: &str) -> Vec<String> {
-    [
-        "runuser", "-u", "postgres", "--", "psql", "-XAtq", "-F", "\t", "-d", db, "-c", sql,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
@@ -169,7 +153,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
     let r = on(
         &inv,
         &standby,
-        &psql("postgres", "select status from pg_stat_wal_receiver")
+        &super::postgres_psql("postgres", "select status from pg_stat_wal_receiver")
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -468,7 +452,7 @@ fn audit_check(
     let out = match on(
         inv,
         &inv.database.primary,
-        &psql("sagews_logs", sql)
+        &super::postgres_psql("sagews_logs", sql)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),

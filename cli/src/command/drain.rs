@@ -45,13 +45,6 @@ const WORKER_CONFIG: &str = "/etc/sage-agent/worker.json";
 /// HAProxy's runtime API (templates/haproxy.cfg.j2: `stats socket`).
 const HAPROXY_SOCKET: &str = "/run/haproxy/admin.sock";
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 /// A pipeline for acting on `hosts` over SSH (nothing is converged, no lab machine started)
 /// for `command` (as the audit record names it).
 fn pipeline(
@@ -269,7 +262,7 @@ fn set_drain(
     let _lock =
         crate::pipeline::lock_inventory(&inv, &crate::lock::Holder::me(), &Settings::default())?;
     let p = pipeline(inv, &names, command)?;
-    let rt = runtime()?;
+    let rt = super::runtime()?;
     let emptied = rt.block_on(drain_host(&p, host, drain, timeout));
     let what = match &emptied {
         Ok(true) if drain => format!("{host} drained"),
@@ -355,7 +348,7 @@ pub fn remove_worker(o: RemoveOpts) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let p = pipeline(inv.clone(), std::slice::from_ref(&o.name), command)?;
-    runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         let s = p.session(&o.name).await?;
         run_on(&s, &["systemctl", "disable", "--now", "sage-worker"]).await?;
         s.close().await;
@@ -385,14 +378,10 @@ pub fn remove_worker(o: RemoveOpts) -> anyhow::Result<ExitCode> {
             ..Settings::default()
         };
         let p = Pipeline::new(after, &names, settings)?;
-        Some(runtime()?.block_on(p.run(&[names])))
+        Some(super::runtime()?.block_on(p.run(&[names])))
     };
     if let Some(r) = &recap {
-        if o.json {
-            println!("{}", serde_json::to_string_pretty(r).expect("serializable"));
-        } else {
-            print!("{}", r.text(&inv.tls.public_name));
-        }
+        r.print(o.json, &inv.tls.public_name);
         if !r.success {
             eprintln!(
                 "{} is out of the inventory, but converging the hosts that mentioned it failed: run `sagectl up {}`",

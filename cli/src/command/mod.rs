@@ -107,3 +107,36 @@ pub(crate) fn load(path: &std::path::Path) -> Result<crate::inventory::Inventory
         ExitCode::from(2)
     })
 }
+
+/// A runtime for a command's SSH work.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `psql` as the postgres superuser over the unix socket on a database host: one statement on
+/// database `db`, unaligned, tab-separated, stopping at the first error.
+pub(crate) fn postgres_psql(db: &str, sql: &str) -> Vec<String> {
+    [
+        "runuser",
+        "-u",
+        "postgres",
+        "--",
+        "psql",
+        "-XAtq",
+        "-F",
+        "\t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        db,
+        "-c",
+        sql,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

@@ -38,13 +38,6 @@ install -o postgres -g postgres -m 0600 /dev/null "$2/standby.signal"
 date -u +%FT%TZ > "$2/sagectl-fenced"
 "#;
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 fn say(msg: impl AsRef<str>) {
     eprintln!("promote: {}", msg.as_ref());
 }
@@ -92,7 +85,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             ..Settings::default()
         },
     )?;
-    let rt = runtime()?;
+    let rt = super::runtime()?;
     rt.block_on(async {
         match tokio::time::timeout(Duration::from_secs(15), p.session(&old)).await {
             Ok(Ok(s)) => {
@@ -117,15 +110,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
             Err(_) => say(format!("{old} does not answer within 15 s: taken as gone")),
         }
         let s = p.session(&o.host).await?;
-        let sql = |q: &str| {
-            [
-                "runuser", "-u", "postgres", "--", "psql", "-XAtq", "-c",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .chain([q.to_string()])
-            .collect::<Vec<String>>()
-        };
+        let sql = |q: &str| super::postgres_psql("postgres", q);
         let run = |argv: Vec<String>| {
             let s = &s;
             async move {
@@ -191,14 +176,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         },
     )?;
     let recap = rt.block_on(p.run(std::slice::from_ref(&names)));
-    if o.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&recap).expect("serializable")
-        );
-    } else {
-        print!("{}", recap.text(&p.inv.tls.public_name));
-    }
+    recap.print(o.json, &p.inv.tls.public_name);
     if !recap.success {
         eprintln!(
             "{} is the primary, but converging the hosts onto it failed (above): run `sagectl up {} --limit backend --limit logd`",

@@ -96,14 +96,7 @@ pub fn run(o: Opts) -> anyhow::Result<ExitCode> {
         None => pipeline::converge_inventory(inv, &o.limit, o.settings())?,
         Some(serial) => rolling(inv, &o, serial)?,
     };
-    if o.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&recap).expect("serializable")
-        );
-    } else {
-        print!("{}", recap.text(&p.inv.tls.public_name));
-    }
+    recap.print(o.json, &p.inv.tls.public_name);
     Ok(if recap.success {
         ExitCode::SUCCESS
     } else {

@@ -131,6 +131,18 @@ impl Site {
 }
 
 impl Recap {
+    /// Prints the recap on stdout: as JSON, or as a person reads it.
+    pub fn print(&self, json: bool, public_name: &str) {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(self).expect("serializable")
+            );
+        } else {
+            print!("{}", self.text(public_name));
+        }
+    }
+
     /// The recap as a person reads it (`public_name` for the site's advice).
     pub fn text(&self, public_name: &str) -> String {
         let w = self.hosts.iter().map(|h| h.host.len()).max().unwrap_or(4);
